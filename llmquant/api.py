@@ -1,0 +1,236 @@
+"""The public face: quantize a model, save it, load it back.
+
+    qmodel = llmquant.quantize("smollm2-135m", QuantConfig(bits=4, group_size=64))
+    qmodel.save("out/smollm2-w4g64")
+    model = llmquant.load("out/smollm2-w4g64")   # a transformers model that generates
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .algorithms import ALGORITHMS
+from .arch import ArchMap, arch_for
+from .checkpoint import write_folder_atomically, write_safetensors
+from .config import PER_CHANNEL, QuantConfig
+from .data import Calibration
+from .errors import ConfigError, LlmquantError, UnsupportedArchitectureError
+from .formats import FORMATS
+from .grid import AffineGrid
+from .models import load_fp_model
+from .pipeline import PipelineResult, quantize_blocks
+
+STORAGE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+REPORT_FILE = "quantize_report.json"
+
+
+@dataclass
+class QuantizedModel:
+    """A model whose block linears hold their quantized (dequantized-to-float) weights, plus the
+    packed tensors of the chosen format. `model` computes exactly what the saved checkpoint will."""
+
+    model: nn.Module
+    tokenizer: object
+    config: QuantConfig
+    packed: dict[str, dict[str, torch.Tensor]]
+    pipeline: PipelineResult
+    source: str | None = None
+    seconds: float = 0.0
+    calibration: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """All tensors of the checkpoint: packed quantized linears, the rest in the storage dtype."""
+        storage = STORAGE_TORCH_DTYPES[self.config.dtype]
+        tensors, seen = {}, set()
+        for key, tensor in self.model.state_dict().items():
+            module_name, _, leaf = key.rpartition(".")
+            if module_name in self.packed and leaf == "weight":
+                for suffix, packed in self.packed[module_name].items():
+                    tensors[f"{module_name}.{suffix}"] = packed
+                continue
+            pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if pointer in seen:  # tied weights (lm_head = embed_tokens) are stored once
+                continue
+            seen.add(pointer)
+            tensors[key] = tensor.to(storage) if tensor.is_floating_point() else tensor
+        return tensors
+
+    def report(self) -> dict:
+        quantized = sum(r.shape[0] * r.shape[1] for r in self.pipeline.layers)
+        packed_bytes = sum(t.numel() * t.element_size() for p in self.packed.values() for t in p.values())
+        return {
+            "llmquant_config": self.config.to_dict(),
+            "source_model": self.source,
+            "calibration": self.calibration,
+            "seconds": round(self.seconds, 2),
+            "quantized_parameters": quantized,
+            "quantized_layers_fp16_bytes": 2 * quantized,
+            "quantized_layers_packed_bytes": packed_bytes,
+            "bits_per_weight": 8 * packed_bytes / max(quantized, 1),
+            "layers": [
+                {"name": r.name, "shape": list(r.shape), "relative_output_error": r.relative_output_error}
+                for r in self.pipeline.layers
+            ],
+        }
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False, max_shard_size: str = "4GB") -> Path:
+        fmt = FORMATS[self.config.format]
+        storage = STORAGE_TORCH_DTYPES[self.config.dtype]
+
+        def write(folder: Path) -> None:
+            write_safetensors(folder, self.checkpoint_tensors(), max_shard_size)
+            config = copy.deepcopy(self.model.config)
+            config.quantization_config = fmt.quantization_config(self.config)
+            config.dtype = storage
+            config.save_pretrained(folder)
+            if getattr(self.model, "generation_config", None) is not None:
+                self.model.generation_config.save_pretrained(folder)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(folder)
+            (folder / REPORT_FILE).write_text(json.dumps(self.report(), indent=2))
+
+        return write_folder_atomically(path, write, overwrite)
+
+
+def _linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
+    """(name, linear) of every block linear the config quantizes, in pipeline order."""
+    try:
+        blocks = arch.block_list(model)
+    except AttributeError as exc:
+        raise UnsupportedArchitectureError(f"{arch.name} map: no block list at {arch.blocks!r}") from exc
+    for index, block in enumerate(blocks):
+        for short_name in arch.linear_names():
+            name = f"{arch.block_prefix(index)}.{short_name}"
+            try:
+                linear = block.get_submodule(short_name)
+            except AttributeError as exc:
+                raise UnsupportedArchitectureError(f"{arch.name} map names {name}, which this model lacks") from exc
+            if not isinstance(linear, nn.Linear):
+                raise UnsupportedArchitectureError(f"{name} is a {type(linear).__name__}, not nn.Linear")
+            if any(name == m or name.endswith("." + m) for m in config.modules_to_not_convert):
+                continue
+            yield name, linear
+
+
+def _check_layers(layers, config: QuantConfig) -> None:
+    fmt = FORMATS[config.format]
+    for name, linear in layers:
+        if config.group_size != PER_CHANNEL and config.group_size > linear.in_features:
+            raise ConfigError(
+                f"group_size {config.group_size} is larger than in_features {linear.in_features} of {name}; "
+                "use -1 for one group per output channel"
+            )
+        fmt.check_layer(name, linear.out_features, linear.in_features, config.bits)
+        if not torch.isfinite(linear.weight).all():
+            raise LlmquantError(f"{name}.weight contains NaN or Inf; refusing to quantize it")
+
+
+def quantize(model, config: QuantConfig | None = None, calib: Calibration | str | torch.Tensor | None = None,
+             *, tokenizer=None, progress: bool = True) -> QuantizedModel:
+    """Quantize a model (a built-in name, a folder, a hub id, or a loaded transformers model, which
+    is modified in place). `calib`: a Calibration, a corpus name, or token windows [n, seqlen];
+    data-free methods take none, and then report no per-layer output error."""
+    config = config or QuantConfig()
+    start = time.time()
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        source = str(model)
+        model, tokenizer = load_fp_model(model)
+    else:
+        source = getattr(model.config, "_name_or_path", None)
+    arch = arch_for(model.config)
+    layers = list(_linears_to_quantize(model, arch, config))
+    _check_layers(layers, config)
+    selected = {name for name, _ in layers}
+    fmt = FORMATS[config.format]
+    algorithm = ALGORITHMS[config.method]
+    grid = AffineGrid(config.bits, config.sym, config.group_size, min_zero=fmt.grid_min_zero(config))
+
+    calibration, calibration_info = None, None
+    if isinstance(calib, str):
+        calib = Calibration(corpus=calib)
+    if isinstance(calib, Calibration):
+        if tokenizer is None:
+            raise ConfigError("calibration from a corpus needs the model's tokenizer (pass tokenizer=)")
+        bos = tokenizer.bos_token_id if arch.bos_per_window else None
+        calibration = calib.windows(tokenizer, bos)
+        calibration_info = {"corpus": calib.corpus, "split": calib.split, "nsamples": calib.nsamples,
+                            "seqlen": calib.seqlen, "seed": calib.seed}
+    elif isinstance(calib, torch.Tensor):
+        calibration = calib.long()
+        calibration_info = {"windows": list(calibration.shape)}
+    elif calib is not None:
+        raise ConfigError(f"calib must be a Calibration, a corpus name or a tensor of token ids, got {type(calib).__name__}")
+    if algorithm.needs_calibration and calibration is None:
+        raise ConfigError(f"method {config.method} needs calibration data (calib=...)")
+
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    model.eval()
+    result = quantize_blocks(
+        model, arch, algorithm,
+        grid_for=lambda name, linear: grid if name in selected else None,
+        on_quantized=lambda name, quantized, linear: packed.__setitem__(name, fmt.pack(quantized)),
+        calibration=calibration,
+        progress=progress,
+    )
+    return QuantizedModel(model, tokenizer, config, packed, result, source, time.time() - start, calibration_info)
+
+
+def load_with_tokenizer(model_or_path):
+    """(model, tokenizer) for a built-in name, a hub id, or a folder (quantized or not)."""
+    from transformers import AutoTokenizer
+
+    from .loading import load
+    from .models import BUILTIN_MODELS, resolve_model
+
+    text = str(model_or_path)
+    if text in BUILTIN_MODELS or not Path(text).expanduser().exists():
+        return load_fp_model(text)
+    folder = resolve_model(text)
+    return load(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def evaluate(model_or_path, corpus: str = "wiki", split: str = "test", seqlen: int = 512,
+             max_windows: int | None = None, bos: bool | None = None, progress: bool = True,
+             tokenizer=None) -> dict:
+    """Token perplexity of a model (name, folder, or loaded model + tokenizer) on a corpus split.
+
+    bos: start each window with BOS; by default the architecture map decides (Gemma: yes).
+    """
+    from .data import evaluation_windows, tokenize_corpus
+    from .perplexity import perplexity
+
+    if isinstance(model_or_path, nn.Module):
+        model, name = model_or_path, getattr(model_or_path.config, "_name_or_path", None)
+        if tokenizer is None:
+            raise ConfigError("evaluating a loaded model needs its tokenizer (pass tokenizer=)")
+    else:
+        name = str(model_or_path)
+        model, tokenizer = load_with_tokenizer(model_or_path)
+    if bos is None:
+        try:
+            bos = arch_for(model.config).bos_per_window
+        except UnsupportedArchitectureError:
+            bos = False
+    if bos and tokenizer.bos_token_id is None:
+        raise ConfigError("BOS per window was asked for, but the tokenizer has no BOS token")
+    tokens = tokenize_corpus(tokenizer, corpus, split)
+    windows = evaluation_windows(tokens, seqlen, tokenizer.bos_token_id if bos else None, max_windows)
+    start = time.time()
+    result = perplexity(model, windows, progress=progress)
+    return {
+        **result.to_dict(),
+        "model": name,
+        "quantization_config": getattr(model.config, "quantization_config", None),
+        "corpus": corpus,
+        "split": split,
+        "seconds": round(time.time() - start, 2),
+    }

@@ -1,0 +1,70 @@
+"""Writing a checkpoint folder atomically: everything goes to a hidden temporary folder beside the
+target, which is renamed into place only when complete. A failed or killed run leaves no
+half-written checkpoint at the output path (at most a hidden `.NAME.tmp-*` folder)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+
+from .errors import OutputExistsError
+
+DEFAULT_MAX_SHARD_SIZE = "4GB"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing output unless overwriting; called before any work starts."""
+    target = Path(path).expanduser()
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"output {target} already exists; pass --overwrite (overwrite=True) to replace it")
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"output {target} exists and is not a folder")
+    return target
+
+
+def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n].contiguous() for n in names}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": split.metadata.get("total_size")}, "weight_map": split.tensor_to_filename}
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    return sorted(split.filename_to_tensors)
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp makes a private folder; the finished checkpoint gets the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for item in folder.rglob("*"):
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call write(tmp_folder), then move the folder to `path`; on any error remove it."""
+    target = check_output_path(path, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        _apply_umask(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,145 @@
+"""Command line: `llmquant quantize | eval | generate | models`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LlmquantError
+
+
+def _add_quantize(sub):
+    from .algorithms import ALGORITHMS
+    from .config import STORAGE_DTYPES
+    from .models import DEFAULT_MODEL
+
+    p = sub.add_parser("quantize", help="quantize a model and write a checkpoint folder")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"built-in name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
+    p.add_argument("--bits", type=int, default=4, help="2..8 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per output channel")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
+    p.add_argument("--format", default="gptq", help="checkpoint format (default gptq)")
+    p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")
+    p.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="linears to keep in floating point")
+    p.add_argument("--calib", default=None, metavar="CORPUS",
+                   help="calibration corpus (train split); optional for rtn, where it adds per-layer errors")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-shard-size", default="4GB")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="token perplexity of a model or checkpoint on a corpus")
+    p.add_argument("model", help="built-in name, checkpoint / model folder, or hub id")
+    p.add_argument("--corpus", default="wiki", help="wiki | bbc | shakespeare | a text/parquet/json file | hf:NAME[:CONFIG]")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=None)
+    bos = p.add_mutually_exclusive_group()
+    bos.add_argument("--bos", dest="bos", action="store_true", default=None, help="start every window with BOS")
+    bos.add_argument("--no-bos", dest="bos", action="store_false", help="never add BOS")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate text with a (quantized) model")
+    p.add_argument("model", help="checkpoint folder, built-in name or hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+
+
+def cmd_quantize(args) -> int:
+    from .api import quantize
+    from .checkpoint import check_output_path
+    from .config import QuantConfig
+    from .data import Calibration
+
+    # Everything that can be refused is refused before the model loads.
+    check_output_path(args.out, args.overwrite)
+    config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                         format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude))
+    calib = (Calibration(args.calib, args.nsamples, args.calib_seqlen, args.seed)
+             if args.calib is not None else None)
+    qmodel = quantize(args.model, config, calib)
+    out = qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    report = qmodel.report()
+    print(f"wrote {out}: {len(report['layers'])} layers, {report['bits_per_weight']:.3f} bits per quantized weight, "
+          f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
+          f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB fp16, {report['seconds']:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import evaluate
+
+    if args.json:
+        Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    result = evaluate(args.model, args.corpus, args.split, args.seqlen, args.max_windows, args.bos)
+    print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} windows x {result['seqlen']} tokens, "
+          f"{result['predicted_tokens']} predicted, corpus {result['corpus']}:{result['split']}, bos={result['bos']})")
+    if args.json:
+        Path(args.json).expanduser().write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .api import load_with_tokenizer
+
+    model, tokenizer = load_with_tokenizer(args.model)
+    if args.chat:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+          if args.chat else tokenizer.decode(output[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .arch import supported_model_types
+    from .models import BUILTIN_MODELS
+
+    for model in BUILTIN_MODELS.values():
+        print(f"{model.name:16s} {model.description}  [pip: {model.pip_name}]")
+    print(f"architectures: {', '.join(supported_model_types())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmquant", description="LLM weight quantization")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    sub.add_parser("models", help="list built-in models and supported architectures")
+    return parser
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LlmquantError as exc:
+        print(f"llmquant {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

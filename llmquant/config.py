@@ -1,0 +1,56 @@
+"""QuantConfig: the user's choice of algorithm, grid and checkpoint format, validated up front."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+
+PER_CHANNEL = -1
+SUPPORTED_BITS = range(2, 9)
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    group_size: columns of the input dimension sharing one scale / zero point;
+        -1 means one group per output channel. It need not divide in_features.
+    sym: symmetric grid (zero point fixed at mid-range). The default, because vLLM's
+        fast GPTQ kernels (Marlin) only take symmetric checkpoints.
+    dtype: storage dtype of the tensors left in floating point (embeddings, norms, bias).
+    modules_to_not_convert: names (or name suffixes) of linears inside decoder blocks to keep in FP.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    format: str = "gptq"
+    dtype: str = "float16"
+    modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != PER_CHANNEL):
+            raise ConfigError(
+                f"group_size must be a positive integer or -1 (per output channel), got {self.group_size!r}"
+            )
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
+        # Imported here: the registries import modules that import this one.
+        from .algorithms import ALGORITHMS
+        from .formats import FORMATS
+
+        if self.method not in ALGORITHMS:
+            raise ConfigError(f"unknown method {self.method!r}; available: {', '.join(sorted(ALGORITHMS))}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown format {self.format!r}; available: {', '.join(sorted(FORMATS))}")
+        FORMATS[self.format].check_config(self)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        return d

@@ -1,0 +1,127 @@
+"""The GPTQ checkpoint format (checkpoint_format "gptq", i.e. v1), as transformers / vLLM read it.
+
+Per quantized linear `<name>` (weight [out, in], G = ceil(in / group_size) groups):
+- `<name>.qweight` int32 [in * bits / 32, out]: codes packed along the input dim, low bits first;
+- `<name>.qzeros`  int32 [G, out * bits / 32]: zero points minus one, packed along the output dim;
+- `<name>.scales`  fp16  [G, out];
+- `<name>.g_idx`   int32 [in]: group of each input column;
+- `<name>.bias`    optional, in the storage dtype.
+Dequantization: w[o, i] = (q[i, o] - (z[g_idx[i], o] + 1)) * s[g_idx[i], o].
+The stored "zero - 1" cannot hold zero 0, so asymmetric grids are asked for zero >= 1.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import bitpack
+from ..config import PER_CHANNEL, QuantConfig
+from ..errors import CheckpointError, ConfigError
+from ..grid import QuantizedWeight
+from ..nn.gptq_linear import GPTQLinear
+
+TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+# Bit widths that transformers / vLLM GPTQ kernels load; others load only through llmquant.
+ECOSYSTEM_BITS = (2, 3, 4, 8)
+# checkpoint_format -> what is added to a stored zero point to get the real one.
+ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
+
+
+class GPTQFormat:
+    name = "gptq"
+    linear_class = GPTQLinear
+
+    @staticmethod
+    def reads(quant_method: str) -> bool:
+        return quant_method == "gptq"
+
+    @staticmethod
+    def check_config(config: QuantConfig) -> None:
+        if config.bits not in range(2, 9):
+            raise ConfigError(f"the gptq format stores 2- to 8-bit weights, got {config.bits}")
+
+    @staticmethod
+    def grid_min_zero(config: QuantConfig) -> int:
+        return 0 if config.sym else 1
+
+    @staticmethod
+    def check_layer(name: str, out_features: int, in_features: int, bits: int) -> None:
+        """Raise if the packed layout cannot hold a linear of this shape."""
+        values_per_run, _ = bitpack.run_shape(bits)
+        for what, size in (("in_features", in_features), ("out_features", out_features)):
+            if size % values_per_run:
+                raise ConfigError(
+                    f"{name}: {what}={size} is not a multiple of {values_per_run}, which the gptq "
+                    f"format needs to pack {bits}-bit values into int32 words; keep this layer in "
+                    "floating point (modules_to_not_convert) or choose another bit width"
+                )
+
+    @staticmethod
+    def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        stored_zero = qw.zero - ZERO_OFFSETS["gptq"]
+        if (stored_zero < 0).any():
+            raise ValueError("gptq v1 cannot store a zero point of 0 (it stores zero - 1); use min_zero=1")
+        return {
+            "qweight": bitpack.pack(qw.codes.t().to(torch.int32), qw.bits, dim=0),
+            "qzeros": bitpack.pack(stored_zero.t().to(torch.int32), qw.bits, dim=1),
+            "scales": qw.scale.t().to(torch.float16).contiguous(),
+            "g_idx": qw.group_index.to(torch.int32).contiguous(),
+        }
+
+    @staticmethod
+    def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
+        from .. import __version__
+
+        qc = {
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq",
+            "bits": config.bits,
+            "group_size": config.group_size,
+            "sym": config.sym,
+            "desc_act": False,
+            "static_groups": False,
+            "true_sequential": True,
+            "damp_percent": 0.01,
+            "lm_head": False,
+            "meta": {"quantizer": [f"llmquant:{__version__}"], "method": config.method},
+        }
+        if config.modules_to_not_convert:
+            qc["modules_to_not_convert"] = list(config.modules_to_not_convert)
+        qc.update(extra or {})
+        return qc
+
+    @classmethod
+    def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
+                     in_features: int, out_features: int, dtype: torch.dtype) -> GPTQLinear:
+        """An empty GPTQLinear for the tensors `shapes` (suffix -> shape) found in the checkpoint."""
+        bits = quantization_config.get("bits")
+        group_size = quantization_config.get("group_size", PER_CHANNEL)
+        checkpoint_format = quantization_config.get("checkpoint_format", "gptq")
+        if bits not in range(2, 9):
+            raise CheckpointError(f"quantization_config.bits must be 2..8, got {bits!r}")
+        if not isinstance(group_size, int) or (group_size < 1 and group_size != PER_CHANNEL):
+            raise CheckpointError(f"quantization_config.group_size must be > 0 or -1, got {group_size!r}")
+        if checkpoint_format not in ZERO_OFFSETS:
+            raise CheckpointError(
+                f"unsupported checkpoint_format {checkpoint_format!r}; llmquant reads {sorted(ZERO_OFFSETS)}"
+            )
+        missing = [s for s in TENSOR_SUFFIXES if s not in shapes]
+        if missing:
+            raise CheckpointError(f"{name}: missing tensors {', '.join(name + '.' + s for s in missing)}")
+        groups = 1 if group_size == PER_CHANNEL else -(-in_features // group_size)
+        expected = {
+            "qweight": (in_features * bits // 32, out_features),
+            "qzeros": (groups, out_features * bits // 32),
+            "scales": (groups, out_features),
+            "g_idx": (in_features,),
+        }
+        for suffix, shape in expected.items():
+            if tuple(shapes[suffix]) != shape:
+                raise CheckpointError(
+                    f"{name}.{suffix} has shape {tuple(shapes[suffix])}, but a {bits}-bit linear "
+                    f"{in_features}->{out_features} with group_size {group_size} needs {shape} "
+                    "(the quantization_config disagrees with the tensors)"
+                )
+        return GPTQLinear(
+            in_features, out_features, bits=bits, group_size=group_size, num_groups=groups,
+            zero_offset=ZERO_OFFSETS[checkpoint_format], bias=has_bias, dtype=dtype,
+        )

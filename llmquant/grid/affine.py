@@ -1,0 +1,144 @@
+"""The affine (scale / zero-point) integer grid, per tensor, per output channel or per input group.
+
+Conventions follow IST-DASLab's GPTQ quantizer so results compare with the literature:
+- the range always includes 0 (xmin <= 0 <= xmax);
+- symmetric: scale = 2 * absmax / maxq, zero = (maxq + 1) / 2 (8 at 4 bits);
+- asymmetric: scale = (xmax - xmin) / maxq, zero = round(-xmin / scale);
+- codes = clamp(round(w / scale) + zero, 0, maxq); w_hat = (codes - zero) * scale.
+Scales are rounded to fp16 before the codes are chosen, because checkpoints store them in
+fp16: the fake-quantized weight is then exactly what a loader reconstructs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import PER_CHANNEL
+
+# Smallest normal fp16: a scale below it would lose precision (or flush to 0) when stored.
+_MIN_SCALE = 2.0**-14
+
+
+@dataclass
+class QuantizedWeight:
+    """Format-neutral result of quantizing one [out, in] weight.
+
+    codes: uint8 [out, in], integers in [0, 2**bits - 1].
+    scale: float32 [out, n_groups] (values exactly representable in fp16).
+    zero: int32 [out, n_groups].
+    group_index: int32 [in], the group of each input column (GPTQ's g_idx; permuted by act-order).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_index: torch.Tensor
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.group_index.long()
+        return ((self.codes.to(dtype) - self.zero[:, g].to(dtype)) * self.scale[:, g].to(dtype)).contiguous()
+
+
+@dataclass(frozen=True)
+class AffineGrid:
+    """bits: 2..8. group_size: columns per group, or -1 for one group per output channel.
+    per_tensor: one scale for the whole tensor (group_size is then ignored).
+    min_zero: smallest zero point allowed for asymmetric grids; formats that store
+    zero - 1 in unsigned bits (GPTQ v1) cannot represent zero 0 and ask for 1.
+    """
+
+    bits: int
+    symmetric: bool = True
+    group_size: int = PER_CHANNEL
+    per_tensor: bool = False
+    min_zero: int = 0
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def num_groups(self, in_features: int) -> int:
+        if self.per_tensor or self.group_size == PER_CHANNEL:
+            return 1
+        return -(-in_features // self.group_size)
+
+    def group_index(self, in_features: int) -> torch.Tensor:
+        if self.per_tensor or self.group_size == PER_CHANNEL:
+            return torch.zeros(in_features, dtype=torch.int32)
+        return torch.arange(in_features, dtype=torch.int32) // self.group_size
+
+    def qparams_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point for ranges [xmin, xmax] (any matching shapes)."""
+        xmin = xmin.float().clamp(max=0)
+        xmax = xmax.float().clamp(min=0)
+        if self.symmetric:
+            absmax = torch.maximum(-xmin, xmax)
+            absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
+            scale = _to_fp16_grid(2 * absmax / self.maxq)
+            zero = torch.full_like(scale, (self.maxq + 1) // 2, dtype=torch.int32)
+            return scale, zero
+        empty = (xmin == 0) & (xmax == 0)
+        xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+        xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+        scale = _to_fp16_grid((xmax - xmin) / self.maxq)
+        zero = torch.round(-xmin / scale)
+        if self.min_zero > 0:
+            # Shift the grid up so that zero >= min_zero still covers xmax; the points lost
+            # below zero were unused, since rounding put zero under min_zero.
+            low = zero < self.min_zero
+            shifted_scale = _to_fp16_grid(xmax / (self.maxq - self.min_zero))
+            scale = torch.where(low, shifted_scale, scale)
+            zero = torch.where(low, torch.full_like(zero, self.min_zero), torch.round(-xmin / scale))
+        return scale, zero.clamp(self.min_zero, self.maxq).to(torch.int32)
+
+    def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of shape [out, n_groups] for a [out, in] weight."""
+        w = weight.detach().float()
+        if self.per_tensor:
+            scale, zero = self.qparams_from_range(w.min().reshape(1, 1), w.max().reshape(1, 1))
+            return scale.expand(w.shape[0], 1).clone(), zero.expand(w.shape[0], 1).clone()
+        if self.group_size == PER_CHANNEL:
+            return self.qparams_from_range(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True))
+        out_features, in_features = w.shape
+        groups = self.num_groups(in_features)
+        pad = groups * self.group_size - in_features
+        # A partial last group is padded with values that cannot win the min / max.
+        lo = torch.nn.functional.pad(w, (0, pad), value=float("inf")).view(out_features, groups, -1)
+        hi = torch.nn.functional.pad(w, (0, pad), value=float("-inf")).view(out_features, groups, -1)
+        return self.qparams_from_range(lo.amin(dim=2), hi.amax(dim=2))
+
+    def quantize_values(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Integer codes of w under broadcastable scale / zero."""
+        return torch.clamp(torch.round(w.float() / scale) + zero, 0, self.maxq)
+
+    @staticmethod
+    def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return (codes - zero) * scale
+
+    def fake_quantize_values(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return self.dequantize_values(self.quantize_values(w, scale, zero), scale, zero)
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        """Round-to-nearest codes of a [out, in] weight on this grid."""
+        scale, zero = self.qparams(weight)
+        group_index = self.group_index(weight.shape[1])
+        g = group_index.long()
+        codes = self.quantize_values(weight, scale[:, g], zero[:, g])
+        return QuantizedWeight(
+            codes=codes.to(torch.uint8),
+            scale=scale,
+            zero=zero,
+            group_index=group_index,
+            bits=self.bits,
+            group_size=self.group_size,
+        )
+
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.quantize(weight).dequantize(weight.dtype)
+
+
+def _to_fp16_grid(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp(min=_MIN_SCALE, max=torch.finfo(torch.float16).max).half().float()

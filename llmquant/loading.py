@@ -1,0 +1,125 @@
+"""Loading a checkpoint folder into a transformers model whose quantized linears stay packed.
+
+Only safetensors are read (nothing is unpickled) and no remote code runs unless asked for.
+The model skeleton is built without allocating weights, quantized linears are swapped in
+for the tensors the checkpoint holds, and every tensor is assigned from the file, so memory
+is the packed size.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .checkpoint import SAFETENSORS_INDEX
+from .errors import CheckpointError, ModelNotFoundError
+from .formats import format_for_quantization_config
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        files = sorted({folder / name for name in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors weights")
+    for f in files:
+        if f.parent.resolve() != folder.resolve() or not f.is_file():
+            raise CheckpointError(f"weight file {f} listed in the index is missing or outside {folder}")
+    return files
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as reader:
+                for key in reader.keys():
+                    if key in tensors:
+                        raise CheckpointError(f"tensor {key} appears in more than one weight file")
+                    tensors[key] = reader.get_tensor(key)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{f} is not a readable safetensors file: {exc}") from exc
+    return tensors
+
+
+def _read_config(folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json: not a model checkpoint")
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as exc:
+        raise CheckpointError(f"{folder}/config.json cannot be read: {exc}") from exc
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A transformers CausalLM from a checkpoint folder (quantized or not), in eval mode on the CPU.
+
+    `dtype` is the compute dtype of the floating-point parts (the CPU reference computes in fp32).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"no checkpoint folder at {folder}")
+    config = _read_config(folder, trust_remote_code)
+    quantization_config = getattr(config, "quantization_config", None)
+    if quantization_config is None:
+        checkpoint_files(folder)  # same clear error for a folder without weights
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+        return model.eval()
+    if not isinstance(quantization_config, dict):
+        quantization_config = quantization_config.to_dict()
+    fmt = format_for_quantization_config(quantization_config)
+    if fmt is None:
+        raise CheckpointError(
+            f"{folder}: quant_method {quantization_config.get('quant_method')!r} is not a format llmquant reads"
+        )
+    tensors = read_tensors(checkpoint_files(folder))
+
+    skeleton_config = copy.deepcopy(config)
+    del skeleton_config.quantization_config  # else transformers would look for its own GPTQ backend
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(skeleton_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.config.quantization_config = quantization_config
+
+    quantized = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    if not quantized:
+        raise CheckpointError(f"{folder}: config says {fmt.name} but no tensor ends in .qweight")
+    for name in quantized:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{folder}: quantized tensors for {name}, which the model has no module for") from None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{folder}: {name} is a {type(linear).__name__} in the model, not a linear layer")
+        shapes = {suffix: tuple(tensors[f"{name}.{suffix}"].shape)
+                  for suffix in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{suffix}" in tensors}
+        module = fmt.build_linear(name, quantization_config, shapes, f"{name}.bias" in tensors,
+                                  linear.in_features, linear.out_features, dtype)
+        model.set_submodule(name, module)
+
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not key.endswith(".scales"):
+            tensors[key] = tensor.to(dtype)
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{folder}: tensors the model has no place for: {', '.join(result.unexpected_keys[:5])}")
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if still_empty:
+        raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(still_empty[:5])}")
+    return model.eval()

@@ -1,0 +1,175 @@
+"""The sequential pipeline: quantize a model one decoder block at a time.
+
+Embeddings run once to produce the first block's inputs; then each block in turn has its
+linears quantized, step by step in the architecture map's order (true-sequential: a step's
+inputs are recomputed through the already-quantized steps before it), and its outputs,
+computed with the quantized weights, become the next block's inputs. Without calibration data
+(data-free algorithms) blocks are simply visited in order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchMap
+from .grid import AffineGrid, QuantizedWeight
+from .statistics import InputGram
+
+
+@dataclass
+class BlockInputs:
+    """What one block is called with, per calibration sample."""
+
+    hidden_states: list[torch.Tensor]
+    kwargs: list[dict]
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, int]
+    relative_output_error: float | None = None
+
+
+@dataclass
+class PipelineResult:
+    layers: list[LayerResult] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it came for, to skip the rest of a forward pass."""
+
+
+def _record_calls(blocks: nn.ModuleList, records: list[list[tuple]]):
+    """Make every block an identity that records (hidden_states, kwargs) it is called with."""
+
+    def recorder(index):
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise TypeError("decoder blocks are expected to take everything but hidden_states by keyword")
+            records[index].append((hidden_states, kwargs))
+            return hidden_states
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, arch: ArchMap, samples: torch.Tensor) -> list[BlockInputs]:
+    """Inputs of block 0 and the keyword arguments of every block, for each sample.
+
+    One pass through the model with every block replaced by a recorder: the embedding output
+    reaches block 0 unchanged, and each block's keywords (masks, rotary embeddings; they differ
+    per block in Gemma-3's sliding / full attention mix) are recorded without running any block.
+    """
+    blocks = arch.block_list(model)
+    records: list[list[tuple]] = [[] for _ in blocks]
+    _record_calls(blocks, records)
+    try:
+        for sample in samples:
+            model(input_ids=sample[None], use_cache=False)
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+    per_block = []
+    for i, calls in enumerate(records):
+        hidden = [h for h, _ in calls] if i == 0 else []
+        per_block.append(BlockInputs(hidden_states=hidden, kwargs=[kw for _, kw in calls]))
+    return per_block
+
+
+def _block_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden_states: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    return [_block_output(block(h, **kw)) for h, kw in zip(hidden_states, kwargs)]
+
+
+@torch.no_grad()
+def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hidden_states, kwargs) -> dict[str, InputGram]:
+    """InputGram of each layer in `layers` over all samples, stopping each forward once they have run."""
+    stats = {name: InputGram(layer.in_features, device=layer.weight.device) for name, layer in layers.items()}
+    seen: set[str] = set()
+
+    def hook(name):
+        def record(module, args):
+            stats[name].add_batch(args[0])
+            seen.add(name)
+            if len(seen) == len(layers):
+                raise _StopForward
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        for h, kw in zip(hidden_states, kwargs):
+            seen.clear()
+            try:
+                block(h, **kw)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def quantize_blocks(
+    model: nn.Module,
+    arch: ArchMap,
+    algorithm,
+    grid_for: Callable[[str, nn.Linear], AffineGrid | None],
+    on_quantized: Callable[[str, QuantizedWeight, nn.Linear], None],
+    calibration: torch.Tensor | None = None,
+    progress: bool = True,
+) -> PipelineResult:
+    """Quantize the linears of every block in place (their weights become the dequantized grid values).
+
+    grid_for(name, linear) gives the grid of a linear, or None to leave it in floating point.
+    on_quantized(name, quantized_weight, linear) receives each result (e.g. to pack it at once).
+    calibration: token windows [n, seqlen]; required when the algorithm needs statistics,
+    optional otherwise (then each layer's relative output error is measured and reported).
+    """
+    if algorithm.needs_calibration and calibration is None:
+        raise ValueError(f"{algorithm.name} needs calibration data")
+    blocks = arch.block_list(model)
+    inputs = capture_block_inputs(model, arch, calibration) if calibration is not None else None
+    hidden = inputs[0].hidden_states if inputs is not None else None
+    result = PipelineResult()
+    bar = tqdm(total=len(blocks), desc=f"{algorithm.name} blocks", unit="block", disable=not progress)
+    for index, block in enumerate(blocks):
+        prefix = arch.block_prefix(index)
+        for step in arch.sequential:
+            layers = {}
+            for short_name in step:
+                name = f"{prefix}.{short_name}"
+                linear = block.get_submodule(short_name)
+                if grid_for(name, linear) is not None:
+                    layers[name] = linear
+            if not layers:
+                continue
+            stats = (collect_input_statistics(block, layers, hidden, inputs[index].kwargs)
+                     if hidden is not None else {})
+            for name, linear in layers.items():
+                bar.set_postfix_str(name[len(prefix) + 1:])
+                weight = linear.weight.data
+                quantized = algorithm.quantize(weight, grid_for(name, linear), stats.get(name))
+                fake = quantized.dequantize(weight.dtype).to(weight.device)
+                error = stats[name].relative_output_error(weight, fake) if name in stats else None
+                linear.weight.data = fake
+                on_quantized(name, quantized, linear)
+                result.layers.append(LayerResult(name, tuple(weight.shape), error))
+        if hidden is not None:
+            hidden = run_block(block, hidden, inputs[index].kwargs)
+            inputs[index] = None  # free this block's recorded keywords
+        bar.update(1)
+    bar.close()
+    return result

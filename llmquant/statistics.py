@@ -1,0 +1,33 @@
+"""Statistics of the inputs a linear layer sees during calibration, accumulated batch by batch."""
+from __future__ import annotations
+
+import torch
+
+
+class InputGram:
+    """Accumulates G = sum over rows x of x^T x (fp32), the second moment of a linear's inputs.
+
+    G is what GPTQ's Hessian is made of (H = 2 G / rows), and it gives a layer's output error
+    exactly without storing activations: ||X dW^T||^2 = tr(dW G dW^T).
+    """
+
+    def __init__(self, in_features: int, device=None):
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("calibration activations contain NaN or Inf")
+        self.gram.addmm_(x.t(), x)
+        self.rows += x.shape[0]
+
+    def output_energy(self, weight: torch.Tensor) -> float:
+        """||X W^T||_F^2 over the accumulated rows."""
+        w = weight.float()
+        return float(torch.einsum("oi,ij,oj->", w, self.gram, w))
+
+    def relative_output_error(self, weight: torch.Tensor, quantized_weight: torch.Tensor) -> float:
+        """||X W^T - X W_hat^T||^2 / ||X W^T||^2."""
+        reference = self.output_energy(weight)
+        return self.output_energy(weight.float() - quantized_weight.float()) / max(reference, 1e-30)
