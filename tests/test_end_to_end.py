@@ -1,0 +1,58 @@
+"""Real models, real text: quantize -> save -> load -> generate, and perplexity that orders as it must."""
+import json
+
+import pytest
+
+import llmquant
+from llmquant import QuantConfig
+from llmquant.api import evaluate
+from llmquant.cli import main
+from llmquant.nn import GPTQLinear
+
+pytestmark = pytest.mark.slow
+WINDOWS = 4
+
+
+def ppl(model, tokenizer):
+    return evaluate(model, "wiki", "test", seqlen=512, max_windows=WINDOWS, progress=False, tokenizer=tokenizer)
+
+
+def test_smollm2_cli_quantize_load_generate_and_perplexity_order(tmp_path, capsys, smollm2):
+    fp_model, tokenizer = smollm2
+    fp = ppl(fp_model, tokenizer)["perplexity"]
+
+    out = tmp_path / "w4g64"
+    assert main(["quantize", "smollm2-135m", "--bits", "4", "--group-size", "64", "--asym", "--out", str(out)]) == 0
+    model = llmquant.load(out)
+    layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    assert len(layers) == 30 * 7
+    report = json.loads((out / "quantize_report.json").read_text())
+    packed = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
+    assert packed == report["quantized_layers_packed_bytes"]
+    assert packed < 0.3 * report["quantized_layers_fp16_bytes"]
+    g64 = ppl(model, tokenizer)["perplexity"]
+
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "12"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is") + 5
+
+    per_channel = llmquant.quantize("smollm2-135m", QuantConfig(bits=4, group_size=-1, sym=False), progress=False)
+    pc = ppl(per_channel.model, per_channel.tokenizer)["perplexity"]
+    assert fp < g64 < pc, (fp, g64, pc)
+
+
+def test_gemma3_quantize_save_load_generate(tmp_path):
+    qmodel = llmquant.quantize("gemma3-270m", QuantConfig(bits=4, group_size=64, sym=False), progress=False)
+    qmodel.save(tmp_path / "gemma")
+    model = llmquant.load(tmp_path / "gemma")
+    tokenizer = qmodel.tokenizer
+    quantized = ppl(model, tokenizer)
+    assert quantized["bos"] is True
+    fp_model, _ = llmquant.api.load_fp_model("gemma3-270m")
+    fp = ppl(fp_model, tokenizer)
+    assert fp["perplexity"] < quantized["perplexity"] < 3 * fp["perplexity"]
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    new_text = tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    assert new_text.strip()

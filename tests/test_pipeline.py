@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import llmquant
+from llmquant import QuantConfig
+from llmquant.arch import arch_for
+from llmquant.errors import UnsupportedArchitectureError
+from llmquant.nn import GPTQLinear
+from llmquant.pipeline import capture_block_inputs, run_block
+from llmquant.statistics import InputGram
+
+from conftest import tiny_model
+
+
+def assert_blocks_reproduce_hidden_states(model, samples, atol):
+    arch = arch_for(model.config)
+    with torch.no_grad():
+        expected = [model(input_ids=s[None], output_hidden_states=True, use_cache=False).hidden_states for s in samples]
+    inputs = capture_block_inputs(model, arch, samples)
+    hidden = inputs[0].hidden_states
+    for index, block in enumerate(arch.block_list(model)):
+        for sample, h in enumerate(hidden):
+            assert torch.allclose(h, expected[sample][index], atol=atol), f"block {index} input, sample {sample}"
+        hidden = run_block(block, hidden, inputs[index].kwargs)
+
+
+def test_block_by_block_equals_full_forward_smollm2(smollm2):
+    model, tokenizer = smollm2
+    samples = tokenizer(["The quick brown fox jumps over the lazy dog, then sleeps all afternoon."] * 2,
+                        return_tensors="pt").input_ids
+    samples[1] = samples[1].flip(0)
+    assert_blocks_reproduce_hidden_states(model, samples, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "opt"])
+def test_block_by_block_equals_full_forward_tiny(kind):
+    # Gemma-3 mixes sliding-window and full attention: each block gets its own mask.
+    torch.manual_seed(0)
+    assert_blocks_reproduce_hidden_states(tiny_model(kind), torch.randint(0, 128, (2, 24)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "opt"])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, True), (3, -1, False), (8, 64, False)])
+def test_quantize_save_load_gives_the_fake_quantized_logits(kind, bits, group_size, sym, tmp_path):
+    model = tiny_model(kind)
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        fp_logits = model(ids).logits
+    qmodel = llmquant.quantize(model, QuantConfig(bits=bits, group_size=group_size, sym=sym, dtype="float32"),
+                               calib=torch.randint(0, 128, (2, 16)), progress=False)
+    with torch.no_grad():
+        fake_logits = qmodel.model(ids).logits
+    qmodel.save(tmp_path / "ckpt")
+    loaded = llmquant.load(tmp_path / "ckpt")
+    quantized = [n for n, m in loaded.named_modules() if isinstance(m, GPTQLinear)]
+    per_block = len(arch_for(model.config).linear_names())
+    assert len(quantized) == 2 * per_block and all(".layers." in n for n in quantized)
+    with torch.no_grad():
+        loaded_logits = loaded(ids).logits
+    assert torch.allclose(loaded_logits, fake_logits, atol=1e-5)
+    assert not torch.allclose(loaded_logits, fp_logits, atol=1e-3)
+    report = json.loads((tmp_path / "ckpt" / "quantize_report.json").read_text())
+    errors = [layer["relative_output_error"] for layer in report["layers"]]
+    assert len(errors) == 2 * per_block and all(0 < e < 1 for e in errors)
+
+
+def test_excluded_layers_stay_linear_and_shards_are_indexed(tmp_path):
+    model = tiny_model("llama")
+    qmodel = llmquant.quantize(model, QuantConfig(bits=4, group_size=32, modules_to_not_convert=("mlp.down_proj",)),
+                               progress=False)
+    qmodel.save(tmp_path / "ckpt", max_shard_size="20KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 1
+    loaded = llmquant.load(tmp_path / "ckpt")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, GPTQLinear)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        # fp16 storage of the unquantized tensors: close, not identical.
+        assert torch.allclose(loaded(ids).logits, qmodel.model(ids).logits, atol=2e-2)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*llama"):
+        llmquant.quantize(model, QuantConfig(bits=4, group_size=32), progress=False)
+
+
+def test_input_gram_output_error_matches_direct_computation():
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 40)
+    w = torch.randn(24, 40)
+    w_hat = w + 0.01 * torch.randn(24, 40)
+    gram = InputGram(40)
+    for batch in x:
+        gram.add_batch(batch)
+    flat = x.reshape(-1, 40)
+    direct = ((flat @ w.t() - flat @ w_hat.t()) ** 2).sum() / ((flat @ w.t()) ** 2).sum()
+    assert gram.rows == 150
+    assert abs(gram.relative_output_error(w, w_hat) - direct.item()) < 1e-4 * direct.item()
+    with pytest.raises(FloatingPointError):
+        gram.add_batch(torch.full((2, 40), float("nan")))
