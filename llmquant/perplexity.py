@@ -23,6 +23,11 @@ class PerplexityResult:
     windows: int
     seqlen: int
     bos: bool
+    window_nll: list[float]  # summed NLL of each window, for sub-range comparisons
+
+    def perplexity_of_first(self, windows: int) -> float:
+        per_window = self.predicted_tokens // self.windows
+        return math.exp(sum(self.window_nll[:windows]) / (per_window * min(windows, self.windows)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,13 +51,15 @@ def window_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
 
 def perplexity(model, windows: Windows, progress: bool = True) -> PerplexityResult:
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll, count, sums = 0.0, 0, []
     for window in tqdm(windows.input_ids, desc="perplexity", unit="window", disable=not progress):
         window_sum, window_count = window_nll(model, window[None].to(device))
         nll += window_sum
+        sums.append(window_sum)
         count += window_count
     mean = nll / count
     return PerplexityResult(
         perplexity=math.exp(mean), mean_nll=mean, predicted_tokens=count,
         windows=windows.input_ids.shape[0], seqlen=windows.input_ids.shape[1], bos=windows.bos,
+        window_nll=sums,
     )

@@ -1,0 +1,102 @@
+"""FP vs quantized perplexity for a list of configs, as a markdown table.
+
+Each config is quantized, saved, loaded back from disk and evaluated, so the numbers are those
+of the real checkpoint. Example (the command behind eval/RESULTS.md):
+
+    python eval/ppl_table.py --model smollm2-135m --method rtn --configs w4g32 w4g64 w4g128 w4pc w3g64 \
+        --windows 40 --json eval/runs/smollm2-rtn.json
+
+Config names: w<bits>g<group size> or w<bits>pc (per output channel); symmetric and asymmetric
+grids are both run unless --sym or --asym is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import llmquant
+from llmquant import QuantConfig
+from llmquant.api import evaluate, load_with_tokenizer
+
+SUBSET = 8  # REFERENCE.md section 8 compares on the first 8 windows
+
+
+def parse_config(name: str) -> tuple[int, int]:
+    match = re.fullmatch(r"w(\d)(?:g(\d+)|pc)", name)
+    if not match:
+        raise SystemExit(f"bad config name {name!r}: use w<bits>g<group> or w<bits>pc")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else -1
+
+
+def row(label, result, extra=("–", "–", "–", "–")):
+    return (f"| {label} | {result['perplexity']:.3f} | {result['ppl_first_8']:.3f} | "
+            + " | ".join(str(e) for e in extra) + " |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--method", default="rtn")
+    parser.add_argument("--configs", nargs="+", default=["w4g32", "w4g64", "w4g128", "w4pc", "w3g64"])
+    grids = parser.add_mutually_exclusive_group()
+    grids.add_argument("--sym", dest="grids", action="store_const", const=[True])
+    grids.add_argument("--asym", dest="grids", action="store_const", const=[False])
+    parser.add_argument("--corpus", default="wiki")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    grids = args.grids or [True, False]
+
+    def measure(model, tokenizer):
+        result = evaluate(model, args.corpus, "test", args.seqlen, args.windows, progress=False, tokenizer=tokenizer)
+        from llmquant.perplexity import PerplexityResult
+
+        fields = {k: result[k] for k in PerplexityResult.__dataclass_fields__}
+        result["ppl_first_8"] = PerplexityResult(**fields).perplexity_of_first(SUBSET)
+        return result
+
+    results = []
+    fp_model, tokenizer = load_with_tokenizer(args.model)
+    fp = measure(fp_model, tokenizer)
+    del fp_model
+    results.append({"config": "fp32", **fp})
+    lines = [
+        f"| config ({args.method}) | PPL {fp['windows']}×{args.seqlen} | PPL first {SUBSET} | bits/weight | "
+        "packed MiB | fp16 MiB | quantize s |",
+        "|---|---|---|---|---|---|---|",
+        row("FP32", fp),
+    ]
+    print(lines[-1], file=sys.stderr, flush=True)
+    for name in args.configs:
+        bits, group_size = parse_config(name)
+        for sym in grids:
+            config = QuantConfig(method=args.method, bits=bits, group_size=group_size, sym=sym)
+            start = time.time()
+            qmodel = llmquant.quantize(args.model, config, progress=False)
+            seconds = time.time() - start
+            report = qmodel.report()
+            with tempfile.TemporaryDirectory() as tmp:
+                qmodel.save(Path(tmp) / "ckpt")
+                del qmodel
+                result = measure(llmquant.load(Path(tmp) / "ckpt"), tokenizer)
+            label = f"{name} {'sym' if sym else 'asym'}"
+            results.append({"config": label, **result, "report": {k: v for k, v in report.items() if k != "layers"}})
+            lines.append(row(label, result, (
+                f"{report['bits_per_weight']:.3f}", f"{report['quantized_layers_packed_bytes'] / 2**20:.1f}",
+                f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f}", f"{seconds:.1f}")))
+            print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
