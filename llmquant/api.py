@@ -9,14 +9,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS
+from .algorithms import algorithm_for
 from .arch import ArchMap, arch_for
 from .checkpoint import write_folder_atomically, write_safetensors
 from .config import PER_CHANNEL, QuantConfig
@@ -44,7 +45,7 @@ class QuantizedModel:
     source: str | None = None
     seconds: float = 0.0
     calibration: dict | None = None
-    extra: dict = field(default_factory=dict)
+    peak_rss_mib: float | None = None
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """All tensors of the checkpoint: packed quantized linears, the rest in the storage dtype."""
@@ -71,6 +72,7 @@ class QuantizedModel:
             "source_model": self.source,
             "calibration": self.calibration,
             "seconds": round(self.seconds, 2),
+            "peak_rss_mib": self.peak_rss_mib,
             "quantized_parameters": quantized,
             "quantized_layers_fp16_bytes": 2 * quantized,
             "quantized_layers_packed_bytes": packed_bytes,
@@ -137,7 +139,8 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
              *, tokenizer=None, progress: bool = True) -> QuantizedModel:
     """Quantize a model (a built-in name, a folder, a hub id, or a loaded transformers model, which
     is modified in place). `calib`: a Calibration, a corpus name, or token windows [n, seqlen];
-    data-free methods take none, and then report no per-layer output error."""
+    data-free methods take none (and then report no per-layer output error); methods that need
+    data default to Calibration() (32 windows of 512 tokens of the wiki train split)."""
     config = config or QuantConfig()
     start = time.time()
     source = None
@@ -151,10 +154,12 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     _check_layers(layers, config)
     selected = {name for name, _ in layers}
     fmt = FORMATS[config.format]
-    algorithm = ALGORITHMS[config.method]
+    algorithm = algorithm_for(config)
     grid = AffineGrid(config.bits, config.sym, config.group_size, min_zero=fmt.grid_min_zero(config))
 
     calibration, calibration_info = None, None
+    if calib is None and algorithm.needs_calibration:
+        calib = Calibration()
     if isinstance(calib, str):
         calib = Calibration(corpus=calib)
     if isinstance(calib, Calibration):
@@ -169,9 +174,6 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
         calibration_info = {"windows": list(calibration.shape)}
     elif calib is not None:
         raise ConfigError(f"calib must be a Calibration, a corpus name or a tensor of token ids, got {type(calib).__name__}")
-    if algorithm.needs_calibration and calibration is None:
-        raise ConfigError(f"method {config.method} needs calibration data (calib=...)")
-
     packed: dict[str, dict[str, torch.Tensor]] = {}
     model.eval()
     result = quantize_blocks(
@@ -179,9 +181,12 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
         grid_for=lambda name, linear: grid if name in selected else None,
         on_quantized=lambda name, quantized, linear: packed.__setitem__(name, fmt.pack(quantized)),
         calibration=calibration,
+        true_sequential=config.true_sequential,
         progress=progress,
     )
-    return QuantizedModel(model, tokenizer, config, packed, result, source, time.time() - start, calibration_info)
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return QuantizedModel(model, tokenizer, config, packed, result, source, time.time() - start, calibration_info,
+                          peak_rss_mib)
 
 
 def load_with_tokenizer(model_or_path):

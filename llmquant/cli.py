@@ -27,10 +27,22 @@ def _add_quantize(sub):
     p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")
     p.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="linears to keep in floating point")
     p.add_argument("--calib", default=None, metavar="CORPUS",
-                   help="calibration corpus (train split); optional for rtn, where it adds per-layer errors")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
+                   help="calibration corpus, train split (default wiki for methods that need data; "
+                        "optional for rtn, where it adds per-layer errors)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--paper-calibration", action="store_true", help="128 windows x 2048 tokens, as the GPTQ paper")
     p.add_argument("--seed", type=int, default=0)
+    gptq = p.add_argument_group("gptq")
+    gptq.add_argument("--act-order", action="store_true", help="columns by descending Hessian diagonal (desc_act)")
+    gptq.add_argument("--static-groups", action="store_true", help="group scales fixed before the sweep")
+    gptq.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
+    gptq.add_argument("--block-size", type=int, default=128, help="columns per lazy batch")
+    seq = p.add_mutually_exclusive_group()
+    seq.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=True,
+                     help="quantize q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones (default)")
+    seq.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                     help="one pass of statistics per block")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size", default="4GB")
@@ -65,16 +77,24 @@ def cmd_quantize(args) -> int:
 
     # Everything that can be refused is refused before the model loads.
     check_output_path(args.out, args.overwrite)
+    from .algorithms import algorithm_for
+
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
-                         format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude))
-    calib = (Calibration(args.calib, args.nsamples, args.calib_seqlen, args.seed)
-             if args.calib is not None else None)
+                         format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
+                         true_sequential=args.true_sequential, act_order=args.act_order,
+                         static_groups=args.static_groups, damp=args.damp, block_size=args.block_size)
+    corpus = args.calib
+    if corpus is None and algorithm_for(config).needs_calibration:
+        corpus = "wiki"
+    nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
+    calib = Calibration(corpus, nsamples, seqlen, args.seed) if corpus is not None else None
     qmodel = quantize(args.model, config, calib)
     out = qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     report = qmodel.report()
     print(f"wrote {out}: {len(report['layers'])} layers, {report['bits_per_weight']:.3f} bits per quantized weight, "
           f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
-          f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB fp16, {report['seconds']:.1f} s")
+          f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB fp16, {report['seconds']:.1f} s, "
+          f"peak RSS {report['peak_rss_mib']:.0f} MiB")
     return 0
 
 

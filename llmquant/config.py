@@ -20,6 +20,11 @@ class QuantConfig:
         fast GPTQ kernels (Marlin) only take symmetric checkpoints.
     dtype: storage dtype of the tensors left in floating point (embeddings, norms, bias).
     modules_to_not_convert: names (or name suffixes) of linears inside decoder blocks to keep in FP.
+    true_sequential: within a block, quantize the architecture map's steps in order, each seeing
+        inputs through the already-quantized steps before it; else one pass of statistics per block.
+    GPTQ only: act_order (desc_act: columns by descending Hessian diagonal), static_groups (group
+        scales fixed from the unquantized weight before the sweep), damp (fraction of the mean
+        Hessian diagonal added before inversion), block_size (columns per lazy batch).
     """
 
     method: str = "rtn"
@@ -29,6 +34,11 @@ class QuantConfig:
     format: str = "gptq"
     dtype: str = "float16"
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
+    true_sequential: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
@@ -39,6 +49,12 @@ class QuantConfig:
             )
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if not (isinstance(self.damp, (int, float)) and 0 <= self.damp <= 1):
+            raise ConfigError(f"damp must be a fraction from 0 to 1 of the mean Hessian diagonal, got {self.damp!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if (self.act_order or self.static_groups) and self.method != "gptq":
+            raise ConfigError(f"act_order and static_groups apply to method gptq, not {self.method!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
         # Imported here: the registries import modules that import this one.
         from .algorithms import ALGORITHMS

@@ -80,8 +80,28 @@ def capture_block_inputs(model: nn.Module, arch: ArchMap, samples: torch.Tensor)
     per_block = []
     for i, calls in enumerate(records):
         hidden = [h for h, _ in calls] if i == 0 else []
-        per_block.append(BlockInputs(hidden_states=hidden, kwargs=[kw for _, kw in calls]))
+        per_block.append(BlockInputs(hidden_states=hidden, kwargs=_share_equal_values([kw for _, kw in calls])))
     return per_block
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return a is b or a == b
+
+
+def _share_equal_values(kwargs: list[dict]) -> list[dict]:
+    """Let samples share keyword values equal to the first sample's: windows of one length get the
+    same masks and rotary tables, and a [seq, seq] mask per sample and block would not fit at 2048."""
+    if not kwargs:
+        return kwargs
+    first = kwargs[0]
+    return [first] + [{k: first[k] if k in first and _equal(v, first[k]) else v for k, v in kw.items()}
+                      for kw in kwargs[1:]]
 
 
 def _block_output(output):
@@ -129,6 +149,7 @@ def quantize_blocks(
     grid_for: Callable[[str, nn.Linear], AffineGrid | None],
     on_quantized: Callable[[str, QuantizedWeight, nn.Linear], None],
     calibration: torch.Tensor | None = None,
+    true_sequential: bool = True,
     progress: bool = True,
 ) -> PipelineResult:
     """Quantize the linears of every block in place (their weights become the dequantized grid values).
@@ -137,6 +158,8 @@ def quantize_blocks(
     on_quantized(name, quantized_weight, linear) receives each result (e.g. to pack it at once).
     calibration: token windows [n, seqlen]; required when the algorithm needs statistics,
     optional otherwise (then each layer's relative output error is measured and reported).
+    true_sequential: statistics per step of the architecture map, through the quantized steps
+    before it; otherwise one pass per block gives every layer its floating-point inputs.
     """
     if algorithm.needs_calibration and calibration is None:
         raise ValueError(f"{algorithm.name} needs calibration data")
@@ -144,10 +167,11 @@ def quantize_blocks(
     inputs = capture_block_inputs(model, arch, calibration) if calibration is not None else None
     hidden = inputs[0].hidden_states if inputs is not None else None
     result = PipelineResult()
+    steps = arch.sequential if true_sequential else (tuple(arch.linear_names()),)
     bar = tqdm(total=len(blocks), desc=f"{algorithm.name} blocks", unit="block", disable=not progress)
     for index, block in enumerate(blocks):
         prefix = arch.block_prefix(index)
-        for step in arch.sequential:
+        for step in steps:
             layers = {}
             for short_name in step:
                 name = f"{prefix}.{short_name}"
@@ -161,7 +185,7 @@ def quantize_blocks(
             for name, linear in layers.items():
                 bar.set_postfix_str(name[len(prefix) + 1:])
                 weight = linear.weight.data
-                quantized = algorithm.quantize(weight, grid_for(name, linear), stats.get(name))
+                quantized = algorithm.quantize(weight, grid_for(name, linear), stats.get(name), name)
                 fake = quantized.dequantize(weight.dtype).to(weight.device)
                 error = stats[name].relative_output_error(weight, fake) if name in stats else None
                 linear.weight.data = fake

@@ -10,5 +10,5 @@ class RTN:
     name = "rtn"
     needs_calibration = False
 
-    def quantize(self, weight: torch.Tensor, grid: AffineGrid, statistics=None) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, grid: AffineGrid, statistics=None, layer_name: str = "layer") -> QuantizedWeight:
         return grid.quantize(weight)
