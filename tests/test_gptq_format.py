@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmquant.algorithms import ALGORITHMS
+from llmquant.algorithms.rtn import RTN
 from llmquant.formats import FORMATS
 from llmquant.grid import AffineGrid
 
@@ -43,7 +43,7 @@ def test_independent_dequantization_equals_rtn_fake_quantization(bits, group_siz
     weight = torch.randn(64, 160) * 0.02  # 160 = 128 + 32: a partial last group at group size 128
     fmt = FORMATS["gptq"]
     grid = AffineGrid(bits, sym, group_size, min_zero=0 if sym else 1)
-    quantized = ALGORITHMS["rtn"].quantize(weight, grid)
+    quantized = RTN().quantize(weight, grid)
     tensors = fmt.pack(quantized)
     groups = 1 if group_size == -1 else -(-160 // group_size)
     assert tensors["qweight"].shape == (160 * bits // 32, 64) and tensors["qweight"].dtype == torch.int32
