@@ -3,15 +3,17 @@
 Each config is quantized, saved, loaded back from disk and evaluated, so the numbers are those
 of the real checkpoint. Example (the command behind eval/RESULTS.md):
 
-    python eval/ppl_table.py --model smollm2-135m --method rtn --configs w4g32 w4g64 w4g128 w4pc w3g64 \
+    python eval/ppl_table.py --model smollm2-135m --methods rtn --configs w4g32 w4g64 w4g128 w4pc w3g64 \
         --windows 40 --json eval/runs/smollm2-rtn.json
 
 Config names: w<bits>g<group size> or w<bits>pc (per output channel); symmetric and asymmetric
-grids are both run unless --sym or --asym is given.
+grids are both run unless --sym or --asym is given. Methods: rtn, gptq, gptq-ao (GPTQ with
+act-order); GPTQ calibrates on --nsamples windows of --calib-seqlen tokens of the wiki train split.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -20,10 +22,12 @@ import time
 from pathlib import Path
 
 import llmquant
-from llmquant import QuantConfig
+from llmquant import Calibration, QuantConfig
 from llmquant.api import evaluate, load_with_tokenizer
 
 SUBSET = 8  # REFERENCE.md section 8 compares on the first 8 windows
+# Table name -> QuantConfig fields.
+METHODS = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq"}, "gptq-ao": {"method": "gptq", "act_order": True}}
 
 
 def parse_config(name: str) -> tuple[int, int]:
@@ -41,7 +45,9 @@ def row(label, result, extra=("–", "–", "–", "–")):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--method", default="rtn")
+    parser.add_argument("--methods", nargs="+", default=["rtn"], choices=sorted(METHODS))
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--configs", nargs="+", default=["w4g32", "w4g64", "w4g128", "w4pc", "w3g64"])
     grids = parser.add_mutually_exclusive_group()
     grids.add_argument("--sym", dest="grids", action="store_const", const=[True])
@@ -67,30 +73,31 @@ def main(argv=None) -> int:
     del fp_model
     results.append({"config": "fp32", **fp})
     lines = [
-        f"| config ({args.method}) | PPL {fp['windows']}×{args.seqlen} | PPL first {SUBSET} | bits/weight | "
+        f"| config | PPL {fp['windows']}×{args.seqlen} | PPL first {SUBSET} | bits/weight | "
         "packed MiB | fp16 MiB | quantize s |",
         "|---|---|---|---|---|---|---|",
         row("FP32", fp),
     ]
     print(lines[-1], file=sys.stderr, flush=True)
-    for name in args.configs:
+    calibration = Calibration("wiki", args.nsamples, args.calib_seqlen)
+    for name, sym, method in itertools.product(args.configs, grids, args.methods):
         bits, group_size = parse_config(name)
-        for sym in grids:
-            config = QuantConfig(method=args.method, bits=bits, group_size=group_size, sym=sym)
-            start = time.time()
-            qmodel = llmquant.quantize(args.model, config, progress=False)
-            seconds = time.time() - start
-            report = qmodel.report()
-            with tempfile.TemporaryDirectory() as tmp:
-                qmodel.save(Path(tmp) / "ckpt")
-                del qmodel
-                result = measure(llmquant.load(Path(tmp) / "ckpt"), tokenizer)
-            label = f"{name} {'sym' if sym else 'asym'}"
-            results.append({"config": label, **result, "report": {k: v for k, v in report.items() if k != "layers"}})
-            lines.append(row(label, result, (
-                f"{report['bits_per_weight']:.3f}", f"{report['quantized_layers_packed_bytes'] / 2**20:.1f}",
-                f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f}", f"{seconds:.1f}")))
-            print(lines[-1], file=sys.stderr, flush=True)
+        config = QuantConfig(bits=bits, group_size=group_size, sym=sym, **METHODS[method])
+        start = time.time()
+        calib = calibration if config.method != "rtn" else None
+        qmodel = llmquant.quantize(args.model, config, calib, progress=False)
+        seconds = time.time() - start
+        report = qmodel.report()
+        with tempfile.TemporaryDirectory() as tmp:
+            qmodel.save(Path(tmp) / "ckpt")
+            del qmodel
+            result = measure(llmquant.load(Path(tmp) / "ckpt"), tokenizer)
+        label = f"{name} {'sym' if sym else 'asym'} {method}"
+        results.append({"config": label, **result, "report": {k: v for k, v in report.items() if k != "layers"}})
+        lines.append(row(label, result, (
+            f"{report['bits_per_weight']:.3f}", f"{report['quantized_layers_packed_bytes'] / 2**20:.1f}",
+            f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f}", f"{seconds:.1f}")))
+        print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

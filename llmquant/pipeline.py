@@ -96,21 +96,46 @@ def _equal(a, b) -> bool:
 
 def _share_equal_values(kwargs: list[dict]) -> list[dict]:
     """Let samples share keyword values equal to the first sample's: windows of one length get the
-    same masks and rotary tables, and a [seq, seq] mask per sample and block would not fit at 2048."""
+    same masks and rotary tables (a [seq, seq] mask per sample and block would not fit at 2048),
+    and samples whose keywords all equal the first's share its dict, which marks them batchable."""
     if not kwargs:
         return kwargs
     first = kwargs[0]
-    return [first] + [{k: first[k] if k in first and _equal(v, first[k]) else v for k, v in kw.items()}
-                      for kw in kwargs[1:]]
+    shared = [first]
+    for kw in kwargs[1:]:
+        if kw.keys() == first.keys() and all(_equal(v, first[k]) for k, v in kw.items()):
+            shared.append(first)
+        else:
+            shared.append({k: first[k] if k in first and _equal(v, first[k]) else v for k, v in kw.items()})
+    return shared
+
+
+def _batches(hidden_states: list[torch.Tensor], kwargs: list[dict], batch_size: int):
+    """(hidden states batched along dim 0, keywords) for runs of samples that share their keywords."""
+    start = 0
+    while start < len(hidden_states):
+        end = start + 1
+        while end < len(hidden_states) and end - start < batch_size and kwargs[end] is kwargs[start]:
+            end += 1
+        yield torch.cat(hidden_states[start:end]), kwargs[start]
+        start = end
 
 
 def _block_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+# Calibration samples per block forward: larger matmuls run faster on the CPU, and activations of
+# 8 x 2048 tokens still fit easily.
+BATCH_SIZE = 8
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, hidden_states: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    return [_block_output(block(h, **kw)) for h, kw in zip(hidden_states, kwargs)]
+    outputs = []
+    for h, kw in _batches(hidden_states, kwargs, BATCH_SIZE):
+        outputs.extend(_block_output(block(h, **kw)).split(1))
+    return outputs
 
 
 @torch.no_grad()
@@ -130,7 +155,7 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
-        for h, kw in zip(hidden_states, kwargs):
+        for h, kw in _batches(hidden_states, kwargs, BATCH_SIZE):
             seen.clear()
             try:
                 block(h, **kw)

@@ -56,3 +56,20 @@ def test_gemma3_quantize_save_load_generate(tmp_path):
     output = model.generate(**inputs, max_new_tokens=10, do_sample=False)
     new_text = tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     assert new_text.strip()
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, -1), (3, 64)])
+def test_smollm2_gptq_sits_between_fp_and_rtn(tmp_path, smollm2, bits, group_size):
+    fp_model, tokenizer = smollm2
+    fp = ppl(fp_model, tokenizer)["perplexity"]
+    rtn = llmquant.quantize("smollm2-135m", QuantConfig(bits=bits, group_size=group_size, sym=False), progress=False)
+    rtn_ppl = ppl(rtn.model, tokenizer)["perplexity"]
+    del rtn
+    config = QuantConfig(method="gptq", bits=bits, group_size=group_size, sym=False, act_order=True)
+    gptq = llmquant.quantize("smollm2-135m", config, llmquant.Calibration("wiki", nsamples=16, seqlen=512),
+                             progress=False)
+    folder = gptq.save(tmp_path / "gptq")
+    errors = [layer["relative_output_error"] for layer in gptq.report()["layers"]]
+    assert len(errors) == 210 and all(e is not None and e >= 0 for e in errors)
+    gptq_ppl = ppl(llmquant.load(folder), tokenizer)["perplexity"]
+    assert fp < gptq_ppl < rtn_ppl, (fp, gptq_ppl, rtn_ppl)
