@@ -127,3 +127,27 @@ def test_gptq_options_are_validated():
         QuantConfig(method="rtn", act_order=True)
     with pytest.raises(ConfigError, match="damp must be"):
         QuantConfig(method="gptq", damp=-0.1)
+
+
+def test_cli_gptq_with_act_order_writes_desc_act_and_layer_errors(tmp_path, smollm2):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from llmquant.cli import main
+
+    config = tiny_config("llama")
+    config.vocab_size = len(smollm2[1])  # the borrowed SmolLM2 tokenizer's ids must fit
+    folder = tmp_path / "tiny"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2[1].save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["quantize", str(folder), "--method", "gptq", "--bits", "3", "--group-size", "32", "--asym",
+                 "--act-order", "--nsamples", "3", "--seqlen", "48", "--out", str(out)]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["desc_act"], qc["bits"], qc["sym"], qc["meta"]["method"]) == (True, 3, False, "gptq")
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["calibration"] == {"corpus": "wiki", "split": "train", "nsamples": 3, "seqlen": 48, "seed": 0}
+    assert all(0 < layer["relative_output_error"] < 1 for layer in report["layers"])
+    assert isinstance(llmquant.load(out).model.layers[0].self_attn.o_proj, GPTQLinear)
