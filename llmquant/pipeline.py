@@ -140,13 +140,23 @@ def run_block(block: nn.Module, hidden_states: list[torch.Tensor], kwargs: list[
 
 @torch.no_grad()
 def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hidden_states, kwargs) -> dict[str, InputGram]:
-    """InputGram of each layer in `layers` over all samples, stopping each forward once they have run."""
-    stats = {name: InputGram(layer.in_features, device=layer.weight.device) for name, layer in layers.items()}
+    """InputGram of each layer in `layers` over all samples, stopping each forward once they have run.
+
+    Layers fed the very same tensor (q/k/v, gate/up) share one InputGram, accumulated once.
+    """
+    stats: dict[str, InputGram] = {}
     seen: set[str] = set()
+    inputs_this_pass: dict[int, tuple[torch.Tensor, InputGram]] = {}  # holds the tensor so its id stays unique
 
     def hook(name):
         def record(module, args):
-            stats[name].add_batch(args[0])
+            x = args[0]
+            shared = inputs_this_pass.get(id(x))
+            if name not in stats:
+                stats[name] = shared[1] if shared is not None else InputGram(module.in_features, device=x.device)
+            if shared is None:
+                stats[name].add_batch(x)
+                inputs_this_pass[id(x)] = (x, stats[name])
             seen.add(name)
             if len(seen) == len(layers):
                 raise _StopForward
@@ -157,6 +167,7 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
     try:
         for h, kw in _batches(hidden_states, kwargs, BATCH_SIZE):
             seen.clear()
+            inputs_this_pass.clear()
             try:
                 block(h, **kw)
             except _StopForward:
@@ -164,6 +175,7 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
     finally:
         for handle in handles:
             handle.remove()
+        inputs_this_pass.clear()
     return stats
 
 

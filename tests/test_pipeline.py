@@ -105,3 +105,23 @@ def test_input_gram_output_error_matches_direct_computation():
     assert abs(gram.relative_output_error(w, w_hat) - direct.item()) < 1e-4 * direct.item()
     with pytest.raises(FloatingPointError):
         gram.add_batch(torch.full((2, 40), float("nan")))
+
+
+def test_layers_fed_the_same_tensor_share_their_statistics():
+    from llmquant.pipeline import collect_input_statistics
+
+    model = tiny_model("llama")
+    arch = arch_for(model.config)
+    inputs = capture_block_inputs(model, arch, torch.randint(0, 128, (3, 16)))
+    block = arch.block_list(model)[0]
+    names = arch.linear_names()
+    stats = collect_input_statistics(block, {n: block.get_submodule(n) for n in names},
+                                     inputs[0].hidden_states, inputs[0].kwargs)
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
+    assert stats["mlp.down_proj"] is not stats["mlp.up_proj"]
+    assert all(s.rows == 3 * 16 for s in stats.values())
+    # The shared statistics are those of the normed block input, seen once per token.
+    normed = torch.cat([block.input_layernorm(h) for h in inputs[0].hidden_states]).reshape(-1, 64)
+    assert torch.allclose(stats["self_attn.q_proj"].gram, normed.t() @ normed, atol=1e-4)
