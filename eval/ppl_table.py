@@ -8,7 +8,7 @@ of the real checkpoint. Example (the command behind eval/RESULTS.md):
 
 Config names: w<bits>g<group size> or w<bits>pc (per output channel); symmetric and asymmetric
 grids are both run unless --sym or --asym is given. Methods: rtn, gptq, gptq-ao (GPTQ with
-act-order); GPTQ calibrates on --nsamples windows of --calib-seqlen tokens of the wiki train split.
+act-order), and -clip variants (clip_search); GPTQ calibrates on --nsamples windows of --calib-seqlen tokens of the wiki train split.
 """
 from __future__ import annotations
 
@@ -27,7 +27,13 @@ from llmquant.api import evaluate, load_with_tokenizer
 
 SUBSET = 8  # REFERENCE.md section 8 compares on the first 8 windows
 # Table name -> QuantConfig fields.
-METHODS = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq"}, "gptq-ao": {"method": "gptq", "act_order": True}}
+METHODS = {
+    "rtn": {"method": "rtn"},
+    "rtn-clip": {"method": "rtn", "clip_search": True},
+    "gptq": {"method": "gptq"},
+    "gptq-ao": {"method": "gptq", "act_order": True},
+    "gptq-ao-clip": {"method": "gptq", "act_order": True, "clip_search": True},
+}
 
 
 def parse_config(name: str) -> tuple[int, int]:

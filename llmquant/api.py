@@ -155,7 +155,8 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     selected = {name for name, _ in layers}
     fmt = FORMATS[config.format]
     algorithm = algorithm_for(config)
-    grid = AffineGrid(config.bits, config.sym, config.group_size, min_zero=fmt.grid_min_zero(config))
+    grid = AffineGrid(config.bits, config.sym, config.group_size, min_zero=fmt.grid_min_zero(config),
+                      clip_search=config.clip_search)
 
     calibration, calibration_info = None, None
     if calib is None and algorithm.needs_calibration:

@@ -23,6 +23,8 @@ def _add_quantize(sub):
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
+    p.add_argument("--clip-search", action="store_true",
+                   help="per group, shrink the range where that lowers the weight error (MSE clipping)")
     p.add_argument("--format", default="gptq", help="checkpoint format (default gptq)")
     p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")
     p.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="linears to keep in floating point")
@@ -82,7 +84,8 @@ def cmd_quantize(args) -> int:
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                          format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
                          true_sequential=args.true_sequential, act_order=args.act_order,
-                         static_groups=args.static_groups, damp=args.damp, block_size=args.block_size)
+                         static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
+                         clip_search=args.clip_search)
     corpus = args.calib
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = "wiki"

@@ -20,6 +20,8 @@ class QuantConfig:
         fast GPTQ kernels (Marlin) only take symmetric checkpoints.
     dtype: storage dtype of the tensors left in floating point (embeddings, norms, bias).
     modules_to_not_convert: names (or name suffixes) of linears inside decoder blocks to keep in FP.
+    clip_search: per group, shrink the range where that lowers the weight error (the reference
+        GPTQ quantizer's MSE option); applies to every method's grid.
     true_sequential: within a block, quantize the architecture map's steps in order, each seeing
         inputs through the already-quantized steps before it; else one pass of statistics per block.
     GPTQ only: act_order (desc_act: columns by descending Hessian diagonal), static_groups (group
@@ -35,6 +37,7 @@ class QuantConfig:
     dtype: str = "float16"
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
     true_sequential: bool = True
+    clip_search: bool = False
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01

@@ -69,3 +69,18 @@ def test_min_zero_shifts_grid_instead_of_clipping():
 def test_all_zero_rows_do_not_divide_by_zero():
     q = AffineGrid(4, False, 32).quantize(torch.zeros(4, 64))
     assert torch.equal(q.dequantize(), torch.zeros(4, 64))
+
+
+@pytest.mark.parametrize("group_size", [-1, 64])
+def test_clip_search_never_raises_the_error_it_minimizes_and_clips_outliers(group_size):
+    w = weight(inp=200)
+    w[0, 7] = 1.0  # one outlier: the plain grid wastes its range on it
+    plain = AffineGrid(4, False, group_size, min_zero=1).quantize(w)
+    searched = AffineGrid(4, False, group_size, min_zero=1, clip_search=True).quantize(w)
+
+    def err(q):
+        return ((q.dequantize() - w).abs() ** 2.4).sum(dim=1)
+
+    assert (err(searched) <= err(plain) * (1 + 1e-6)).all()
+    assert err(searched).sum() < err(plain).sum()
+    assert searched.scale[0, 0] < plain.scale[0, 0]

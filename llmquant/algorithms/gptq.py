@@ -116,10 +116,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
                 if column % group_size == 0:
                     end = min(column + group_size, columns)
                     current = torch.cat([W1[:, i:end - i1], W[:, i2:end]], dim=1) if end > i2 else W1[:, i:end - i1]
-                    s, z = grid.qparams_from_range(current.amin(dim=1), current.amax(dim=1))
-                    scales.append(s)
-                    zeros.append(z)
-                    scale, zero = s, z
+                    scale, zero = (t[:, 0] for t in grid.qparams(current))
+                    scales.append(scale)
+                    zeros.append(zero)
                 sweep_group[column] = len(scales) - 1
             w = W1[:, i]
             q = grid.quantize_values(w, scale, zero)

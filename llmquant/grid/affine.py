@@ -48,6 +48,8 @@ class AffineGrid:
     per_tensor: one scale for the whole tensor (group_size is then ignored).
     min_zero: smallest zero point allowed for asymmetric grids; formats that store
     zero - 1 in unsigned bits (GPTQ v1) cannot represent zero 0 and ask for 1.
+    clip_search: shrink each group's range where that lowers sum |w - w_hat|^2.4 (the MSE option
+    of the reference GPTQ quantizer: shrink factors 1, 0.99, ... down to 0.21).
     """
 
     bits: int
@@ -55,6 +57,7 @@ class AffineGrid:
     group_size: int = PER_CHANNEL
     per_tensor: bool = False
     min_zero: int = 0
+    clip_search: bool = False
 
     @property
     def maxq(self) -> int:
@@ -98,17 +101,34 @@ class AffineGrid:
         """Scale and zero point of shape [out, n_groups] for a [out, in] weight."""
         w = weight.detach().float()
         if self.per_tensor:
-            scale, zero = self.qparams_from_range(w.min().reshape(1, 1), w.max().reshape(1, 1))
+            scale, zero = self._range_qparams(w.reshape(1, 1, -1), torch.ones(1, 1, w.numel(), dtype=torch.bool))
             return scale.expand(w.shape[0], 1).clone(), zero.expand(w.shape[0], 1).clone()
-        if self.group_size == PER_CHANNEL:
-            return self.qparams_from_range(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True))
         out_features, in_features = w.shape
-        groups = self.num_groups(in_features)
-        pad = groups * self.group_size - in_features
-        # A partial last group is padded with values that cannot win the min / max.
-        lo = torch.nn.functional.pad(w, (0, pad), value=float("inf")).view(out_features, groups, -1)
-        hi = torch.nn.functional.pad(w, (0, pad), value=float("-inf")).view(out_features, groups, -1)
-        return self.qparams_from_range(lo.amin(dim=2), hi.amax(dim=2))
+        width = in_features if self.group_size == PER_CHANNEL else self.group_size
+        groups = -(-in_features // width)
+        pad = groups * width - in_features
+        valid = torch.ones(out_features, in_features, dtype=torch.bool)
+        valid = torch.nn.functional.pad(valid, (0, pad), value=False).view(out_features, groups, width)
+        return self._range_qparams(torch.nn.functional.pad(w, (0, pad)).view(out_features, groups, width), valid)
+
+    def _range_qparams(self, w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qparams over the last dim of w, counting only `valid` entries (a partial last group is padded)."""
+        xmin = torch.where(valid, w, torch.inf).amin(dim=-1)
+        xmax = torch.where(valid, w, -torch.inf).amax(dim=-1)
+        scale, zero = self.qparams_from_range(xmin, xmax)
+        if not self.clip_search:
+            return scale, zero
+        best = torch.full_like(scale, torch.inf)
+        for step in range(80):
+            shrink = 1 - step / 100
+            s, z = self.qparams_from_range(shrink * xmin, shrink * xmax)
+            error = torch.where(valid, (self.fake_quantize_values(w, s[..., None], z[..., None]) - w).abs() ** 2.4, 0)
+            error = error.sum(dim=-1)
+            better = error < best
+            best = torch.where(better, error, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+        return scale, zero
 
     def quantize_values(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes of w under broadcastable scale / zero."""
