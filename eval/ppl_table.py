@@ -24,6 +24,7 @@ from pathlib import Path
 import llmquant
 from llmquant import Calibration, QuantConfig
 from llmquant.api import evaluate, load_with_tokenizer
+from llmquant.perplexity import PerplexityResult
 
 SUBSET = 8  # REFERENCE.md section 8 compares on the first 8 windows
 # Table name -> QuantConfig fields.
@@ -67,8 +68,6 @@ def main(argv=None) -> int:
 
     def measure(model, tokenizer):
         result = evaluate(model, args.corpus, "test", args.seqlen, args.windows, progress=False, tokenizer=tokenizer)
-        from llmquant.perplexity import PerplexityResult
-
         fields = {k: result[k] for k in PerplexityResult.__dataclass_fields__}
         result["ppl_first_8"] = PerplexityResult(**fields).perplexity_of_first(SUBSET)
         return result

@@ -88,7 +88,7 @@ def cmd_quantize(args) -> int:
                          clip_search=args.clip_search)
     corpus = args.calib
     if corpus is None and algorithm_for(config).needs_calibration:
-        corpus = "wiki"
+        corpus = Calibration.corpus  # the library's default corpus
     nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
     calib = Calibration(corpus, nsamples, seqlen, args.seed) if corpus is not None else None
     qmodel = quantize(args.model, config, calib)

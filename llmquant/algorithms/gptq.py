@@ -84,6 +84,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
     group_size = grid.group_size if grouped else columns
     if not grouped:
         fixed_scale, fixed_zero = grid.qparams(W)  # [out, 1]
+        scale, zero = fixed_scale[:, 0], fixed_zero[:, 0]
     elif static_groups:
         static_scale, static_zero = grid.qparams(W)  # [out, G] over the original column order
 
@@ -98,7 +99,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
     # Group of each position in the sweep, and the qparams of each group in the order created.
     sweep_group = torch.zeros(columns, dtype=torch.int64)
     scales, zeros = [], []
-    scale = zero = None
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         W1 = W[:, i1:i2].clone()
@@ -106,13 +106,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             column = i1 + i
-            if not grouped:
-                scale, zero = fixed_scale[:, 0], fixed_zero[:, 0]
-            elif static_groups:
+            if grouped and static_groups:
                 g = int(perm[column]) // group_size
                 scale, zero = static_scale[:, g], static_zero[:, g]
                 sweep_group[column] = g
-            else:
+            elif grouped:
                 if column % group_size == 0:
                     end = min(column + group_size, columns)
                     current = torch.cat([W1[:, i:end - i1], W[:, i2:end]], dim=1) if end > i2 else W1[:, i:end - i1]
@@ -130,14 +128,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
 
     inverse = torch.argsort(perm)
     codes = codes[:, inverse]
+    # Per channel, sweep_group stays all zeros: one group.
+    group_index = sweep_group[inverse].to(torch.int32)
     if not grouped:
         scale_table, zero_table = fixed_scale, fixed_zero
-        group_index = torch.zeros(columns, dtype=torch.int32)
     elif static_groups:
         scale_table, zero_table = static_scale, static_zero
-        group_index = sweep_group[inverse].to(torch.int32)
     else:
         scale_table, zero_table = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
-        group_index = sweep_group[inverse].to(torch.int32)
     return QuantizedWeight(codes=codes.to(torch.uint8), scale=scale_table, zero=zero_table,
                            group_index=group_index, bits=grid.bits, group_size=grid.group_size)
