@@ -77,6 +77,7 @@ class QuantizedModel:
             "quantized_layers_fp16_bytes": 2 * quantized,
             "quantized_layers_packed_bytes": packed_bytes,
             "bits_per_weight": 8 * packed_bytes / max(quantized, 1),
+            "scaling": self.pipeline.scaling,
             "layers": [
                 {"name": r.name, "shape": list(r.shape), "relative_output_error": r.relative_output_error}
                 for r in self.pipeline.layers
@@ -130,7 +131,7 @@ def _check_layers(layers, config: QuantConfig) -> None:
                 f"group_size {config.group_size} is larger than in_features {linear.in_features} of {name}; "
                 "use -1 for one group per output channel"
             )
-        fmt.check_layer(name, linear.out_features, linear.in_features, config.bits)
+        fmt.check_layer(name, linear.out_features, linear.in_features, config)
         if not torch.isfinite(linear.weight).all():
             raise LlmquantError(f"{name}.weight contains NaN or Inf; refusing to quantize it")
 

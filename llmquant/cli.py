@@ -25,7 +25,8 @@ def _add_quantize(sub):
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
     p.add_argument("--clip-search", action="store_true",
                    help="per group, shrink the range where that lowers the weight error (MSE clipping)")
-    p.add_argument("--format", default="gptq", help="checkpoint format (default gptq)")
+    p.add_argument("--format", default="gptq",
+                   help="checkpoint format: gptq (any bits, act-order) or awq (4-bit GEMM layout); default gptq")
     p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")
     p.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="linears to keep in floating point")
     p.add_argument("--calib", default=None, metavar="CORPUS",
@@ -40,6 +41,11 @@ def _add_quantize(sub):
     gptq.add_argument("--static-groups", action="store_true", help="group scales fixed before the sweep")
     gptq.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
     gptq.add_argument("--block-size", type=int, default=128, help="columns per lazy batch")
+    awq = p.add_argument_group("awq (methods awq, awq+gptq)")
+    awq.add_argument("--awq-grid", type=int, default=20, help="points of the scaling-ratio search (default 20)")
+    awq.add_argument("--awq-duo", action="store_true",
+                     help="scales mean|x|^a / mean|w|^(1-a) (AutoAWQ's duo scaling) instead of mean|x|^a")
+    awq.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="skip the clipping-range search")
     seq = p.add_mutually_exclusive_group()
     seq.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=True,
                      help="quantize q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones (default)")
@@ -85,7 +91,8 @@ def cmd_quantize(args) -> int:
                          format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
                          true_sequential=args.true_sequential, act_order=args.act_order,
                          static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
-                         clip_search=args.clip_search)
+                         clip_search=args.clip_search, awq_grid=args.awq_grid, awq_duo_scaling=args.awq_duo,
+                         awq_clip=args.awq_clip)
     corpus = args.calib
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus

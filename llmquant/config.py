@@ -26,7 +26,11 @@ class QuantConfig:
         inputs through the already-quantized steps before it; else one pass of statistics per block.
     GPTQ only: act_order (desc_act: columns by descending Hessian diagonal), static_groups (group
         scales fixed from the unquantized weight before the sweep), damp (fraction of the mean
-        Hessian diagonal added before inversion), block_size (columns per lazy batch).
+        Hessian diagonal added before inversion), block_size (columns per lazy batch); also
+        taken by awq+gptq.
+    AWQ only: awq_grid (points of the scaling-ratio grid, and the clip grid's step 1/awq_grid),
+        awq_duo_scaling (s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a), awq_clip (search
+        the clipping range per group after scaling).
     """
 
     method: str = "rtn"
@@ -42,6 +46,9 @@ class QuantConfig:
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
+    awq_grid: int = 20
+    awq_duo_scaling: bool = False
+    awq_clip: bool = True
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
@@ -56,12 +63,16 @@ class QuantConfig:
             raise ConfigError(f"damp must be a fraction from 0 to 1 of the mean Hessian diagonal, got {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
-        if (self.act_order or self.static_groups) and self.method != "gptq":
-            raise ConfigError(f"act_order and static_groups apply to method gptq, not {self.method!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
         # Imported here: the registries import modules that import this one.
-        from .algorithms import ALGORITHMS
+        from .algorithms import ALGORITHMS, GPTQ_ROUNDING
         from .formats import FORMATS
+
+        if (self.act_order or self.static_groups) and self.method not in GPTQ_ROUNDING:
+            raise ConfigError(f"act_order and static_groups apply to methods {', '.join(GPTQ_ROUNDING)}, "
+                              f"not {self.method!r}")
+        if not isinstance(self.awq_grid, int) or self.awq_grid < 2:
+            raise ConfigError(f"awq_grid must be an integer >= 2, got {self.awq_grid!r}")
 
         if self.method not in ALGORITHMS:
             raise ConfigError(f"unknown method {self.method!r}; available: {', '.join(sorted(ALGORITHMS))}")

@@ -107,7 +107,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{folder}: {name} is a {type(linear).__name__} in the model, not a linear layer")
         shapes = {suffix: tuple(tensors[f"{name}.{suffix}"].shape)
-                  for suffix in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{suffix}" in tensors}
+                  for suffix in fmt.tensor_suffixes if f"{name}.{suffix}" in tensors}
         module = fmt.build_linear(name, quantization_config, shapes, f"{name}.bias" in tensors,
                                   linear.in_features, linear.out_features, dtype)
         model.set_submodule(name, module)

@@ -52,3 +52,39 @@ def gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits: int, zero_offset:
 def _gptq_linear_reference(x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset):
     weight = dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype=x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+# AWQ GEMM packs 8 nibbles per int32 along the output dim, nibble k holding column
+# 8 * word + AWQ_PACK_ORDER[k] (the order its CUDA kernel dequantizes in).
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def awq_interleave(columns: int) -> torch.Tensor:
+    """Column permutation p with packed position j holding logical column p[j]."""
+    order = torch.tensor(AWQ_PACK_ORDER)
+    return (torch.arange(columns // 8)[:, None] * 8 + order[None, :]).reshape(-1)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [rows, columns / 8] in the AWQ order -> int32 values [rows, columns]."""
+    interleaved = bitpack.unpack(packed, 4, dim=1)
+    return interleaved[:, torch.argsort(awq_interleave(interleaved.shape[1]))]
+
+
+def dequantize_awq(qweight, qzeros, scales, group_size: int, dtype=torch.float32):
+    """[out, in] weight from AWQ GEMM tensors (see llmquant.formats.awq)."""
+    codes = unpack_awq(qweight)  # [in, out]
+    zeros = unpack_awq(qzeros)  # [groups, out]
+    g = torch.arange(codes.shape[0], device=codes.device) // group_size
+    weight = (codes - zeros[g]).to(torch.float32) * scales[g].to(torch.float32)
+    return weight.t().to(dtype)
+
+
+def awq_linear(x, qweight, qzeros, scales, bias, group_size: int):
+    return implementation("awq_linear", x.device.type)(x, qweight, qzeros, scales, bias, group_size)
+
+
+@register("awq_linear", REFERENCE)
+def _awq_linear_reference(x, qweight, qzeros, scales, bias, group_size):
+    weight = dequantize_awq(qweight, qzeros, scales, group_size, dtype=x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

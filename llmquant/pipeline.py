@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchMap
 from .grid import AffineGrid, QuantizedWeight
+from .scaling import scaling_groups
 from .statistics import InputGram
 
 
@@ -38,6 +39,8 @@ class LayerResult:
 @dataclass
 class PipelineResult:
     layers: list[LayerResult] = field(default_factory=list)
+    # One record per scaling group of a block transform (AWQ: the ratio chosen and its error).
+    scaling: list[dict] = field(default_factory=list)
 
 
 class _StopForward(Exception):
@@ -197,6 +200,8 @@ def quantize_blocks(
     optional otherwise (then each layer's relative output error is measured and reported).
     true_sequential: statistics per step of the architecture map, through the quantized steps
     before it; otherwise one pass per block gives every layer its floating-point inputs.
+    An algorithm with `transform_block` (AWQ) first gets the block's scaling groups with their
+    input statistics and may rescale / clip the block's weights before any layer is rounded.
     """
     if algorithm.needs_calibration and calibration is None:
         raise ValueError(f"{algorithm.name} needs calibration data")
@@ -207,30 +212,57 @@ def quantize_blocks(
     steps = arch.sequential if true_sequential else (tuple(arch.linear_names()),)
     bar = tqdm(total=len(blocks), desc=f"{algorithm.name} blocks", unit="block", disable=not progress)
     for index, block in enumerate(blocks):
-        prefix = arch.block_prefix(index)
-        for step in steps:
-            layers = {}
-            for short_name in step:
-                name = f"{prefix}.{short_name}"
-                linear = block.get_submodule(short_name)
-                if grid_for(name, linear) is not None:
-                    layers[name] = linear
-            if not layers:
-                continue
-            stats = (collect_input_statistics(block, layers, hidden, inputs[index].kwargs)
-                     if hidden is not None else {})
-            for name, linear in layers.items():
-                bar.set_postfix_str(name[len(prefix) + 1:])
-                weight = linear.weight.data
-                quantized = algorithm.quantize(weight, grid_for(name, linear), stats.get(name), name)
-                fake = quantized.dequantize(weight.dtype).to(weight.device)
-                error = stats[name].relative_output_error(weight, fake) if name in stats else None
-                linear.weight.data = fake
-                on_quantized(name, quantized, linear)
-                result.layers.append(LayerResult(name, tuple(weight.shape), error))
+        quantize_block(block, arch.block_prefix(index), arch, algorithm, grid_for, on_quantized, steps,
+                       hidden, inputs[index].kwargs if inputs is not None else None, result, bar)
         if hidden is not None:
             hidden = run_block(block, hidden, inputs[index].kwargs)
             inputs[index] = None  # free this block's recorded keywords
         bar.update(1)
     bar.close()
     return result
+
+
+def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid_for, on_quantized,
+                   steps: tuple[tuple[str, ...], ...], hidden: list[torch.Tensor] | None, kwargs: list[dict] | None,
+                   result: PipelineResult, bar=None) -> None:
+    """Quantize one block's linears in place, step by step; `hidden`/`kwargs`: its calibration inputs or None."""
+    reference_weights = {}
+    if hidden is not None and hasattr(algorithm, "transform_block"):
+        if bar is not None:
+            bar.set_postfix_str("scaling search")
+        transform = _transform_block(algorithm, block, arch, prefix, grid_for, hidden, kwargs)
+        reference_weights = transform.reference_weights
+        result.scaling.extend(transform.records)
+    for step in steps:
+        layers = {}
+        for short_name in step:
+            name = f"{prefix}.{short_name}"
+            linear = block.get_submodule(short_name)
+            if grid_for(name, linear) is not None:
+                layers[name] = linear
+        if not layers:
+            continue
+        stats = collect_input_statistics(block, layers, hidden, kwargs) if hidden is not None else {}
+        for name, linear in layers.items():
+            if bar is not None:
+                bar.set_postfix_str(name[len(prefix) + 1:])
+            weight = linear.weight.data
+            quantized = algorithm.quantize(weight, grid_for(name, linear), stats.get(name), name)
+            fake = quantized.dequantize(weight.dtype).to(weight.device)
+            reference = reference_weights.get(name, weight)
+            error = stats[name].relative_output_error(reference, fake) if name in stats else None
+            linear.weight.data = fake
+            on_quantized(name, quantized, linear)
+            result.layers.append(LayerResult(name, tuple(weight.shape), error))
+
+
+def _transform_block(algorithm, block, arch: ArchMap, prefix: str, grid_for, hidden, kwargs):
+    quantized = {f"{prefix}.{short}" for short in arch.linear_names()
+                 if grid_for(f"{prefix}.{short}", block.get_submodule(short)) is not None}
+    groups = scaling_groups(block, arch, prefix, quantized)
+    first_linears = {name: group.linears[name] for group in groups for name in group.quantized[:1]}
+    stats = collect_input_statistics(block, first_linears, hidden, kwargs)
+    for group in groups:
+        group.statistics = stats[group.quantized[0]]
+    no_clip = {f"{prefix}.{short}" for short in arch.no_clip}
+    return algorithm.transform_block(groups, grid_for, no_clip)

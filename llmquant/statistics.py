@@ -5,14 +5,18 @@ import torch
 
 
 class InputGram:
-    """Accumulates G = sum over rows x of x^T x (fp32), the second moment of a linear's inputs.
+    """Accumulates G = sum over rows x of x^T x (fp32), the second moment of a linear's inputs,
+    and per input channel the sum and the maximum of |x|.
 
     G is what GPTQ's Hessian is made of (H = 2 G / rows), and it gives a layer's output error
-    exactly without storing activations: ||X dW^T||^2 = tr(dW G dW^T).
+    exactly without storing activations: ||X dW^T||^2 = tr(dW G dW^T). The channel magnitudes
+    are what activation-aware scaling (AWQ: mean |x|; SmoothQuant: max |x|) is computed from.
     """
 
     def __init__(self, in_features: int, device=None):
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.channel_abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.channel_abs_max = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.rows = 0
 
     def add_batch(self, inputs: torch.Tensor) -> None:
@@ -20,7 +24,23 @@ class InputGram:
         if not torch.isfinite(x).all():
             raise FloatingPointError("calibration activations contain NaN or Inf")
         self.gram.addmm_(x.t(), x)
+        magnitude = x.abs()
+        self.channel_abs_sum += magnitude.sum(dim=0)
+        torch.maximum(self.channel_abs_max, magnitude.amax(dim=0), out=self.channel_abs_max)
         self.rows += x.shape[0]
+
+    def channel_abs_mean(self) -> torch.Tensor:
+        return self.channel_abs_sum / max(self.rows, 1)
+
+    def rescaled(self, scales: torch.Tensor) -> "InputGram":
+        """The statistics of the inputs divided channel-wise by `scales` (x -> x / s)."""
+        s = scales.float().to(self.gram.device)
+        result = InputGram.__new__(InputGram)
+        result.gram = self.gram / s[:, None] / s[None, :]
+        result.channel_abs_sum = self.channel_abs_sum / s
+        result.channel_abs_max = self.channel_abs_max / s
+        result.rows = self.rows
+        return result
 
     def output_energy(self, weight: torch.Tensor) -> float:
         """||X W^T||_F^2 over the accumulated rows."""

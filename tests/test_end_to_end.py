@@ -7,7 +7,7 @@ import llmquant
 from llmquant import QuantConfig
 from llmquant.api import evaluate
 from llmquant.cli import main
-from llmquant.nn import GPTQLinear
+from llmquant.nn import AWQLinear, GPTQLinear
 
 pytestmark = pytest.mark.slow
 WINDOWS = 4
@@ -73,3 +73,20 @@ def test_smollm2_gptq_sits_between_fp_and_rtn(tmp_path, smollm2, bits, group_siz
     assert len(errors) == 210 and all(e is not None and e >= 0 for e in errors)
     gptq_ppl = ppl(llmquant.load(folder), tokenizer)["perplexity"]
     assert fp < gptq_ppl < rtn_ppl, (fp, gptq_ppl, rtn_ppl)
+
+
+def test_smollm2_awq_sits_between_fp_and_rtn_and_loads_from_the_awq_format(tmp_path, smollm2):
+    fp_model, tokenizer = smollm2
+    fp = ppl(fp_model, tokenizer)["perplexity"]
+    rtn = llmquant.quantize("smollm2-135m", QuantConfig(bits=4, group_size=-1, sym=False), progress=False)
+    rtn_ppl = ppl(rtn.model, tokenizer)["perplexity"]
+    del rtn
+    config = QuantConfig(method="awq", bits=4, group_size=-1, sym=False, format="awq")
+    awq = llmquant.quantize("smollm2-135m", config, llmquant.Calibration("wiki", nsamples=16, seqlen=512),
+                            progress=False)
+    folder = awq.save(tmp_path / "awq")
+    assert len(awq.report()["scaling"]) == 3 * 30  # v -> o does not fit SmolLM2's grouped-query attention
+    loaded = llmquant.load(folder)
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, AWQLinear)
+    awq_ppl = ppl(loaded, tokenizer)["perplexity"]
+    assert fp < awq_ppl < rtn_ppl, (fp, awq_ppl, rtn_ppl)

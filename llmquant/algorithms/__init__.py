@@ -3,21 +3,39 @@
 An algorithm is an object with
 - `name`;
 - `needs_calibration`: whether `quantize` needs the layer's InputGram;
-- `quantize(weight [out, in], grid, statistics, layer_name) -> QuantizedWeight`.
+- `quantize(weight [out, in], grid, statistics, layer_name) -> QuantizedWeight`;
+- optionally `transform_block(groups, grid_for, no_clip)`: rescale / clip a block's weights
+  before its layers are rounded (AWQ), given the block's scaling groups and their statistics.
 It knows nothing of models, files or formats. ALGORITHMS maps a method name to a factory that
 builds the algorithm from a QuantConfig.
 """
+from .awq import AWQ
 from .gptq import GPTQ
 from .rtn import RTN
 
+
+def _gptq(config):
+    return GPTQ(config.block_size, config.damp, config.act_order, config.static_groups)
+
+
+def _awq(rounding):
+    return lambda config: AWQ(rounding(config), n_grid=config.awq_grid, duo_scaling=config.awq_duo_scaling,
+                              clip=config.awq_clip)
+
+
 ALGORITHMS = {
     RTN.name: lambda config: RTN(),
-    GPTQ.name: lambda config: GPTQ(config.block_size, config.damp, config.act_order, config.static_groups),
+    GPTQ.name: _gptq,
+    "awq": _awq(lambda config: RTN()),
+    "awq+gptq": _awq(_gptq),
 }
+# Methods whose rounding is GPTQ, and so take its options (act_order, static_groups, ...).
+GPTQ_ROUNDING = ("gptq", "awq+gptq")
+AWQ_METHODS = ("awq", "awq+gptq")
 
 
 def algorithm_for(config):
     return ALGORITHMS[config.method](config)
 
 
-__all__ = ["ALGORITHMS", "algorithm_for"]
+__all__ = ["ALGORITHMS", "AWQ_METHODS", "GPTQ_ROUNDING", "algorithm_for"]

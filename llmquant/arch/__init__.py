@@ -1,6 +1,6 @@
 """Architecture maps, one file per model family; `arch_for(config)` picks one."""
 from ..errors import UnsupportedArchitectureError
-from .base import ArchMap
+from .base import ArchMap, ScalingPair
 from .gemma3 import GEMMA3
 from .llama import LLAMA
 from .mistral import MISTRAL
@@ -24,4 +24,4 @@ def arch_for(config) -> ArchMap:
     )
 
 
-__all__ = ["ArchMap", "ARCHITECTURES", "arch_for", "supported_model_types"]
+__all__ = ["ArchMap", "ScalingPair", "ARCHITECTURES", "arch_for", "supported_model_types"]

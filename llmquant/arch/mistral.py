@@ -1,4 +1,5 @@
-from .base import ArchMap
-from .llama import LLAMA_STYLE_SEQUENTIAL
+from dataclasses import replace
 
-MISTRAL = ArchMap(name="mistral", model_types=("mistral",), blocks="model.layers", sequential=LLAMA_STYLE_SEQUENTIAL)
+from .llama import LLAMA
+
+MISTRAL = replace(LLAMA, name="mistral", model_types=("mistral",))

@@ -1,4 +1,4 @@
-from .base import ArchMap
+from .base import ArchMap, ScalingPair
 
 OPT = ArchMap(
     name="opt",
@@ -10,4 +10,12 @@ OPT = ArchMap(
         ("fc1",),
         ("fc2",),
     ),
+    scaling_pairs=(
+        ScalingPair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScalingPair("self_attn.v_proj", ("self_attn.out_proj",)),
+        ScalingPair("final_layer_norm", ("fc1",)),
+        # ReLU commutes with a positive per-channel scale.
+        ScalingPair("fc1", ("fc2",)),
+    ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )

@@ -1,4 +1,5 @@
-from .base import ArchMap
-from .llama import LLAMA_STYLE_SEQUENTIAL
+from dataclasses import replace
 
-QWEN2 = ArchMap(name="qwen2", model_types=("qwen2", "qwen3"), blocks="model.layers", sequential=LLAMA_STYLE_SEQUENTIAL)
+from .llama import LLAMA
+
+QWEN2 = replace(LLAMA, name="qwen2", model_types=("qwen2", "qwen3"))

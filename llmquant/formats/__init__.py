@@ -1,11 +1,13 @@
 """Checkpoint formats: how a QuantizedWeight becomes named tensors and a quantization_config.
 
-Each format is one file; this registry maps a format name (for writing) and a
+Each format is one file (name, reads, check_config, check_layer, grid_min_zero, pack,
+quantization_config, build_linear, tensor_suffixes); this registry maps a format name (for writing) and a
 `quant_method` (for reading) to it.
 """
+from .awq import AWQFormat
 from .gptq import GPTQFormat
 
-FORMATS = {GPTQFormat.name: GPTQFormat()}
+FORMATS = {GPTQFormat.name: GPTQFormat(), AWQFormat.name: AWQFormat()}
 
 
 def format_for_quantization_config(quantization_config: dict):

@@ -29,6 +29,7 @@ ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 class GPTQFormat:
     name = "gptq"
     linear_class = GPTQLinear
+    tensor_suffixes = TENSOR_SUFFIXES
 
     @staticmethod
     def reads(quant_method: str) -> bool:
@@ -44,8 +45,9 @@ class GPTQFormat:
         return 0 if config.sym else 1
 
     @staticmethod
-    def check_layer(name: str, out_features: int, in_features: int, bits: int) -> None:
+    def check_layer(name: str, out_features: int, in_features: int, config: QuantConfig) -> None:
         """Raise if the packed layout cannot hold a linear of this shape."""
+        bits = config.bits
         values_per_run, _ = bitpack.run_shape(bits)
         for what, size in (("in_features", in_features), ("out_features", out_features)):
             if size % values_per_run:

@@ -1,0 +1,118 @@
+"""The AWQ GEMM checkpoint format (quant_method "awq", version "gemm"), as transformers / vLLM /
+AutoAWQ read it. 4-bit only.
+
+Per quantized linear `<name>` (weight [out, in], G = in / group_size groups):
+- `<name>.qweight` int32 [in, out / 8]: codes packed along the OUTPUT dim, nibble k of word c
+  holding column 8c + (0, 2, 4, 6, 1, 3, 5, 7)[k];
+- `<name>.qzeros`  int32 [G, out / 8]: zero points, same packing, no offset;
+- `<name>.scales`  fp16  [G, out];
+- `<name>.bias`    optional. There is no g_idx: groups are contiguous (no act-order).
+Dequantization: w[o, i] = (q[i, o] - z[i // group_size, o]) * s[i // group_size, o].
+Zero points are always stored: a symmetric grid stores 8 everywhere (zero_point false in the config).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import bitpack, ops
+from ..config import PER_CHANNEL, QuantConfig
+from ..errors import CheckpointError, ConfigError
+from ..grid import QuantizedWeight
+from ..nn.awq_linear import AWQLinear
+
+TENSOR_SUFFIXES = ("qweight", "qzeros", "scales")
+PACK = 8  # 4-bit values per int32
+
+
+class AWQFormat:
+    name = "awq"
+    linear_class = AWQLinear
+    tensor_suffixes = TENSOR_SUFFIXES
+
+    @staticmethod
+    def reads(quant_method: str) -> bool:
+        return quant_method == "awq"
+
+    @staticmethod
+    def check_config(config: QuantConfig) -> None:
+        if config.bits != 4:
+            raise ConfigError(f"the awq format stores 4-bit weights only, got bits={config.bits}; use --format gptq")
+        if config.act_order:
+            raise ConfigError("the awq format has no g_idx, so it cannot store act-order; use --format gptq")
+
+    @staticmethod
+    def grid_min_zero(config: QuantConfig) -> int:
+        return 0
+
+    @staticmethod
+    def check_layer(name: str, out_features: int, in_features: int, config: QuantConfig) -> None:
+        if out_features % PACK:
+            raise ConfigError(f"{name}: out_features={out_features} is not a multiple of {PACK}, which the awq "
+                              "format needs; keep this layer in floating point or use --format gptq")
+        if config.group_size != PER_CHANNEL and in_features % config.group_size:
+            raise ConfigError(f"{name}: in_features={in_features} is not a multiple of group_size "
+                              f"{config.group_size}, and the awq format has no partial groups; "
+                              "choose a group size that divides it or use --format gptq")
+
+    @staticmethod
+    def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        out_features, in_features = qw.codes.shape
+        width = in_features if qw.group_size == PER_CHANNEL else qw.group_size
+        if not torch.equal(qw.group_index.long(), torch.arange(in_features) // width):
+            raise ValueError("the awq format needs contiguous groups (no act-order g_idx)")
+        interleave = ops.awq_interleave(out_features)
+        return {
+            "qweight": bitpack.pack(qw.codes.t().to(torch.int32)[:, interleave], 4, dim=1),
+            "qzeros": bitpack.pack(qw.zero.t().to(torch.int32)[:, interleave], 4, dim=1),
+            "scales": qw.scale.t().to(torch.float16).contiguous(),
+        }
+
+    @staticmethod
+    def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
+        from .. import __version__
+
+        qc = {
+            "quant_method": "awq",
+            "version": "gemm",
+            "bits": 4,
+            "group_size": config.group_size,
+            "zero_point": not config.sym,
+            "modules_to_not_convert": list(config.modules_to_not_convert) or None,
+            "meta": {"quantizer": [f"llmquant:{__version__}"], "method": config.method},
+        }
+        qc.update(extra or {})
+        return qc
+
+    @classmethod
+    def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
+                     in_features: int, out_features: int, dtype: torch.dtype) -> AWQLinear:
+        bits = quantization_config.get("bits", quantization_config.get("w_bit"))
+        group_size = quantization_config.get("group_size", quantization_config.get("q_group_size"))
+        version = str(quantization_config.get("version", "gemm")).lower()
+        if bits != 4:
+            raise CheckpointError(f"awq checkpoints hold 4-bit weights, the config says bits={bits!r}")
+        if version != "gemm":
+            raise CheckpointError(f"awq version {version!r} is not read by llmquant (only 'gemm')")
+        if not isinstance(group_size, int) or (group_size < 1 and group_size != PER_CHANNEL):
+            raise CheckpointError(f"quantization_config.group_size must be > 0 or -1, got {group_size!r}")
+        width = in_features if group_size == PER_CHANNEL else group_size
+        if in_features % width or out_features % PACK:
+            raise CheckpointError(f"{name}: a {in_features}->{out_features} linear does not fit the awq layout "
+                                  f"with group_size {group_size}")
+        missing = [s for s in TENSOR_SUFFIXES if s not in shapes]
+        if missing:
+            raise CheckpointError(f"{name}: missing tensors {', '.join(name + '.' + s for s in missing)}")
+        groups = in_features // width
+        expected = {
+            "qweight": (in_features, out_features // PACK),
+            "qzeros": (groups, out_features // PACK),
+            "scales": (groups, out_features),
+        }
+        for suffix, shape in expected.items():
+            if tuple(shapes[suffix]) != shape:
+                raise CheckpointError(
+                    f"{name}.{suffix} has shape {tuple(shapes[suffix])}, but a 4-bit awq linear "
+                    f"{in_features}->{out_features} with group_size {group_size} needs {shape} "
+                    "(the quantization_config disagrees with the tensors)"
+                )
+        return AWQLinear(in_features, out_features, group_size=width, bias=has_bias, dtype=dtype)

@@ -1,0 +1,76 @@
+"""Per-channel input scaling folded into the preceding operation (AWQ, SmoothQuant).
+
+For a ScalingPair resolved in one block, dividing the previous operation's output channel j by
+s_j and multiplying column j of every following linear by s_j leaves the block's function
+unchanged (up to float rounding); only what the quantizer sees changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import ArchMap
+from .statistics import InputGram
+
+
+@dataclass
+class ScalingGroup:
+    """One scaling pair of one block, with the statistics of the linears' common input.
+
+    name: the previous operation's full name; linears: full name -> module;
+    quantized: the names among `linears` that will be quantized (the rest are only rescaled).
+    """
+
+    name: str
+    previous: nn.Module
+    linears: dict[str, nn.Linear]
+    quantized: tuple[str, ...]
+    statistics: InputGram | None = None
+    norm_weight_offset: float = 0.0
+
+    @property
+    def channels(self) -> int:
+        return next(iter(self.linears.values())).in_features
+
+    @torch.no_grad()
+    def fold(self, scales: torch.Tensor) -> None:
+        """Divide the previous operation's outputs by `scales`, multiply the linears' inputs by them."""
+        s = scales.detach()
+        previous = self.previous
+        if isinstance(previous, nn.Linear):
+            previous.weight.div_(s.to(previous.weight)[:, None])
+        else:
+            weight = previous.weight
+            weight.copy_((weight.float() + self.norm_weight_offset) / s.to(weight.device) - self.norm_weight_offset)
+        if getattr(previous, "bias", None) is not None:
+            previous.bias.div_(s.to(previous.bias))
+        for linear in self.linears.values():
+            linear.weight.mul_(s.to(linear.weight)[None, :])
+        if self.statistics is not None:
+            self.statistics = self.statistics.rescaled(s)
+
+
+def scaling_groups(block: nn.Module, arch: ArchMap, prefix: str, quantized: set[str]) -> list[ScalingGroup]:
+    """The architecture map's scaling pairs in one block that have a linear to quantize and fit
+    together (the previous operation's width equals the linears' input width)."""
+    groups = []
+    for pair in arch.scaling_pairs:
+        previous = block.get_submodule(pair.previous)
+        linears = {f"{prefix}.{short}": block.get_submodule(short) for short in pair.linears}
+        width = previous.out_features if isinstance(previous, nn.Linear) else _norm_width(previous, pair.previous)
+        if any(linear.in_features != width for linear in linears.values()):
+            continue
+        chosen = tuple(name for name in linears if name in quantized)
+        if chosen:
+            groups.append(ScalingGroup(f"{prefix}.{pair.previous}", previous, linears, chosen,
+                                       norm_weight_offset=arch.norm_weight_offset))
+    return groups
+
+
+def _norm_width(norm: nn.Module, name: str) -> int:
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise TypeError(f"{name} ({type(norm).__name__}) has no per-channel weight to fold scales into")
+    return weight.shape[0]
