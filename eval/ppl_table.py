@@ -8,7 +8,9 @@ of the real checkpoint. Example (the command behind eval/RESULTS.md):
 
 Config names: w<bits>g<group size> or w<bits>pc (per output channel); symmetric and asymmetric
 grids are both run unless --sym or --asym is given. Methods: rtn, gptq, gptq-ao (GPTQ with
-act-order), and -clip variants (clip_search); GPTQ calibrates on --nsamples windows of --calib-seqlen tokens of the wiki train split.
+act-order), -clip variants (clip_search), awq, awq-duo (duo scaling), awq+gptq, awq+gptq-ao;
+methods that calibrate use --nsamples windows of --calib-seqlen tokens of the wiki train split.
+Checkpoints are written in --format (default gptq, which holds every config).
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ METHODS = {
     "gptq": {"method": "gptq"},
     "gptq-ao": {"method": "gptq", "act_order": True},
     "gptq-ao-clip": {"method": "gptq", "act_order": True, "clip_search": True},
+    "awq": {"method": "awq"},
+    "awq-duo": {"method": "awq", "awq_duo_scaling": True},
+    "awq+gptq": {"method": "awq+gptq"},
+    "awq+gptq-ao": {"method": "awq+gptq", "act_order": True},
 }
 
 
@@ -62,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default="wiki")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--format", default="gptq")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     grids = args.grids or [True, False]
@@ -87,7 +94,7 @@ def main(argv=None) -> int:
     calibration = Calibration("wiki", args.nsamples, args.calib_seqlen)
     for name, sym, method in itertools.product(args.configs, grids, args.methods):
         bits, group_size = parse_config(name)
-        config = QuantConfig(bits=bits, group_size=group_size, sym=sym, **METHODS[method])
+        config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=args.format, **METHODS[method])
         start = time.time()
         calib = calibration if config.method != "rtn" else None
         qmodel = llmquant.quantize(args.model, config, calib, progress=False)
