@@ -18,15 +18,17 @@ def _add_quantize(sub):
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"built-in name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
-    p.add_argument("--bits", type=int, default=4, help="2..8 (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per output channel")
+    p.add_argument("--bits", type=int, default=None, help="2..8 (default 4; 8 for w8a8 / smoothquant)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale; -1 = per output channel (default 128; -1 for w8a8 / smoothquant)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
     p.add_argument("--clip-search", action="store_true",
                    help="per group, shrink the range where that lowers the weight error (MSE clipping)")
-    p.add_argument("--format", default="gptq",
-                   help="checkpoint format: gptq (any bits, act-order) or awq (4-bit GEMM layout); default gptq")
+    p.add_argument("--format", default=None,
+                   help="checkpoint format: gptq (any bits, act-order) or awq (4-bit GEMM layout) for weight-only "
+                        "methods (default gptq); compressed-tensors for w8a8 / smoothquant (their default)")
     p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")
     p.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="linears to keep in floating point")
     p.add_argument("--calib", default=None, metavar="CORPUS",
@@ -46,6 +48,13 @@ def _add_quantize(sub):
     awq.add_argument("--awq-duo", action="store_true",
                      help="scales mean|x|^a / mean|w|^(1-a) (AutoAWQ's duo scaling) instead of mean|x|^a")
     awq.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="skip the clipping-range search")
+    w8a8 = p.add_argument_group("w8a8 / smoothquant (int8 weights and activations)")
+    w8a8.add_argument("--alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'auto' (default 0.5)")
+    w8a8.add_argument("--act-quant", default="dynamic", choices=["dynamic", "static"],
+                      help="activations per token at run time (dynamic) or per tensor from calibration (static)")
+    w8a8.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse", "kl"],
+                      help="how a static activation scale is chosen (default minmax)")
+    w8a8.add_argument("--percentile", type=float, default=99.99, help="for --observer percentile (default 99.99)")
     seq = p.add_mutually_exclusive_group()
     seq.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=True,
                      help="quantize q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones (default)")
@@ -77,6 +86,17 @@ def _add_generate(sub):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
 
 
+def _alpha(text: str):
+    from .errors import ConfigError
+
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--alpha must be a number in [0, 1] or 'auto', got {text!r}") from None
+
+
 def cmd_quantize(args) -> int:
     from .api import quantize
     from .checkpoint import check_output_path
@@ -92,7 +112,8 @@ def cmd_quantize(args) -> int:
                          true_sequential=args.true_sequential, act_order=args.act_order,
                          static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
                          clip_search=args.clip_search, awq_grid=args.awq_grid, awq_duo_scaling=args.awq_duo,
-                         awq_clip=args.awq_clip)
+                         awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
+                         observer=args.observer, percentile=args.percentile)
     corpus = args.calib
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus

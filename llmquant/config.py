@@ -31,13 +31,19 @@ class QuantConfig:
     AWQ only: awq_grid (points of the scaling-ratio grid, and the clip grid's step 1/awq_grid),
         awq_duo_scaling (s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a), awq_clip (search
         the clipping range per group after scaling).
+    W8A8 methods (w8a8, smoothquant) quantize weights to int8 per output channel, symmetric, and
+        activations to int8: act_quant "dynamic" (per token at run time) or "static" (one scale per
+        tensor from calibration, chosen by `observer`: minmax, percentile (at `percentile` %), mse
+        or kl). SmoothQuant's migration strength `alpha` is in [0, 1] or "auto" (searched per group).
+    bits / group_size / format default by method: 4 / 128 / gptq for weight-only methods,
+        8 / -1 / compressed-tensors for W8A8 methods.
     """
 
     method: str = "rtn"
-    bits: int = 4
-    group_size: int = 128
+    bits: int | None = None
+    group_size: int | None = None
     sym: bool = True
-    format: str = "gptq"
+    format: str | None = None
     dtype: str = "float16"
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
     true_sequential: bool = True
@@ -49,8 +55,24 @@ class QuantConfig:
     awq_grid: int = 20
     awq_duo_scaling: bool = False
     awq_clip: bool = True
+    alpha: float | str = 0.5
+    act_quant: str = "dynamic"
+    observer: str = "minmax"
+    percentile: float = 99.99
 
     def __post_init__(self):
+        from .algorithms import ACTIVATION_METHODS
+
+        quantizes_activations = self.method in ACTIVATION_METHODS
+        defaults = (8, PER_CHANNEL, "compressed-tensors") if quantizes_activations else (4, 128, "gptq")
+        for name, default in zip(("bits", "group_size", "format"), defaults):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if quantizes_activations and (self.bits != 8 or self.group_size != PER_CHANNEL or not self.sym):
+            raise ConfigError(f"{self.method} quantizes weights to symmetric int8 per output channel "
+                              f"(bits 8, group_size -1, sym); got bits={self.bits}, group_size={self.group_size}, "
+                              f"sym={self.sym}")
+        self._check_activation_options(quantizes_activations)
         if not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != PER_CHANNEL):
@@ -79,6 +101,26 @@ class QuantConfig:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}; available: {', '.join(sorted(FORMATS))}")
         FORMATS[self.format].check_config(self)
+
+    def _check_activation_options(self, quantizes_activations: bool) -> None:
+        from .algorithms.w8a8 import ACTIVATION_MODES
+        from .grid.observers import OBSERVERS
+
+        if self.act_quant not in ACTIVATION_MODES:
+            raise ConfigError(f"act_quant must be one of {', '.join(ACTIVATION_MODES)}, got {self.act_quant!r}")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"unknown observer {self.observer!r}; available: {', '.join(OBSERVERS)}")
+        if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
+            raise ConfigError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if not (self.alpha == "auto" or (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1)):
+            raise ConfigError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
+        if not quantizes_activations and (self.act_quant != "dynamic" or self.observer != "minmax"):
+            raise ConfigError(f"act_quant / observer apply to methods that quantize activations (w8a8, smoothquant), "
+                              f"not {self.method!r}")
+        if self.act_quant == "dynamic" and self.observer != "minmax":
+            raise ConfigError("an observer fixes a static activation scale: use it with act_quant 'static'")
+        if self.method != "smoothquant" and self.alpha != 0.5:
+            raise ConfigError(f"alpha applies to method smoothquant, not {self.method!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -96,9 +96,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
         model = AutoModelForCausalLM.from_config(skeleton_config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.config.quantization_config = quantization_config
 
-    quantized = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    marker = "." + fmt.marker_suffix
+    quantized = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))
     if not quantized:
-        raise CheckpointError(f"{folder}: config says {fmt.name} but no tensor ends in .qweight")
+        raise CheckpointError(f"{folder}: config says {fmt.name} but no tensor ends in {marker}")
     for name in quantized:
         try:
             linear = model.get_submodule(name)
@@ -113,7 +114,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
         model.set_submodule(name, module)
 
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not key.endswith(".scales"):
+        if tensor.is_floating_point() and not key.endswith((".scales", "_scale")):
             tensors[key] = tensor.to(dtype)
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:

@@ -88,3 +88,30 @@ def awq_linear(x, qweight, qzeros, scales, bias, group_size: int):
 def _awq_linear_reference(x, qweight, qzeros, scales, bias, group_size):
     weight = dequantize_awq(qweight, qzeros, scales, group_size, dtype=x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def w8a8_linear(x, weight, weight_scale, input_scale, bias):
+    """int8 x int8 -> int32 matmul with the scale epilogue; x quantized per token (dynamic) when
+    input_scale is None, else with the static per-tensor input_scale."""
+    return implementation("w8a8_linear", x.device.type)(x, weight, weight_scale, input_scale, bias)
+
+
+def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """int32 [M, N] = a int8 [M, K] @ b_t int8 [N, K]^T, exact integer accumulation."""
+    return torch._int_mm(a.contiguous(), b_t.t().contiguous())
+
+
+@register("w8a8_linear", REFERENCE)
+def _w8a8_linear_reference(x, weight, weight_scale, input_scale, bias):
+    from .grid.activations import quantize_per_tensor, quantize_per_token
+
+    rows = x.reshape(-1, x.shape[-1])
+    if input_scale is None:
+        codes, x_scale = quantize_per_token(rows)
+    else:
+        codes, x_scale = quantize_per_tensor(rows, input_scale), input_scale.float().reshape(1, 1)
+    accumulated = int8_matmul(codes, weight)
+    out = accumulated.to(torch.float32) * x_scale * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -142,10 +142,12 @@ def run_block(block: nn.Module, hidden_states: list[torch.Tensor], kwargs: list[
 
 
 @torch.no_grad()
-def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hidden_states, kwargs) -> dict[str, InputGram]:
+def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hidden_states, kwargs,
+                             options: dict | None = None) -> dict[str, InputGram]:
     """InputGram of each layer in `layers` over all samples, stopping each forward once they have run.
 
     Layers fed the very same tensor (q/k/v, gate/up) share one InputGram, accumulated once.
+    options: keyword arguments of InputGram (histogram, keep_rows).
     """
     stats: dict[str, InputGram] = {}
     seen: set[str] = set()
@@ -156,7 +158,8 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
             x = args[0]
             shared = inputs_this_pass.get(id(x))
             if name not in stats:
-                stats[name] = shared[1] if shared is not None else InputGram(module.in_features, device=x.device)
+                stats[name] = shared[1] if shared is not None else InputGram(module.in_features, device=x.device,
+                                                                          **(options or {}))
             if shared is None:
                 stats[name].add_batch(x)
                 inputs_this_pass[id(x)] = (x, stats[name])
@@ -242,7 +245,8 @@ def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid
                 layers[name] = linear
         if not layers:
             continue
-        stats = collect_input_statistics(block, layers, hidden, kwargs) if hidden is not None else {}
+        stats = (collect_input_statistics(block, layers, hidden, kwargs, getattr(algorithm, "statistics_options", None))
+                 if hidden is not None else {})
         for name, linear in layers.items():
             if bar is not None:
                 bar.set_postfix_str(name[len(prefix) + 1:])
@@ -261,7 +265,8 @@ def _transform_block(algorithm, block, arch: ArchMap, prefix: str, grid_for, hid
                  if grid_for(f"{prefix}.{short}", block.get_submodule(short)) is not None}
     groups = scaling_groups(block, arch, prefix, quantized)
     first_linears = {name: group.linears[name] for group in groups for name in group.quantized[:1]}
-    stats = collect_input_statistics(block, first_linears, hidden, kwargs)
+    stats = collect_input_statistics(block, first_linears, hidden, kwargs,
+                                     getattr(algorithm, "transform_statistics_options", None))
     for group in groups:
         group.statistics = stats[group.quantized[0]]
     no_clip = {f"{prefix}.{short}" for short in arch.no_clip}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .grid.observers import AbsHistogram
+
 
 class InputGram:
     """Accumulates G = sum over rows x of x^T x (fp32), the second moment of a linear's inputs,
@@ -11,13 +13,20 @@ class InputGram:
     G is what GPTQ's Hessian is made of (H = 2 G / rows), and it gives a layer's output error
     exactly without storing activations: ||X dW^T||^2 = tr(dW G dW^T). The channel magnitudes
     are what activation-aware scaling (AWQ: mean |x|; SmoothQuant: max |x|) is computed from.
+
+    Optional, for algorithms that ask (`statistics_options`): `histogram` keeps an AbsHistogram
+    of all |x| (static activation observers), `keep_rows` keeps the first that many input rows
+    (searches that need real activations, e.g. SmoothQuant's alpha under activation rounding).
     """
 
-    def __init__(self, in_features: int, device=None):
+    def __init__(self, in_features: int, device=None, histogram: bool = False, keep_rows: int = 0):
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.channel_abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.channel_abs_max = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.rows = 0
+        self.histogram = AbsHistogram() if histogram else None
+        self.keep_rows = keep_rows
+        self._kept: list[torch.Tensor] = []
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
@@ -27,7 +36,17 @@ class InputGram:
         magnitude = x.abs()
         self.channel_abs_sum += magnitude.sum(dim=0)
         torch.maximum(self.channel_abs_max, magnitude.amax(dim=0), out=self.channel_abs_max)
+        if self.histogram is not None:
+            self.histogram.add(x)
+        kept = sum(r.shape[0] for r in self._kept)
+        if kept < self.keep_rows:
+            self._kept.append(x[: self.keep_rows - kept].clone())
         self.rows += x.shape[0]
+
+    def kept_rows(self) -> torch.Tensor:
+        if not self._kept:
+            raise ValueError("no input rows were kept (keep_rows=0)")
+        return torch.cat(self._kept)
 
     def channel_abs_mean(self) -> torch.Tensor:
         return self.channel_abs_sum / max(self.rows, 1)
@@ -40,6 +59,9 @@ class InputGram:
         result.channel_abs_sum = self.channel_abs_sum / s
         result.channel_abs_max = self.channel_abs_max / s
         result.rows = self.rows
+        result.histogram = None  # a histogram of |x| cannot be rescaled per channel
+        result.keep_rows = self.keep_rows
+        result._kept = [r / s for r in self._kept]
         return result
 
     def output_energy(self, weight: torch.Tensor) -> float:

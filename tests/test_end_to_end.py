@@ -7,7 +7,7 @@ import llmquant
 from llmquant import QuantConfig
 from llmquant.api import evaluate
 from llmquant.cli import main
-from llmquant.nn import AWQLinear, GPTQLinear
+from llmquant.nn import AWQLinear, GPTQLinear, W8A8Linear
 
 pytestmark = pytest.mark.slow
 WINDOWS = 4
@@ -90,3 +90,17 @@ def test_smollm2_awq_sits_between_fp_and_rtn_and_loads_from_the_awq_format(tmp_p
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, AWQLinear)
     awq_ppl = ppl(loaded, tokenizer)["perplexity"]
     assert fp < awq_ppl < rtn_ppl, (fp, awq_ppl, rtn_ppl)
+
+
+def test_smollm2_smoothquant_w8a8_beats_naive_w8a8_and_serves_from_compressed_tensors(tmp_path, smollm2):
+    fp_model, tokenizer = smollm2
+    fp = ppl(fp_model, tokenizer)["perplexity"]
+    calibration = llmquant.Calibration("wiki", nsamples=8, seqlen=512)
+    results = {}
+    for method in ("w8a8", "smoothquant"):
+        config = QuantConfig(method=method, act_quant="static", observer="minmax")
+        folder = llmquant.quantize("smollm2-135m", config, calibration, progress=False).save(tmp_path / method)
+        loaded = llmquant.load(folder)
+        assert isinstance(loaded.model.layers[0].mlp.down_proj, W8A8Linear)
+        results[method] = ppl(loaded, tokenizer)["perplexity"]
+    assert fp < results["smoothquant"] <= results["w8a8"], (fp, results)

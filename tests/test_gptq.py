@@ -123,7 +123,7 @@ def test_same_seed_and_data_give_a_bit_identical_checkpoint(tmp_path):
 def test_gptq_options_are_validated():
     from llmquant.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="act_order and static_groups apply to methods gptq, awq\+gptq"):
+    with pytest.raises(ConfigError, match=r"act_order and static_groups apply to methods gptq, awq\+gptq"):
         QuantConfig(method="rtn", act_order=True)
     with pytest.raises(ConfigError, match="damp must be"):
         QuantConfig(method="gptq", damp=-0.1)

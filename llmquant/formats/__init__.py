@@ -1,13 +1,15 @@
 """Checkpoint formats: how a QuantizedWeight becomes named tensors and a quantization_config.
 
 Each format is one file (name, reads, check_config, check_layer, grid_min_zero, pack,
-quantization_config, build_linear, tensor_suffixes); this registry maps a format name (for writing) and a
+quantization_config, build_linear, tensor_suffixes, marker_suffix: the tensor that marks a
+quantized linear); this registry maps a format name (for writing) and a
 `quant_method` (for reading) to it.
 """
 from .awq import AWQFormat
+from .compressed_tensors import CompressedTensorsFormat
 from .gptq import GPTQFormat
 
-FORMATS = {GPTQFormat.name: GPTQFormat(), AWQFormat.name: AWQFormat()}
+FORMATS = {fmt.name: fmt() for fmt in (GPTQFormat, AWQFormat, CompressedTensorsFormat)}
 
 
 def format_for_quantization_config(quantization_config: dict):

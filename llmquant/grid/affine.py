@@ -28,6 +28,8 @@ class QuantizedWeight:
     scale: float32 [out, n_groups] (values exactly representable in fp16).
     zero: int32 [out, n_groups].
     group_index: int32 [in], the group of each input column (GPTQ's g_idx; permuted by act-order).
+    input_scale: for layers whose activations are quantized too (W8A8) with a static
+    per-tensor grid, that grid's scale (fp32 [1]); None for weight-only or dynamic activations.
     """
 
     codes: torch.Tensor
@@ -36,6 +38,7 @@ class QuantizedWeight:
     group_index: torch.Tensor
     bits: int
     group_size: int
+    input_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         g = self.group_index.long()

@@ -1,0 +1,91 @@
+"""SmoothQuant (Xiao et al., 2022): migrate activation outliers into the weights, then W8A8.
+
+Per scaling group (input norm -> q/k/v, MLP norm -> gate/up, and linear -> linear pairs where
+the architecture map has them), s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) over the group's
+linears, folded into the previous operation, so X/s is easier to quantize and W s takes the
+difficulty. alpha is given, or "auto": per group, the alpha on a grid that minimizes the
+linears' output error under W8A8 rounding on a sample of real input rows (static activations
+are scored with a min-max per-tensor scale during this search).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..grid import AffineGrid, QuantizedWeight
+from ..grid.activations import fake_quantize
+from ..scaling import ScalingGroup
+from ..statistics import InputGram
+from .awq import BlockTransform
+from .w8a8 import W8A8
+
+AUTO = "auto"
+ALPHA_GRID = tuple(i / 20 for i in range(21))
+# Input rows kept per scaling group for the auto search (the first calibration windows' tokens).
+SEARCH_ROWS = 2048
+
+
+def smoothing_scales(channel_abs_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    weight_max = torch.cat([w.detach().float().abs() for w in weights]).amax(dim=0).clamp(min=1e-5)
+    return (channel_abs_max.float().pow(alpha) / weight_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def w8a8_output_error(inputs: torch.Tensor, weights: list[torch.Tensor], grids: list[AffineGrid],
+                      scales: torch.Tensor, static: bool) -> float:
+    """Sum over the linears of ||X W^T - Q(X / s) Q(W s)^T||^2 on the sample rows X."""
+    smoothed = inputs / scales
+    input_scale = (smoothed.abs().amax() / 127).reshape(1) if static else None
+    quantized_inputs = fake_quantize(smoothed, input_scale)
+    error = 0.0
+    for weight, grid in zip(weights, grids):
+        w = weight.detach().float()
+        reference = inputs @ w.t()
+        error += float((reference - quantized_inputs @ grid.fake_quantize(w * scales).t()).pow(2).sum())
+    return error
+
+
+class SmoothQuant:
+    name = "smoothquant"
+    needs_calibration = True
+
+    def __init__(self, alpha: float | str = 0.5, rounding: W8A8 | None = None):
+        self.alpha = alpha
+        self.rounding = rounding or W8A8()
+
+    @property
+    def statistics_options(self) -> dict:
+        return self.rounding.statistics_options
+
+    @property
+    def transform_statistics_options(self) -> dict:
+        return {"keep_rows": SEARCH_ROWS} if self.alpha == AUTO else {}
+
+    @torch.no_grad()
+    def transform_block(self, groups: list[ScalingGroup], grid_for, no_clip: set[str]) -> BlockTransform:
+        outcome = BlockTransform()
+        for group in groups:
+            weights = [group.linears[n].weight for n in group.linears]
+            channel_max = group.statistics.channel_abs_max
+            alpha = self.alpha if self.alpha != AUTO else self._search_alpha(group, grid_for)
+            scales = smoothing_scales(channel_max, weights, alpha)
+            outcome.records.append({
+                "previous": group.name, "linears": list(group.linears), "alpha": alpha,
+                "input_abs_max_before": float(channel_max.max()),
+                "input_abs_max_after": float((channel_max / scales).max()),
+            })
+            group.fold(scales)
+        return outcome
+
+    def _search_alpha(self, group: ScalingGroup, grid_for) -> float:
+        inputs = group.statistics.kept_rows().float()
+        names = group.quantized
+        weights = [group.linears[n].weight for n in names]
+        grids = [grid_for(n, group.linears[n]) for n in names]
+        errors = {alpha: w8a8_output_error(inputs, weights, grids,
+                                           smoothing_scales(group.statistics.channel_abs_max, weights, alpha),
+                                           self.rounding.static)
+                  for alpha in ALPHA_GRID}
+        return min(errors, key=errors.get)
+
+    def quantize(self, weight: torch.Tensor, grid: AffineGrid, statistics: InputGram | None,
+                 layer_name: str = "layer") -> QuantizedWeight:
+        return self.rounding.quantize(weight, grid, statistics, layer_name)
