@@ -9,8 +9,11 @@ of the real checkpoint. Example (the command behind eval/RESULTS.md):
 Config names: w<bits>g<group size> or w<bits>pc (per output channel); symmetric and asymmetric
 grids are both run unless --sym or --asym is given. Methods: rtn, gptq, gptq-ao (GPTQ with
 act-order), -clip variants (clip_search), awq, awq-duo (duo scaling), awq+gptq, awq+gptq-ao;
-methods that calibrate use --nsamples windows of --calib-seqlen tokens of the wiki train split.
-Checkpoints are written in --format (default gptq, which holds every config).
+w8a8-dynamic / w8a8-static (naive int8 weights and activations), sq<alpha>-dynamic and
+sq<alpha>-static-<observer> (SmoothQuant, alpha 0.5 / 0.8 / auto; observer minmax, percentile,
+mse, kl; config name w8pc --sym); methods that calibrate use --nsamples windows of
+--calib-seqlen tokens of the wiki train split. Checkpoints are written in --format (default
+gptq, or compressed-tensors for W8A8 methods).
 """
 from __future__ import annotations
 
@@ -40,6 +43,12 @@ METHODS = {
     "awq-duo": {"method": "awq", "awq_duo_scaling": True},
     "awq+gptq": {"method": "awq+gptq"},
     "awq+gptq-ao": {"method": "awq+gptq", "act_order": True},
+    "w8a8-dynamic": {"method": "w8a8"},
+    "w8a8-static": {"method": "w8a8", "act_quant": "static"},
+    **{f"sq{alpha}-dynamic": {"method": "smoothquant", "alpha": alpha} for alpha in (0.5, 0.8, "auto")},
+    **{f"sq{alpha}-static-{observer}": {"method": "smoothquant", "alpha": alpha, "act_quant": "static",
+                                         "observer": observer}
+       for alpha in (0.5, 0.8, "auto") for observer in ("minmax", "percentile", "mse", "kl")},
 }
 
 
@@ -68,7 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default="wiki")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--format", default="gptq")
+    parser.add_argument("--format", default=None, help="default: gptq, or compressed-tensors for W8A8 methods")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     grids = args.grids or [True, False]
@@ -96,7 +105,7 @@ def main(argv=None) -> int:
         bits, group_size = parse_config(name)
         config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=args.format, **METHODS[method])
         start = time.time()
-        calib = calibration if config.method != "rtn" else None
+        calib = calibration if config.method not in ("rtn", "w8a8") or config.act_quant == "static" else None
         qmodel = llmquant.quantize(args.model, config, calib, progress=False)
         seconds = time.time() - start
         report = qmodel.report()

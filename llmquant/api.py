@@ -35,7 +35,9 @@ REPORT_FILE = "quantize_report.json"
 @dataclass
 class QuantizedModel:
     """A model whose block linears hold their quantized (dequantized-to-float) weights, plus the
-    packed tensors of the chosen format. `model` computes exactly what the saved checkpoint will."""
+    packed tensors of the chosen format. For weight-only methods `model` computes exactly what the
+    saved checkpoint will; W8A8 methods also round activations, which only the loaded checkpoint's
+    W8A8Linear layers do."""
 
     model: nn.Module
     tokenizer: object

@@ -126,6 +126,15 @@ def cmd_quantize(args) -> int:
           f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
           f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB fp16, {report['seconds']:.1f} s, "
           f"peak RSS {report['peak_rss_mib']:.0f} MiB")
+    errors = sorted((layer["relative_output_error"], layer["name"]) for layer in report["layers"]
+                    if layer["relative_output_error"] is not None)
+    if errors:
+        print(f"relative output error per layer: median {errors[len(errors) // 2][0]:.4g}, "
+              f"worst {errors[-1][0]:.4g} ({errors[-1][1]})")
+    if report["scaling"]:
+        key = "ratio" if "ratio" in report["scaling"][0] else "alpha"
+        values = [r[key] for r in report["scaling"]]
+        print(f"scaling: {len(values)} groups, {key} {min(values, key=float)}..{max(values, key=float)}")
     return 0
 
 
