@@ -178,6 +178,11 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
         calibration_info = {"windows": list(calibration.shape)}
     elif calib is not None:
         raise ConfigError(f"calib must be a Calibration, a corpus name or a tensor of token ids, got {type(calib).__name__}")
+    if calibration is not None:
+        vocab = model.get_input_embeddings().num_embeddings
+        if calibration.numel() == 0 or int(calibration.max()) >= vocab or int(calibration.min()) < 0:
+            raise ConfigError(f"calibration token ids must lie in [0, {vocab}) for this model's embedding "
+                              "(is the tokenizer the model's own?)")
     packed: dict[str, dict[str, torch.Tensor]] = {}
     model.eval()
     result = quantize_blocks(

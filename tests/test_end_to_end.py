@@ -104,3 +104,6 @@ def test_smollm2_smoothquant_w8a8_beats_naive_w8a8_and_serves_from_compressed_te
         assert isinstance(loaded.model.layers[0].mlp.down_proj, W8A8Linear)
         results[method] = ppl(loaded, tokenizer)["perplexity"]
     assert fp < results["smoothquant"] <= results["w8a8"], (fp, results)
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    output = loaded.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()
