@@ -229,5 +229,5 @@ def test_awq_loader_rejects_tensors_that_disagree_with_the_config(tmp_path):
 
 def test_calibration_tokens_outside_the_vocabulary_are_refused():
     with pytest.raises(ConfigError, match=r"calibration token ids must lie in \[0, 128\)"):
-        llmquant.quantize(tiny_model("llama"), QuantConfig(method="awq"), calib=torch.full((1, 8), 500),
+        llmquant.quantize(tiny_model("llama"), QuantConfig(method="awq", group_size=32), calib=torch.full((1, 8), 500),
                           progress=False)
