@@ -100,7 +100,14 @@ class QuantConfig:
             raise ConfigError(f"unknown method {self.method!r}; available: {', '.join(sorted(ALGORITHMS))}")
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}; available: {', '.join(sorted(FORMATS))}")
-        FORMATS[self.format].check_config(self)
+        fmt = FORMATS[self.format]
+        if quantizes_activations and not fmt.holds_activation_quantization:
+            raise ConfigError(f"the {self.format} format holds weight-only checkpoints; {self.method} quantizes "
+                              "activations too: use --format compressed-tensors")
+        if fmt.holds_activation_quantization and not quantizes_activations:
+            raise ConfigError(f"llmquant writes {self.format} for int8 W8A8 methods ({', '.join(ACTIVATION_METHODS)}), "
+                              f"not {self.method!r}; use --format gptq or awq")
+        fmt.check_config(self)
 
     def _check_activation_options(self, quantizes_activations: bool) -> None:
         from .algorithms.w8a8 import ACTIVATION_MODES

@@ -260,14 +260,22 @@ def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid
             result.layers.append(LayerResult(name, tuple(weight.shape), error))
 
 
-def _transform_block(algorithm, block, arch: ArchMap, prefix: str, grid_for, hidden, kwargs):
+def scaling_groups_with_statistics(block: nn.Module, arch: ArchMap, prefix: str, grid_for, hidden, kwargs,
+                                   options: dict | None = None):
+    """The block's scaling groups that have a linear to quantize, each with the statistics of its
+    linears' common input (one forward pass per calibration batch)."""
     quantized = {f"{prefix}.{short}" for short in arch.linear_names()
                  if grid_for(f"{prefix}.{short}", block.get_submodule(short)) is not None}
     groups = scaling_groups(block, arch, prefix, quantized)
-    first_linears = {name: group.linears[name] for group in groups for name in group.quantized[:1]}
-    stats = collect_input_statistics(block, first_linears, hidden, kwargs,
-                                     getattr(algorithm, "transform_statistics_options", None))
+    first_linears = {group.quantized[0]: group.linears[group.quantized[0]] for group in groups}
+    stats = collect_input_statistics(block, first_linears, hidden, kwargs, options)
     for group in groups:
         group.statistics = stats[group.quantized[0]]
+    return groups
+
+
+def _transform_block(algorithm, block, arch: ArchMap, prefix: str, grid_for, hidden, kwargs):
+    groups = scaling_groups_with_statistics(block, arch, prefix, grid_for, hidden, kwargs,
+                                            getattr(algorithm, "transform_statistics_options", None))
     no_clip = {f"{prefix}.{short}" for short in arch.no_clip}
     return algorithm.transform_block(groups, grid_for, no_clip)

@@ -6,7 +6,7 @@ unchanged (up to float rounding); only what the quantizer sees changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -50,6 +50,15 @@ class ScalingGroup:
             linear.weight.mul_(s.to(linear.weight)[None, :])
         if self.statistics is not None:
             self.statistics = self.statistics.rescaled(s)
+
+
+@dataclass
+class BlockTransform:
+    """What a block transform (AWQ, SmoothQuant) did: the weights (after scaling, before any
+    clipping) that each quantized linear's output error is measured against, and a record per group."""
+
+    reference_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
 
 
 def scaling_groups(block: nn.Module, arch: ArchMap, prefix: str, quantized: set[str]) -> list[ScalingGroup]:

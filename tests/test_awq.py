@@ -10,13 +10,13 @@ from transformers import AutoModelForCausalLM
 import llmquant
 from llmquant import QuantConfig
 from llmquant.algorithms import algorithm_for
-from llmquant.algorithms.awq import output_error, search_clip_ranges, search_scales
+from llmquant.algorithms.awq import search_clip_ranges, search_scales
 from llmquant.arch import arch_for
 from llmquant.errors import CheckpointError, ConfigError
 from llmquant.grid import AffineGrid
 from llmquant.nn import AWQLinear
-from llmquant.pipeline import PipelineResult, capture_block_inputs, collect_input_statistics, quantize_block, run_block
-from llmquant.scaling import scaling_groups
+from llmquant.pipeline import PipelineResult, capture_block_inputs, quantize_block, run_block, \
+    scaling_groups_with_statistics
 from llmquant.statistics import InputGram
 
 from conftest import tiny_config, tiny_model
@@ -34,18 +34,15 @@ def fold_searched_or_random_scales(model, samples, random_scales: bool):
     generator = torch.Generator().manual_seed(0)
     folded = 0
     for index, block in enumerate(arch.block_list(model)):
-        prefix = arch.block_prefix(index)
-        names = {f"{prefix}.{short}" for short in arch.linear_names()}
-        groups = scaling_groups(block, arch, prefix, names)
-        stats = collect_input_statistics(block, {g.quantized[0]: g.linears[g.quantized[0]] for g in groups},
-                                         hidden, inputs[index].kwargs)
+        groups = scaling_groups_with_statistics(block, arch, arch.block_prefix(index), lambda name, linear: grid,
+                                                hidden, inputs[index].kwargs)
         next_hidden = run_block(block, hidden, inputs[index].kwargs)
         for group in groups:
             if random_scales:
                 scales = torch.exp(torch.randn(group.channels, generator=generator))
             else:
                 weights = [group.linears[n].weight for n in group.quantized]
-                scales = search_scales(weights, [grid] * len(weights), stats[group.quantized[0]], n_grid=10)[0]
+                scales = search_scales(weights, [grid] * len(weights), group.statistics, n_grid=10)[0]
             group.fold(scales)
             folded += 1
         hidden = next_hidden
@@ -100,7 +97,7 @@ def test_scale_search_starts_at_plain_rounding_and_protects_a_salient_channel():
     grid = AffineGrid(4, symmetric=False, group_size=-1)
     stats = gram_of(x)
     scales, ratio, baseline, best = search_scales([weight], [grid], stats, n_grid=20)
-    rtn_error = float(output_error(weight, grid.fake_quantize(weight), stats.gram))
+    rtn_error = stats.output_energy(weight - grid.fake_quantize(weight))
     assert baseline == pytest.approx(rtn_error, rel=1e-6)
     assert ratio > 0 and best < 0.7 * baseline
     assert scales.argmax() == 5
@@ -118,8 +115,8 @@ def test_clip_search_shrinks_heavy_tailed_groups_and_lowers_output_error():
     assert torch.all(high >= 0.5 * original_high - 1e-6)  # shrunk by at most the grid's 0.5
     assert (high < original_high).float().mean() > 0.5  # most heavy-tailed groups are clipped
     clipped = torch.maximum(torch.minimum(weight, high.repeat_interleave(64, 1)), low.repeat_interleave(64, 1))
-    assert output_error(weight, grid.fake_quantize(clipped), stats.gram) < 0.9 * output_error(
-        weight, grid.fake_quantize(weight), stats.gram)
+    assert stats.output_energy(weight - grid.fake_quantize(clipped)) < 0.9 * stats.output_energy(
+        weight - grid.fake_quantize(weight))
 
 
 def block_output_error(block, arch, prefix, algorithm, grid, hidden, kwargs, fp_output):

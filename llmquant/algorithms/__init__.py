@@ -25,27 +25,26 @@ def _awq(rounding):
                               clip=config.awq_clip)
 
 
+def _w8a8(config):
+    return W8A8(config.act_quant, config.observer, config.percentile)
+
+
 ALGORITHMS = {
     RTN.name: lambda config: RTN(),
     GPTQ.name: _gptq,
     "awq": _awq(lambda config: RTN()),
     "awq+gptq": _awq(_gptq),
-    W8A8.name: lambda config: _w8a8(config),
+    W8A8.name: _w8a8,
     SmoothQuant.name: lambda config: SmoothQuant(config.alpha, _w8a8(config)),
 }
 # Methods whose rounding is GPTQ, and so take its options (act_order, static_groups, ...).
 GPTQ_ROUNDING = ("gptq", "awq+gptq")
-AWQ_METHODS = ("awq", "awq+gptq")
 # Methods that quantize activations too (int8 weights per channel, int8 activations).
 ACTIVATION_METHODS = (W8A8.name, SmoothQuant.name)
-
-
-def _w8a8(config):
-    return W8A8(config.act_quant, config.observer, config.percentile)
 
 
 def algorithm_for(config):
     return ALGORITHMS[config.method](config)
 
 
-__all__ = ["ACTIVATION_METHODS", "ALGORITHMS", "AWQ_METHODS", "GPTQ_ROUNDING", "algorithm_for"]
+__all__ = ["ACTIVATION_METHODS", "ALGORITHMS", "GPTQ_ROUNDING", "algorithm_for"]

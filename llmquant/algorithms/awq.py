@@ -16,20 +16,11 @@ reference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from ..config import PER_CHANNEL
 from ..grid import AffineGrid, QuantizedWeight
-from ..scaling import ScalingGroup
+from ..scaling import BlockTransform, ScalingGroup
 from ..statistics import InputGram
-
-
-def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """||X W^T - X W_hat^T||^2 = tr(dW G dW^T)."""
-    delta = weight.float() - approximation.float()
-    return ((delta @ gram) * delta).sum()
 
 
 def candidate_scales(mean_abs_input: torch.Tensor, ratio: float, mean_abs_weight: torch.Tensor | None) -> torch.Tensor:
@@ -44,12 +35,9 @@ def candidate_scales(mean_abs_input: torch.Tensor, ratio: float, mean_abs_weight
 def relative_weight_magnitude(weights: list[torch.Tensor], grid: AffineGrid) -> torch.Tensor:
     """Per input channel, the mean over output rows of |w| relative to its group's max (the duo term)."""
     rows = torch.cat([w.float() for w in weights])
-    in_features = rows.shape[1]
-    width = in_features if grid.group_size == PER_CHANNEL else grid.group_size
-    groups = -(-in_features // width)
-    padded = torch.nn.functional.pad(rows.abs(), (0, groups * width - in_features)).view(rows.shape[0], groups, width)
-    relative = padded / padded.amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    return relative.view(rows.shape[0], -1)[:, :in_features].mean(dim=0)
+    grouped, _ = grid.grouped(rows.abs())  # zero padding does not change a group's max
+    relative = grouped / grouped.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return relative.view(rows.shape[0], -1)[:, :rows.shape[1]].mean(dim=0)
 
 
 def search_scales(weights: list[torch.Tensor], grids: list[AffineGrid], statistics: InputGram,
@@ -61,7 +49,6 @@ def search_scales(weights: list[torch.Tensor], grids: list[AffineGrid], statisti
     than that on the calibration data.
     """
     weights = [w.detach() for w in weights]
-    gram = statistics.gram
     mean_abs_input = statistics.channel_abs_mean()
     mean_abs_weight = relative_weight_magnitude(weights, grids[0]) if duo_scaling else None
     best = (torch.ones_like(mean_abs_input), 0.0, float("inf"))
@@ -73,7 +60,7 @@ def search_scales(weights: list[torch.Tensor], grids: list[AffineGrid], statisti
         for weight, grid in zip(weights, grids):
             w = weight.float()
             approximation = grid.fake_quantize(w * scales) / scales
-            error += float(output_error(w, approximation, gram))
+            error += statistics.output_energy(w - approximation)
         if step == 0:
             baseline = error
         if error < best[2]:
@@ -86,18 +73,13 @@ def search_clip_ranges(weight: torch.Tensor, grid: AffineGrid, gram: torch.Tenso
     """Per output channel and group, the range [min, max] (the group's own range shrunk by a
     factor 1, 1 - 1/n_grid, ... down to 1 - max_shrink) whose clipped, rounded weights give the
     least output error of that group's part of the matmul."""
-    w = weight.float()
-    out_features, in_features = w.shape
-    width = in_features if grid.group_size == PER_CHANNEL else grid.group_size
-    groups = -(-in_features // width)
-    pad = groups * width - in_features
-    valid = torch.nn.functional.pad(torch.ones(1, in_features, dtype=torch.bool), (0, pad)).view(1, groups, width)
-    w = torch.nn.functional.pad(w, (0, pad)).view(out_features, groups, width)
+    w, valid = grid.grouped(weight.float())
+    groups, width = w.shape[1], w.shape[2]
+    pad = groups * width - weight.shape[1]
     padded_gram = torch.nn.functional.pad(gram.float(), (0, pad, 0, pad))
     diagonal_blocks = torch.stack([padded_gram[g * width:(g + 1) * width, g * width:(g + 1) * width]
                                    for g in range(groups)])  # [groups, width, width]
-    xmin = torch.where(valid, w, torch.inf).amin(dim=-1)
-    xmax = torch.where(valid, w, -torch.inf).amax(dim=-1)
+    xmin, xmax = grid.group_ranges(w, valid)
     best_error = torch.full_like(xmin, torch.inf)
     best_min, best_max = xmin.clone(), xmax.clone()
     for step in range(int(max_shrink * n_grid) + 1):
@@ -115,20 +97,9 @@ def search_clip_ranges(weight: torch.Tensor, grid: AffineGrid, gram: torch.Tenso
     return best_min, best_max
 
 
-def clamp_to_ranges(weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, group_size: int) -> torch.Tensor:
-    in_features = weight.shape[1]
-    width = in_features if group_size == PER_CHANNEL else group_size
-    columns_group = torch.arange(in_features, device=weight.device) // width
+def clamp_to_ranges(weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
+    columns_group = grid.group_index(weight.shape[1]).long().to(weight.device)
     return torch.maximum(torch.minimum(weight, high[:, columns_group].to(weight)), low[:, columns_group].to(weight))
-
-
-@dataclass
-class BlockTransform:
-    """What a block transform did: the weights (after scaling, before clipping) that each
-    quantized linear's output error should be measured against, and a record per group."""
-
-    reference_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    records: list[dict] = field(default_factory=list)
 
 
 class AWQ:
@@ -175,7 +146,7 @@ class AWQ:
                 grid = grid_for(name, linear)
                 low, high = search_clip_ranges(linear.weight, grid, group.statistics.gram, self.n_grid,
                                                self.max_shrink)
-                linear.weight.copy_(clamp_to_ranges(linear.weight, low, high, grid.group_size))
+                linear.weight.copy_(clamp_to_ranges(linear.weight, low, high, grid))
         return outcome
 
     def quantize(self, weight: torch.Tensor, grid: AffineGrid, statistics: InputGram | None,

@@ -13,9 +13,8 @@ import torch
 
 from ..grid import AffineGrid, QuantizedWeight
 from ..grid.activations import fake_quantize
-from ..scaling import ScalingGroup
+from ..scaling import BlockTransform, ScalingGroup
 from ..statistics import InputGram
-from .awq import BlockTransform
 from .w8a8 import W8A8
 
 AUTO = "auto"

@@ -1,13 +1,14 @@
-from .base import ArchMap, ScalingPair
-from .llama import ATTENTION_INPUT, LLAMA_STYLE_SEQUENTIAL, QK_PROJECTIONS, UP_TO_DOWN, VALUE_TO_OUTPUT
+from dataclasses import replace
+
+from .base import ScalingPair
+from .llama import ATTENTION_INPUT, LLAMA, UP_TO_DOWN, VALUE_TO_OUTPUT
 
 # Gemma-3 norms the attention output (post_attention_layernorm) before the residual add; the
 # MLP's input norm is pre_feedforward_layernorm. Its RMSNorm multiplies by (1 + weight).
-GEMMA3 = ArchMap(
+GEMMA3 = replace(
+    LLAMA,
     name="gemma3",
     model_types=("gemma3_text",),
-    blocks="model.layers",
-    sequential=LLAMA_STYLE_SEQUENTIAL,
     scaling_pairs=(
         ATTENTION_INPUT,
         VALUE_TO_OUTPUT,
@@ -15,6 +16,5 @@ GEMMA3 = ArchMap(
         UP_TO_DOWN,
     ),
     norm_weight_offset=1.0,
-    no_clip=QK_PROJECTIONS,
     bos_per_window=True,
 )

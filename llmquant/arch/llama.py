@@ -14,7 +14,6 @@ ATTENTION_INPUT = ScalingPair("input_layernorm", ("self_attn.q_proj", "self_attn
 # in the previous projection's output channels.
 VALUE_TO_OUTPUT = ScalingPair("self_attn.v_proj", ("self_attn.o_proj",))
 UP_TO_DOWN = ScalingPair("mlp.up_proj", ("mlp.down_proj",))
-QK_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj")
 
 LLAMA = ArchMap(
     name="llama",
@@ -27,5 +26,5 @@ LLAMA = ArchMap(
         ScalingPair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         UP_TO_DOWN,
     ),
-    no_clip=QK_PROJECTIONS,
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )

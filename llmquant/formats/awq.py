@@ -29,6 +29,7 @@ class AWQFormat:
     linear_class = AWQLinear
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "qweight"
+    holds_activation_quantization = False
 
     @staticmethod
     def reads(quant_method: str) -> bool:
@@ -36,11 +37,6 @@ class AWQFormat:
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
-        from ..algorithms import ACTIVATION_METHODS
-
-        if config.method in ACTIVATION_METHODS:
-            raise ConfigError(f"the awq format holds weight-only checkpoints; {config.method} quantizes activations "
-                              "too: use --format compressed-tensors")
         if config.bits != 4:
             raise ConfigError(f"the awq format stores 4-bit weights only, got bits={config.bits}; use --format gptq")
         if config.act_order:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import PER_CHANNEL, QuantConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..grid import QuantizedWeight
 from ..nn.w8a8_linear import W8A8Linear
 
@@ -33,6 +33,7 @@ class CompressedTensorsFormat:
     linear_class = W8A8Linear
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "weight_scale"
+    holds_activation_quantization = True
 
     @staticmethod
     def reads(quant_method: str) -> bool:
@@ -40,11 +41,7 @@ class CompressedTensorsFormat:
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
-        from ..algorithms import ACTIVATION_METHODS
-
-        if config.method not in ACTIVATION_METHODS:
-            raise ConfigError(f"llmquant writes compressed-tensors for int8 W8A8 methods ({', '.join(ACTIVATION_METHODS)}), "
-                              f"not {config.method!r}; use --format gptq or awq")
+        pass  # QuantConfig already holds it to symmetric int8 per channel with quantized activations
 
     @staticmethod
     def grid_min_zero(config: QuantConfig) -> int:

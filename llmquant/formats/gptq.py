@@ -31,6 +31,7 @@ class GPTQFormat:
     linear_class = GPTQLinear
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "qweight"
+    holds_activation_quantization = False
 
     @staticmethod
     def reads(quant_method: str) -> bool:
@@ -38,11 +39,6 @@ class GPTQFormat:
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
-        from ..algorithms import ACTIVATION_METHODS
-
-        if config.method in ACTIVATION_METHODS:
-            raise ConfigError(f"the gptq format holds weight-only checkpoints; {config.method} quantizes activations "
-                              "too: use --format compressed-tensors")
         if config.bits not in range(2, 9):
             raise ConfigError(f"the gptq format stores 2- to 8-bit weights, got {config.bits}")
 

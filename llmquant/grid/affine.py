@@ -72,9 +72,9 @@ class AffineGrid:
         return -(-in_features // self.group_size)
 
     def group_index(self, in_features: int) -> torch.Tensor:
-        if self.per_tensor or self.group_size == PER_CHANNEL:
+        if self.per_tensor:
             return torch.zeros(in_features, dtype=torch.int32)
-        return torch.arange(in_features, dtype=torch.int32) // self.group_size
+        return torch.arange(in_features, dtype=torch.int32) // self.group_width(in_features)
 
     def qparams_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point for ranges [xmin, xmax] (any matching shapes)."""
@@ -106,18 +106,31 @@ class AffineGrid:
         if self.per_tensor:
             scale, zero = self._range_qparams(w.reshape(1, 1, -1), torch.ones(1, 1, w.numel(), dtype=torch.bool))
             return scale.expand(w.shape[0], 1).clone(), zero.expand(w.shape[0], 1).clone()
-        out_features, in_features = w.shape
-        width = in_features if self.group_size == PER_CHANNEL else self.group_size
+        return self._range_qparams(*self.grouped(w))
+
+    def group_width(self, in_features: int) -> int:
+        """Columns per group (the whole row per channel); the last group may be partial."""
+        return in_features if self.group_size == PER_CHANNEL else self.group_size
+
+    def grouped(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w [out, groups, width], valid [out, groups, width]): the weight split into its groups,
+        a partial last group padded with zeros that `valid` marks as not part of the weight."""
+        out_features, in_features = weight.shape
+        width = self.group_width(in_features)
         groups = -(-in_features // width)
         pad = groups * width - in_features
-        valid = torch.ones(out_features, in_features, dtype=torch.bool)
+        valid = torch.ones(out_features, in_features, dtype=torch.bool, device=weight.device)
         valid = torch.nn.functional.pad(valid, (0, pad), value=False).view(out_features, groups, width)
-        return self._range_qparams(torch.nn.functional.pad(w, (0, pad)).view(out_features, groups, width), valid)
+        return torch.nn.functional.pad(weight, (0, pad)).view(out_features, groups, width), valid
+
+    @staticmethod
+    def group_ranges(w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) over the last dim of w, counting only `valid` entries."""
+        return torch.where(valid, w, torch.inf).amin(dim=-1), torch.where(valid, w, -torch.inf).amax(dim=-1)
 
     def _range_qparams(self, w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """qparams over the last dim of w, counting only `valid` entries (a partial last group is padded)."""
-        xmin = torch.where(valid, w, torch.inf).amin(dim=-1)
-        xmax = torch.where(valid, w, -torch.inf).amax(dim=-1)
+        xmin, xmax = self.group_ranges(w, valid)
         scale, zero = self.qparams_from_range(xmin, xmax)
         if not self.clip_search:
             return scale, zero

@@ -48,9 +48,6 @@ class AbsHistogram:
     def bin_width(self) -> float:
         return self.range / self.bins
 
-    def centers(self) -> torch.Tensor:
-        return (torch.arange(self.bins, dtype=torch.float64) + 0.5) * self.bin_width
-
 
 def minmax_threshold(histogram: AbsHistogram, qmax: int = INT8_QMAX) -> float:
     return histogram.absmax
