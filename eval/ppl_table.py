@@ -11,9 +11,10 @@ grids are both run unless --sym or --asym is given. Methods: rtn, gptq, gptq-ao 
 act-order), -clip variants (clip_search), awq, awq-duo (duo scaling), awq+gptq, awq+gptq-ao;
 w8a8-dynamic / w8a8-static (naive int8 weights and activations), sq<alpha>-dynamic and
 sq<alpha>-static-<observer> (SmoothQuant, alpha 0.5 / 0.8 / auto; observer minmax, percentile,
-mse, kl; config name w8pc --sym); methods that calibrate use --nsamples windows of
+mse, kl; config name w8pc --sym); nf4, nf4-dq, fp4, fp4-dq (bitsandbytes 4-bit, -dq with double
+quantization; config name w4g<blocksize> --sym, format bitsandbytes); methods that calibrate use --nsamples windows of
 --calib-seqlen tokens of the wiki train split. Checkpoints are written in --format (default
-gptq, or compressed-tensors for W8A8 methods).
+gptq, or the method's own: compressed-tensors for W8A8, bitsandbytes for NF4 / FP4).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import llmquant
+from llmquant.algorithms import algorithm_for
 from llmquant import Calibration, QuantConfig
 from llmquant.api import evaluate, load_with_tokenizer
 from llmquant.perplexity import PerplexityResult
@@ -49,6 +51,10 @@ METHODS = {
     **{f"sq{alpha}-static-{observer}": {"method": "smoothquant", "alpha": alpha, "act_quant": "static",
                                          "observer": observer}
        for alpha in (0.5, 0.8, "auto") for observer in ("minmax", "percentile", "mse", "kl")},
+    "nf4": {"method": "nf4"},
+    "nf4-dq": {"method": "nf4", "double_quant": True},
+    "fp4": {"method": "fp4"},
+    "fp4-dq": {"method": "fp4", "double_quant": True},
 }
 
 
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
         bits, group_size = parse_config(name)
         config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=args.format, **METHODS[method])
         start = time.time()
-        calib = calibration if config.method not in ("rtn", "w8a8") or config.act_quant == "static" else None
+        calib = calibration if algorithm_for(config).needs_calibration else None
         qmodel = llmquant.quantize(args.model, config, calib, progress=False)
         seconds = time.time() - start
         report = qmodel.report()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .algorithms import algorithm_for
+from .algorithms import CODEBOOK_METHODS, algorithm_for
 from .arch import ArchMap, arch_for
 from .checkpoint import write_folder_atomically, write_safetensors
 from .config import PER_CHANNEL, QuantConfig
@@ -25,6 +25,7 @@ from .data import Calibration
 from .errors import ConfigError, LlmquantError, UnsupportedArchitectureError
 from .formats import FORMATS
 from .grid import AffineGrid
+from .grid.codebook import CodebookGrid
 from .models import load_fp_model
 from .pipeline import PipelineResult, quantize_blocks
 
@@ -125,10 +126,18 @@ def _linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
             yield name, linear
 
 
+def grid_for_config(config: QuantConfig, fmt) -> AffineGrid | CodebookGrid:
+    if config.method in CODEBOOK_METHODS:
+        return CodebookGrid(config.method, config.group_size, config.double_quant)
+    return AffineGrid(config.bits, config.sym, config.group_size, min_zero=fmt.grid_min_zero(config),
+                      clip_search=config.clip_search)
+
+
 def _check_layers(layers, config: QuantConfig) -> None:
     fmt = FORMATS[config.format]
+    row_groups = config.method not in CODEBOOK_METHODS  # codebook blocks run over the flattened weight
     for name, linear in layers:
-        if config.group_size != PER_CHANNEL and config.group_size > linear.in_features:
+        if row_groups and config.group_size != PER_CHANNEL and config.group_size > linear.in_features:
             raise ConfigError(
                 f"group_size {config.group_size} is larger than in_features {linear.in_features} of {name}; "
                 "use -1 for one group per output channel"
@@ -158,8 +167,7 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     selected = {name for name, _ in layers}
     fmt = FORMATS[config.format]
     algorithm = algorithm_for(config)
-    grid = AffineGrid(config.bits, config.sym, config.group_size, min_zero=fmt.grid_min_zero(config),
-                      clip_search=config.clip_search)
+    grid = grid_for_config(config, fmt)
 
     calibration, calibration_info = None, None
     if calib is None and algorithm.needs_calibration:
@@ -188,7 +196,7 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     result = quantize_blocks(
         model, arch, algorithm,
         grid_for=lambda name, linear: grid if name in selected else None,
-        on_quantized=lambda name, quantized, linear: packed.__setitem__(name, fmt.pack(quantized)),
+        on_quantized=lambda name, quantized, linear: packed.__setitem__(name, fmt.pack(quantized, config)),
         calibration=calibration,
         true_sequential=config.true_sequential,
         progress=progress,

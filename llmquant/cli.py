@@ -19,8 +19,9 @@ def _add_quantize(sub):
                    help=f"built-in name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
     p.add_argument("--bits", type=int, default=None, help="2..8 (default 4; 8 for w8a8 / smoothquant)")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="columns per scale; -1 = per output channel (default 128; -1 for w8a8 / smoothquant)")
+    p.add_argument("--group-size", "--blocksize", dest="group_size", type=int, default=None,
+                   help="columns per scale; -1 = per output channel (default 128; -1 for w8a8 / smoothquant); "
+                        "for nf4 / fp4 the blocksize: values per absmax (default 64)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
@@ -55,6 +56,9 @@ def _add_quantize(sub):
     w8a8.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse", "kl"],
                       help="how a static activation scale is chosen (default minmax)")
     w8a8.add_argument("--percentile", type=float, default=99.99, help="for --observer percentile (default 99.99)")
+    codebook = p.add_argument_group("nf4 / fp4 (bitsandbytes 4-bit, data-free)")
+    codebook.add_argument("--double-quant", action="store_true",
+                          help="store the per-block absmax constants in 8 bits (blocks of 256), as QLoRA does")
     seq = p.add_mutually_exclusive_group()
     seq.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=True,
                      help="quantize q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones (default)")
@@ -113,7 +117,7 @@ def cmd_quantize(args) -> int:
                          static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
                          clip_search=args.clip_search, awq_grid=args.awq_grid, awq_duo_scaling=args.awq_duo,
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
-                         observer=args.observer, percentile=args.percentile)
+                         observer=args.observer, percentile=args.percentile, double_quant=args.double_quant)
     corpus = args.calib
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus

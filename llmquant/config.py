@@ -35,8 +35,11 @@ class QuantConfig:
         activations to int8: act_quant "dynamic" (per token at run time) or "static" (one scale per
         tensor from calibration, chosen by `observer`: minmax, percentile (at `percentile` %), mse
         or kl). SmoothQuant's migration strength `alpha` is in [0, 1] or "auto" (searched per group).
+    NF4 / FP4 (methods nf4, fp4; data-free): group_size is bitsandbytes' blocksize, values of the
+        row-major flattened weight sharing one absmax (32..4096, a power of two); double_quant
+        stores those absmax constants in 8 bits (blocks of 256).
     bits / group_size / format default by method: 4 / 128 / gptq for weight-only methods,
-        8 / -1 / compressed-tensors for W8A8 methods.
+        8 / -1 / compressed-tensors for W8A8 methods, 4 / 64 / bitsandbytes for NF4 / FP4.
     """
 
     method: str = "rtn"
@@ -59,12 +62,15 @@ class QuantConfig:
     act_quant: str = "dynamic"
     observer: str = "minmax"
     percentile: float = 99.99
+    double_quant: bool = False
 
     def __post_init__(self):
-        from .algorithms import ACTIVATION_METHODS
+        from .algorithms import ACTIVATION_METHODS, CODEBOOK_METHODS
 
         quantizes_activations = self.method in ACTIVATION_METHODS
-        defaults = (8, PER_CHANNEL, "compressed-tensors") if quantizes_activations else (4, 128, "gptq")
+        codebook = self.method in CODEBOOK_METHODS
+        defaults = ((8, PER_CHANNEL, "compressed-tensors") if quantizes_activations
+                    else (4, 64, "bitsandbytes") if codebook else (4, 128, "gptq"))
         for name, default in zip(("bits", "group_size", "format"), defaults):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
@@ -73,6 +79,7 @@ class QuantConfig:
                               f"(bits 8, group_size -1, sym); got bits={self.bits}, group_size={self.group_size}, "
                               f"sym={self.sym}")
         self._check_activation_options(quantizes_activations)
+        self._check_codebook_options(codebook)
         if not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != PER_CHANNEL):
@@ -128,6 +135,24 @@ class QuantConfig:
             raise ConfigError("an observer fixes a static activation scale: use it with act_quant 'static'")
         if self.method != "smoothquant" and self.alpha != 0.5:
             raise ConfigError(f"alpha applies to method smoothquant, not {self.method!r}")
+
+    def _check_codebook_options(self, codebook: bool) -> None:
+        from .grid.codebook import BLOCKSIZES
+
+        if self.double_quant and not codebook:
+            raise ConfigError(f"double_quant applies to the NF4 / FP4 methods, not {self.method!r}")
+        if not codebook:
+            return
+        if self.bits != 4:
+            raise ConfigError(f"{self.method} is a 4-bit data type; got bits={self.bits}")
+        if self.group_size not in BLOCKSIZES:
+            raise ConfigError(f"{self.method} blocksize (group_size) must be one of {', '.join(map(str, BLOCKSIZES))}, "
+                              f"got {self.group_size}")
+        if self.format != "bitsandbytes":
+            raise ConfigError(f"{self.method} weights are written in the bitsandbytes format, not {self.format!r}")
+        if not self.sym or self.clip_search:
+            raise ConfigError(f"{self.method} is a fixed table scaled by each block's absmax: "
+                              "asymmetric grids and clip search do not apply")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -113,12 +113,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
                                   linear.in_features, linear.out_features, dtype)
         model.set_submodule(name, module)
 
+    # A quantized linear's own tensors (scales, absmax, ...) keep their stored dtype; bias and the
+    # unquantized parts take the compute dtype.
+    quantized_tensors = {f"{name}.{suffix}" for name in quantized for suffix in fmt.tensor_suffixes}
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not key.endswith((".scales", "_scale")):
+        if tensor.is_floating_point() and key not in quantized_tensors:
             tensors[key] = tensor.to(dtype)
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{folder}: tensors the model has no place for: {', '.join(result.unexpected_keys[:5])}")
+    unexpected = sorted(set(tensors) - set(model.state_dict()))
+    if unexpected:
+        raise CheckpointError(f"{folder}: tensors the model has no place for: {', '.join(unexpected[:5])}")
+    model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     still_empty = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if still_empty:

@@ -115,3 +115,38 @@ def _w8a8_linear_reference(x, weight, weight_scale, input_scale, bias):
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dequantize_blockwise(codes, absmax, table, blocksize: int) -> torch.Tensor:
+    """fp32 values table[code] * absmax of its block, flat (bitsandbytes' blockwise layout)."""
+    from .grid.codebook import blockwise_dequantize
+
+    return blockwise_dequantize(codes, absmax, table, blocksize)
+
+
+def unpack_4bit(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """uint8 codes [count] from bytes holding two each, the first in the high nibble."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:count]
+
+
+def dequantize_4bit(packed, absmax, table, blocksize: int, shape: tuple[int, int]) -> torch.Tensor:
+    """fp32 [out, in] weight from bitsandbytes 4-bit tensors (see llmquant.formats.bitsandbytes);
+    absmax is the fp32 per-block scale (already dequantized under double quantization)."""
+    count = shape[0] * shape[1]
+    return dequantize_blockwise(unpack_4bit(packed, count), absmax, table, blocksize).view(shape)
+
+
+def codebook4_linear(x, packed, absmax, table, nested, blocksize: int, shape: tuple[int, int], bias):
+    """x @ W^T for an NF4 / FP4 weight. nested: (nested_absmax, nested_table, offset, nested_blocksize)
+    when absmax is double-quantized (uint8), else None."""
+    return implementation("codebook4_linear", x.device.type)(x, packed, absmax, table, nested, blocksize, shape, bias)
+
+
+@register("codebook4_linear", REFERENCE)
+def _codebook4_linear_reference(x, packed, absmax, table, nested, blocksize, shape, bias):
+    if nested is not None:
+        nested_absmax, nested_table, offset, nested_blocksize = nested
+        absmax = dequantize_blockwise(absmax, nested_absmax, nested_table, nested_blocksize) + offset
+    weight = dequantize_4bit(packed, absmax, table, blocksize, shape).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

@@ -36,15 +36,20 @@ ALGORITHMS = {
     "awq+gptq": _awq(_gptq),
     W8A8.name: _w8a8,
     SmoothQuant.name: lambda config: SmoothQuant(config.alpha, _w8a8(config)),
+    # QLoRA's data types: round-to-nearest on a blockwise 4-bit codebook grid (NF4 / FP4).
+    "nf4": lambda config: RTN(),
+    "fp4": lambda config: RTN(),
 }
 # Methods whose rounding is GPTQ, and so take its options (act_order, static_groups, ...).
 GPTQ_ROUNDING = ("gptq", "awq+gptq")
 # Methods that quantize activations too (int8 weights per channel, int8 activations).
 ACTIVATION_METHODS = (W8A8.name, SmoothQuant.name)
+# Methods whose grid is a 4-bit codebook with blockwise absmax (bitsandbytes' NF4 / FP4).
+CODEBOOK_METHODS = ("nf4", "fp4")
 
 
 def algorithm_for(config):
     return ALGORITHMS[config.method](config)
 
 
-__all__ = ["ACTIVATION_METHODS", "ALGORITHMS", "GPTQ_ROUNDING", "algorithm_for"]
+__all__ = ["ACTIVATION_METHODS", "ALGORITHMS", "CODEBOOK_METHODS", "GPTQ_ROUNDING", "algorithm_for"]

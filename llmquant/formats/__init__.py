@@ -1,15 +1,16 @@
 """Checkpoint formats: how a QuantizedWeight becomes named tensors and a quantization_config.
 
-Each format is one file (name, reads, check_config, check_layer, grid_min_zero, pack,
+Each format is one file (name, reads, check_config, check_layer, grid_min_zero, pack(quantized, config),
 quantization_config, build_linear, tensor_suffixes, marker_suffix: the tensor that marks a
 quantized linear, holds_activation_quantization: whether it stores W8A8 layers or weight-only ones); this registry maps a format name (for writing) and a
 `quant_method` (for reading) to it.
 """
 from .awq import AWQFormat
+from .bitsandbytes import BitsAndBytesFormat
 from .compressed_tensors import CompressedTensorsFormat
 from .gptq import GPTQFormat
 
-FORMATS = {fmt.name: fmt() for fmt in (GPTQFormat, AWQFormat, CompressedTensorsFormat)}
+FORMATS = {fmt.name: fmt() for fmt in (GPTQFormat, AWQFormat, CompressedTensorsFormat, BitsAndBytesFormat)}
 
 
 def format_for_quantization_config(quantization_config: dict):

@@ -57,7 +57,7 @@ class AWQFormat:
                               "choose a group size that divides it or use --format gptq")
 
     @staticmethod
-    def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
         out_features, in_features = qw.codes.shape
         width = in_features if qw.group_size == PER_CHANNEL else qw.group_size
         if not torch.equal(qw.group_index.long(), torch.arange(in_features) // width):

@@ -52,7 +52,7 @@ class CompressedTensorsFormat:
         pass  # int8 codes need no packing
 
     @staticmethod
-    def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
         if qw.bits != 8 or qw.group_size != PER_CHANNEL or not bool((qw.zero == SYMMETRIC_INT8_ZERO).all()):
             raise ValueError("compressed-tensors int8 needs symmetric 8-bit codes per output channel")
         tensors = {

@@ -60,7 +60,7 @@ class GPTQFormat:
                 )
 
     @staticmethod
-    def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
         stored_zero = qw.zero - ZERO_OFFSETS["gptq"]
         if (stored_zero < 0).any():
             raise ValueError("gptq v1 cannot store a zero point of 0 (it stores zero - 1); use min_zero=1")

@@ -1,0 +1,146 @@
+"""The bitsandbytes 4-bit (NF4 / FP4) serialization, as transformers saves and loads it with
+`BitsAndBytesConfig(load_in_4bit=True)`.
+
+Per quantized linear `<name>` (weight [out, in], n = out * in values, B = ceil(n / blocksize)):
+- `<name>.weight`                uint8 [ceil(n / 2), 1]: codes of the row-major flattened weight,
+                                 two per byte, the first in the high nibble (an odd count is padded
+                                 with the code of 0.0);
+- `<name>.weight.absmax`         fp32 [B], or uint8 [B] under double quantization;
+- `<name>.weight.quant_map`      fp32 [16]: the 4-bit table;
+- `<name>.weight.nested_absmax`, `<name>.weight.nested_quant_map` fp32 [ceil(B / 256)], [256]:
+                                 only under double quantization;
+- `<name>.weight.quant_state.bitsandbytes__<nf4|fp4>` uint8: JSON bytes of quant_type, blocksize,
+                                 dtype, shape (and nested_blocksize, nested_dtype, nested_offset);
+- `<name>.bias`                  optional.
+config: quant_method "bitsandbytes", load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant,
+bnb_4bit_compute_dtype, bnb_4bit_quant_storage "uint8", llm_int8_skip_modules.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..config import QuantConfig
+from ..errors import CheckpointError, ConfigError
+from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, CodebookWeight, code_of_zero, dynamic_table
+from ..nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
+
+TENSOR_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+                   *(f"weight.{quant_state_key(t)}" for t in QUANT_TYPES))
+
+
+def pack_codes(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
+    """uint8 [ceil(n / 2), 1]: flattened codes two per byte, the first in the high nibble."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, torch.tensor([pad_code], dtype=torch.uint8)])
+    return ((flat[0::2] << 4) | flat[1::2]).unsqueeze(1).contiguous()
+
+
+def quant_state_bytes(state: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+
+
+class BitsAndBytesFormat:
+    name = "bitsandbytes"
+    linear_class = BnB4bitLinear
+    tensor_suffixes = TENSOR_SUFFIXES
+    marker_suffix = "weight.absmax"
+    holds_activation_quantization = False
+
+    @staticmethod
+    def reads(quant_method: str) -> bool:
+        return quant_method == "bitsandbytes"
+
+    @staticmethod
+    def check_config(config: QuantConfig) -> None:
+        from ..algorithms import CODEBOOK_METHODS
+
+        if config.method not in CODEBOOK_METHODS:
+            raise ConfigError(f"the bitsandbytes format holds NF4 / FP4 weights (methods {', '.join(CODEBOOK_METHODS)}), "
+                              f"not {config.method!r}; use --format gptq or awq")
+
+    @staticmethod
+    def grid_min_zero(config: QuantConfig) -> int:
+        return 0
+
+    @staticmethod
+    def check_layer(name: str, out_features: int, in_features: int, config: QuantConfig) -> None:
+        pass  # blocks run over the flattened weight: any shape packs
+
+    @staticmethod
+    def pack(qw: CodebookWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        state = {"quant_type": qw.quant_type, "blocksize": qw.blocksize, "dtype": config.dtype,
+                 "shape": list(qw.codes.shape)}
+        tensors = {"weight": pack_codes(qw.codes, code_of_zero(qw.table))}
+        if qw.nested is None:
+            tensors["weight.absmax"] = qw.absmax.float().contiguous()
+        else:
+            tensors["weight.absmax"] = qw.nested.codes.contiguous()
+            state.update({"nested_blocksize": qw.nested.blocksize, "nested_dtype": "float32",
+                          "nested_offset": qw.nested.offset})
+        tensors["weight.quant_map"] = qw.table.clone()
+        if qw.nested is not None:
+            tensors["weight.nested_absmax"] = qw.nested.nested_absmax.float().contiguous()
+            tensors["weight.nested_quant_map"] = dynamic_table().clone()
+        tensors[f"weight.{quant_state_key(qw.quant_type)}"] = quant_state_bytes(state)
+        return tensors
+
+    @staticmethod
+    def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
+        from .. import __version__
+
+        qc = {
+            "quant_method": "bitsandbytes",
+            "_load_in_8bit": False,
+            "_load_in_4bit": True,
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": ["lm_head", *config.modules_to_not_convert],
+            "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False,
+            "bnb_4bit_quant_type": config.method,
+            "bnb_4bit_use_double_quant": config.double_quant,
+            "bnb_4bit_compute_dtype": config.dtype,
+            "bnb_4bit_quant_storage": "uint8",
+            "llmquant": {"version": __version__, "blocksize": config.group_size},
+        }
+        qc.update(extra or {})
+        return qc
+
+    @classmethod
+    def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
+                     in_features: int, out_features: int, dtype: torch.dtype) -> BnB4bitLinear:
+        """An empty BnB4bitLinear for the tensors found; the block size and double-quantization
+        offset are read from the quant_state tensor when the state dict is loaded."""
+        quant_type = quantization_config.get("bnb_4bit_quant_type", "fp4")
+        if not quantization_config.get("load_in_4bit", quantization_config.get("_load_in_4bit")):
+            raise CheckpointError("llmquant reads bitsandbytes 4-bit checkpoints (load_in_4bit); this one is not")
+        if quant_type not in QUANT_TYPES:
+            raise CheckpointError(f"bnb_4bit_quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        if quantization_config.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+            raise CheckpointError("llmquant reads bnb_4bit_quant_storage uint8 only")
+        nested = "weight.nested_absmax" in shapes
+        required = ["weight", "weight.absmax", "weight.quant_map", f"weight.{quant_state_key(quant_type)}"]
+        if nested:
+            required.append("weight.nested_quant_map")
+        missing = [s for s in required if s not in shapes]
+        if missing:
+            raise CheckpointError(f"{name}: missing tensors {', '.join(name + '.' + s for s in missing)}")
+        n = out_features * in_features
+        blocks = shapes["weight.absmax"][0] if len(shapes["weight.absmax"]) == 1 else -1
+        expected = {"weight": (-(-n // 2), 1), "weight.quant_map": (16,)}
+        if nested:
+            expected["weight.nested_quant_map"] = (256,)
+        for suffix, shape in expected.items():
+            if tuple(shapes[suffix]) != shape:
+                raise CheckpointError(f"{name}.{suffix} has shape {tuple(shapes[suffix])}, expected {shape} for a "
+                                      f"{in_features}->{out_features} linear")
+        if not any(-(-n // b) == blocks for b in BLOCKSIZES):
+            raise CheckpointError(f"{name}.weight.absmax has shape {tuple(shapes['weight.absmax'])}, which matches "
+                                  f"no block size of a {in_features}->{out_features} linear")
+        nested_blocks = shapes["weight.nested_absmax"][0] if nested else 0
+        return BnB4bitLinear(in_features, out_features, quant_type, blocks=blocks, nested_blocks=nested_blocks,
+                             bias=has_bias, dtype=dtype)
