@@ -19,7 +19,7 @@ from torch import nn
 
 from .algorithms import CODEBOOK_METHODS, algorithm_for
 from .arch import ArchMap, arch_for
-from .checkpoint import write_folder_atomically, write_safetensors
+from .checkpoint import without_tied_copies, write_folder_atomically, write_safetensors
 from .config import PER_CHANNEL, QuantConfig
 from .data import Calibration
 from .errors import ConfigError, LlmquantError, UnsupportedArchitectureError
@@ -53,17 +53,13 @@ class QuantizedModel:
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """All tensors of the checkpoint: packed quantized linears, the rest in the storage dtype."""
         storage = STORAGE_TORCH_DTYPES[self.config.dtype]
-        tensors, seen = {}, set()
-        for key, tensor in self.model.state_dict().items():
+        tensors = {}
+        for key, tensor in without_tied_copies(self.model.state_dict()).items():
             module_name, _, leaf = key.rpartition(".")
             if module_name in self.packed and leaf == "weight":
                 for suffix, packed in self.packed[module_name].items():
                     tensors[f"{module_name}.{suffix}"] = packed
                 continue
-            pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-            if pointer in seen:  # tied weights (lm_head = embed_tokens) are stored once
-                continue
-            seen.add(pointer)
             tensors[key] = tensor.to(storage) if tensor.is_floating_point() else tensor
         return tensors
 
@@ -231,7 +227,9 @@ def evaluate(model_or_path, corpus: str = "wiki", split: str = "test", seqlen: i
     from .perplexity import perplexity
 
     if isinstance(model_or_path, nn.Module):
-        model, name = model_or_path, getattr(model_or_path.config, "_name_or_path", None)
+        # a peft model (QLoRA adapters) is evaluated through the transformers model it wraps
+        model = model_or_path.get_base_model() if hasattr(model_or_path, "get_base_model") else model_or_path
+        name = getattr(model.config, "_name_or_path", None)
         if tokenizer is None:
             raise ConfigError("evaluating a loaded model needs its tokenizer (pass tokenizer=)")
     else:

@@ -68,3 +68,40 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def without_tied_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with each storage kept once (tied weights, e.g. lm_head = embed_tokens, share it)."""
+    kept, seen = {}, set()
+    for key, tensor in tensors.items():
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if pointer in seen:
+            continue
+        seen.add(pointer)
+        kept[key] = tensor
+    return kept
+
+
+def save_loaded_model(model, tokenizer, path: str | os.PathLike, overwrite: bool = False,
+                      storage_dtype: torch.dtype = torch.float16, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a loaded (quantized) model as a checkpoint folder: its quantized linears' tensors as they
+    are, every other floating-point tensor in `storage_dtype`; config (with its quantization_config),
+    generation config and tokenizer beside them."""
+    from .nn import QUANTIZED_LINEARS
+
+    quantized = tuple(name + "." for name, module in model.named_modules() if isinstance(module, QUANTIZED_LINEARS))
+    tensors = {}
+    for key, tensor in without_tied_copies(model.state_dict()).items():
+        exact = key.startswith(quantized) and not key.endswith(".bias")
+        tensors[key] = tensor.to(storage_dtype) if tensor.is_floating_point() and not exact else tensor
+
+    def write(folder: Path) -> None:
+        write_safetensors(folder, tensors, max_shard_size)
+        model.config.dtype = storage_dtype
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    return write_folder_atomically(path, write, overwrite)

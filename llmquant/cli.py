@@ -1,4 +1,4 @@
-"""Command line: `llmquant quantize | eval | generate | models`."""
+"""Command line: `llmquant quantize | eval | generate | finetune | models`."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +29,8 @@ def _add_quantize(sub):
                    help="per group, shrink the range where that lowers the weight error (MSE clipping)")
     p.add_argument("--format", default=None,
                    help="checkpoint format: gptq (any bits, act-order) or awq (4-bit GEMM layout) for weight-only "
-                        "methods (default gptq); compressed-tensors for w8a8 / smoothquant (their default)")
+                        "methods (default gptq); compressed-tensors for w8a8 / smoothquant, bitsandbytes for "
+                        "nf4 / fp4 (their defaults)")
     p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")
     p.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="linears to keep in floating point")
     p.add_argument("--calib", default=None, metavar="CORPUS",
@@ -80,6 +81,7 @@ def _add_eval(sub):
     bos.add_argument("--bos", dest="bos", action="store_true", default=None, help="start every window with BOS")
     bos.add_argument("--no-bos", dest="bos", action="store_false", help="never add BOS")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
 
 
 def _add_generate(sub):
@@ -88,6 +90,29 @@ def _add_generate(sub):
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
+
+
+def _add_finetune(sub):
+    p = sub.add_parser("finetune", help="QLoRA: train LoRA adapters over a quantized checkpoint on real text")
+    p.add_argument("model", help="quantized checkpoint folder (bitsandbytes NF4 / FP4, gptq or awq)")
+    p.add_argument("--lora-r", type=int, default=16, help="adapter rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, default=32, help="adapter scale numerator, alpha / r (default 32)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--targets", nargs="*", default=None, metavar="NAME",
+                   help="short names of the linears to adapt (default: every quantized linear)")
+    p.add_argument("--corpus", default="wiki", help="training text: its train split (held-out: validation)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for the before / after loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="adapter folder (peft format, written atomically)")
+    p.add_argument("--merge-out", default=None, metavar="DIR",
+                   help="also fold the adapters into the NF4 / FP4 weights and write a new checkpoint here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
 
 
 def _alpha(text: str):
@@ -147,7 +172,11 @@ def cmd_eval(args) -> int:
 
     if args.json:
         Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    result = evaluate(args.model, args.corpus, args.split, args.seqlen, args.max_windows, args.bos)
+    model = _model_with_adapter(args.model, args.adapter)
+    result = evaluate(model[0] if model else args.model, args.corpus, args.split, args.seqlen, args.max_windows,
+                      args.bos, tokenizer=model[1] if model else None)
+    if args.adapter:
+        result["adapter"] = args.adapter
     print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} windows x {result['seqlen']} tokens, "
           f"{result['predicted_tokens']} predicted, corpus {result['corpus']}:{result['split']}, bos={result['bos']})")
     if args.json:
@@ -160,7 +189,7 @@ def cmd_generate(args) -> int:
 
     from .api import load_with_tokenizer
 
-    model, tokenizer = load_with_tokenizer(args.model)
+    model, tokenizer = _model_with_adapter(args.model, args.adapter) or load_with_tokenizer(args.model)
     if args.chat:
         inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                                return_tensors="pt", return_dict=True)
@@ -170,6 +199,40 @@ def cmd_generate(args) -> int:
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
           if args.chat else tokenizer.decode(output[0], skip_special_tokens=True))
+    return 0
+
+
+def _model_with_adapter(model_path, adapter):
+    """(peft model, tokenizer) for a checkpoint with a LoRA adapter, or None without one."""
+    if adapter is None:
+        return None
+    from .api import load_with_tokenizer
+    from .qlora import load_adapter
+
+    model, tokenizer = load_with_tokenizer(model_path)
+    return load_adapter(model, adapter), tokenizer
+
+
+def cmd_finetune(args) -> int:
+    from .checkpoint import check_output_path
+    from .qlora import LoraSettings, TrainingSettings, finetune, merge_into_checkpoint
+
+    check_output_path(args.out, args.overwrite)
+    if args.merge_out:
+        check_output_path(args.merge_out, args.overwrite)
+    lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.targets) if args.targets else None)
+    training = TrainingSettings(args.corpus, args.steps, args.batch_size, args.seqlen, args.lr, args.warmup_steps,
+                                eval_windows=args.eval_windows, seed=args.seed)
+    result = finetune(args.model, lora, training)
+    out = result.save_adapter(args.out, overwrite=args.overwrite)
+    report = result.report()
+    print(f"wrote {out}: {report['trainable_parameters']} trainable parameters, {training.steps} steps in "
+          f"{report['seconds']:.0f} s; held-out loss {report['heldout_loss_before']:.4f} -> "
+          f"{report['heldout_loss_after']:.4f} (perplexity {report['heldout_perplexity_before']:.3f} -> "
+          f"{report['heldout_perplexity_after']:.3f})")
+    if args.merge_out:
+        merged = merge_into_checkpoint(result.model, result.tokenizer, args.merge_out, overwrite=args.overwrite)
+        print(f"wrote {merged}: adapters folded into the weights and re-quantized")
     return 0
 
 
@@ -189,11 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_finetune(sub)
     sub.add_parser("models", help="list built-in models and supported architectures")
     return parser
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "models": cmd_models}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "finetune": cmd_finetune,
+            "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ class QuantConfig:
             raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
         # Imported here: the registries import modules that import this one.
-        from .algorithms import ALGORITHMS, GPTQ_ROUNDING
+        from .algorithms import ALGORITHMS, CODEBOOK_METHODS, GPTQ_ROUNDING
         from .formats import FORMATS
 
         if (self.act_order or self.static_groups) and self.method not in GPTQ_ROUNDING:
@@ -113,6 +113,11 @@ class QuantConfig:
                               "activations too: use --format compressed-tensors")
         if fmt.holds_activation_quantization and not quantizes_activations:
             raise ConfigError(f"llmquant writes {self.format} for int8 W8A8 methods ({', '.join(ACTIVATION_METHODS)}), "
+                              f"not {self.method!r}; use --format gptq or awq")
+        if codebook and not fmt.holds_codebook_weights:
+            raise ConfigError(f"{self.method} weights are written in the bitsandbytes format, not {self.format!r}")
+        if fmt.holds_codebook_weights and not codebook:
+            raise ConfigError(f"the {self.format} format holds NF4 / FP4 weights (methods {', '.join(CODEBOOK_METHODS)}), "
                               f"not {self.method!r}; use --format gptq or awq")
         fmt.check_config(self)
 
@@ -148,8 +153,6 @@ class QuantConfig:
         if self.group_size not in BLOCKSIZES:
             raise ConfigError(f"{self.method} blocksize (group_size) must be one of {', '.join(map(str, BLOCKSIZES))}, "
                               f"got {self.group_size}")
-        if self.format != "bitsandbytes":
-            raise ConfigError(f"{self.method} weights are written in the bitsandbytes format, not {self.format!r}")
         if not self.sym or self.clip_search:
             raise ConfigError(f"{self.method} is a fixed table scaled by each block's absmax: "
                               "asymmetric grids and clip search do not apply")

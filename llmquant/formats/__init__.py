@@ -2,7 +2,8 @@
 
 Each format is one file (name, reads, check_config, check_layer, grid_min_zero, pack(quantized, config),
 quantization_config, build_linear, tensor_suffixes, marker_suffix: the tensor that marks a
-quantized linear, holds_activation_quantization: whether it stores W8A8 layers or weight-only ones); this registry maps a format name (for writing) and a
+quantized linear, holds_activation_quantization: whether it stores W8A8 layers or weight-only ones,
+holds_codebook_weights: whether it stores NF4 / FP4 codebook weights); this registry maps a format name (for writing) and a
 `quant_method` (for reading) to it.
 """
 from .awq import AWQFormat

@@ -22,7 +22,7 @@ import json
 import torch
 
 from ..config import QuantConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, CodebookWeight, code_of_zero, dynamic_table
 from ..nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
 
@@ -48,6 +48,7 @@ class BitsAndBytesFormat:
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "weight.absmax"
     holds_activation_quantization = False
+    holds_codebook_weights = True
 
     @staticmethod
     def reads(quant_method: str) -> bool:
@@ -55,11 +56,7 @@ class BitsAndBytesFormat:
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
-        from ..algorithms import CODEBOOK_METHODS
-
-        if config.method not in CODEBOOK_METHODS:
-            raise ConfigError(f"the bitsandbytes format holds NF4 / FP4 weights (methods {', '.join(CODEBOOK_METHODS)}), "
-                              f"not {config.method!r}; use --format gptq or awq")
+        pass  # QuantConfig pairs codebook methods with this format (holds_codebook_weights)
 
     @staticmethod
     def grid_min_zero(config: QuantConfig) -> int:

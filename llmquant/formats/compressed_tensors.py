@@ -34,6 +34,7 @@ class CompressedTensorsFormat:
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "weight_scale"
     holds_activation_quantization = True
+    holds_codebook_weights = False
 
     @staticmethod
     def reads(quant_method: str) -> bool:

@@ -32,6 +32,7 @@ class GPTQFormat:
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "qweight"
     holds_activation_quantization = False
+    holds_codebook_weights = False
 
     @staticmethod
     def reads(quant_method: str) -> bool:

@@ -1,6 +1,9 @@
 """Quantized-linear modules that replace nn.Linear in a loaded checkpoint."""
 from .awq_linear import AWQLinear
+from .bnb4bit_linear import BnB4bitLinear
 from .gptq_linear import GPTQLinear
 from .w8a8_linear import W8A8Linear
 
-__all__ = ["AWQLinear", "GPTQLinear", "W8A8Linear"]
+QUANTIZED_LINEARS = (GPTQLinear, AWQLinear, W8A8Linear, BnB4bitLinear)
+
+__all__ = ["AWQLinear", "BnB4bitLinear", "GPTQLinear", "QUANTIZED_LINEARS", "W8A8Linear"]
