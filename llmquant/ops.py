@@ -1,34 +1,71 @@
-"""Matmul ops of the quantized-linear modules, one implementation per device type.
+"""Matmul ops of the quantized-linear modules, one implementation per backend.
 
-An op is declared once (a function here that dispatches); implementations register per device
-type, as bitsandbytes does. The torch reference serves any device that has nothing faster.
+An op is declared once (a function here that dispatches); implementations register per backend,
+as bitsandbytes registers per device: "reference" (torch, any device, differentiable) here, and
+"triton" (llmquant_kernels) in triton_ops.py. CUDA tensors get the Triton kernels, CPU tensors the
+reference, unless LLMQUANT_KERNELS (or `use_backend`) says "reference" or "triton"; Triton on a
+CPU needs the interpreter (TRITON_INTERPRET=1 before triton is imported), as the tests use it.
 Quantized-linear modules call these ops, never a kernel directly.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import bitpack
+from .errors import ConfigError
 
 REFERENCE = "reference"
+TRITON = "triton"
+BACKENDS = ("auto", REFERENCE, TRITON)
 _IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+_override: list[str] = []
 
 
-def register(op: str, device_type: str):
+def register(op: str, backend: str):
     def decorate(fn):
-        _IMPLEMENTATIONS[(op, device_type)] = fn
+        _IMPLEMENTATIONS[(op, backend)] = fn
         return fn
 
     return decorate
 
 
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Within the block, run the quantized ops on `backend` ("auto", "reference" or "triton")."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _override.append(backend)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def backend_for(device_type: str) -> str:
+    wanted = _override[-1] if _override else os.environ.get("LLMQUANT_KERNELS", "auto")
+    if wanted not in BACKENDS:
+        raise ConfigError(f"LLMQUANT_KERNELS must be one of {', '.join(BACKENDS)}, got {wanted!r}")
+    if wanted == "auto":
+        return TRITON if device_type == "cuda" else REFERENCE
+    if wanted == TRITON and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("the Triton kernels run on the CPU only under the interpreter: set TRITON_INTERPRET=1 "
+                          "before triton is imported")
+    return wanted
+
+
 def implementation(op: str, device_type: str) -> Callable:
-    impl = _IMPLEMENTATIONS.get((op, device_type)) or _IMPLEMENTATIONS.get((op, REFERENCE))
+    backend = backend_for(device_type)
+    if backend == TRITON:
+        importlib.import_module(".triton_ops", __package__)  # registers the Triton implementations
+    impl = _IMPLEMENTATIONS.get((op, backend)) or _IMPLEMENTATIONS.get((op, REFERENCE))
     if impl is None:
-        raise NotImplementedError(f"no implementation of {op} for device {device_type}")
+        raise NotImplementedError(f"no implementation of {op} for backend {backend}")
     return impl
 
 

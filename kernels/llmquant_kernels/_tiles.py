@@ -1,0 +1,48 @@
+"""Pieces every tiled matmul kernel here shares: the output tile of a program, the fp32 dot, and the
+epilogue (bias on the first K split, then a store, or an atomic add when K is split)."""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows, columns, row mask, column mask) of this program's output tile."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < M, rn < N
+
+
+@triton.jit
+def dot_fp32(acc, a, w, IEEE_FP32: tl.constexpr):
+    """acc + a @ w; fp32 inputs in full precision (not TF32), so that results match the reference."""
+    if IEEE_FP32:
+        return acc + tl.dot(a, w, input_precision="ieee")
+    return acc + tl.dot(a, w)
+
+
+@triton.jit
+def store_tile(acc, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BIAS: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    if HAS_BIAS:
+        if tl.program_id(2) == 0:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+def run_tiled(kernel, args: tuple, M: int, N: int, device, out_dtype, config: dict, **constants):
+    """Launch `kernel(*args, out, out.stride(0), **constants)` over output tiles x K splits; a split
+    K accumulates into a zeroed fp32 buffer (so repeated tuning trials start from zero)."""
+    from ._launch import launch_options
+
+    split_k = config["SPLIT_K"]
+    out = (torch.zeros if split_k > 1 else torch.empty)((M, N), device=device,
+                                                        dtype=torch.float32 if split_k > 1 else out_dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), split_k)
+    kernel[grid](*args, out, out.stride(0), **constants, **launch_options(config))
+    return out
