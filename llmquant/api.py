@@ -11,7 +11,7 @@ import json
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,8 @@ class QuantizedModel:
     seconds: float = 0.0
     calibration: dict | None = None
     peak_rss_mib: float | None = None
+    # Format-neutral results per layer, kept only when asked for (QAT starts from them).
+    quantized_weights: dict = field(default_factory=dict)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """All tensors of the checkpoint: packed quantized linears, the rest in the storage dtype."""
@@ -144,11 +146,12 @@ def _check_layers(layers, config: QuantConfig) -> None:
 
 
 def quantize(model, config: QuantConfig | None = None, calib: Calibration | str | torch.Tensor | None = None,
-             *, tokenizer=None, progress: bool = True) -> QuantizedModel:
+             *, tokenizer=None, progress: bool = True, keep_quantized: bool = False) -> QuantizedModel:
     """Quantize a model (a built-in name, a folder, a hub id, or a loaded transformers model, which
     is modified in place). `calib`: a Calibration, a corpus name, or token windows [n, seqlen];
     data-free methods take none (and then report no per-layer output error); methods that need
-    data default to Calibration() (32 windows of 512 tokens of the wiki train split)."""
+    data default to Calibration() (32 windows of 512 tokens of the wiki train split).
+    keep_quantized: also keep each layer's format-neutral result (QuantizedModel.quantized_weights)."""
     config = config or QuantConfig()
     start = time.time()
     source = None
@@ -188,18 +191,25 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
             raise ConfigError(f"calibration token ids must lie in [0, {vocab}) for this model's embedding "
                               "(is the tokenizer the model's own?)")
     packed: dict[str, dict[str, torch.Tensor]] = {}
+    kept = {}
+
+    def on_quantized(name, quantized, linear):
+        packed[name] = fmt.pack(quantized, config)
+        if keep_quantized:
+            kept[name] = quantized
+
     model.eval()
     result = quantize_blocks(
         model, arch, algorithm,
         grid_for=lambda name, linear: grid if name in selected else None,
-        on_quantized=lambda name, quantized, linear: packed.__setitem__(name, fmt.pack(quantized, config)),
+        on_quantized=on_quantized,
         calibration=calibration,
         true_sequential=config.true_sequential,
         progress=progress,
     )
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return QuantizedModel(model, tokenizer, config, packed, result, source, time.time() - start, calibration_info,
-                          peak_rss_mib)
+                          peak_rss_mib, kept)
 
 
 def load_with_tokenizer(model_or_path):

@@ -1,4 +1,4 @@
-"""Command line: `llmquant quantize | eval | generate | finetune | models`."""
+"""Command line: `llmquant quantize | eval | generate | finetune | qat | models`."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,35 @@ def _add_finetune(sub):
     p.add_argument("--merge-out", default=None, metavar="DIR",
                    help="also fold the adapters into the NF4 / FP4 weights and write a new checkpoint here")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+
+
+def _add_qat(sub):
+    from .models import DEFAULT_MODEL
+
+    p = sub.add_parser("qat", help="quantization-aware training through fake-quantized weights, exported as a checkpoint")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"built-in name or folder (default {DEFAULT_MODEL})")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=-1, help="columns per scale; -1 = per output channel (default)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=False, help="symmetric grid")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
+    p.add_argument("--learn-scales", choices=["lsq"], default=None, help="learn the step sizes (LSQ)")
+    p.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
+                   help="PTQ starting point (gptq: with act-order, calibrated on wiki)")
+    p.add_argument("--act-quant", action="store_true",
+                   help="also fake-quantize activations to int8 per token while training (the checkpoint is weight-only)")
+    p.add_argument("--format", default="gptq", choices=["gptq", "awq"])
+    p.add_argument("--corpus", default="wiki")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the latent weights")
+    p.add_argument("--scale-lr", type=float, default=None, help="learning rate of the LSQ step sizes (default --lr)")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def _alpha(text: str):
@@ -236,6 +265,26 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_qat(args) -> int:
+    from .checkpoint import check_output_path
+    from .config import QuantConfig
+    from .qat import QATSettings, qat
+    from .training import TrainingSettings
+
+    check_output_path(args.out, args.overwrite)
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, format=args.format)
+    settings = QATSettings(args.learn_scales, args.init, args.scale_lr, args.act_quant)
+    training = TrainingSettings(args.corpus, args.steps, args.batch_size, args.seqlen, args.lr, args.warmup_steps,
+                                eval_windows=args.eval_windows, seed=args.seed)
+    result = qat(args.model, config, settings, training)
+    out = result.save(args.out, overwrite=args.overwrite)
+    report = result.report()
+    print(f"wrote {out}: {training.steps} steps in {report['seconds']:.0f} s; held-out loss "
+          f"{report['heldout_loss_before']:.4f} -> {report['heldout_loss_after']:.4f} (perplexity "
+          f"{report['heldout_perplexity_before']:.3f} -> {report['heldout_perplexity_after']:.3f})")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .arch import supported_model_types
     from .models import BUILTIN_MODELS
@@ -253,12 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_finetune(sub)
+    _add_qat(sub)
     sub.add_parser("models", help="list built-in models and supported architectures")
     return parser
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "finetune": cmd_finetune,
-            "models": cmd_models}
+            "qat": cmd_qat, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .arch import arch_for
 from .checkpoint import write_folder_atomically
-from .data import calibration_windows, evaluation_windows, tokenize_corpus
 from .errors import ConfigError, LlmquantError
 from .nn import AWQLinear, BnB4bitLinear, GPTQLinear
-from .perplexity import perplexity
+from .training import TrainingSettings, heldout_loss, train, training_windows
 
 # Quantized linears whose forward is differentiable in its input (W8A8 rounds activations: it is not).
 TRAINABLE_BASES = (BnB4bitLinear, GPTQLinear, AWQLinear)
@@ -48,33 +45,6 @@ class LoraSettings:
             raise ConfigError(f"LoRA alpha must be positive, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """steps optimizer steps of batch_size windows of seqlen tokens from the corpus's train split, at
-    random offsets; AdamW with linear warmup then linear decay; held-out loss on eval_windows
-    windows of the validation split, before and after."""
-
-    corpus: str = "wiki"
-    steps: int = 200
-    batch_size: int = 4
-    seqlen: int = 256
-    lr: float = 2e-4
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    eval_windows: int = 16
-    eval_split: str = "validation"
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_windows"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.seqlen, int) or self.seqlen < 2:
-            raise ConfigError(f"seqlen must be an integer >= 2, got {self.seqlen!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr!r}")
 
 
 @dataclass
@@ -172,22 +142,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike):
     return PeftModel.from_pretrained(model, str(folder), config=config).eval()
 
 
-def _windows(tokenizer, model, training: TrainingSettings):
-    bos = tokenizer.bos_token_id if arch_for(model.config).bos_per_window else None
-    train_tokens = tokenize_corpus(tokenizer, training.corpus, "train")
-    train = calibration_windows(train_tokens, training.steps * training.batch_size, training.seqlen, training.seed, bos)
-    heldout_tokens = tokenize_corpus(tokenizer, training.corpus, training.eval_split)
-    heldout = evaluation_windows(heldout_tokens, training.seqlen, bos, training.eval_windows)
-    return train, heldout
-
-
-def _learning_rate_factor(step: int, training: TrainingSettings) -> float:
-    if step < training.warmup_steps:
-        return (step + 1) / training.warmup_steps
-    remaining = training.steps - training.warmup_steps
-    return max(0.0, 1 - (step - training.warmup_steps) / max(remaining, 1))
-
-
 def finetune(checkpoint: str | os.PathLike, lora: LoraSettings | None = None,
              training: TrainingSettings | None = None, progress: bool = True) -> FinetuneResult:
     """Train LoRA adapters over a quantized checkpoint folder on real text (CPU-sized runs)."""
@@ -199,32 +153,14 @@ def finetune(checkpoint: str | os.PathLike, lora: LoraSettings | None = None,
     if getattr(model.config, "quantization_config", None) is None:
         raise ConfigError(f"{checkpoint} is not a quantized checkpoint; quantize it first (QLoRA trains over a "
                           "frozen quantized base)")
-    train, heldout = _windows(tokenizer, model, training)
+    train_windows, heldout = training_windows(tokenizer, model, training)
     torch.manual_seed(training.seed)
     peft_model = attach_lora(model, lora)
     inner = peft_model.get_base_model()  # the transformers model, LoRA layers injected in place
-    before = perplexity(inner, heldout, progress=False).mean_nll
-    parameters = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=training.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(step, training))
-    losses = []
-    peft_model.train()
-    bar = tqdm(range(training.steps), desc="qlora", unit="step", disable=not progress)
-    for step in bar:
-        batch = train[step * training.batch_size:(step + 1) * training.batch_size]
-        loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise LlmquantError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, training.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    peft_model.eval()
-    after = perplexity(inner, heldout, progress=False).mean_nll
+    before = heldout_loss(inner, heldout)
+    adapters = [p for p in peft_model.parameters() if p.requires_grad]
+    losses = train(peft_model, [{"params": adapters}], train_windows, training, progress, "qlora")
+    after = heldout_loss(inner, heldout)
     return FinetuneResult(peft_model, tokenizer, lora, training, str(checkpoint), before, after, losses,
                           time.time() - start)
 

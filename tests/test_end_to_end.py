@@ -131,3 +131,19 @@ def test_smollm2_nf4_cli_orders_perplexity_and_qlora_cli_trains_evaluates_and_ge
     capsys.readouterr()
     assert main(["generate", str(merged), "--prompt", "The capital of France is", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip().startswith("The capital of France is")
+
+
+def test_smollm2_qat_cli_from_gptq_init_exports_a_checkpoint_that_loads_and_generates(tmp_path, capsys):
+    out = tmp_path / "qat"
+    assert main(["qat", "smollm2-135m", "--bits", "3", "--group-size", "64", "--init", "gptq", "--learn-scales",
+                 "lsq", "--steps", "3", "--seqlen", "64", "--lr", "1e-4", "--warmup-steps", "1", "--eval-windows", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "qat_report.json").read_text())
+    assert report["qat"]["init"] == "gptq" and len(report["train_losses"]) == 3
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bits"] == 3 and config["group_size"] == 64
+    model = llmquant.load(out)
+    assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 30 * 7
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip().startswith("The capital of France is")

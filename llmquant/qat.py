@@ -1,0 +1,243 @@
+"""Quantization-aware training: fine-tune a model through fake-quantized weights, then export the
+trained weights and scales as a real packed checkpoint (the same formats and loader as PTQ).
+
+Each block linear becomes a FakeQuantLinear: a trainable latent weight, rounded on the affine grid
+(same scale / zero-point conventions as PTQ) in every forward pass, the straight-through estimator
+passing gradients to the latent weight inside the grid's range and zeroing them outside (clipped
+STE). Scales start from a PTQ result (RTN, or GPTQ: then the latent weights start at GPTQ's rounded
+weights, so training starts exactly from the PTQ model) and stay fixed, or are learned with LSQ
+(Esser et al., 2019): the step size is a parameter whose gradient the paper's rule gives,
+d w_hat / d s = round(w / s) - w / s inside the range and the clipped bound outside, scaled by
+1 / sqrt(weights per scale * Q_P). Scales pass through fp16 in the forward pass (straight-through),
+because the checkpoint stores them in fp16: the exported model computes what training last did.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QuantConfig
+from .errors import ConfigError
+from .grid import QuantizedWeight
+from .grid.activations import fake_quantize as fake_quantize_activations
+from .training import TrainingSettings, heldout_loss, train, training_windows
+
+SCALE_LEARNING = (None, "lsq")
+INITS = ("rtn", "gptq")
+REPORT_FILE = "qat_report.json"
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16 forward, identity backward."""
+    return x + (x.half().float() - x).detach()
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x forward, gradient multiplied by `factor` backward (LSQ's step-size gradient scale)."""
+    return x * factor + (x - x * factor).detach()
+
+
+def fake_quantize_ste(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_index: torch.Tensor,
+                      maxq: int) -> torch.Tensor:
+    """(clamp(round(w / s) + z, 0, maxq) - z) * s per group, differentiable in w (clipped STE) and in s (LSQ).
+
+    Clamping w / s to [-z, maxq - z] before rounding gives the same codes as rounding first (the
+    bounds are integers), and makes torch's clamp gradient exactly the clipped STE."""
+    g = group_index.long()
+    s, z = scale[:, g], zero[:, g].to(weight.dtype)
+    return round_ste(torch.clamp(weight / s, -z, maxq - z)) * s
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear whose weight is a trainable latent tensor, fake-quantized on an affine grid in forward."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init: QuantizedWeight, maxq: int,
+                 learn_scale: bool, act_quant: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.bits, self.group_size, self.maxq = init.bits, init.group_size, maxq
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        scale = init.scale.float().clone()
+        if learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero", init.zero.clone())
+        self.register_buffer("group_index", init.group_index.clone())
+        per_scale = self.in_features / init.scale.shape[1]
+        positive_levels = maxq // 2 if bool((init.zero == (maxq + 1) // 2).all()) else maxq
+        self.gradient_factor = 1 / math.sqrt(per_scale * positive_levels)
+        self.act_quant = act_quant
+
+    def step_size(self) -> torch.Tensor:
+        scale = scale_gradient(self.scale, self.gradient_factor) if self.scale.requires_grad else self.scale
+        # below fp16's smallest normal a stored scale would lose precision, and it must stay positive
+        return fp16_ste(scale.clamp(min=2.0**-14))
+
+    def fake_weight(self) -> torch.Tensor:
+        return fake_quantize_ste(self.weight, self.step_size(), self.zero, self.group_index, self.maxq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant:
+            x = x + (fake_quantize_activations(x, None).to(x.dtype) - x).detach()
+        return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def quantized_weight(self) -> QuantizedWeight:
+        scale = self.step_size().detach()
+        g = self.group_index.long()
+        codes = torch.clamp(torch.round(self.weight / scale[:, g]) + self.zero[:, g], 0, self.maxq)
+        return QuantizedWeight(codes=codes.to(torch.uint8), scale=scale, zero=self.zero.clone(),
+                               group_index=self.group_index.clone(), bits=self.bits, group_size=self.group_size)
+
+
+@dataclass(frozen=True)
+class QATSettings:
+    """learn_scales: None (scales fixed at their PTQ values) or "lsq"; init: the PTQ result training
+    starts from ("rtn", or "gptq" with act-order, calibrated on wiki); scale_lr: learning rate of the LSQ step sizes (default: the
+    weights' lr); act_quant: also fake-quantize each linear's input to int8 per token during
+    training (the exported checkpoint is weight-only)."""
+
+    learn_scales: str | None = None
+    init: str = "rtn"
+    scale_lr: float | None = None
+    act_quant: bool = False
+
+    def __post_init__(self):
+        if self.learn_scales not in SCALE_LEARNING:
+            raise ConfigError(f"learn_scales must be one of {SCALE_LEARNING}, got {self.learn_scales!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.scale_lr is not None and not self.scale_lr > 0:
+            raise ConfigError(f"scale_lr must be positive, got {self.scale_lr!r}")
+
+
+@dataclass
+class QATResult:
+    qmodel: object  # QuantizedModel: the exported checkpoint, ready to save
+    settings: QATSettings
+    training: TrainingSettings
+    heldout_loss_before: float
+    heldout_loss_after: float
+    train_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def report(self) -> dict:
+        return {
+            "qat": asdict(self.settings),
+            "training": asdict(self.training),
+            "heldout_loss_before": self.heldout_loss_before,
+            "heldout_loss_after": self.heldout_loss_after,
+            "heldout_perplexity_before": math.exp(self.heldout_loss_before),
+            "heldout_perplexity_after": math.exp(self.heldout_loss_after),
+            "train_losses": self.train_losses,
+            "seconds": round(self.seconds, 2),
+        }
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        out = self.qmodel.save(path, overwrite=overwrite)
+        (out / REPORT_FILE).write_text(json.dumps(self.report(), indent=2) + "\n")
+        return out
+
+
+@dataclass
+class QATModel:
+    """A model whose selected linears are FakeQuantLinear layers, ready to train and to export."""
+
+    model: nn.Module
+    tokenizer: object
+    config: QuantConfig
+    settings: QATSettings
+    layers: dict[str, FakeQuantLinear]
+    source: str | None = None
+
+    def parameter_groups(self, training: TrainingSettings) -> list[dict]:
+        """Optimizer groups: the latent weights, and the LSQ step sizes (with their own lr)."""
+        groups = [{"params": [layer.weight for layer in self.layers.values()]}]
+        if self.settings.learn_scales == "lsq":
+            groups.append({"params": [layer.scale for layer in self.layers.values()],
+                           "lr": self.settings.scale_lr or training.lr})
+        return groups
+
+    @torch.no_grad()
+    def export(self, seconds: float = 0.0):
+        """The QuantizedModel of the trained weights and scales (linears back to nn.Linear holding the
+        dequantized weights; packed tensors in config.format); the fake-quantized layers are consumed."""
+        from .api import QuantizedModel
+        from .formats import FORMATS
+        from .pipeline import LayerResult, PipelineResult
+
+        fmt = FORMATS[self.config.format]
+        packed, results = {}, []
+        for name, layer in self.layers.items():
+            quantized = layer.quantized_weight()
+            packed[name] = fmt.pack(quantized, self.config)
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            linear.weight = nn.Parameter(quantized.dequantize(), requires_grad=False)
+            if layer.bias is not None:
+                linear.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
+            self.model.set_submodule(name, linear)
+            results.append(LayerResult(name, (layer.out_features, layer.in_features)))
+        self.layers = {}
+        return QuantizedModel(self.model.eval(), self.tokenizer, self.config, packed, PipelineResult(layers=results),
+                              self.source, seconds)
+
+
+def prepare(model, config: QuantConfig | None = None, settings: QATSettings | None = None, calib=None) -> QATModel:
+    """Load `model` (a name or folder), quantize it with the PTQ starting point (settings.init) and
+    replace its quantized linears by FakeQuantLinear layers; everything else is frozen."""
+    from .api import quantize
+    from .models import load_fp_model
+
+    config = config or QuantConfig(bits=4, group_size=-1)
+    settings = settings or QATSettings()
+    if config.method != "rtn":
+        raise ConfigError("QAT trains on the affine grid of --bits / --group-size; choose the starting point with "
+                          f"init (rtn or gptq), not method {config.method!r}")
+    model, tokenizer = load_fp_model(str(model))
+    source = getattr(model.config, "_name_or_path", None)
+    # GPTQ starts from its strongest variant, act-order
+    ptq_config = QuantConfig(**{**config.to_dict(), "method": settings.init, "act_order": settings.init == "gptq",
+                                "modules_to_not_convert": tuple(config.modules_to_not_convert)})
+    ptq = quantize(model, ptq_config, calib if settings.init == "gptq" else None, tokenizer=tokenizer,
+                   progress=False, keep_quantized=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    maxq = 2**config.bits - 1
+    layers = {}
+    for name, quantized in ptq.quantized_weights.items():
+        linear = model.get_submodule(name)
+        layers[name] = FakeQuantLinear(linear.weight.data, linear.bias, quantized, maxq,
+                                       learn_scale=settings.learn_scales == "lsq", act_quant=settings.act_quant)
+        model.set_submodule(name, layers[name])
+    return QATModel(model, tokenizer, config, settings, layers, source)
+
+
+def qat(model, config: QuantConfig | None = None, settings: QATSettings | None = None,
+        training: TrainingSettings | None = None, calib=None, progress: bool = True) -> QATResult:
+    """Fine-tune `model` (a name or folder) through fake-quantized weights and export the result as a
+    packed checkpoint in config.format."""
+    start = time.time()
+    settings, training = settings or QATSettings(), training or TrainingSettings(lr=1e-5)
+    prepared = prepare(model, config, settings, calib)
+    train_windows, heldout = training_windows(prepared.tokenizer, prepared.model, training)
+    torch.manual_seed(training.seed)
+    before = heldout_loss(prepared.model, heldout)
+    losses = train(prepared.model, prepared.parameter_groups(training), train_windows, training, progress, "qat")
+    after = heldout_loss(prepared.model, heldout)
+    return QATResult(prepared.export(time.time() - start), settings, training, before, after, losses,
+                     time.time() - start)
