@@ -50,6 +50,12 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of `pack`: int32 words along `dim` to int32 values in [0, 2**bits)."""
     run_values, run_words = run_shape(bits)
+    if run_words == 1:  # 2, 4, 8 bits: whole values per word, one vectorized shift (the hot path of dequantization)
+        w = words.movedim(dim, 0).to(torch.int32)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=w.device).view(1, -1, *([1] * (w.dim() - 1)))
+        # an arithmetic shift drags the sign bit down; the mask keeps only the value's own bits
+        values = (w.unsqueeze(1) >> shifts) & (2**bits - 1)
+        return values.reshape(-1, *w.shape[1:]).movedim(0, dim).contiguous()
     w = words.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
     n = w.shape[0]
     if n % run_words:

@@ -161,17 +161,18 @@ def dequantize_blockwise(codes, absmax, table, blocksize: int) -> torch.Tensor:
     return blockwise_dequantize(codes, absmax, table, blocksize)
 
 
-def unpack_4bit(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """uint8 codes [count] from bytes holding two each, the first in the high nibble."""
-    flat = packed.reshape(-1)
-    return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:count]
-
-
 def dequantize_4bit(packed, absmax, table, blocksize: int, shape: tuple[int, int]) -> torch.Tensor:
     """fp32 [out, in] weight from bitsandbytes 4-bit tensors (see llmquant.formats.bitsandbytes);
     absmax is the fp32 per-block scale (already dequantized under double quantization)."""
     count = shape[0] * shape[1]
-    return dequantize_blockwise(unpack_4bit(packed, count), absmax, table, blocksize).view(shape)
+    # one lookup per byte: byte b holds (table[b >> 4], table[b & 15])
+    table = table.float()
+    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)
+    values = F.embedding(packed.reshape(-1).long(), pairs).reshape(-1)[:count]
+    blocks = -(-count // blocksize)
+    if blocks * blocksize != count:
+        values = F.pad(values, (0, blocks * blocksize - count))
+    return (values.view(blocks, blocksize) * absmax.float()[:, None]).reshape(-1)[:count].view(shape)
 
 
 def codebook4_linear(x, packed, absmax, table, nested, blocksize: int, shape: tuple[int, int], bias):
