@@ -128,8 +128,8 @@ def _add_qat(sub):
     p.add_argument("--learn-scales", choices=["lsq"], default=None, help="learn the step sizes (LSQ)")
     p.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
                    help="PTQ starting point (gptq: with act-order, calibrated on wiki)")
-    p.add_argument("--act-quant", action="store_true",
-                   help="also fake-quantize activations to int8 per token while training (the checkpoint is weight-only)")
+    p.add_argument("--act-quant", choices=["per-token", "per-tensor"], default=None,
+                   help="also fake-quantize activations to int8 while training (the checkpoint is weight-only)")
     p.add_argument("--format", default="gptq", choices=["gptq", "awq"])
     p.add_argument("--corpus", default="wiki")
     p.add_argument("--steps", type=int, default=100)

@@ -31,6 +31,7 @@ from .grid.activations import fake_quantize as fake_quantize_activations
 from .training import TrainingSettings, heldout_loss, train, training_windows
 
 SCALE_LEARNING = (None, "lsq")
+ACTIVATION_GRIDS = (None, "per-token", "per-tensor")
 INITS = ("rtn", "gptq")
 REPORT_FILE = "qat_report.json"
 
@@ -50,6 +51,14 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x * factor + (x - x * factor).detach()
 
 
+def fake_quantize_input(x: torch.Tensor, grid: str) -> torch.Tensor:
+    """x on the symmetric int8 grid, one scale per token or one for the whole tensor (from its absmax)."""
+    if grid == "per-token":
+        return fake_quantize_activations(x, None).to(x.dtype)
+    scale = (x.detach().abs().amax().float() / 127).clamp(min=1e-12).reshape(1)
+    return fake_quantize_activations(x, scale).to(x.dtype)
+
+
 def fake_quantize_ste(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_index: torch.Tensor,
                       maxq: int) -> torch.Tensor:
     """(clamp(round(w / s) + z, 0, maxq) - z) * s per group, differentiable in w (clipped STE) and in s (LSQ).
@@ -65,7 +74,7 @@ class FakeQuantLinear(nn.Module):
     """A linear whose weight is a trainable latent tensor, fake-quantized on an affine grid in forward."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init: QuantizedWeight, maxq: int,
-                 learn_scale: bool, act_quant: bool = False):
+                 learn_scale: bool, act_quant: str | None = None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.bits, self.group_size, self.maxq = init.bits, init.group_size, maxq
@@ -92,8 +101,8 @@ class FakeQuantLinear(nn.Module):
         return fake_quantize_ste(self.weight, self.step_size(), self.zero, self.group_index, self.maxq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_quant:
-            x = x + (fake_quantize_activations(x, None).to(x.dtype) - x).detach()
+        if self.act_quant is not None:
+            x = x + (fake_quantize_input(x, self.act_quant) - x).detach()
         return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
@@ -109,19 +118,22 @@ class FakeQuantLinear(nn.Module):
 class QATSettings:
     """learn_scales: None (scales fixed at their PTQ values) or "lsq"; init: the PTQ result training
     starts from ("rtn", or "gptq" with act-order, calibrated on wiki); scale_lr: learning rate of the LSQ step sizes (default: the
-    weights' lr); act_quant: also fake-quantize each linear's input to int8 per token during
-    training (the exported checkpoint is weight-only)."""
+    weights' lr); act_quant: also fake-quantize each linear's input to int8 while training,
+    "per-token" or "per-tensor" (dynamic: the scale from the values at hand); the exported
+    checkpoint is weight-only."""
 
     learn_scales: str | None = None
     init: str = "rtn"
     scale_lr: float | None = None
-    act_quant: bool = False
+    act_quant: str | None = None
 
     def __post_init__(self):
         if self.learn_scales not in SCALE_LEARNING:
             raise ConfigError(f"learn_scales must be one of {SCALE_LEARNING}, got {self.learn_scales!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.act_quant not in ACTIVATION_GRIDS:
+            raise ConfigError(f"act_quant must be one of {ACTIVATION_GRIDS}, got {self.act_quant!r}")
         if self.scale_lr is not None and not self.scale_lr > 0:
             raise ConfigError(f"scale_lr must be positive, got {self.scale_lr!r}")
 

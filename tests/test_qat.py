@@ -76,9 +76,28 @@ def test_exported_checkpoint_computes_what_the_fake_quantized_model_did(trained,
         assert torch.allclose(loaded(ids).logits, fake_logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("grid", ["per-token", "per-tensor"])
+def test_activation_fake_quantization_rounds_inputs_and_passes_gradients(grid):
+    from llmquant.grid.activations import fake_quantize
+    from llmquant.qat import fake_quantize_input
+
+    init = QuantizedWeight(codes=torch.zeros(3, 8, dtype=torch.uint8), scale=torch.full((3, 1), 0.1),
+                           zero=torch.full((3, 1), 8, dtype=torch.int32), group_index=torch.zeros(8, dtype=torch.int32),
+                           bits=4, group_size=-1)
+    layer = FakeQuantLinear(torch.randn(3, 8), None, init, maxq=15, learn_scale=False, act_quant=grid)
+    x = torch.randn(4, 8, requires_grad=True)
+    expected_input = fake_quantize(x.detach(), None if grid == "per-token" else x.detach().abs().amax().reshape(1) / 127)
+    assert torch.equal(fake_quantize_input(x.detach(), grid), expected_input)
+    assert torch.allclose(layer(x), expected_input @ layer.fake_weight().t(), atol=1e-6)
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, layer.fake_weight().sum(0).expand(4, 8).detach(), atol=1e-6)  # straight through
+
+
 def test_settings_are_validated():
     with pytest.raises(ConfigError, match="learn_scales"):
         QATSettings(learn_scales="pact")
+    with pytest.raises(ConfigError, match="act_quant"):
+        QATSettings(act_quant="per-channel")
     with pytest.raises(ConfigError, match="init"):
         QATSettings(init="awq")
     with pytest.raises(ConfigError, match="not method"):
