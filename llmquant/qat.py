@@ -4,8 +4,9 @@ trained weights and scales as a real packed checkpoint (the same formats and loa
 Each block linear becomes a FakeQuantLinear: a trainable latent weight, rounded on the affine grid
 (same scale / zero-point conventions as PTQ) in every forward pass, the straight-through estimator
 passing gradients to the latent weight inside the grid's range and zeroing them outside (clipped
-STE). Scales start from a PTQ result (RTN, or GPTQ: then the latent weights start at GPTQ's rounded
-weights, so training starts exactly from the PTQ model) and stay fixed, or are learned with LSQ
+STE). Scales and codes start from a PTQ result (RTN, or GPTQ), the latent weights at the
+full-precision weights clipped into the chosen codes' rounding intervals, so training starts
+exactly from the PTQ model; the scales stay fixed, or are learned with LSQ
 (Esser et al., 2019): the step size is a parameter whose gradient the paper's rule gives,
 d w_hat / d s = round(w / s) - w / s inside the range and the clipped bound outside, scaled by
 1 / sqrt(weights per scale * Q_P). Scales pass through fp16 in the forward pass (straight-through),
@@ -68,6 +69,21 @@ def fake_quantize_ste(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     g = group_index.long()
     s, z = scale[:, g], zero[:, g].to(weight.dtype)
     return round_ste(torch.clamp(weight / s, -z, maxq - z)) * s
+
+
+def latent_start(full_precision: torch.Tensor, quantized: QuantizedWeight, maxq: int) -> torch.Tensor:
+    """The latent weights training starts from: the full-precision weights, clipped into the rounding
+    interval of the code the PTQ method chose. Rounding them gives the PTQ codes (training starts
+    from the PTQ model), yet each weight keeps its distance from the next code: a latent weight
+    started at its grid point would need half a step of updates before any code could change."""
+    g = quantized.group_index.long()
+    scale, zero = quantized.scale[:, g].float(), quantized.zero[:, g].float()
+    center = (quantized.codes.float() - zero) * scale
+    # 0.49 of a step: inside the interval, away from the tie that round() would break to even
+    half = 0.49 * scale
+    lower = torch.where(quantized.codes.float() == 0, torch.full_like(center, -torch.inf), center - half)
+    upper = torch.where(quantized.codes.float() == maxq, torch.full_like(center, torch.inf), center + half)
+    return torch.maximum(torch.minimum(full_precision.float(), upper), lower)
 
 
 class FakeQuantLinear(nn.Module):
@@ -225,6 +241,8 @@ def prepare(model, config: QuantConfig | None = None, settings: QATSettings | No
     # GPTQ starts from its strongest variant, act-order
     ptq_config = QuantConfig(**{**config.to_dict(), "method": settings.init, "act_order": settings.init == "gptq",
                                 "modules_to_not_convert": tuple(config.modules_to_not_convert)})
+    full_precision = {name: module.weight.detach().clone() for name, module in model.named_modules()
+                      if isinstance(module, nn.Linear)}
     ptq = quantize(model, ptq_config, calib if settings.init == "gptq" else None, tokenizer=tokenizer,
                    progress=False, keep_quantized=True)
     for p in model.parameters():
@@ -233,9 +251,11 @@ def prepare(model, config: QuantConfig | None = None, settings: QATSettings | No
     layers = {}
     for name, quantized in ptq.quantized_weights.items():
         linear = model.get_submodule(name)
-        layers[name] = FakeQuantLinear(linear.weight.data, linear.bias, quantized, maxq,
+        latent = latent_start(full_precision[name], quantized, maxq)
+        layers[name] = FakeQuantLinear(latent, linear.bias, quantized, maxq,
                                        learn_scale=settings.learn_scales == "lsq", act_quant=settings.act_quant)
         model.set_submodule(name, layers[name])
+    full_precision.clear()
     return QATModel(model, tokenizer, config, settings, layers, source)
 
 

@@ -102,3 +102,23 @@ def test_settings_are_validated():
         QATSettings(init="awq")
     with pytest.raises(ConfigError, match="not method"):
         prepare("smollm2-135m", QuantConfig(method="gptq"))
+
+
+def test_latent_weights_start_at_full_precision_inside_the_ptq_codes():
+    from llmquant.grid import AffineGrid
+    from llmquant.qat import latent_start
+
+    torch.manual_seed(4)
+    full = torch.randn(6, 64)
+    grid = AffineGrid(3, False, 32)
+    quantized = grid.quantize(full)
+    quantized.codes[0, :5] = (quantized.codes[0, :5].long() + 1).clamp(max=7).to(torch.uint8)  # as GPTQ might
+    latent = latent_start(full, quantized, maxq=7)
+    g = quantized.group_index.long()
+    codes = grid.quantize_values(latent, quantized.scale[:, g], quantized.zero[:, g])
+    assert torch.equal(codes.to(torch.uint8), quantized.codes)  # rounding the latent gives the PTQ codes
+    same = codes.to(torch.uint8) == grid.quantize(full).codes
+    # where RTN agrees the latent is the full-precision weight, but for those within 1% of a step of a tie
+    step = quantized.scale[:, g]
+    assert ((latent - full).abs() <= 0.0101 * step)[same].all()
+    assert (latent == full)[same].float().mean() > 0.95
