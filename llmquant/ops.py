@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bitpack
+from .grid.codebook import dequantize_nested_absmax, scale_blocks
 from .errors import ConfigError
 
 REFERENCE = "reference"
@@ -154,13 +155,6 @@ def _w8a8_linear_reference(x, weight, weight_scale, input_scale, bias):
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def dequantize_blockwise(codes, absmax, table, blocksize: int) -> torch.Tensor:
-    """fp32 values table[code] * absmax of its block, flat (bitsandbytes' blockwise layout)."""
-    from .grid.codebook import blockwise_dequantize
-
-    return blockwise_dequantize(codes, absmax, table, blocksize)
-
-
 def dequantize_4bit(packed, absmax, table, blocksize: int, shape: tuple[int, int]) -> torch.Tensor:
     """fp32 [out, in] weight from bitsandbytes 4-bit tensors (see llmquant.formats.bitsandbytes);
     absmax is the fp32 per-block scale (already dequantized under double quantization)."""
@@ -169,10 +163,7 @@ def dequantize_4bit(packed, absmax, table, blocksize: int, shape: tuple[int, int
     table = table.float()
     pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)
     values = F.embedding(packed.reshape(-1).long(), pairs).reshape(-1)[:count]
-    blocks = -(-count // blocksize)
-    if blocks * blocksize != count:
-        values = F.pad(values, (0, blocks * blocksize - count))
-    return (values.view(blocks, blocksize) * absmax.float()[:, None]).reshape(-1)[:count].view(shape)
+    return scale_blocks(values, absmax, blocksize).view(shape)
 
 
 def codebook4_linear(x, packed, absmax, table, nested, blocksize: int, shape: tuple[int, int], bias):
@@ -184,7 +175,6 @@ def codebook4_linear(x, packed, absmax, table, nested, blocksize: int, shape: tu
 @register("codebook4_linear", REFERENCE)
 def _codebook4_linear_reference(x, packed, absmax, table, nested, blocksize, shape, bias):
     if nested is not None:
-        nested_absmax, nested_table, offset, nested_blocksize = nested
-        absmax = dequantize_blockwise(absmax, nested_absmax, nested_table, nested_blocksize) + offset
+        absmax = dequantize_nested_absmax(absmax, *nested)
     weight = dequantize_4bit(packed, absmax, table, blocksize, shape).to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

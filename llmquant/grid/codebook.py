@@ -94,13 +94,24 @@ def code_of_zero(table: torch.Tensor) -> int:
     return int(order[torch.bucketize(torch.zeros(1), bounds)])
 
 
+def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """fp32 [n]: each block of `blocksize` consecutive table values times its absmax (the last block
+    may be partial)."""
+    n = values.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(values.float(), (0, blocks * blocksize - n)).view(blocks, blocksize)
+    return (padded * absmax.float()[:, None]).reshape(-1)[:n]
+
+
 def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int) -> torch.Tensor:
     """fp32 [n] values table[code] * absmax of its block."""
-    flat = table[codes.reshape(-1).long()]
-    n = flat.numel()
-    blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    return (padded * absmax.float()[:, None]).reshape(-1)[:n]
+    return scale_blocks(table[codes.reshape(-1).long()], absmax, blocksize)
+
+
+def dequantize_nested_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, nested_table: torch.Tensor,
+                             offset: float, nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """fp32 block constants from their double-quantized form: table[code] * nested_absmax + offset."""
+    return blockwise_dequantize(codes, nested_absmax, nested_table, nested_blocksize) + offset
 
 
 @dataclass
@@ -119,7 +130,7 @@ class NestedAbsmax:
         return cls(codes, nested_absmax, offset.item())
 
     def dequantize(self) -> torch.Tensor:
-        return blockwise_dequantize(self.codes, self.nested_absmax, dynamic_table(), self.blocksize) + self.offset
+        return dequantize_nested_absmax(self.codes, self.nested_absmax, dynamic_table(), self.offset, self.blocksize)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..errors import CheckpointError
-from ..grid.codebook import BLOCKSIZES
+from ..grid.codebook import BLOCKSIZES, dequantize_nested_absmax
 
 # bitsandbytes state-dict suffix (after "weight.") -> buffer name.
 _BUFFERS = {"absmax": "absmax", "quant_map": "quant_map", "nested_absmax": "nested_absmax",
@@ -58,8 +58,8 @@ class BnB4bitLinear(nn.Module):
         """fp32 per-block scales (dequantized from 8 bits under double quantization)."""
         if not self.nested:
             return self.absmax
-        return ops.dequantize_blockwise(self.absmax, self.nested_absmax, self.nested_quant_map,
-                                        self.nested_blocksize) + self.nested_offset
+        return dequantize_nested_absmax(self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset,
+                                        self.nested_blocksize)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return ops.dequantize_4bit(self.weight, self.block_absmax(), self.quant_map, self.blocksize,
