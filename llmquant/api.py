@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import resource
@@ -19,7 +18,7 @@ from torch import nn
 
 from .algorithms import CODEBOOK_METHODS, algorithm_for
 from .arch import ArchMap, arch_for
-from .checkpoint import without_tied_copies, write_folder_atomically, write_safetensors
+from .checkpoint import without_tied_copies, write_folder_atomically, write_model_files
 from .config import PER_CHANNEL, QuantConfig
 from .data import Calibration
 from .errors import ConfigError, LlmquantError, UnsupportedArchitectureError
@@ -90,21 +89,14 @@ class QuantizedModel:
         storage = STORAGE_TORCH_DTYPES[self.config.dtype]
 
         def write(folder: Path) -> None:
-            write_safetensors(folder, self.checkpoint_tensors(), max_shard_size)
-            config = copy.deepcopy(self.model.config)
-            config.quantization_config = fmt.quantization_config(self.config)
-            config.dtype = storage
-            config.save_pretrained(folder)
-            if getattr(self.model, "generation_config", None) is not None:
-                self.model.generation_config.save_pretrained(folder)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(folder)
+            write_model_files(folder, self.model, self.checkpoint_tensors(), self.tokenizer, storage, max_shard_size,
+                              fmt.quantization_config(self.config))
             (folder / REPORT_FILE).write_text(json.dumps(self.report(), indent=2))
 
         return write_folder_atomically(path, write, overwrite)
 
 
-def _linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
+def linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
     """(name, linear) of every block linear the config quantizes, in pipeline order."""
     try:
         blocks = arch.block_list(model)
@@ -161,7 +153,7 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     else:
         source = getattr(model.config, "_name_or_path", None)
     arch = arch_for(model.config)
-    layers = list(_linears_to_quantize(model, arch, config))
+    layers = list(linears_to_quantize(model, arch, config))
     _check_layers(layers, config)
     selected = {name for name, _ in layers}
     fmt = FORMATS[config.format]

@@ -3,6 +3,7 @@ target, which is renamed into place only when complete. A failed or killed run l
 half-written checkpoint at the output path (at most a hidden `.NAME.tmp-*` folder)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -95,13 +96,22 @@ def save_loaded_model(model, tokenizer, path: str | os.PathLike, overwrite: bool
         exact = key.startswith(quantized) and not key.endswith(".bias")
         tensors[key] = tensor.to(storage_dtype) if tensor.is_floating_point() and not exact else tensor
 
-    def write(folder: Path) -> None:
-        write_safetensors(folder, tensors, max_shard_size)
-        model.config.dtype = storage_dtype
-        model.config.save_pretrained(folder)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+    return write_folder_atomically(
+        path, lambda folder: write_model_files(folder, model, tensors, tokenizer, storage_dtype, max_shard_size),
+        overwrite)
 
-    return write_folder_atomically(path, write, overwrite)
+
+def write_model_files(folder: Path, model, tensors: dict[str, torch.Tensor], tokenizer, storage_dtype: torch.dtype,
+                      max_shard_size=DEFAULT_MAX_SHARD_SIZE, quantization_config: dict | None = None) -> None:
+    """Weights, config (a copy of the model's, with `dtype` the storage dtype and, when given, this
+    quantization_config), generation config and tokenizer of a checkpoint, into `folder`."""
+    write_safetensors(folder, tensors, max_shard_size)
+    config = copy.deepcopy(model.config)
+    if quantization_config is not None:
+        config.quantization_config = quantization_config
+    config.dtype = storage_dtype
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

@@ -228,7 +228,8 @@ class QATModel:
 def prepare(model, config: QuantConfig | None = None, settings: QATSettings | None = None, calib=None) -> QATModel:
     """Load `model` (a name or folder), quantize it with the PTQ starting point (settings.init) and
     replace its quantized linears by FakeQuantLinear layers; everything else is frozen."""
-    from .api import quantize
+    from .api import linears_to_quantize, quantize
+    from .arch import arch_for
     from .models import load_fp_model
 
     config = config or QuantConfig(bits=4, group_size=-1)
@@ -241,8 +242,8 @@ def prepare(model, config: QuantConfig | None = None, settings: QATSettings | No
     # GPTQ starts from its strongest variant, act-order
     ptq_config = QuantConfig(**{**config.to_dict(), "method": settings.init, "act_order": settings.init == "gptq",
                                 "modules_to_not_convert": tuple(config.modules_to_not_convert)})
-    full_precision = {name: module.weight.detach().clone() for name, module in model.named_modules()
-                      if isinstance(module, nn.Linear)}
+    full_precision = {name: linear.weight.detach().clone()
+                      for name, linear in linears_to_quantize(model, arch_for(model.config), config)}
     ptq = quantize(model, ptq_config, calib if settings.init == "gptq" else None, tokenizer=tokenizer,
                    progress=False, keep_quantized=True)
     for p in model.parameters():

@@ -8,6 +8,7 @@ re-quantizes them on the base's NF4 / FP4 grid, giving a new checkpoint without 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -88,7 +89,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+@functools.cache
 def _lora_layer_class():
+    """Built once (peft is imported lazily), so every adapter uses the same class."""
     from peft.tuners.lora.layer import Linear
 
     class QuantizedLoraLinear(Linear):
@@ -100,13 +103,17 @@ def _lora_layer_class():
     return QuantizedLoraLinear
 
 
+def _with_quantized_bases(config):
+    """The peft LoraConfig, told which LoRA layer wraps each of our quantized linears."""
+    config._register_custom_module({base: _lora_layer_class() for base in TRAINABLE_BASES})
+    return config
+
+
 def _peft_config(lora: LoraSettings, targets: list[str]):
     from peft import LoraConfig
 
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")
-    config._register_custom_module({base: _lora_layer_class() for base in TRAINABLE_BASES})
-    return config
+    return _with_quantized_bases(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=targets, bias="none", task_type="CAUSAL_LM"))
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
@@ -137,8 +144,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike):
     folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise LlmquantError(f"{folder} is not an adapter folder (no adapter_config.json)")
-    config = LoraConfig.from_pretrained(str(folder))
-    config._register_custom_module({base: _lora_layer_class() for base in TRAINABLE_BASES})
+    config = _with_quantized_bases(LoraConfig.from_pretrained(str(folder)))
     return PeftModel.from_pretrained(model, str(folder), config=config).eval()
 
 

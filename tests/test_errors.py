@@ -92,7 +92,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("llmquant.api.write_safetensors", disk_full)
+    monkeypatch.setattr("llmquant.checkpoint.write_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         qmodel.save(tmp_path / "ckpt")
     assert leftovers(tmp_path) == []
