@@ -242,6 +242,12 @@ def _model_with_adapter(model_path, adapter):
     return load_adapter(model, adapter), tokenizer
 
 
+def _training_summary(report: dict) -> str:
+    return (f"{report['training']['steps']} steps in {report['seconds']:.0f} s; held-out loss "
+            f"{report['heldout_loss_before']:.4f} -> {report['heldout_loss_after']:.4f} (perplexity "
+            f"{report['heldout_perplexity_before']:.3f} -> {report['heldout_perplexity_after']:.3f})")
+
+
 def cmd_finetune(args) -> int:
     from .checkpoint import check_output_path
     from .qlora import LoraSettings, TrainingSettings, finetune, merge_into_checkpoint
@@ -255,10 +261,7 @@ def cmd_finetune(args) -> int:
     result = finetune(args.model, lora, training)
     out = result.save_adapter(args.out, overwrite=args.overwrite)
     report = result.report()
-    print(f"wrote {out}: {report['trainable_parameters']} trainable parameters, {training.steps} steps in "
-          f"{report['seconds']:.0f} s; held-out loss {report['heldout_loss_before']:.4f} -> "
-          f"{report['heldout_loss_after']:.4f} (perplexity {report['heldout_perplexity_before']:.3f} -> "
-          f"{report['heldout_perplexity_after']:.3f})")
+    print(f"wrote {out}: {report['trainable_parameters']} trainable parameters, {_training_summary(report)}")
     if args.merge_out:
         merged = merge_into_checkpoint(result.model, result.tokenizer, args.merge_out, overwrite=args.overwrite)
         print(f"wrote {merged}: adapters folded into the weights and re-quantized")
@@ -279,9 +282,7 @@ def cmd_qat(args) -> int:
     result = qat(args.model, config, settings, training)
     out = result.save(args.out, overwrite=args.overwrite)
     report = result.report()
-    print(f"wrote {out}: {training.steps} steps in {report['seconds']:.0f} s; held-out loss "
-          f"{report['heldout_loss_before']:.4f} -> {report['heldout_loss_after']:.4f} (perplexity "
-          f"{report['heldout_perplexity_before']:.3f} -> {report['heldout_perplexity_after']:.3f})")
+    print(f"wrote {out}: {_training_summary(report)}")
     return 0
 
 

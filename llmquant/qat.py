@@ -29,7 +29,7 @@ from .config import QuantConfig
 from .errors import ConfigError
 from .grid import QuantizedWeight
 from .grid.activations import fake_quantize as fake_quantize_activations
-from .training import TrainingSettings, heldout_loss, train, training_windows
+from .training import TrainingSettings, heldout_loss, run_report, train, training_windows
 
 SCALE_LEARNING = (None, "lsq")
 ACTIVATION_GRIDS = (None, "per-token", "per-tensor")
@@ -165,16 +165,9 @@ class QATResult:
     seconds: float = 0.0
 
     def report(self) -> dict:
-        return {
-            "qat": asdict(self.settings),
-            "training": asdict(self.training),
-            "heldout_loss_before": self.heldout_loss_before,
-            "heldout_loss_after": self.heldout_loss_after,
-            "heldout_perplexity_before": math.exp(self.heldout_loss_before),
-            "heldout_perplexity_after": math.exp(self.heldout_loss_after),
-            "train_losses": self.train_losses,
-            "seconds": round(self.seconds, 2),
-        }
+        return {"qat": asdict(self.settings),
+                **run_report(self.training, self.heldout_loss_before, self.heldout_loss_after, self.train_losses,
+                             self.seconds)}
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         out = self.qmodel.save(path, overwrite=overwrite)

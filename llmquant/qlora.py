@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from torch import nn
 from .checkpoint import write_folder_atomically
 from .errors import ConfigError, LlmquantError
 from .nn import AWQLinear, BnB4bitLinear, GPTQLinear
-from .training import TrainingSettings, heldout_loss, train, training_windows
+from .training import TrainingSettings, heldout_loss, run_report, train, training_windows
 
 # Quantized linears whose forward is differentiable in its input (W8A8 rounds activations: it is not).
 TRAINABLE_BASES = (BnB4bitLinear, GPTQLinear, AWQLinear)
@@ -65,16 +64,11 @@ class FinetuneResult:
         return {
             "base_checkpoint": self.source,
             "lora": asdict(self.lora),
-            "training": asdict(self.training),
             "trainable_parameters": trainable,
-            "heldout_loss_before": self.heldout_loss_before,
-            "heldout_loss_after": self.heldout_loss_after,
-            "heldout_perplexity_before": math.exp(self.heldout_loss_before),
-            "heldout_perplexity_after": math.exp(self.heldout_loss_after),
             "train_loss_first_10": _mean(self.train_losses[:10]),
             "train_loss_last_10": _mean(self.train_losses[-10:]),
-            "train_losses": self.train_losses,
-            "seconds": round(self.seconds, 2),
+            **run_report(self.training, self.heldout_loss_before, self.heldout_loss_after, self.train_losses,
+                         self.seconds),
         }
 
     def save_adapter(self, path: str | os.PathLike, overwrite: bool = False) -> Path:

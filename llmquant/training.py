@@ -3,7 +3,8 @@
 warmup then linear decay, gradient clipping, and the loss on held-out windows before and after."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -59,6 +60,21 @@ def heldout_loss(model: nn.Module, heldout: Windows) -> float:
         return perplexity(model, heldout, progress=False).mean_nll
     finally:
         model.train(was_training)
+
+
+def run_report(training: TrainingSettings, loss_before: float, loss_after: float, train_losses: list[float],
+               seconds: float) -> dict:
+    """The report fields every training run shares: settings, held-out loss and perplexity before and
+    after, the loss of each step, wall time."""
+    return {
+        "training": asdict(training),
+        "heldout_loss_before": loss_before,
+        "heldout_loss_after": loss_after,
+        "heldout_perplexity_before": math.exp(loss_before),
+        "heldout_perplexity_after": math.exp(loss_after),
+        "train_losses": train_losses,
+        "seconds": round(seconds, 2),
+    }
 
 
 def _learning_rate_factor(step: int, training: TrainingSettings) -> float:
