@@ -60,8 +60,13 @@ def backend_for(device_type: str) -> str:
     return wanted
 
 
-def implementation(op: str, device_type: str) -> Callable:
-    backend = backend_for(device_type)
+def implementation(op: str, x: torch.Tensor) -> Callable:
+    """The implementation of `op` for input x: its device's backend, except that the Triton kernels
+    have no backward, so a call that needs a gradient through x (QLoRA training) gets the
+    differentiable reference."""
+    backend = backend_for(x.device.type)
+    if backend == TRITON and torch.is_grad_enabled() and x.requires_grad:
+        backend = REFERENCE
     if backend == TRITON:
         importlib.import_module(".triton_ops", __package__)  # registers the Triton implementations
     impl = _IMPLEMENTATIONS.get((op, backend)) or _IMPLEMENTATIONS.get((op, REFERENCE))
@@ -81,7 +86,7 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int,
 
 
 def gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits: int, zero_offset: int):
-    return implementation("gptq_linear", x.device.type)(
+    return implementation("gptq_linear", x)(
         x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset
     )
 
@@ -119,7 +124,7 @@ def dequantize_awq(qweight, qzeros, scales, group_size: int, dtype=torch.float32
 
 
 def awq_linear(x, qweight, qzeros, scales, bias, group_size: int):
-    return implementation("awq_linear", x.device.type)(x, qweight, qzeros, scales, bias, group_size)
+    return implementation("awq_linear", x)(x, qweight, qzeros, scales, bias, group_size)
 
 
 @register("awq_linear", REFERENCE)
@@ -131,7 +136,7 @@ def _awq_linear_reference(x, qweight, qzeros, scales, bias, group_size):
 def w8a8_linear(x, weight, weight_scale, input_scale, bias):
     """int8 x int8 -> int32 matmul with the scale epilogue; x quantized per token (dynamic) when
     input_scale is None, else with the static per-tensor input_scale."""
-    return implementation("w8a8_linear", x.device.type)(x, weight, weight_scale, input_scale, bias)
+    return implementation("w8a8_linear", x)(x, weight, weight_scale, input_scale, bias)
 
 
 def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +174,7 @@ def dequantize_4bit(packed, absmax, table, blocksize: int, shape: tuple[int, int
 def codebook4_linear(x, packed, absmax, table, nested, blocksize: int, shape: tuple[int, int], bias):
     """x @ W^T for an NF4 / FP4 weight. nested: (nested_absmax, nested_table, offset, nested_blocksize)
     when absmax is double-quantized (uint8), else None."""
-    return implementation("codebook4_linear", x.device.type)(x, packed, absmax, table, nested, blocksize, shape, bias)
+    return implementation("codebook4_linear", x)(x, packed, absmax, table, nested, blocksize, shape, bias)
 
 
 @register("codebook4_linear", REFERENCE)

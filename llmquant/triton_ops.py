@@ -1,24 +1,12 @@
-"""The Triton implementations of llmquant's ops (see ops.py), calling llmquant_kernels.
-
-The kernels have no backward: when a gradient is wanted through the layer (QLoRA training), the
-differentiable torch reference runs instead.
-"""
+"""The Triton implementations of llmquant's ops (see ops.py), calling llmquant_kernels. They have no
+backward; ops.implementation sends calls that need a gradient to the torch reference."""
 from __future__ import annotations
 
-import torch
-
-from . import ops
 from .ops import TRITON, register
-
-
-def _needs_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
 
 
 @register("gptq_linear", TRITON)
 def gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset):
-    if _needs_grad(x):
-        return ops._gptq_linear_reference(x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset)
     from llmquant_kernels import w4a16_matmul
 
     return w4a16_matmul(x, qweight, qzeros, scales, g_idx, bias, bits=bits, layout="gptq", zero_offset=zero_offset)
@@ -26,8 +14,6 @@ def gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset):
 
 @register("awq_linear", TRITON)
 def awq_linear(x, qweight, qzeros, scales, bias, group_size):
-    if _needs_grad(x):
-        return ops._awq_linear_reference(x, qweight, qzeros, scales, bias, group_size)
     from llmquant_kernels import w4a16_matmul
 
     return w4a16_matmul(x, qweight, qzeros, scales, None, bias, bits=4, layout="awq", zero_offset=0,
@@ -46,8 +32,6 @@ def w8a8_linear(x, weight, weight_scale, input_scale, bias):
 
 @register("codebook4_linear", TRITON)
 def codebook4_linear(x, packed, absmax, table, nested, blocksize, shape, bias):
-    if _needs_grad(x):
-        return ops._codebook4_linear_reference(x, packed, absmax, table, nested, blocksize, shape, bias)
     from llmquant_kernels import codebook4_matmul
 
     return codebook4_matmul(x, packed, absmax, table, blocksize, shape, bias, nested)
