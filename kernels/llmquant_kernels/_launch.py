@@ -47,7 +47,7 @@ def interpreter_config(m: int, n: int, k: int) -> dict:
     return _config(16, 32, 32, split, num_warps=1, num_stages=1)
 
 
-def pick_config(kernel: str, m: int, n: int, k: int, x: torch.Tensor, launch) -> dict:
+def pick_config(kernel, m: int, n: int, k: int, x: torch.Tensor, launch) -> dict:
     """The launch configuration for this shape: fixed under the interpreter, tuned once per shape on a GPU."""
     if INTERPRETING or x.device.type != "cuda":
         return interpreter_config(m, n, k)
@@ -63,7 +63,7 @@ def pick_config(kernel: str, m: int, n: int, k: int, x: torch.Tensor, launch) ->
             except Exception:  # a candidate that does not fit (shared memory, registers) is skipped
                 continue
         if not timings:
-            raise RuntimeError(f"no launch configuration of {kernel} runs for M={m} N={n} K={k}")
+            raise RuntimeError(f"no launch configuration of {kernel.__name__} runs for M={m} N={n} K={k}")
         _TUNED[key] = min(timings, key=lambda t: t[0])[1]
     return _TUNED[key]
 

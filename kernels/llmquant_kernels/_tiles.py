@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch_options, pick_config
+
 
 @triton.jit
 def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -35,14 +37,18 @@ def store_tile(acc, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BI
         tl.atomic_add(out, acc, mask=mask)
 
 
-def run_tiled(kernel, args: tuple, M: int, N: int, device, out_dtype, config: dict, **constants):
-    """Launch `kernel(*args, out, out.stride(0), **constants)` over output tiles x K splits; a split
-    K accumulates into a zeroed fp32 buffer (so repeated tuning trials start from zero)."""
-    from ._launch import launch_options
+def run_tiled(kernel, args: tuple, M: int, N: int, K: int, like: torch.Tensor, out_dtype, config: dict | None,
+              **constants) -> torch.Tensor:
+    """out [M, N] of `kernel(*args, out, out.stride(0), **constants)` over output tiles x K splits, with
+    `config` or the one chosen for this shape (see _launch); a split K accumulates into a zeroed fp32
+    buffer (so repeated tuning trials start from zero). `like`: a tensor on the device, of the input dtype."""
 
-    split_k = config["SPLIT_K"]
-    out = (torch.zeros if split_k > 1 else torch.empty)((M, N), device=device,
-                                                        dtype=torch.float32 if split_k > 1 else out_dtype)
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), split_k)
-    kernel[grid](*args, out, out.stride(0), **constants, **launch_options(config))
-    return out
+    def launch(cfg: dict) -> torch.Tensor:
+        split_k = cfg["SPLIT_K"]
+        out = (torch.zeros if split_k > 1 else torch.empty)((M, N), device=like.device,
+                                                            dtype=torch.float32 if split_k > 1 else out_dtype)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+        kernel[grid](*args, out, out.stride(0), **constants, **launch_options(cfg))
+        return out
+
+    return launch(config or pick_config(kernel, M, N, K, like, launch)).to(out_dtype)

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pick_config
 from ._tiles import dot_fp32, output_tile, run_tiled, store_tile
 
 
@@ -59,9 +58,6 @@ def codebook4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     args = (rows, packed, absmax, table, nested_absmax, nested_table.float().contiguous(),
             bias if bias is not None else table, M, N, K, blocksize, nested_blocksize, float(offset), rows.stride(0))
 
-    def launch(cfg):
-        return run_tiled(codebook4_kernel, args, M, N, x.device, x.dtype, cfg, NESTED=nested is not None,
-                         HAS_BIAS=bias is not None, IEEE_FP32=rows.dtype == torch.float32)
-
-    y = launch(config or pick_config("codebook4", M, N, K, x, launch))
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+    y = run_tiled(codebook4_kernel, args, M, N, K, x, x.dtype, config, NESTED=nested is not None,
+                  HAS_BIAS=bias is not None, IEEE_FP32=rows.dtype == torch.float32)
+    return y.reshape(*x.shape[:-1], N)

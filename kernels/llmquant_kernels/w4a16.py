@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pick_config
 from ._tiles import dot_fp32, output_tile, run_tiled, store_tile
 
 LAYOUTS = {"gptq": 0, "awq": 1}
@@ -90,12 +89,9 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     args = (rows, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
             bias if bias is not None else scales, M, N, K, max(group_size, 1), rows.stride(0))
 
-    def launch(cfg):
-        return run_tiled(w4a16_kernel, args, M, N, x.device, x.dtype, cfg, BITS=bits, LAYOUT=LAYOUTS[layout],
-                         ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None, IEEE_FP32=rows.dtype == torch.float32)
-
-    y = launch(config or pick_config("w4a16", M, N, K, x, launch))
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+    y = run_tiled(w4a16_kernel, args, M, N, K, x, x.dtype, config, BITS=bits, LAYOUT=LAYOUTS[layout],
+                  ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None, IEEE_FP32=rows.dtype == torch.float32)
+    return y.reshape(*x.shape[:-1], N)
 
 
 __all__ = ["w4a16_kernel", "w4a16_matmul"]

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pick_config
 from ._tiles import output_tile, run_tiled, store_tile
 
 
@@ -88,7 +87,4 @@ def int8_scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
 
     args = (a, b, a_scale, b_scale, bias if bias is not None else b_scale, M, N, K)
 
-    def launch(cfg):
-        return run_tiled(int8_scaled_matmul_kernel, args, M, N, a.device, out_dtype, cfg, HAS_BIAS=bias is not None)
-
-    return launch(config or pick_config("int8_matmul", M, N, K, a, launch)).to(out_dtype)
+    return run_tiled(int8_scaled_matmul_kernel, args, M, N, K, a, out_dtype, config, HAS_BIAS=bias is not None)
