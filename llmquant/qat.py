@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .errors import ConfigError
-from .grid import QuantizedWeight
+from .grid import AffineGrid, QuantizedWeight
 from .grid.activations import fake_quantize as fake_quantize_activations
 from .training import TrainingSettings, heldout_loss, run_report, train, training_windows
 
@@ -125,7 +125,7 @@ class FakeQuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         scale = self.step_size().detach()
         g = self.group_index.long()
-        codes = torch.clamp(torch.round(self.weight / scale[:, g]) + self.zero[:, g], 0, self.maxq)
+        codes = AffineGrid(self.bits).quantize_values(self.weight, scale[:, g], self.zero[:, g])
         return QuantizedWeight(codes=codes.to(torch.uint8), scale=scale, zero=self.zero.clone(),
                                group_index=self.group_index.clone(), bits=self.bits, group_size=self.group_size)
 
