@@ -94,7 +94,7 @@ class QuantConfig:
             raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
         # Imported here: the registries import modules that import this one.
-        from .algorithms import ALGORITHMS, CODEBOOK_METHODS, GPTQ_ROUNDING
+        from .algorithms import ALGORITHMS, GPTQ_ROUNDING
         from .formats import FORMATS
 
         if (self.act_order or self.static_groups) and self.method not in GPTQ_ROUNDING:

@@ -172,11 +172,14 @@ def merge_into_checkpoint(peft_model, tokenizer, path: str | os.PathLike, overwr
     from peft.tuners.lora import LoraLayer
 
     from .checkpoint import save_loaded_model
+    from .config import QuantConfig
     from .formats import FORMATS
     from .grid.codebook import CodebookGrid
 
     fmt = FORMATS["bitsandbytes"]
     model = peft_model.get_base_model()
+    quantization_config = model.config.quantization_config
+    compute_dtype = quantization_config.get("bnb_4bit_compute_dtype", "float16")
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
@@ -187,22 +190,14 @@ def merge_into_checkpoint(peft_model, tokenizer, path: str | os.PathLike, overwr
         for adapter in module.active_adapters:
             weight = weight + module.get_delta_weight(adapter).float()
         grid = CodebookGrid(base.quant_type, base.blocksize, base.nested)
-        config = _storage_config(model, grid)
+        config = QuantConfig(method=grid.quant_type, group_size=grid.blocksize, double_quant=grid.double_quant,
+                             dtype=compute_dtype)
         tensors = fmt.pack(grid.quantize(weight), config)
-        merged = BnB4bitLinear(base.in_features, base.out_features, base.quant_type, blocks=base.absmax.numel(),
-                               nested_blocks=base.nested_absmax.numel() if base.nested else 0,
-                               bias=base.bias is not None, dtype=weight.dtype)
+        # built as the loader builds it, from the tensors' shapes
+        merged = fmt.build_linear(name, quantization_config, {k: tuple(v.shape) for k, v in tensors.items()},
+                                  base.bias is not None, base.in_features, base.out_features, weight.dtype)
         if base.bias is not None:
             tensors["bias"] = base.bias
         merged.load_state_dict(tensors, assign=True)
         model.set_submodule(name, merged)
-    storage = getattr(torch, model.config.quantization_config.get("bnb_4bit_compute_dtype", "float16"))
-    return save_loaded_model(model, tokenizer, path, overwrite, storage_dtype=storage)
-
-
-def _storage_config(model, grid):
-    from .config import QuantConfig
-
-    qc = model.config.quantization_config
-    return QuantConfig(method=grid.quant_type, group_size=grid.blocksize, double_quant=grid.double_quant,
-                       dtype=qc.get("bnb_4bit_compute_dtype", "float16"))
+    return save_loaded_model(model, tokenizer, path, overwrite, storage_dtype=getattr(torch, compute_dtype))
