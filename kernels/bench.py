@@ -57,7 +57,12 @@ def copy_bandwidth(device: str) -> float:
 
 
 def random_operands(kind: str, k: int, n: int, device: str, dtype: torch.dtype) -> dict:
-    """Packed tensors of a [n, k] weight with random codes (timing needs layouts, not trained values)."""
+    """Packed tensors of a [n, k] weight with random codes (timing needs layouts, not trained values),
+    scales in fp16, or fp32 when the activations are (the CPU reference)."""
+    return _scales_in(_packed_operands(kind, k, n, device), dtype)
+
+
+def _packed_operands(kind: str, k: int, n: int, device: str) -> dict:
     g = torch.Generator(device="cpu").manual_seed(k * 7 + n)
     groups = -(-k // GROUP)
 
@@ -80,6 +85,13 @@ def random_operands(kind: str, k: int, n: int, device: str, dtype: torch.dtype) 
                 "table": torch.linspace(-1, 1, 16).to(device), "nested_absmax": torch.rand(-(-blocks // 256)).to(device),
                 "nested_table": torch.linspace(-1, 1, 256).to(device)}
     raise ValueError(kind)
+
+
+def _scales_in(tensors: dict, dtype: torch.dtype) -> dict:
+    """fp16 scales as the activations' dtype on the CPU, where the reference computes in fp32."""
+    if dtype == torch.float16:
+        return tensors
+    return {key: (v.float() if v.dtype == torch.float16 else v) for key, v in tensors.items()}
 
 
 def weight_bytes(tensors: dict) -> int:
@@ -121,7 +133,6 @@ def interpreter_check() -> dict:
     x = torch.randn(3, 256)
     for kind in ("w4a16-gptq", "w4a16-awq", "w8a8", "nf4-dq"):
         t = random_operands(kind, 256, 128, "cpu", torch.float32)
-        t = {key: (v.float() if v.dtype == torch.float16 else v) for key, v in t.items()}
         with ops.use_backend("triton"):
             results[kind] = check(kind, x, t, 256, 128)
     return results
@@ -184,8 +195,6 @@ def main(argv=None) -> int:
     for kind in args.kinds:
         for k, n in shapes:
             t = random_operands(kind, k, n, device, dtype)
-            if device == "cpu":
-                t = {key: (v.float() if v.dtype == torch.float16 else v) for key, v in t.items()}
             w_fp = torch.randn(n, k, device=device, dtype=dtype)
             # M = 32: CUDA's int8 matmul (the W8A8 reference) wants more than 16 rows
             error = check(kind, torch.randn(32, k, device=device, dtype=dtype), t, k, n)
