@@ -29,11 +29,18 @@ def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, out // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+# llama.cpp keeps the token embedding and the output head at 8 bits in its 4-bit files: at 4 bits
+# they cost far more accuracy than the block linears.
+EIGHT_BIT_TENSORS = ("token_embd.weight", "output.weight")
+
+
 def _tensor_type(name: str, array: np.ndarray, wanted: str):
     import gguf
 
-    if array.ndim == 1 or wanted == "f16" and False:
+    if array.ndim == 1:
         return gguf.GGMLQuantizationType.F32
+    if name in EIGHT_BIT_TENSORS and wanted.startswith("q4"):
+        wanted = "q8_0"
     qtype = getattr(gguf.GGMLQuantizationType, TYPES[wanted])
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if array.shape[-1] % block:
