@@ -144,6 +144,17 @@ def _add_qat(sub):
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_export_gguf(sub):
+    from .gguf_export import TYPES
+    from .models import DEFAULT_MODEL
+
+    p = sub.add_parser("export-gguf", help="write a llama.cpp GGUF file (llama family so far)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--type", default="q8_0", choices=sorted(TYPES))
+    p.add_argument("--out", required=True, help="output .gguf file")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def _alpha(text: str):
     from .errors import ConfigError
 
@@ -285,6 +296,17 @@ def cmd_qat(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from .errors import OutputExistsError
+    from .gguf_export import export_gguf
+
+    if Path(args.out).expanduser().exists() and not args.overwrite:
+        raise OutputExistsError(f"output {args.out} already exists; pass --overwrite to replace it")
+    out = export_gguf(args.model, args.out, args.type)
+    print(f"wrote {out}: {out.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .arch import supported_model_types
     from .models import BUILTIN_MODELS
@@ -303,12 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_finetune(sub)
     _add_qat(sub)
+    _add_export_gguf(sub)
     sub.add_parser("models", help="list built-in models and supported architectures")
     return parser
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "finetune": cmd_finetune,
-            "qat": cmd_qat, "models": cmd_models}
+            "qat": cmd_qat, "export-gguf": cmd_export_gguf, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:
