@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, UnsupportedArchitectureError
+from .gguf_q4k import quantize_q4_k
 
-TYPES = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+TYPES = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q4_K"}
 LLAMA_TENSORS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -44,7 +45,10 @@ def _tensor_type(name: str, array: np.ndarray, wanted: str):
     qtype = getattr(gguf.GGMLQuantizationType, TYPES[wanted])
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if array.shape[-1] % block:
-        return gguf.GGMLQuantizationType.F16  # rows that do not fill whole blocks
+        # rows that do not fill whole blocks: llama.cpp falls back from k-quants to Q5_0 (32-blocks)
+        if wanted == "q4_k" and array.shape[-1] % 32 == 0:
+            return gguf.GGMLQuantizationType.Q5_0
+        return gguf.GGMLQuantizationType.F16
     return qtype
 
 
@@ -117,7 +121,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_ty
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_file_type({"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3}[tensor_type])
+    writer.add_file_type({"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k": 15}[tensor_type])
     _add_tokenizer(writer, folder, tokenizer)
 
     state = model.state_dict()
@@ -137,6 +141,8 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_ty
         qtype = _tensor_type(gguf_name, array, tensor_type)
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, array.astype(np.float32))
+        elif qtype == gguf.GGMLQuantizationType.Q4_K:
+            writer.add_tensor(gguf_name, quantize_q4_k(array), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     try:

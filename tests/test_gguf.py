@@ -54,3 +54,18 @@ def test_unsupported_types_and_architectures_are_refused(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="llama"):
         export_gguf("gemma3-270m", tmp_path / "x.gguf", "q8_0")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_q4_k_blocks_read_by_gguf_beat_q4_0_and_respect_the_layout(smollm2):
+    from llmquant.gguf_q4k import quantize_q4_k
+
+    weight = smollm2[0].model.layers[2].mlp.down_proj.weight.detach().numpy()  # rows of 1536 = 6 x 256
+    blocks = quantize_q4_k(weight)
+    assert blocks.shape == (576, 6 * 144) and blocks.dtype == np.uint8
+    restored = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).reshape(weight.shape)
+    q4_0 = gguf.quants.dequantize(gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q4_0),
+                                  gguf.GGMLQuantizationType.Q4_0).reshape(weight.shape)
+    assert ((restored - weight) ** 2).mean() < ((q4_0 - weight) ** 2).mean()
+    # every value within one step of its sub-block's grid
+    sub = np.abs(weight.reshape(-1, 32))
+    assert (np.abs(restored - weight).reshape(-1, 32) <= (sub.max(1, keepdims=True) + 1e-3) / 7).all()
