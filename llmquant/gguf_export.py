@@ -94,8 +94,31 @@ def _add_tokenizer(writer, folder: Path, tokenizer) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_type: str = "q8_0") -> Path:
-    """Write `out` (a .gguf file) from a model folder or built-in name."""
+@torch.no_grad()
+def importance_matrix(model, windows: torch.Tensor) -> dict[str, np.ndarray]:
+    """llama.cpp's imatrix: per block linear, the mean of x_j^2 over the calibration tokens of its
+    input channel j (the diagonal of the input Gram matrix, per token)."""
+    sums, counts, handles = {}, {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            def hook(mod, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name] = sums.get(name, 0) + (x * x).sum(0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        for window in windows:
+            model(input_ids=window[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).numpy() for name in sums}
+
+
+def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_type: str = "q8_0",
+                calib=None) -> Path:
+    """Write `out` (a .gguf file) from a model folder or built-in name. calib: a Calibration (or corpus
+    name) whose activations weight the Q4_K block fits (an importance matrix); None for plain fits."""
     import gguf
 
     from .models import load_fp_model, resolve_model
@@ -124,6 +147,12 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_ty
     writer.add_file_type({"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k": 15}[tensor_type])
     _add_tokenizer(writer, folder, tokenizer)
 
+    importance = {}
+    if calib is not None:
+        from .data import Calibration
+
+        calib = Calibration(corpus=calib) if isinstance(calib, str) else calib
+        importance = importance_matrix(model, calib.windows(tokenizer))
     state = model.state_dict()
     named = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not config.tie_word_embeddings:
@@ -142,7 +171,8 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_ty
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, array.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.Q4_K:
-            writer.add_tensor(gguf_name, quantize_q4_k(array), raw_dtype=qtype)
+            weights = importance.get(hf_name[: -len(".weight")])
+            writer.add_tensor(gguf_name, quantize_q4_k(array, weights), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     try:
