@@ -148,9 +148,12 @@ def _add_export_gguf(sub):
     from .gguf_export import TYPES
     from .models import DEFAULT_MODEL
 
-    p = sub.add_parser("export-gguf", help="write a llama.cpp GGUF file (llama family so far)")
+    p = sub.add_parser("export-gguf", help="write a llama.cpp GGUF file (llama, gemma3)")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--type", default="q8_0", choices=sorted(TYPES))
+    p.add_argument("--imatrix", metavar="CORPUS", help="weight the 4-bit block fits by an importance matrix "
+                   "(mean squared activations per input channel) from this corpus's train split")
+    p.add_argument("--imatrix-samples", type=int, default=32, help="windows of 512 tokens for --imatrix")
     p.add_argument("--out", required=True, help="output .gguf file")
     p.add_argument("--overwrite", action="store_true")
 
@@ -298,11 +301,13 @@ def cmd_qat(args) -> int:
 
 def cmd_export_gguf(args) -> int:
     from .errors import OutputExistsError
+    from .data import Calibration
     from .gguf_export import export_gguf
 
     if Path(args.out).expanduser().exists() and not args.overwrite:
         raise OutputExistsError(f"output {args.out} already exists; pass --overwrite to replace it")
-    out = export_gguf(args.model, args.out, args.type)
+    calib = Calibration(args.imatrix, args.imatrix_samples, 512) if args.imatrix else None
+    out = export_gguf(args.model, args.out, args.type, calib=calib)
     print(f"wrote {out}: {out.stat().st_size / 2**20:.1f} MiB")
     return 0
 

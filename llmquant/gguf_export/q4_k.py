@@ -4,45 +4,15 @@ A super-block of 256 values holds 8 sub-blocks of 32: w = d * sc[j] * q - dmin *
 codes q, 6-bit sub-block scales sc and mins m, and fp16 super-block factors d and dmin.
 Layout of one 144-byte block: d (fp16), dmin (fp16), 12 bytes of packed sc / m, 128 bytes of codes
 (chunk c of 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high ones).
-Each sub-block's (scale, min) is chosen by a small search over shrunken ranges, minimizing the
-(optionally importance-weighted) squared error with the least-squares fit for each candidate's
-codes, as llama.cpp's make_qkx2_quants does.
+Each sub-block's (scale, min) comes from fit.fit_with_minimum (optionally importance-weighted).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .fit import block_weights, fit_with_minimum
+
 QK_K, SUB = 256, 32
-
-
-def _fit_subblocks(x: np.ndarray, weights: np.ndarray, steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, min >= 0) per sub-block [n, 8] for values x [n, 8, 32]: w ~ scale * q - min."""
-    low = np.minimum(x.min(axis=-1), 0)
-    high = x.max(axis=-1)
-    best_scale = np.where(high > low, (high - low) / 15, 1.0)
-    best_min = -low
-    best_error = np.full(low.shape, np.inf, dtype=np.float64)
-    for step in range(steps + 1):
-        shrink = 1 - 0.2 * step / steps
-        scale = np.where(high > low, (high - low) * shrink / 15, 1.0)
-        q = np.clip(np.round((x - low[..., None]) / scale[..., None]), 0, 15)
-        # weighted least squares for w ~ a * q + b, then b = -min must stay <= 0
-        sw = weights.sum(-1)
-        sq = (weights * q).sum(-1)
-        sqq = (weights * q * q).sum(-1)
-        sx = (weights * x).sum(-1)
-        sqx = (weights * q * x).sum(-1)
-        det = sw * sqq - sq * sq
-        a = np.where(det > 0, (sw * sqx - sq * sx) / np.where(det > 0, det, 1), scale)
-        b = np.where(det > 0, (sqq * sx - sq * sqx) / np.where(det > 0, det, 1), low)
-        b = np.minimum(b, 0)
-        a = np.maximum(a, 1e-12)
-        error = (weights * (a[..., None] * q + b[..., None] - x) ** 2).sum(-1)
-        better = error < best_error
-        best_error = np.where(better, error, best_error)
-        best_scale = np.where(better, a, best_scale)
-        best_min = np.where(better, -b, best_min)
-    return best_scale, best_min
 
 
 def quantize_q4_k(values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
@@ -52,12 +22,7 @@ def quantize_q4_k(values: np.ndarray, importance: np.ndarray | None = None) -> n
     if cols % QK_K:
         raise ValueError(f"Q4_K needs rows of a multiple of {QK_K} values, got {cols}")
     x = values.astype(np.float32).reshape(-1, 8, SUB)
-    if importance is None:
-        weights = np.ones_like(x)
-    else:
-        weights = np.broadcast_to(np.tile(importance.astype(np.float32), rows).reshape(-1, 8, SUB), x.shape)
-        weights = weights * 1.0 + 1e-12
-    scale, minimum = _fit_subblocks(x, weights)
+    scale, minimum = fit_with_minimum(x, block_weights(importance, rows, x.shape), 15, offset_nonpositive=True)
     d = (scale.max(axis=-1) / 63).astype(np.float16)
     dmin = (minimum.max(axis=-1) / 63).astype(np.float16)
     d32, dmin32 = d.astype(np.float32), dmin.astype(np.float32)
