@@ -67,7 +67,7 @@ def _add_quantize(sub):
                      help="one pass of statistics per block")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--max-shard-size", default="4GB", help="for hub models loaded whole; a local model is written one shard per block")
 
 
 def _add_eval(sub):
@@ -171,6 +171,8 @@ def _alpha(text: str):
 
 def cmd_quantize(args) -> int:
     from .api import quantize
+    from .models import resolve_model
+    from .streaming import quantize_to_disk
     from .checkpoint import check_output_path
     from .config import QuantConfig
     from .data import Calibration
@@ -191,13 +193,18 @@ def cmd_quantize(args) -> int:
         corpus = Calibration.corpus  # the library's default corpus
     nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
     calib = Calibration(corpus, nsamples, seqlen, args.seed) if corpus is not None else None
-    qmodel = quantize(args.model, config, calib)
-    out = qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    report = qmodel.report()
+    if Path(resolve_model(args.model)).is_dir():
+        # one block in memory at a time, resumable after a kill; shards are one per block
+        out, report = quantize_to_disk(args.model, config, calib, args.out, overwrite=args.overwrite)
+    else:  # a hub id: transformers fetches and loads it whole
+        qmodel = quantize(args.model, config, calib)
+        out = qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        report = qmodel.report()
+    gpu = f", peak GPU {report['peak_gpu_mib']:.0f} MiB" if report.get("peak_gpu_mib") is not None else ""
     print(f"wrote {out}: {len(report['layers'])} layers, {report['bits_per_weight']:.3f} bits per quantized weight, "
           f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
           f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB fp16, {report['seconds']:.1f} s, "
-          f"peak RSS {report['peak_rss_mib']:.0f} MiB")
+          f"peak RSS {report['peak_rss_mib']:.0f} MiB{gpu}")
     errors = sorted((layer["relative_output_error"], layer["name"]) for layer in report["layers"]
                     if layer["relative_output_error"] is not None)
     if errors:

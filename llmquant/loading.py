@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint import SAFETENSORS_INDEX
+from .checkpoint import SAFETENSORS_INDEX, LazyTensors
 from .errors import CheckpointError, ModelNotFoundError
 from .formats import format_for_quantization_config
 
@@ -40,17 +39,8 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as reader:
-                for key in reader.keys():
-                    if key in tensors:
-                        raise CheckpointError(f"tensor {key} appears in more than one weight file")
-                    tensors[key] = reader.get_tensor(key)
-        except SafetensorError as exc:
-            raise CheckpointError(f"{f} is not a readable safetensors file: {exc}") from exc
-    return tensors
+    tensors = LazyTensors(files)
+    return {key: tensors[key] for key in tensors.keys()}
 
 
 def _read_config(folder: Path, trust_remote_code: bool):

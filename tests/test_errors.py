@@ -107,7 +107,7 @@ def checkpoint(tmp_path):
 def test_truncated_safetensors(checkpoint):
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         llmquant.load(checkpoint)
 
 
