@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import resource
@@ -80,6 +81,9 @@ class QuantizedModel:
             report = self.report()
             report["checkpoint_sha256"] = tensors_sha256(tensors)
             (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+            from .report import write_report
+
+            write_report(folder, plots=False)  # `llmquant report DIR` draws the figures
 
         return write_folder_atomically(path, write, overwrite)
 
@@ -104,10 +108,7 @@ def build_report(config: QuantConfig, source, calibration, seconds, peak_rss_mib
         "quantized_layers_packed_bytes": packed_bytes,
         "bits_per_weight": 8 * packed_bytes / max(quantized, 1),
         "scaling": pipeline.scaling,
-        "layers": [
-            {"name": r.name, "shape": list(r.shape), "relative_output_error": r.relative_output_error}
-            for r in pipeline.layers
-        ],
+        "layers": [{**dataclasses.asdict(r), "shape": list(r.shape)} for r in pipeline.layers],
     }
 
 
@@ -168,14 +169,18 @@ def grid_for_config(config: QuantConfig, fmt) -> AffineGrid | CodebookGrid:
 
 def _check_layers(layers, config: QuantConfig, check_values: bool = True) -> None:
     fmt = FORMATS[config.format]
+    unknown = set(config.layer_overrides) - {name for name, _ in layers}
+    if unknown:
+        raise ConfigError(f"layer overrides name linears this model does not quantize: {', '.join(sorted(unknown)[:3])}")
     row_groups = config.method not in CODEBOOK_METHODS  # codebook blocks run over the flattened weight
     for name, linear in layers:
-        if row_groups and config.group_size != PER_CHANNEL and config.group_size > linear.in_features:
+        layer_config = config.for_layer(name)
+        if row_groups and layer_config.group_size != PER_CHANNEL and layer_config.group_size > linear.in_features:
             raise ConfigError(
-                f"group_size {config.group_size} is larger than in_features {linear.in_features} of {name}; "
+                f"group_size {layer_config.group_size} is larger than in_features {linear.in_features} of {name}; "
                 "use -1 for one group per output channel"
             )
-        fmt.check_layer(name, linear.out_features, linear.in_features, config)
+        fmt.check_layer(name, linear.out_features, linear.in_features, layer_config)
         if check_values and not torch.isfinite(linear.weight).all():
             raise LlmquantError(f"{name}.weight contains NaN or Inf; refusing to quantize it")
 
@@ -198,10 +203,9 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     arch = arch_for(model.config)
     layers = list(_linears_to_quantize(model, arch, config))
     _check_layers(layers, config)
-    selected = {name for name, _ in layers}
     fmt = FORMATS[config.format]
     algorithm = algorithm_for(config)
-    grid = grid_for_config(config, fmt)
+    grids = {name: grid_for_config(config.for_layer(name), fmt) for name, _ in layers}
 
     if calib is None and algorithm.needs_calibration:
         calib = Calibration()
@@ -211,14 +215,14 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     kept = {}
 
     def on_quantized(name, quantized, linear):
-        packed[name] = fmt.pack(quantized, config)
+        packed[name] = fmt.pack(quantized, config.for_layer(name))
         if keep_quantized:
             kept[name] = quantized
 
     model.eval()
     result = quantize_blocks(
         model, arch, algorithm,
-        grid_for=lambda name, linear: grid if name in selected else None,
+        grid_for=lambda name, linear: grids.get(name),
         on_quantized=on_quantized,
         calibration=calibration,
         true_sequential=config.true_sequential,

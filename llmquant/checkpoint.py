@@ -81,7 +81,7 @@ def tensors_sha256(tensors) -> str:
     for name in sorted(tensors.keys()):
         tensor = tensors[name]
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from .checkpoint import SAFETENSORS_INDEX, LazyTensors
 from .errors import CheckpointError, ModelNotFoundError
 from .formats import format_for_quantization_config
+from .formats.gptq import dynamic_override
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -99,7 +100,11 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
             raise CheckpointError(f"{folder}: {name} is a {type(linear).__name__} in the model, not a linear layer")
         shapes = {suffix: tuple(tensors[f"{name}.{suffix}"].shape)
                   for suffix in fmt.tensor_suffixes if f"{name}.{suffix}" in tensors}
-        module = fmt.build_linear(name, quantization_config, shapes, f"{name}.bias" in tensors,
+        module_config = dynamic_override(quantization_config, name)
+        if module_config is None:
+            raise CheckpointError(f"{folder}: quantization_config.dynamic leaves {name} unquantized, "
+                                  "but the checkpoint holds quantized tensors for it")
+        module = fmt.build_linear(name, module_config, shapes, f"{name}.bias" in tensors,
                                   linear.in_features, linear.out_features, dtype)
         model.set_submodule(name, module)
 

@@ -34,7 +34,10 @@ class BlockInputs:
 class LayerResult:
     name: str
     shape: tuple[int, int]
-    relative_output_error: float | None = None
+    relative_output_error: float | None = None  # |X W^T - X Q^T|^2 / |X W^T|^2 on the calibration inputs
+    relative_weight_error: float | None = None  # |W - Q|^2 / |W|^2
+    bits: int | None = None
+    group_size: int | None = None  # -1: one group per output channel; codebook grids: their block size
 
 
 @dataclass
@@ -292,9 +295,12 @@ def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid
             fake = quantized.dequantize(weight.dtype).to(weight.device)
             reference = reference_weights.get(name, weight)
             error = stats[name].relative_output_error(reference, fake) if name in stats else None
+            weight_error = float(((fake.float() - reference.float()) ** 2).sum()
+                                 / (reference.float() ** 2).sum().clamp_min(1e-30))
+            group_size = getattr(quantized, "group_size", getattr(quantized, "blocksize", None))
             linear.weight.data = fake
             on_quantized(name, quantized, linear)
-            result.layers.append(LayerResult(name, tuple(weight.shape), error))
+            result.layers.append(LayerResult(name, tuple(weight.shape), error, weight_error, quantized.bits, group_size))
 
 
 def scaling_groups_with_statistics(block: nn.Module, arch: ArchMap, prefix: str, grid_for, hidden, kwargs,

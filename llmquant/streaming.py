@@ -16,6 +16,7 @@ one interrupted by a signal or Ctrl-C keeps it for the rerun.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from .data import Calibration
 from .errors import CheckpointError, ConfigError, LlmquantError, OutputWriteError
 from .formats import FORMATS
 from .pipeline import BlockStore, LayerResult, PipelineResult, quantize_blocks
+from .report import write_report
 
 PROGRESS_FILE = "progress.json"
 NEXT_INPUTS_FILE = "next-block-inputs.safetensors"
@@ -117,7 +119,7 @@ class StreamingStore(BlockStore):
                               lambda tmp: save_file({str(i): h.contiguous() for i, h in enumerate(next_hidden)}, str(tmp)))
         # the records this block added to the run's result
         self.progress["blocks"].append({
-            "layers": [[r.name, list(r.shape), r.relative_output_error] for r in result.layers[self.layers_seen:]],
+            "layers": [dataclasses.asdict(r) for r in result.layers[self.layers_seen:]],
             "scaling": result.scaling[self.scaling_seen:],
             "packed_bytes": sum(t.numel() * t.element_size() for p in packed.values() for t in p.values()),
         })
@@ -131,7 +133,7 @@ class StreamingStore(BlockStore):
     def pipeline_result(self) -> PipelineResult:
         result = PipelineResult()
         for record in self.progress["blocks"]:
-            result.layers.extend(LayerResult(name, tuple(shape), error) for name, shape, error in record["layers"])
+            result.layers.extend(LayerResult(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"])
             result.scaling.extend(record["scaling"])
         return result
 
@@ -149,9 +151,11 @@ def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibrati
 
 
 def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib, out: str | os.PathLike,
-                     overwrite: bool = False, progress: bool = True) -> tuple[Path, dict]:
+                     overwrite: bool = False, progress: bool = True, report_extra: dict | None = None,
+                     plots: bool = True) -> tuple[Path, dict]:
     """Quantize a model folder (or built-in name) into the checkpoint folder `out`, one block in
-    memory at a time; rerun after a kill to resume. Returns (out, the report)."""
+    memory at a time; rerun after a kill to resume. Returns (out, the report). report_extra: more
+    entries for quantize_report.json; plots: draw report.md's figures (loads the source again)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -183,10 +187,9 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
 
     layers = list(_linears_to_quantize(skeleton, arch, config))
     _check_layers(layers, config, check_values=False)  # values are checked as each block is read
-    selected = {name for name, _ in layers}
     fmt = FORMATS[config.format]
     algorithm = algorithm_for(config)
-    grid = grid_for_config(config, fmt)
+    grids = {name: grid_for_config(config.for_layer(name), fmt) for name, _ in layers}
     if calib is None and algorithm.needs_calibration:
         calib = Calibration()
     calibration, calibration_info = calibration_windows_for(calib, tokenizer, arch,
@@ -210,10 +213,11 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         # their storage-dtype copy is gone before any block is loaded
         _write_rest_shard(staging, skeleton, blocks_prefix, storage, n_blocks)
         quantize_blocks(skeleton, arch, algorithm,
-                        grid_for=lambda name, linear: grid if name in selected else None,
-                        on_quantized=lambda name, quantized, linear: packed.__setitem__(name, fmt.pack(quantized, config)),
+                        grid_for=lambda name, linear: grids.get(name),
+                        on_quantized=lambda name, quantized, linear: packed.__setitem__(name, fmt.pack(quantized, config.for_layer(name))),
                         calibration=calibration, true_sequential=config.true_sequential, progress=progress,
                         store=store)
+        skeleton.to("meta")  # the embeddings are written already; free them before hashing the shards
         _finish_folder(staging, n_blocks, model_config, fmt, config, folder, tokenizer)
         result = store.pipeline_result()
         report = build_report(config, str(model), calibration_info, store.progress["seconds"] + time.time() - start,
@@ -222,7 +226,9 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
             (staging / leftover).unlink(missing_ok=True)
         report["resumed_after_blocks"] = first
         report["checkpoint_sha256"] = folder_tensors_sha256(staging)
+        report.update(report_extra or {})
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        write_report(staging, plots=plots, name=target.name)
         _move_into_place(staging, target)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
