@@ -83,7 +83,7 @@ def _add_sensitivity(sub):
                                            "quantized, per candidate bits / group size")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--calib", default="wiki", metavar="CORPUS")
-    p.add_argument("--nsamples", type=int, default=4)
+    p.add_argument("--nsamples", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, nargs="+", default=[3, 4, 8])
@@ -268,8 +268,8 @@ def _mixed_precision(args, config):
         table = SensitivityTable.load(args.sensitivity)
     else:
         corpus = args.calib or Calibration.corpus
-        print(f"measuring sensitivity on {corpus} (4 windows x 256 tokens; pass --sensitivity to reuse a table)")
-        table = sensitivity_of(args.model, Calibration(corpus, 4, 256, args.seed), sym=config.sym)
+        print(f"measuring sensitivity on {corpus} (2 windows x 256 tokens; pass --sensitivity to reuse a table)")
+        table = sensitivity_of(args.model, Calibration(corpus, 2, 256, args.seed), sym=config.sym)
     if table.sym != config.sym:
         raise ConfigError(f"the sensitivity table was measured on a {'symmetric' if table.sym else 'asymmetric'} "
                           f"grid; quantize with {'--sym' if table.sym else '--asym'} to match")
@@ -312,7 +312,7 @@ def cmd_report(args) -> int:
     folder = Path(args.checkpoint).expanduser()
     if not (folder / REPORT_FILE).is_file():
         raise CheckpointError(f"{folder} has no {REPORT_FILE}: not a checkpoint llmquant wrote")
-    path = write_report(folder, plots=args.plots)
+    path = write_report(folder, plots=args.plots, activations=args.plots)
     print(f"wrote {path}")
     return 0
 

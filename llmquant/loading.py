@@ -123,3 +123,28 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
     if still_empty:
         raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(still_empty[:5])}")
     return model.eval()
+
+
+def load_quantized_linear(path: str | os.PathLike, name: str, in_features: int, out_features: int,
+                          dtype: torch.dtype = torch.float32) -> nn.Module:
+    """One quantized linear of a checkpoint, reading only its own tensors (for reports on big models)."""
+    folder = Path(path).expanduser()
+    quantization_config = getattr(_read_config(folder, False), "quantization_config", None)
+    if quantization_config is None:
+        raise CheckpointError(f"{folder} is not a quantized checkpoint")
+    if not isinstance(quantization_config, dict):
+        quantization_config = quantization_config.to_dict()
+    fmt = format_for_quantization_config(quantization_config)
+    if fmt is None:
+        raise CheckpointError(f"{folder}: quant_method {quantization_config.get('quant_method')!r} is not a format llmquant reads")
+    source = LazyTensors(checkpoint_files(folder))
+    own = {key[len(name) + 1:]: key for key in source.keys() if key.startswith(name + ".")}
+    if fmt.marker_suffix not in own:
+        raise CheckpointError(f"{folder} holds no quantized tensors for {name}")
+    shapes = {suffix: tuple(source.shape(key)) for suffix, key in own.items() if suffix in fmt.tensor_suffixes}
+    module_config = dynamic_override(quantization_config, name)
+    if module_config is None:
+        raise CheckpointError(f"{folder}: quantization_config.dynamic leaves {name} unquantized")
+    module = fmt.build_linear(name, module_config, shapes, "bias" in own, in_features, out_features, dtype)
+    module.load_state_dict({suffix: source[key] for suffix, key in own.items()}, strict=False, assign=True)
+    return module.eval()

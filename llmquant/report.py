@@ -104,22 +104,27 @@ def _plot_errors(layers: list[dict], out: Path) -> list[str]:
 
 
 @torch.no_grad()
-def _plot_weight_histogram(checkpoint: Path, source_model: str, layer: str, out: Path) -> str:
+def _plot_weight_histogram(checkpoint: Path, source_model: str, layer: dict, out: Path) -> str:
+    """Reads only this layer: its weight from the source shards, its tensors from the checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .loading import load
-    from .models import load_fp_model
 
-    original = load_fp_model(source_model)[0].get_submodule(layer).weight.float().flatten()
-    restored = load(checkpoint).get_submodule(layer).dequantized_weight(torch.float32).flatten()
+    from .checkpoint import LazyTensors
+    from .loading import checkpoint_files, load_quantized_linear
+    from .models import resolve_model
+
+    name = layer["name"]
+    out_features, in_features = layer["shape"]
+    original = LazyTensors(checkpoint_files(Path(resolve_model(source_model))))[f"{name}.weight"].float().flatten()
+    restored = load_quantized_linear(checkpoint, name, in_features, out_features).dequantized_weight(torch.float32).flatten()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     low, high = float(original.min()), float(original.max())
     ax.hist(original.numpy(), bins=400, range=(low, high), alpha=0.6, label="full precision")
     ax.hist(restored.numpy(), bins=400, range=(low, high), alpha=0.6, label="quantized (dequantized)")
     ax.set_yscale("log")
-    ax.set_title(f"{layer}: weight values before and after")
+    ax.set_title(f"{name}: weight values before and after")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "weight_histogram.png", dpi=110)
@@ -165,9 +170,10 @@ def _plot_activation_outliers(checkpoint: Path, source_model: str, layer: str, w
     return "activation_outliers.png"
 
 
-def write_report(folder: str | Path, plots: bool = True, name: str | None = None) -> Path:
-    """report.md (+ PNGs) in the checkpoint folder, from its quantize_report.json; the plots that
-    need the source model are drawn when it can be loaded."""
+def write_report(folder: str | Path, plots: bool = True, name: str | None = None, activations: bool = False) -> Path:
+    """report.md (+ PNGs) in the checkpoint folder, from its quantize_report.json. The weight
+    histogram reads one layer only; activations=True also runs both whole models on calibration
+    windows for the AWQ / SmoothQuant outlier plot (what `llmquant report` does)."""
     folder = Path(folder)
     report = json.loads((folder / REPORT_FILE).read_text())
     layers = report["layers"]
@@ -211,11 +217,11 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
     if plots:
         figures += _plot_errors(layers, folder)
         source = report.get("source_model")
-        worst = max(layers, key=lambda l: l["relative_output_error"] or l["relative_weight_error"])["name"]
+        worst = max(layers, key=lambda l: l["relative_output_error"] or l["relative_weight_error"])
         try:
             figures.append(_plot_weight_histogram(folder, source, worst, folder))
             calibration = report.get("calibration") or {}
-            if config["method"] in SCALING_METHODS and "corpus" in calibration:
+            if activations and config["method"] in SCALING_METHODS and "corpus" in calibration:
                 from .arch import arch_for
                 from .data import Calibration
                 from .models import load_fp_model
