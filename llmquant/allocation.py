@@ -28,14 +28,18 @@ def packed_bits(out_features: int, in_features: int, bits: int, group_size: int)
 @dataclass
 class Allocation:
     choices: dict[str, tuple[int, int]]  # module name -> (bits, group_size)
-    delta_loss: dict[str, float]  # module name -> its group's predicted loss rise, split evenly over the group
-    predicted_delta_loss: float
+    delta_loss: dict[str, float]  # module name -> its group's predicted rise, split evenly over the group
+    predicted_delta_loss: float  # the sum of the minimized measure (kl by default) over the groups
     bits_per_weight: float
     budget_bits_per_weight: float
+    metric: str = "kl"
 
 
-def allocate(table: SensitivityTable, target_bits_per_weight: float) -> Allocation:
+def allocate(table: SensitivityTable, target_bits_per_weight: float, metric: str = "kl") -> Allocation:
+    """metric: the table's column to minimize, "kl" (default) or "delta_loss" (see sensitivity.py)."""
     groups = table.groups()
+    if metric not in ("kl", "delta_loss") or any(metric not in row for row in table.rows):
+        raise ConfigError(f"the sensitivity table has no {metric!r} column to allocate by")
     if not groups:
         raise ConfigError("the sensitivity table is empty")
     parameters = sum(rows[0]["parameters"] for rows in groups.values())
@@ -55,7 +59,7 @@ def allocate(table: SensitivityTable, target_bits_per_weight: float) -> Allocati
         candidates = np.full((len(rows), capacity + 1), np.inf)
         for i, (row, u) in enumerate(zip(rows, units)):
             if u <= capacity:
-                candidates[i, u:] = best[:capacity + 1 - u] + row["delta_loss"]
+                candidates[i, u:] = best[:capacity + 1 - u] + row[metric]
         picks.append((key, candidates.argmin(axis=0)))
         best = candidates.min(axis=0)
         if not np.isfinite(best[-1]):
@@ -65,10 +69,10 @@ def allocate(table: SensitivityTable, target_bits_per_weight: float) -> Allocati
         rows = groups[key]
         row = rows[pick[remaining]]
         units = int(np.ceil(costs[key][pick[remaining]] / unit))
-        total_loss += row["delta_loss"]
+        total_loss += row[metric]
         total_bits += costs[key][pick[remaining]]
         remaining -= units
         for name in key:
             choices[name] = (row["bits"], row["group_size"])
-            rises[name] = row["delta_loss"] / len(key)
-    return Allocation(choices, rises, total_loss, total_bits / parameters, target_bits_per_weight)
+            rises[name] = row[metric] / len(key)
+    return Allocation(choices, rises, total_loss, total_bits / parameters, target_bits_per_weight, metric)

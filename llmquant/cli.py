@@ -276,11 +276,12 @@ def _mixed_precision(args, config):
     allocation = allocate(table, args.target_bpw)
     counts = Counter(allocation.choices.values())
     print(f"mixed precision for {args.target_bpw} bits per weight: {allocation.bits_per_weight:.3f} allocated, "
-          f"predicted loss rise {allocation.predicted_delta_loss:.4f}; "
+          f"predicted rise ({allocation.metric}) {allocation.predicted_delta_loss:.4f}; "
           + ", ".join(f"{n} x w{b}g{g}" for (b, g), n in sorted(counts.items())))
     overrides = {name: {"bits": b, "group_size": g} for name, (b, g) in allocation.choices.items()}
     summary = {"target_bits_per_weight": args.target_bpw, "allocated_bits_per_weight": allocation.bits_per_weight,
-               "predicted_delta_loss": allocation.predicted_delta_loss, "delta_loss": allocation.delta_loss,
+               "metric": allocation.metric, "predicted_delta_loss": allocation.predicted_delta_loss,
+               "delta_loss": allocation.delta_loss,
                "sensitivity_calibration": table.calibration}
     return replace(config, layer_overrides=overrides), summary
 
@@ -298,9 +299,9 @@ def cmd_sensitivity(args) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     table.save(tmp)
     tmp.replace(out)
-    worst = sorted(table.rows, key=lambda r: -r["delta_loss"])[:3]
+    worst = sorted(table.rows, key=lambda r: -r["kl"])[:3]
     print(f"wrote {out}: {len(table.rows)} measurements, base loss {table.base_loss:.4f}; most sensitive: "
-          + "; ".join(f"{r['modules'][0]} w{r['bits']}g{r['group_size']} +{r['delta_loss']:.4f}" for r in worst))
+          + "; ".join(f"{r['modules'][0]} w{r['bits']}g{r['group_size']} KL {r['kl']:.4f}" for r in worst))
     return 0
 
 

@@ -191,13 +191,13 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
              f"{report.get('peak_rss_mib') or 0:.0f} MiB; checkpoint sha256 `{report.get('checkpoint_sha256')}`", ""]
     if mixed:
         lines += [f"Mixed precision: target {mixed['target_bits_per_weight']} bits per weight, allocated "
-                  f"{mixed['allocated_bits_per_weight']:.3f}; predicted loss rise {mixed['predicted_delta_loss']:.4f} "
-                  f"(sum of the sensitivity table's per-group rises).", ""]
+                  f"{mixed['allocated_bits_per_weight']:.3f}; predicted rise {mixed['predicted_delta_loss']:.4f} "
+                  f"({mixed.get('metric', 'kl')}: the sum of the sensitivity table's per-group rises).", ""]
     header, lines = lines, []
     by_block = defaultdict(list)
     for layer in layers:
         by_block[_block_of(layer["name"])].append(layer)
-    lines += ["## Per block", "", "| block | mean output error | mean weight error | mean bits | predicted loss rise |",
+    lines += ["## Per block", "", "| block | mean output error | mean weight error | mean bits | predicted rise (sensitivity) |",
               "|---|---|---|---|---|"]
     for block in sorted(b for b in by_block if b is not None):
         group = by_block[block]

@@ -1,6 +1,13 @@
 """Sensitivity: how much the model's loss on calibration data rises when only one group of linears
 is quantized, at each candidate setting (bits x group size), everything else in full precision.
 
+Two measures per run: delta_loss, the rise of the mean next-token loss on the calibration tokens,
+and kl, the mean KL divergence from the full-precision model's next-token distribution, which is
+the loss rise expected when the full-precision model's predictions are taken as the truth. On a
+few hundred tokens delta_loss is dominated by noise (on SmolLM2, 2 x 256 tokens: a third of the
+3/4/8-bit measurements came out negative, spread +-0.04 against a mean 4-bit rise of 0.002), while
+kl is non-negative and far steadier, so the allocation minimizes kl by default.
+
 Groups are the architecture map's true-sequential steps (q/k/v, o, gate/up, down): linears that
 read the same input, which serving engines fuse into one matmul (vLLM's qkv_proj, gate_up_proj)
 and so must share bits and group size. Candidates are rounded with RTN on the affine grid: a
@@ -63,22 +70,29 @@ def _final_norm_and_head(model: nn.Module):
 
 
 @torch.no_grad()
-def _loss_from(model, arch: ArchMap, start: int, hidden: list[torch.Tensor], kwargs: list[list[dict]],
-               targets: torch.Tensor) -> float:
-    """Mean next-token loss when `hidden` (the inputs of block `start`) runs through the rest."""
+def _run_from(model, arch: ArchMap, start: int, hidden: list[torch.Tensor], kwargs: list[list[dict]],
+              targets: torch.Tensor, reference: list[torch.Tensor] | None = None):
+    """(mean next-token loss, mean KL(reference || model) per token, the log-probabilities) when
+    `hidden` (the inputs of block `start`) runs through the rest of the model."""
     blocks = arch.block_list(model)
     for index in range(start, len(blocks)):
         hidden = run_block(blocks[index], hidden, kwargs[index])
     norm, head = _final_norm_and_head(model)
-    total, count = 0.0, 0
-    for h, window in zip(hidden, targets):
+    loss, kl, count, log_probs = 0.0, 0.0, 0, []
+    for i, (h, window) in enumerate(zip(hidden, targets)):
         logits = head(norm(h))[0, :-1].float()
         softcap = getattr(model.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        total += float(nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
+        log_p = torch.log_softmax(logits, dim=-1)
+        loss -= float(log_p.gather(1, window[1:, None]).sum())
+        if reference is not None:
+            ref = reference[i].float()
+            kl += max(float((ref.exp() * (ref - log_p)).sum()), 0.0)  # non-negative up to float rounding
+        else:
+            log_probs.append(log_p)  # the reference of the runs to come (fp32: rounding it would bias every KL)
         count += window.numel() - 1
-    return total / count
+    return loss / count, kl / count, log_probs
 
 
 @torch.no_grad()
@@ -93,7 +107,8 @@ def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, 
     block_hidden = [inputs[0].hidden_states]
     for index, block in enumerate(blocks[:-1]):
         block_hidden.append(run_block(block, block_hidden[-1], kwargs[index]))
-    table = SensitivityTable(_loss_from(model, arch, 0, block_hidden[0], kwargs, windows), sym, calibration_info)
+    base_loss, _, reference = _run_from(model, arch, 0, block_hidden[0], kwargs, windows)
+    table = SensitivityTable(base_loss, sym, calibration_info)
     candidates = [(b, g) for b in bits for g in group_sizes]
     total = len(blocks) * len(arch.sequential) * len(candidates)
     bar = tqdm(total=total, desc="sensitivity", unit="run", disable=not progress)
@@ -109,12 +124,12 @@ def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, 
                 for name, linear in linears.items():
                     grid = AffineGrid(b, sym, g)
                     linear.weight.data = grid.quantize(originals[name]).dequantize(originals[name].dtype)
-                loss = _loss_from(model, arch, index, block_hidden[index], kwargs, windows)
+                loss, kl, _ = _run_from(model, arch, index, block_hidden[index], kwargs, windows, reference)
                 for name, linear in linears.items():
                     linear.weight.data = originals[name]
                 table.rows.append({"modules": list(linears), "parameters": sum(l.weight.numel() for l in linears.values()),
                                    "shapes": [list(l.weight.shape) for l in linears.values()],
-                                   "bits": b, "group_size": g, "delta_loss": loss - table.base_loss})
+                                   "bits": b, "group_size": g, "delta_loss": loss - table.base_loss, "kl": kl})
     bar.close()
     return table
 

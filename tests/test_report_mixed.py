@@ -56,6 +56,7 @@ def _synthetic_table(rng):
         for bits, group in itertools.product((2, 3, 4, 8), (32, 64, -1)):
             rows.append({"modules": list(modules), "shapes": group_shapes, "parameters": sum(o * i for o, i in group_shapes),
                          "bits": bits, "group_size": group, "delta_loss": float(rng.uniform(0, 1) * 2.0 ** -bits)})
+            rows[-1]["kl"] = rows[-1]["delta_loss"] * 0.5
     return SensitivityTable(3.0, False, None, rows)
 
 
@@ -64,7 +65,7 @@ def test_allocation_respects_the_budget_and_is_optimal(target):
     import numpy as np
 
     table = _synthetic_table(np.random.default_rng(int(target * 100)))
-    allocation = allocate(table, target)
+    allocation = allocate(table, target, metric="delta_loss")
     groups = table.groups()
     parameters = sum(rows[0]["parameters"] for rows in groups.values())
     chosen = sum(packed_bits(*shape, *allocation.choices[modules[0]])
@@ -114,6 +115,9 @@ def test_sensitivity_rises_as_bits_fall_and_only_storable_candidates_are_measure
             weight.data = AffineGrid(2, False, 32).quantize(weight.data).dequantize(weight.dtype)
         quantized_loss = float(model(input_ids=windows, labels=windows).loss)
     assert table.base_loss + by[(modules, 2, 32)] == pytest.approx(quantized_loss, rel=1e-5)
+    assert all(r["kl"] >= 0 for r in table.rows)
+    kl = {(tuple(r["modules"]), r["bits"], r["group_size"]): r["kl"] for r in table.rows}
+    assert sum(v for (_, b, _), v in kl.items() if b == 2) > 100 * sum(v for (_, b, _), v in kl.items() if b == 8)
 
 
 def test_mixed_precision_checkpoint_loads_with_per_module_settings(tmp_path):
