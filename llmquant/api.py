@@ -140,6 +140,20 @@ def calibration_windows_for(calib, tokenizer, arch: ArchMap, vocab_size: int) ->
     return calibration, info
 
 
+def plan_run(model, arch: ArchMap, config: QuantConfig, calib, tokenizer, check_values: bool = True):
+    """What a quantization run needs, checked before any work: (format, algorithm, grid per linear
+    to quantize, calibration windows or None, their description)."""
+    layers = list(_linears_to_quantize(model, arch, config))
+    _check_layers(layers, config, check_values)
+    fmt = FORMATS[config.format]
+    algorithm = algorithm_for(config)
+    grids = {name: grid_for_config(config.for_layer(name), fmt) for name, _ in layers}
+    if calib is None and algorithm.needs_calibration:
+        calib = Calibration()
+    calibration, info = calibration_windows_for(calib, tokenizer, arch, model.get_input_embeddings().num_embeddings)
+    return fmt, algorithm, grids, calibration, info
+
+
 def _linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
     """(name, linear) of every block linear the config quantizes, in pipeline order."""
     try:
@@ -201,16 +215,7 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     else:
         source = getattr(model.config, "_name_or_path", None)
     arch = arch_for(model.config)
-    layers = list(_linears_to_quantize(model, arch, config))
-    _check_layers(layers, config)
-    fmt = FORMATS[config.format]
-    algorithm = algorithm_for(config)
-    grids = {name: grid_for_config(config.for_layer(name), fmt) for name, _ in layers}
-
-    if calib is None and algorithm.needs_calibration:
-        calib = Calibration()
-    calibration, calibration_info = calibration_windows_for(calib, tokenizer, arch,
-                                                            model.get_input_embeddings().num_embeddings)
+    fmt, algorithm, grids, calibration, calibration_info = plan_run(model, arch, config, calib, tokenizer)
     packed: dict[str, dict[str, torch.Tensor]] = {}
     kept = {}
 

@@ -60,6 +60,16 @@ def recompute_layer_errors(checkpoint: str | Path, source_model: str, windows: t
     return errors
 
 
+def _save(fig, ax, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _plot_errors(layers: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -125,11 +135,7 @@ def _plot_weight_histogram(checkpoint: Path, source_model: str, layer: dict, out
     ax.hist(restored.numpy(), bins=400, range=(low, high), alpha=0.6, label="quantized (dequantized)")
     ax.set_yscale("log")
     ax.set_title(f"{name}: weight values before and after")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "weight_histogram.png", dpi=110)
-    plt.close(fig)
-    return "weight_histogram.png"
+    return _save(fig, ax, out / "weight_histogram.png")
 
 
 @torch.no_grad()
@@ -163,11 +169,7 @@ def _plot_activation_outliers(checkpoint: Path, source_model: str, layer: str, w
     ax.set_xlabel("input channel")
     ax.set_ylabel("max |x| over calibration tokens")
     ax.set_title(f"Activation outliers at the input of {layer}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "activation_outliers.png", dpi=110)
-    plt.close(fig)
-    return "activation_outliers.png"
+    return _save(fig, ax, out / "activation_outliers.png")
 
 
 def write_report(folder: str | Path, plots: bool = True, name: str | None = None, activations: bool = False) -> Path:

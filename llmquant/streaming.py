@@ -28,16 +28,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import (REPORT_FILE, STORAGE_TORCH_DTYPES, _check_layers, _linears_to_quantize, build_report,
-                  calibration_windows_for, grid_for_config, peak_rss_mib)
-from .algorithms import algorithm_for
+from .api import REPORT_FILE, STORAGE_TORCH_DTYPES, build_report, peak_rss_mib, plan_run
 from .arch import arch_for
 from .checkpoint import (SAFETENSORS_INDEX, LazyTensors, check_output_path, checkpoint_tensors,
                          folder_tensors_sha256, without_tied_copies)
 from .config import QuantConfig
-from .data import Calibration
 from .errors import CheckpointError, ConfigError, LlmquantError, OutputWriteError
-from .formats import FORMATS
 from .pipeline import BlockStore, LayerResult, PipelineResult, quantize_blocks
 from .report import write_report
 
@@ -185,15 +181,9 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         materialize(skeleton.get_submodule(module_name), module_name + ".", source)
     skeleton.tie_weights()
 
-    layers = list(_linears_to_quantize(skeleton, arch, config))
-    _check_layers(layers, config, check_values=False)  # values are checked as each block is read
-    fmt = FORMATS[config.format]
-    algorithm = algorithm_for(config)
-    grids = {name: grid_for_config(config.for_layer(name), fmt) for name, _ in layers}
-    if calib is None and algorithm.needs_calibration:
-        calib = Calibration()
-    calibration, calibration_info = calibration_windows_for(calib, tokenizer, arch,
-                                                            skeleton.get_input_embeddings().num_embeddings)
+    # weight values are checked as each block is read
+    fmt, algorithm, grids, calibration, calibration_info = plan_run(skeleton, arch, config, calib, tokenizer,
+                                                                    check_values=False)
 
     storage = STORAGE_TORCH_DTYPES[config.dtype]
     n_blocks = len(arch.block_list(skeleton))

@@ -30,14 +30,6 @@ def leftovers(parent):
     return sorted(p.name for p in parent.iterdir())
 
 
-@pytest.fixture
-def tiny_folder(tmp_path, smollm2):
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    smollm2[1].save_pretrained(folder)
-    return folder
-
-
 def calibration(seed=0):
     return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(seed))
 

@@ -176,3 +176,30 @@ def test_mixed_precision_beats_uniform_at_the_same_bits_on_smollm2(tmp_path, smo
            for name, path in (("uniform", uniform), ("mixed", mixed))}
     print(ppl, allocation.bits_per_weight)
     assert ppl["mixed"] < ppl["uniform"], ppl
+
+
+def test_cli_target_bpw_writes_the_allocation_into_checkpoint_and_report(tmp_path, tiny_folder, capsys):
+    from llmquant.arch import arch_for
+    from llmquant.cli import main
+
+    model = llmquant.load(tiny_folder)
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    table = measure_sensitivity(model, arch_for(model.config), windows, bits=(2, 4, 8), group_sizes=(32,),
+                                sym=False, progress=False)
+    table.save(tmp_path / "table.json")
+    out = tmp_path / "mixed"
+    assert main(["quantize", str(tiny_folder), "--method", "rtn", "--asym", "--target-bpw", "4.5",
+                 "--sensitivity", str(tmp_path / "table.json"), "--out", str(out)]) == 0
+    assert "mixed precision for 4.5 bits per weight" in capsys.readouterr().out
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["bits_per_weight"] <= 4.5 and report["mixed_precision"]["allocated_bits_per_weight"] == pytest.approx(
+        report["bits_per_weight"])
+    assert len({(l["bits"], l["group_size"]) for l in report["layers"]}) > 1
+    assert "predicted rise" in (out / "report.md").read_text()
+    loaded = llmquant.load(out)
+    for layer in report["layers"]:
+        module = loaded.get_submodule(layer["name"])
+        assert (module.bits, module.group_size) == (layer["bits"], layer["group_size"])
+    assert main(["quantize", str(tiny_folder), "--method", "rtn", "--sym", "--target-bpw", "4.5",
+                 "--sensitivity", str(tmp_path / "table.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "asymmetric grid" in capsys.readouterr().err

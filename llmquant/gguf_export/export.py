@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, UnsupportedArchitectureError
 from .blocks32 import quantize_q4_0, quantize_q4_1, quantize_q5_0
