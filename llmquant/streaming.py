@@ -81,6 +81,7 @@ class StreamingStore(BlockStore):
         self.fingerprint, self.packed, self.storage, self.total_shards = fingerprint, packed, storage, total_shards
         self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0}
         self.started = time.time()
+        self.earlier_seconds = 0.0  # time the killed runs before this one spent
         self.layers_seen = self.scaling_seen = 0
 
     def resume_point(self):
@@ -93,6 +94,7 @@ class StreamingStore(BlockStore):
         if progress.get("fingerprint") != self.fingerprint or missing:
             return 0, None  # another run's leftovers: start over
         self.progress = progress
+        self.earlier_seconds = progress["seconds"]
         inputs = self.staging / NEXT_INPUTS_FILE
         if not inputs.exists():
             return done, None
@@ -202,15 +204,17 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         # the embeddings, final norm and head do not change: their shard is written first, so that
         # their storage-dtype copy is gone before any block is loaded
         _write_rest_shard(staging, skeleton, blocks_prefix, storage, n_blocks)
-        quantize_blocks(skeleton, arch, algorithm,
-                        grid_for=lambda name, linear: grids.get(name),
-                        on_quantized=lambda name, quantized, linear: packed.__setitem__(name, fmt.pack(quantized, config.for_layer(name))),
+
+        def pack(name, quantized, linear):
+            packed[name] = fmt.pack(quantized, config.for_layer(name))
+
+        quantize_blocks(skeleton, arch, algorithm, grid_for=lambda name, linear: grids.get(name), on_quantized=pack,
                         calibration=calibration, true_sequential=config.true_sequential, progress=progress,
                         store=store)
         skeleton.to("meta")  # the embeddings are written already; free them before hashing the shards
         _finish_folder(staging, n_blocks, model_config, fmt, config, folder, tokenizer)
         result = store.pipeline_result()
-        report = build_report(config, str(model), calibration_info, store.progress["seconds"] + time.time() - start,
+        report = build_report(config, str(model), calibration_info, store.earlier_seconds + time.time() - start,
                               peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]))
         for leftover in (PROGRESS_FILE, NEXT_INPUTS_FILE):
             (staging / leftover).unlink(missing_ok=True)
