@@ -143,6 +143,7 @@ def test_mixed_precision_checkpoint_loads_with_per_module_settings(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_mixed_precision_beats_uniform_at_the_same_bits_on_smollm2(tmp_path, smollm2):
     """Sensitivity (2, 3, 4 bits at group 128) on wiki train windows, then GPTQ: uniform 3-bit vs
     the knapsack's allocation at exactly the uniform run's bits per weight, perplexity on the test split."""
