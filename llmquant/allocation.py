@@ -1,8 +1,8 @@
 """Mixed precision: choose bits and group size per group of linears to minimize the predicted loss
 rise (the sum of the sensitivity table's per-group rises) under a budget of bits per weight.
 
-A multiple-choice knapsack, solved exactly by dynamic programming over the budget in small units;
-each choice's cost is rounded up to whole units, so the chosen allocation never exceeds the budget.
+A multiple-choice knapsack, solved by dynamic programming over the budget in small units; each
+choice's cost is rounded up to whole units, so the chosen allocation never exceeds the budget.
 Costs are the packed sizes of the gptq format (codes, zero points, fp16 scales, g_idx), the same
 bytes the checkpoint's report counts.
 """
@@ -50,28 +50,30 @@ def allocate(table: SensitivityTable, target_bits_per_weight: float, metric: str
     if cheapest > budget:
         raise ConfigError(f"--target-bpw {target_bits_per_weight} is below the cheapest allocation the table "
                           f"offers ({cheapest / parameters:.3f} bits per weight)")
-    unit = budget / BUDGET_UNITS
+    # The DP runs on each choice's cost above its group's cheapest one, rounded up to units of the
+    # budget left over the all-cheapest allocation: that allocation always fits, and no rounded
+    # choice can exceed the real budget.
+    floor = {key: min(c) for key, c in costs.items()}
+    spare = budget - cheapest
+    unit = max(spare, 1e-9) / BUDGET_UNITS
     capacity = BUDGET_UNITS
-    best = np.zeros(capacity + 1)  # best[c]: least predicted loss of the groups so far within c units
+    best = np.zeros(capacity + 1)  # best[c]: least predicted rise of the groups so far within c units
     picks = []
     for key, rows in groups.items():
-        units = [int(np.ceil(cost / unit)) for cost in costs[key]]
+        units = [int(np.ceil((cost - floor[key]) / unit)) for cost in costs[key]]
         candidates = np.full((len(rows), capacity + 1), np.inf)
         for i, (row, u) in enumerate(zip(rows, units)):
             if u <= capacity:
                 candidates[i, u:] = best[:capacity + 1 - u] + row[metric]
-        picks.append((key, candidates.argmin(axis=0)))
+        picks.append((key, units, candidates.argmin(axis=0)))
         best = candidates.min(axis=0)
-        if not np.isfinite(best[-1]):
-            raise ConfigError(f"--target-bpw {target_bits_per_weight} leaves no room for every group")
     remaining, choices, rises, total_loss, total_bits = capacity, {}, {}, 0.0, 0
-    for key, pick in reversed(picks):
-        rows = groups[key]
-        row = rows[pick[remaining]]
-        units = int(np.ceil(costs[key][pick[remaining]] / unit))
+    for key, units, pick in reversed(picks):
+        index = pick[remaining]
+        row = groups[key][index]
         total_loss += row[metric]
-        total_bits += costs[key][pick[remaining]]
-        remaining -= units
+        total_bits += costs[key][index]
+        remaining -= units[index]
         for name in key:
             choices[name] = (row["bits"], row["group_size"])
             rises[name] = row[metric] / len(key)
