@@ -60,6 +60,11 @@ def recompute_layer_errors(checkpoint: str | Path, source_model: str, windows: t
     return errors
 
 
+def _mean(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / len(values):.3e}" if values else "–"
+
+
 def _save(fig, ax, path: Path) -> str:
     import matplotlib.pyplot as plt
 
@@ -205,18 +210,17 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
         group = by_block[block]
         outputs = [l["relative_output_error"] for l in group if l["relative_output_error"] is not None]
         rise = sum(mixed.get("delta_loss", {}).get(l["name"], 0.0) for l in group) if mixed else None
-        lines.append(f"| {block} | {sum(outputs) / len(outputs):.3e} | " if outputs else f"| {block} | – | ")
-        lines[-1] += (f"{sum(l['relative_weight_error'] for l in group) / len(group):.3e} | "
-                      f"{sum(l['bits'] for l in group) / len(group):.2f} | "
-                      + (f"{rise:.4f} |" if rise is not None else "not measured |"))
+        weights = [l["relative_weight_error"] for l in group]
+        lines.append(f"| {block} | {_mean(outputs)} | {_mean(weights)} | "
+                     f"{sum(l['bits'] for l in group) / len(group):.2f} | "
+                     + (f"{rise:.4f} |" if rise is not None else "not measured |"))
     lines += ["", "## Per layer", "", "| layer | shape | bits | group | output error | weight error |", "|---|---|---|---|---|---|"]
     for layer in layers:
-        output = layer["relative_output_error"]
         lines.append(f"| {layer['name']} | {layer['shape'][0]}x{layer['shape'][1]} | {layer['bits']} | "
-                     f"{layer['group_size']} | {'–' if output is None else f'{output:.3e}'} | "
-                     f"{layer['relative_weight_error']:.3e} |")
+                     f"{layer['group_size']} | {_mean([layer['relative_output_error']])} | "
+                     f"{_mean([layer['relative_weight_error']])} |")
     figures = []
-    if plots:
+    if plots and all(l["relative_weight_error"] is not None for l in layers):
         figures += _plot_errors(layers, folder)
         source = report.get("source_model")
         worst = max(layers, key=lambda l: l["relative_output_error"] or l["relative_weight_error"])
