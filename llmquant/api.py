@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -18,7 +19,7 @@ from torch import nn
 
 from .algorithms import CODEBOOK_METHODS, algorithm_for
 from .arch import ArchMap, arch_for
-from .checkpoint import without_tied_copies, write_folder_atomically, write_model_files
+from .checkpoint import checkpoint_tensors, tensors_sha256, without_tied_copies, write_folder_atomically, write_model_files
 from .config import PER_CHANNEL, QuantConfig
 from .data import Calibration
 from .errors import ConfigError, LlmquantError, UnsupportedArchitectureError
@@ -53,47 +54,96 @@ class QuantizedModel:
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """All tensors of the checkpoint: packed quantized linears, the rest in the storage dtype."""
-        storage = STORAGE_TORCH_DTYPES[self.config.dtype]
-        tensors = {}
-        for key, tensor in without_tied_copies(self.model.state_dict()).items():
-            module_name, _, leaf = key.rpartition(".")
-            if module_name in self.packed and leaf == "weight":
-                for suffix, packed in self.packed[module_name].items():
-                    tensors[f"{module_name}.{suffix}"] = packed
-                continue
-            tensors[key] = tensor.to(storage) if tensor.is_floating_point() else tensor
-        return tensors
+        return checkpoint_tensors(without_tied_copies(self.model.state_dict()), self.packed,
+                                  STORAGE_TORCH_DTYPES[self.config.dtype])
 
     def report(self) -> dict:
-        quantized = sum(r.shape[0] * r.shape[1] for r in self.pipeline.layers)
         packed_bytes = sum(t.numel() * t.element_size() for p in self.packed.values() for t in p.values())
-        return {
-            "llmquant_config": self.config.to_dict(),
-            "source_model": self.source,
-            "calibration": self.calibration,
-            "seconds": round(self.seconds, 2),
-            "peak_rss_mib": self.peak_rss_mib,
-            "quantized_parameters": quantized,
-            "quantized_layers_fp16_bytes": 2 * quantized,
-            "quantized_layers_packed_bytes": packed_bytes,
-            "bits_per_weight": 8 * packed_bytes / max(quantized, 1),
-            "scaling": self.pipeline.scaling,
-            "layers": [
-                {"name": r.name, "shape": list(r.shape), "relative_output_error": r.relative_output_error}
-                for r in self.pipeline.layers
-            ],
-        }
+        return build_report(self.config, self.source, self.calibration, self.seconds, self.peak_rss_mib,
+                            self.pipeline, packed_bytes)
 
     def save(self, path: str | os.PathLike, overwrite: bool = False, max_shard_size: str = "4GB") -> Path:
         fmt = FORMATS[self.config.format]
         storage = STORAGE_TORCH_DTYPES[self.config.dtype]
 
         def write(folder: Path) -> None:
-            write_model_files(folder, self.model, self.checkpoint_tensors(), self.tokenizer, storage, max_shard_size,
+            tensors = self.checkpoint_tensors()
+            write_model_files(folder, self.model, tensors, self.tokenizer, storage, max_shard_size,
                               fmt.quantization_config(self.config))
-            (folder / REPORT_FILE).write_text(json.dumps(self.report(), indent=2))
+            report = self.report()
+            report["checkpoint_sha256"] = tensors_sha256(tensors)
+            (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+            from .report import write_report
+
+            write_report(folder, plots=False)  # `llmquant report DIR` draws the figures
 
         return write_folder_atomically(path, write, overwrite)
+
+
+def build_report(config: QuantConfig, source, calibration, seconds, peak_rss_mib, pipeline: PipelineResult,
+                 packed_bytes: int) -> dict:
+    """quantize_report.json: what was run (with the llmquant version), and what it gave."""
+    from . import __version__
+
+    quantized = sum(r.shape[0] * r.shape[1] for r in pipeline.layers)
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {
+        "llmquant_version": __version__,
+        "llmquant_config": config.to_dict(),
+        "source_model": source,
+        "calibration": calibration,
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": peak_rss_mib,
+        "peak_gpu_mib": peak_gpu,
+        "quantized_parameters": quantized,
+        "quantized_layers_fp16_bytes": 2 * quantized,
+        "quantized_layers_packed_bytes": packed_bytes,
+        "bits_per_weight": 8 * packed_bytes / max(quantized, 1),
+        "scaling": pipeline.scaling,
+        "layers": [{**dataclasses.asdict(r), "shape": list(r.shape)} for r in pipeline.layers],
+    }
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def calibration_windows_for(calib, tokenizer, arch: ArchMap, vocab_size: int) -> tuple[torch.Tensor | None, dict | None]:
+    """(token windows, their description for the report) from a Calibration, corpus name or tensor."""
+    if isinstance(calib, str):
+        calib = Calibration(corpus=calib)
+    if isinstance(calib, Calibration):
+        if tokenizer is None:
+            raise ConfigError("calibration from a corpus needs the model's tokenizer (pass tokenizer=)")
+        bos = tokenizer.bos_token_id if arch.bos_per_window else None
+        calibration = calib.windows(tokenizer, bos)
+        info = {"corpus": calib.corpus, "split": calib.split, "nsamples": calib.nsamples,
+                "seqlen": calib.seqlen, "seed": calib.seed}
+    elif isinstance(calib, torch.Tensor):
+        calibration = calib.long()
+        info = {"windows": list(calibration.shape)}
+    elif calib is None:
+        return None, None
+    else:
+        raise ConfigError(f"calib must be a Calibration, a corpus name or a tensor of token ids, got {type(calib).__name__}")
+    if calibration.numel() == 0 or int(calibration.max()) >= vocab_size or int(calibration.min()) < 0:
+        raise ConfigError(f"calibration token ids must lie in [0, {vocab_size}) for this model's embedding "
+                          "(is the tokenizer the model's own?)")
+    return calibration, info
+
+
+def plan_run(model, arch: ArchMap, config: QuantConfig, calib, tokenizer, check_values: bool = True):
+    """What a quantization run needs, checked before any work: (format, algorithm, grid per linear
+    to quantize, calibration windows or None, their description)."""
+    layers = list(linears_to_quantize(model, arch, config))
+    _check_layers(layers, config, check_values)
+    fmt = FORMATS[config.format]
+    algorithm = algorithm_for(config)
+    grids = {name: grid_for_config(config.for_layer(name), fmt) for name, _ in layers}
+    if calib is None and algorithm.needs_calibration:
+        calib = Calibration()
+    calibration, info = calibration_windows_for(calib, tokenizer, arch, model.get_input_embeddings().num_embeddings)
+    return fmt, algorithm, grids, calibration, info
 
 
 def linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
@@ -123,17 +173,21 @@ def grid_for_config(config: QuantConfig, fmt) -> AffineGrid | CodebookGrid:
                       clip_search=config.clip_search)
 
 
-def _check_layers(layers, config: QuantConfig) -> None:
+def _check_layers(layers, config: QuantConfig, check_values: bool = True) -> None:
     fmt = FORMATS[config.format]
+    unknown = set(config.layer_overrides) - {name for name, _ in layers}
+    if unknown:
+        raise ConfigError(f"layer overrides name linears this model does not quantize: {', '.join(sorted(unknown)[:3])}")
     row_groups = config.method not in CODEBOOK_METHODS  # codebook blocks run over the flattened weight
     for name, linear in layers:
-        if row_groups and config.group_size != PER_CHANNEL and config.group_size > linear.in_features:
+        layer_config = config.for_layer(name)
+        if row_groups and layer_config.group_size != PER_CHANNEL and layer_config.group_size > linear.in_features:
             raise ConfigError(
-                f"group_size {config.group_size} is larger than in_features {linear.in_features} of {name}; "
+                f"group_size {layer_config.group_size} is larger than in_features {linear.in_features} of {name}; "
                 "use -1 for one group per output channel"
             )
-        fmt.check_layer(name, linear.out_features, linear.in_features, config)
-        if not torch.isfinite(linear.weight).all():
+        fmt.check_layer(name, linear.out_features, linear.in_features, layer_config)
+        if check_values and not torch.isfinite(linear.weight).all():
             raise LlmquantError(f"{name}.weight contains NaN or Inf; refusing to quantize it")
 
 
@@ -153,55 +207,26 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     else:
         source = getattr(model.config, "_name_or_path", None)
     arch = arch_for(model.config)
-    layers = list(linears_to_quantize(model, arch, config))
-    _check_layers(layers, config)
-    selected = {name for name, _ in layers}
-    fmt = FORMATS[config.format]
-    algorithm = algorithm_for(config)
-    grid = grid_for_config(config, fmt)
-
-    calibration, calibration_info = None, None
-    if calib is None and algorithm.needs_calibration:
-        calib = Calibration()
-    if isinstance(calib, str):
-        calib = Calibration(corpus=calib)
-    if isinstance(calib, Calibration):
-        if tokenizer is None:
-            raise ConfigError("calibration from a corpus needs the model's tokenizer (pass tokenizer=)")
-        bos = tokenizer.bos_token_id if arch.bos_per_window else None
-        calibration = calib.windows(tokenizer, bos)
-        calibration_info = {"corpus": calib.corpus, "split": calib.split, "nsamples": calib.nsamples,
-                            "seqlen": calib.seqlen, "seed": calib.seed}
-    elif isinstance(calib, torch.Tensor):
-        calibration = calib.long()
-        calibration_info = {"windows": list(calibration.shape)}
-    elif calib is not None:
-        raise ConfigError(f"calib must be a Calibration, a corpus name or a tensor of token ids, got {type(calib).__name__}")
-    if calibration is not None:
-        vocab = model.get_input_embeddings().num_embeddings
-        if calibration.numel() == 0 or int(calibration.max()) >= vocab or int(calibration.min()) < 0:
-            raise ConfigError(f"calibration token ids must lie in [0, {vocab}) for this model's embedding "
-                              "(is the tokenizer the model's own?)")
+    fmt, algorithm, grids, calibration, calibration_info = plan_run(model, arch, config, calib, tokenizer)
     packed: dict[str, dict[str, torch.Tensor]] = {}
     kept = {}
 
     def on_quantized(name, quantized, linear):
-        packed[name] = fmt.pack(quantized, config)
+        packed[name] = fmt.pack(quantized, config.for_layer(name))
         if keep_quantized:
             kept[name] = quantized
 
     model.eval()
     result = quantize_blocks(
         model, arch, algorithm,
-        grid_for=lambda name, linear: grid if name in selected else None,
+        grid_for=lambda name, linear: grids.get(name),
         on_quantized=on_quantized,
         calibration=calibration,
         true_sequential=config.true_sequential,
         progress=progress,
     )
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return QuantizedModel(model, tokenizer, config, packed, result, source, time.time() - start, calibration_info,
-                          peak_rss_mib, kept)
+                          peak_rss_mib(), kept)
 
 
 def load_with_tokenizer(model_or_path):

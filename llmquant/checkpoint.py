@@ -4,6 +4,7 @@ half-written checkpoint at the output path (at most a hidden `.NAME.tmp-*` folde
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, OutputWriteError
 
 DEFAULT_MAX_SHARD_SIZE = "4GB"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -56,7 +57,10 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], Non
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:
+            raise OutputWriteError(f"writing {target} failed: {exc}") from exc
         _apply_umask(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -71,6 +75,49 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], Non
     return target
 
 
+def tensors_sha256(tensors) -> str:
+    """One hash of a checkpoint's tensors, independent of how they are sharded: name, dtype, shape
+    and bytes of each, in name order. tensors: a mapping (keys() and [name]), read one at a time."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors.keys()):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+    return digest.hexdigest()
+
+
+class LazyTensors:
+    """The tensors of several safetensors files (one checkpoint), each read only when asked for."""
+
+    def __init__(self, files: list[Path]):
+        from .errors import CheckpointError
+        from .safetensors_file import SafetensorsFile
+
+        self._files = {}
+        for f in files:
+            reader = SafetensorsFile(f)
+            for key in reader.keys():
+                if key in self._files:
+                    raise CheckpointError(f"tensor {key} appears in more than one weight file")
+                self._files[key] = reader
+
+    def keys(self):
+        return self._files.keys()
+
+    def __contains__(self, name) -> bool:
+        return name in self._files
+
+    def __getitem__(self, name) -> torch.Tensor:
+        return self._files[name][name]
+
+    def shape(self, name) -> list[int]:
+        return self._files[name].shape(name)
+
+
+def folder_tensors_sha256(folder: Path) -> str:
+    return tensors_sha256(LazyTensors(sorted(Path(folder).glob("*.safetensors"))))
+
+
 def without_tied_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors with each storage kept once (tied weights, e.g. lm_head = embed_tokens, share it)."""
     kept, seen = {}, set()
@@ -81,6 +128,21 @@ def without_tied_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         seen.add(pointer)
         kept[key] = tensor
     return kept
+
+
+def checkpoint_tensors(state: dict[str, torch.Tensor], packed: dict[str, dict[str, torch.Tensor]],
+                       storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors from a (part of a) model's state: each quantized linear's weight replaced
+    by its packed tensors, every other floating-point tensor in the storage dtype."""
+    tensors = {}
+    for key, tensor in state.items():
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in packed and leaf == "weight":
+            for suffix, value in packed[module_name].items():
+                tensors[f"{module_name}.{suffix}"] = value
+            continue
+        tensors[key] = tensor.to(storage_dtype) if tensor.is_floating_point() else tensor
+    return tensors
 
 
 def save_loaded_model(model, tokenizer, path: str | os.PathLike, overwrite: bool = False,

@@ -65,9 +65,40 @@ def _add_quantize(sub):
                      help="quantize q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones (default)")
     seq.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                      help="one pass of statistics per block")
+    mixed = p.add_argument_group("mixed precision (gptq format)")
+    mixed.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
+                       help="choose bits and group size per layer from a sensitivity table so that the quantized "
+                            "linears average at most BITS bits per weight (packed size, scales included)")
+    mixed.add_argument("--sensitivity", metavar="TABLE.json",
+                       help="a table from `llmquant sensitivity`; without one it is measured first on --calib")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--max-shard-size", default="4GB", help="for hub models loaded whole; a local model is written one shard per block")
+
+
+def _add_sensitivity(sub):
+    from .models import DEFAULT_MODEL
+
+    p = sub.add_parser("sensitivity", help="loss rise on calibration data when only one group of linears is "
+                                           "quantized, per candidate bits / group size")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--calib", default="wiki", metavar="CORPUS")
+    p.add_argument("--nsamples", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bits", type=int, nargs="+", default=[3, 4, 8])
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128, -1])
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=False)
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
+    p.add_argument("--out", required=True, help="the table, JSON")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="write report.md and its plots beside a checkpoint (from quantize_report.json)")
+    p.add_argument("checkpoint")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
 
 
 def _add_eval(sub):
@@ -144,6 +175,20 @@ def _add_qat(sub):
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_export_gguf(sub):
+    from .gguf_export import TYPES
+    from .models import DEFAULT_MODEL
+
+    p = sub.add_parser("export-gguf", help="write a llama.cpp GGUF file (llama, gemma3)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--type", default="q8_0", choices=sorted(TYPES))
+    p.add_argument("--imatrix", metavar="CORPUS", help="weight the 4-bit block fits by an importance matrix "
+                   "(mean squared activations per input channel) from this corpus's train split")
+    p.add_argument("--imatrix-samples", type=int, default=32, help="windows of 512 tokens for --imatrix")
+    p.add_argument("--out", required=True, help="output .gguf file")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def _alpha(text: str):
     from .errors import ConfigError
 
@@ -157,6 +202,8 @@ def _alpha(text: str):
 
 def cmd_quantize(args) -> int:
     from .api import quantize
+    from .models import resolve_model
+    from .streaming import quantize_to_disk
     from .checkpoint import check_output_path
     from .config import QuantConfig
     from .data import Calibration
@@ -173,17 +220,26 @@ def cmd_quantize(args) -> int:
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
                          observer=args.observer, percentile=args.percentile, double_quant=args.double_quant)
     corpus = args.calib
+    mixed = None
+    if args.target_bpw is not None:
+        config, mixed = _mixed_precision(args, config)
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus
     nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
     calib = Calibration(corpus, nsamples, seqlen, args.seed) if corpus is not None else None
-    qmodel = quantize(args.model, config, calib)
-    out = qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    report = qmodel.report()
+    if Path(resolve_model(args.model)).is_dir():
+        # one block in memory at a time, resumable after a kill; shards are one per block
+        out, report = quantize_to_disk(args.model, config, calib, args.out, overwrite=args.overwrite,
+                                       report_extra={"mixed_precision": mixed} if mixed else None)
+    else:  # a hub id: transformers fetches and loads it whole
+        qmodel = quantize(args.model, config, calib)
+        out = qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        report = qmodel.report()
+    gpu = f", peak GPU {report['peak_gpu_mib']:.0f} MiB" if report.get("peak_gpu_mib") is not None else ""
     print(f"wrote {out}: {len(report['layers'])} layers, {report['bits_per_weight']:.3f} bits per quantized weight, "
           f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
           f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB fp16, {report['seconds']:.1f} s, "
-          f"peak RSS {report['peak_rss_mib']:.0f} MiB")
+          f"peak RSS {report['peak_rss_mib']:.0f} MiB{gpu}")
     errors = sorted((layer["relative_output_error"], layer["name"]) for layer in report["layers"]
                     if layer["relative_output_error"] is not None)
     if errors:
@@ -193,6 +249,72 @@ def cmd_quantize(args) -> int:
         key = "ratio" if "ratio" in report["scaling"][0] else "alpha"
         values = [r[key] for r in report["scaling"]]
         print(f"scaling: {len(values)} groups, {key} {min(values, key=float)}..{max(values, key=float)}")
+    return 0
+
+
+def _mixed_precision(args, config):
+    """The config with per-layer bits / group sizes chosen for --target-bpw."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from .allocation import allocate
+    from .data import Calibration
+    from .errors import ConfigError
+    from .sensitivity import SensitivityTable, sensitivity_of
+
+    if config.format != "gptq":
+        raise ConfigError("--target-bpw writes per-layer overrides in the gptq format; use --format gptq")
+    if args.sensitivity:
+        table = SensitivityTable.load(args.sensitivity)
+    else:
+        corpus = args.calib or Calibration.corpus
+        print(f"measuring sensitivity on {corpus} (2 windows x 256 tokens; pass --sensitivity to reuse a table)")
+        table = sensitivity_of(args.model, Calibration(corpus, 2, 256, args.seed), sym=config.sym)
+    if table.sym != config.sym:
+        raise ConfigError(f"the sensitivity table was measured on a {'symmetric' if table.sym else 'asymmetric'} "
+                          f"grid; quantize with {'--sym' if table.sym else '--asym'} to match")
+    allocation = allocate(table, args.target_bpw)
+    counts = Counter(allocation.choices.values())
+    print(f"mixed precision for {args.target_bpw} bits per weight: {allocation.bits_per_weight:.3f} allocated, "
+          f"predicted rise ({allocation.metric}) {allocation.predicted_delta_loss:.4f}; "
+          + ", ".join(f"{n} x w{b}g{g}" for (b, g), n in sorted(counts.items())))
+    overrides = {name: {"bits": b, "group_size": g} for name, (b, g) in allocation.choices.items()}
+    summary = {"target_bits_per_weight": args.target_bpw, "allocated_bits_per_weight": allocation.bits_per_weight,
+               "metric": allocation.metric, "predicted_delta_loss": allocation.predicted_delta_loss,
+               "delta_loss": allocation.delta_loss,
+               "sensitivity_calibration": table.calibration}
+    return replace(config, layer_overrides=overrides), summary
+
+
+def cmd_sensitivity(args) -> int:
+    from .checkpoint import check_output_path
+    from .data import Calibration
+    from .sensitivity import sensitivity_of
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        check_output_path(out, False)
+    table = sensitivity_of(args.model, Calibration(args.calib, args.nsamples, args.seqlen, args.seed), args.bits,
+                           args.group_sizes, args.sym)
+    tmp = out.with_name(f".{out.name}.tmp")
+    table.save(tmp)
+    tmp.replace(out)
+    worst = sorted(table.rows, key=lambda r: -r["kl"])[:3]
+    print(f"wrote {out}: {len(table.rows)} measurements, base loss {table.base_loss:.4f}; most sensitive: "
+          + "; ".join(f"{r['modules'][0]} w{r['bits']}g{r['group_size']} KL {r['kl']:.4f}" for r in worst))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .api import REPORT_FILE
+    from .errors import CheckpointError
+    from .report import write_report
+
+    folder = Path(args.checkpoint).expanduser()
+    if not (folder / REPORT_FILE).is_file():
+        raise CheckpointError(f"{folder} has no {REPORT_FILE}: not a checkpoint llmquant wrote")
+    path = write_report(folder, plots=args.plots, activations=args.plots)
+    print(f"wrote {path}")
     return 0
 
 
@@ -286,6 +408,19 @@ def cmd_qat(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from .errors import OutputExistsError
+    from .data import Calibration
+    from .gguf_export import export_gguf
+
+    if Path(args.out).expanduser().exists() and not args.overwrite:
+        raise OutputExistsError(f"output {args.out} already exists; pass --overwrite to replace it")
+    calib = Calibration(args.imatrix, args.imatrix_samples, 512) if args.imatrix else None
+    out = export_gguf(args.model, args.out, args.type, calib=calib)
+    print(f"wrote {out}: {out.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .arch import supported_model_types
     from .models import BUILTIN_MODELS
@@ -300,16 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmquant", description="LLM weight quantization")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
+    _add_sensitivity(sub)
+    _add_report(sub)
     _add_eval(sub)
     _add_generate(sub)
     _add_finetune(sub)
     _add_qat(sub)
+    _add_export_gguf(sub)
     sub.add_parser("models", help="list built-in models and supported architectures")
     return parser
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "finetune": cmd_finetune,
-            "qat": cmd_qat, "models": cmd_models}
+COMMANDS = {"quantize": cmd_quantize, "sensitivity": cmd_sensitivity, "report": cmd_report, "eval": cmd_eval, "generate": cmd_generate, "finetune": cmd_finetune,
+            "qat": cmd_qat, "export-gguf": cmd_export_gguf, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """QuantConfig: the user's choice of algorithm, grid and checkpoint format, validated up front."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ConfigError
 
@@ -63,6 +63,9 @@ class QuantConfig:
     observer: str = "minmax"
     percentile: float = 99.99
     double_quant: bool = False
+    # Mixed precision: module name -> {"bits": b, "group_size": g} replacing the defaults above for
+    # that linear (written as GPTQModel's `dynamic` per-module overrides).
+    layer_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from .algorithms import ACTIVATION_METHODS, CODEBOOK_METHODS
@@ -120,6 +123,27 @@ class QuantConfig:
             raise ConfigError(f"the {self.format} format holds NF4 / FP4 weights (methods {', '.join(CODEBOOK_METHODS)}), "
                               f"not {self.method!r}; use --format gptq or awq")
         fmt.check_config(self)
+        self._check_layer_overrides()
+
+    def _check_layer_overrides(self) -> None:
+        if not self.layer_overrides:
+            return
+        if self.format != "gptq":
+            raise ConfigError("per-layer bits / group sizes are written as GPTQModel `dynamic` overrides: "
+                              "use a weight-only affine method (rtn, gptq, awq) with --format gptq")
+        for name, override in self.layer_overrides.items():
+            if not isinstance(override, dict) or set(override) - {"bits", "group_size"}:
+                raise ConfigError(f"layer override for {name} must be a dict of bits / group_size, got {override!r}")
+            QuantConfig(method=self.method, bits=override.get("bits", self.bits),
+                        group_size=override.get("group_size", self.group_size), sym=self.sym, format=self.format)
+
+    def for_layer(self, name: str) -> "QuantConfig":
+        """The config one linear is quantized with: the defaults, or its override."""
+        override = self.layer_overrides.get(name)
+        if not override:
+            return self
+        return replace(self, bits=override.get("bits", self.bits), group_size=override.get("group_size", self.group_size),
+                       layer_overrides={})
 
     def _check_activation_options(self, quantizes_activations: bool) -> None:
         from .algorithms.w8a8 import ACTIVATION_MODES
@@ -160,4 +184,5 @@ class QuantConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        d["layer_overrides"] = {name: dict(o) for name, o in sorted(self.layer_overrides.items())}
         return d

@@ -27,3 +27,7 @@ class OutputExistsError(LlmquantError, FileExistsError):
 
 class DataError(LlmquantError):
     """A corpus is unknown, unreadable, or too short for what was asked."""
+
+
+class OutputWriteError(LlmquantError, OSError):
+    """Writing the output failed (a full disk, a read-only folder); nothing was left at the output path."""

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint import SAFETENSORS_INDEX
+from .checkpoint import SAFETENSORS_INDEX, LazyTensors
 from .errors import CheckpointError, ModelNotFoundError
 from .formats import format_for_quantization_config
+from .formats.gptq import dynamic_override
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -40,17 +40,8 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as reader:
-                for key in reader.keys():
-                    if key in tensors:
-                        raise CheckpointError(f"tensor {key} appears in more than one weight file")
-                    tensors[key] = reader.get_tensor(key)
-        except SafetensorError as exc:
-            raise CheckpointError(f"{f} is not a readable safetensors file: {exc}") from exc
-    return tensors
+    tensors = LazyTensors(files)
+    return {key: tensors[key] for key in tensors.keys()}
 
 
 def _read_config(folder: Path, trust_remote_code: bool):
@@ -109,7 +100,11 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
             raise CheckpointError(f"{folder}: {name} is a {type(linear).__name__} in the model, not a linear layer")
         shapes = {suffix: tuple(tensors[f"{name}.{suffix}"].shape)
                   for suffix in fmt.tensor_suffixes if f"{name}.{suffix}" in tensors}
-        module = fmt.build_linear(name, quantization_config, shapes, f"{name}.bias" in tensors,
+        module_config = dynamic_override(quantization_config, name)
+        if module_config is None:
+            raise CheckpointError(f"{folder}: quantization_config.dynamic leaves {name} unquantized, "
+                                  "but the checkpoint holds quantized tensors for it")
+        module = fmt.build_linear(name, module_config, shapes, f"{name}.bias" in tensors,
                                   linear.in_features, linear.out_features, dtype)
         model.set_submodule(name, module)
 
@@ -128,3 +123,28 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
     if still_empty:
         raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(still_empty[:5])}")
     return model.eval()
+
+
+def load_quantized_linear(path: str | os.PathLike, name: str, in_features: int, out_features: int,
+                          dtype: torch.dtype = torch.float32) -> nn.Module:
+    """One quantized linear of a checkpoint, reading only its own tensors (for reports on big models)."""
+    folder = Path(path).expanduser()
+    quantization_config = getattr(_read_config(folder, False), "quantization_config", None)
+    if quantization_config is None:
+        raise CheckpointError(f"{folder} is not a quantized checkpoint")
+    if not isinstance(quantization_config, dict):
+        quantization_config = quantization_config.to_dict()
+    fmt = format_for_quantization_config(quantization_config)
+    if fmt is None:
+        raise CheckpointError(f"{folder}: quant_method {quantization_config.get('quant_method')!r} is not a format llmquant reads")
+    source = LazyTensors(checkpoint_files(folder))
+    own = {key[len(name) + 1:]: key for key in source.keys() if key.startswith(name + ".")}
+    if fmt.marker_suffix not in own:
+        raise CheckpointError(f"{folder} holds no quantized tensors for {name}")
+    shapes = {suffix: tuple(source.shape(key)) for suffix, key in own.items() if suffix in fmt.tensor_suffixes}
+    module_config = dynamic_override(quantization_config, name)
+    if module_config is None:
+        raise CheckpointError(f"{folder}: quantization_config.dynamic leaves {name} unquantized")
+    module = fmt.build_linear(name, module_config, shapes, "bias" in own, in_features, out_features, dtype)
+    module.load_state_dict({suffix: source[key] for suffix, key in own.items()}, strict=False, assign=True)
+    return module.eval()

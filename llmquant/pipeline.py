@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchMap
+from .errors import DataError
 from .grid import AffineGrid, QuantizedWeight
 from .scaling import scaling_groups
 from .statistics import InputGram
@@ -33,7 +34,10 @@ class BlockInputs:
 class LayerResult:
     name: str
     shape: tuple[int, int]
-    relative_output_error: float | None = None
+    relative_output_error: float | None = None  # |X W^T - X Q^T|^2 / |X W^T|^2 on the calibration inputs
+    relative_weight_error: float | None = None  # |W - Q|^2 / |W|^2
+    bits: int | None = None
+    group_size: int | None = None  # -1: one group per output channel; codebook grids: their block size
 
 
 @dataclass
@@ -161,7 +165,10 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
                 stats[name] = shared[1] if shared is not None else InputGram(module.in_features, device=x.device,
                                                                           **(options or {}))
             if shared is None:
-                stats[name].add_batch(x)
+                try:
+                    stats[name].add_batch(x)
+                except DataError as exc:
+                    raise DataError(f"{exc} (at the input of {name})") from exc
                 inputs_this_pass[id(x)] = (x, stats[name])
             seen.add(name)
             if len(seen) == len(layers):
@@ -185,6 +192,28 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
     return stats
 
 
+class BlockStore:
+    """Where blocks come from and where finished ones go. The default keeps the whole model in
+    memory; streaming.py's store loads each block from disk when its turn comes, writes it out and
+    releases it, and can resume a killed run after its last finished block."""
+
+    def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
+        """(index of the first block to quantize, that block's saved calibration inputs or None)."""
+        return 0, None
+
+    def load(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def finish(self, index: int, block: nn.Module, next_hidden: list[torch.Tensor] | None,
+               result: PipelineResult) -> None:
+        pass
+
+
+def _check_finite(hidden: list[torch.Tensor], where: str) -> None:
+    if not all(torch.isfinite(h).all() for h in hidden):
+        raise DataError(f"calibration activations contain NaN or Inf {where}; refusing to quantize on them")
+
+
 def quantize_blocks(
     model: nn.Module,
     arch: ArchMap,
@@ -194,6 +223,7 @@ def quantize_blocks(
     calibration: torch.Tensor | None = None,
     true_sequential: bool = True,
     progress: bool = True,
+    store: BlockStore | None = None,
 ) -> PipelineResult:
     """Quantize the linears of every block in place (their weights become the dequantized grid values).
 
@@ -205,21 +235,31 @@ def quantize_blocks(
     before it; otherwise one pass per block gives every layer its floating-point inputs.
     An algorithm with `transform_block` (AWQ) first gets the block's scaling groups with their
     input statistics and may rescale / clip the block's weights before any layer is rounded.
+    store: a BlockStore (default: the model is all in memory, nothing is written).
     """
     if algorithm.needs_calibration and calibration is None:
         raise ValueError(f"{algorithm.name} needs calibration data")
+    store = store or BlockStore()
     blocks = arch.block_list(model)
     inputs = capture_block_inputs(model, arch, calibration) if calibration is not None else None
-    hidden = inputs[0].hidden_states if inputs is not None else None
+    start, saved_hidden = store.resume_point()
+    hidden = None
+    if inputs is not None:
+        hidden = saved_hidden if saved_hidden is not None else inputs[0].hidden_states
+        _check_finite(hidden, f"at the input of block {start}")
     result = PipelineResult()
     steps = arch.sequential if true_sequential else (tuple(arch.linear_names()),)
-    bar = tqdm(total=len(blocks), desc=f"{algorithm.name} blocks", unit="block", disable=not progress)
-    for index, block in enumerate(blocks):
+    bar = tqdm(total=len(blocks), initial=start, desc=f"{algorithm.name} blocks", unit="block", disable=not progress)
+    for index in range(start, len(blocks)):
+        block = blocks[index]
+        store.load(index, block)
         quantize_block(block, arch.block_prefix(index), arch, algorithm, grid_for, on_quantized, steps,
                        hidden, inputs[index].kwargs if inputs is not None else None, result, bar)
         if hidden is not None:
             hidden = run_block(block, hidden, inputs[index].kwargs)
             inputs[index] = None  # free this block's recorded keywords
+            _check_finite(hidden, f"at the output of block {index}")
+        store.finish(index, block, hidden, result)
         bar.update(1)
     bar.close()
     return result
@@ -255,9 +295,12 @@ def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid
             fake = quantized.dequantize(weight.dtype).to(weight.device)
             reference = reference_weights.get(name, weight)
             error = stats[name].relative_output_error(reference, fake) if name in stats else None
+            weight_error = float(((fake.float() - reference.float()) ** 2).sum()
+                                 / (reference.float() ** 2).sum().clamp_min(1e-30))
+            group_size = getattr(quantized, "group_size", getattr(quantized, "blocksize", None))
             linear.weight.data = fake
             on_quantized(name, quantized, linear)
-            result.layers.append(LayerResult(name, tuple(weight.shape), error))
+            result.layers.append(LayerResult(name, tuple(weight.shape), error, weight_error, quantized.bits, group_size))
 
 
 def scaling_groups_with_statistics(block: nn.Module, arch: ArchMap, prefix: str, grid_for, hidden, kwargs,

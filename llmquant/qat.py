@@ -212,7 +212,9 @@ class QATModel:
             if layer.bias is not None:
                 linear.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
             self.model.set_submodule(name, linear)
-            results.append(LayerResult(name, (layer.out_features, layer.in_features)))
+            # no error figures: the trained weights have no full-precision counterpart to compare with
+            results.append(LayerResult(name, (layer.out_features, layer.in_features), bits=quantized.bits,
+                                       group_size=quantized.group_size))
         self.layers = {}
         return QuantizedModel(self.model.eval(), self.tokenizer, self.config, packed, PipelineResult(layers=results),
                               self.source, seconds)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import DataError
+
 from .grid.observers import AbsHistogram
 
 
@@ -31,7 +33,7 @@ class InputGram:
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         if not torch.isfinite(x).all():
-            raise FloatingPointError("calibration activations contain NaN or Inf")
+            raise DataError("calibration activations contain NaN or Inf; refusing to quantize on them")
         self.gram.addmm_(x.t(), x)
         magnitude = x.abs()
         self.channel_abs_sum += magnitude.sum(dim=0)

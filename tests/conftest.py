@@ -44,3 +44,12 @@ def tiny_model(kind: str, seed: int = 0):
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, smollm2):
+    """A tiny random llama saved as a Hugging Face folder, with a (borrowed) tokenizer."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    smollm2[1].save_pretrained(folder)
+    return folder

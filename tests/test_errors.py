@@ -12,15 +12,6 @@ from llmquant.errors import CheckpointError, ConfigError
 from conftest import tiny_model
 
 
-@pytest.fixture
-def tiny_folder(tmp_path, smollm2):
-    """A tiny random llama saved as a Hugging Face folder, with a (borrowed) tokenizer."""
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    smollm2[1].save_pretrained(folder)
-    return folder
-
-
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
@@ -107,7 +98,7 @@ def checkpoint(tmp_path):
 def test_truncated_safetensors(checkpoint):
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         llmquant.load(checkpoint)
 
 

@@ -7,7 +7,7 @@ from torch import nn
 import llmquant
 from llmquant import QuantConfig
 from llmquant.arch import arch_for
-from llmquant.errors import UnsupportedArchitectureError
+from llmquant.errors import DataError, UnsupportedArchitectureError
 from llmquant.nn import GPTQLinear
 from llmquant.pipeline import capture_block_inputs, run_block
 from llmquant.statistics import InputGram
@@ -103,7 +103,7 @@ def test_input_gram_output_error_matches_direct_computation():
     direct = ((flat @ w.t() - flat @ w_hat.t()) ** 2).sum() / ((flat @ w.t()) ** 2).sum()
     assert gram.rows == 150
     assert abs(gram.relative_output_error(w, w_hat) - direct.item()) < 1e-4 * direct.item()
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(DataError, match="NaN or Inf"):
         gram.add_batch(torch.full((2, 40), float("nan")))
 
 

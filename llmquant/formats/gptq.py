@@ -11,6 +11,8 @@ The stored "zero - 1" cannot hold zero 0, so asymmetric grids are asked for zero
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .. import bitpack
@@ -91,6 +93,10 @@ class GPTQFormat:
         }
         if config.modules_to_not_convert:
             qc["modules_to_not_convert"] = list(config.modules_to_not_convert)
+        dynamic = {f"+:^{re.escape(name)}$": dict(override) for name, override in sorted(config.layer_overrides.items())
+                   if config.for_layer(name).bits != config.bits or config.for_layer(name).group_size != config.group_size}
+        if dynamic:
+            qc["dynamic"] = dynamic
         qc.update(extra or {})
         return qc
 
@@ -130,3 +136,24 @@ class GPTQFormat:
             in_features, out_features, bits=bits, group_size=group_size, num_groups=groups,
             zero_offset=ZERO_OFFSETS[checkpoint_format], bias=has_bias, dtype=dtype,
         )
+
+
+def dynamic_override(quantization_config: dict, module_name: str) -> dict | None:
+    """The quantization_config one module is stored with under GPTQModel's `dynamic` rules (as vLLM
+    reads them): patterns tried in order with re.match; "-:PATTERN" leaves matching modules
+    unquantized (None), "+:PATTERN" or a bare pattern overrides keys such as bits / group_size."""
+    dynamic = quantization_config.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise CheckpointError(f"quantization_config.dynamic must be a mapping of patterns, got {type(dynamic).__name__}")
+    for pattern, override in dynamic.items():
+        try:
+            if pattern.startswith("-:"):
+                if re.match(pattern[2:], module_name):
+                    return None
+            elif re.match(pattern.removeprefix("+:"), module_name):
+                if not isinstance(override, dict):
+                    raise CheckpointError(f"quantization_config.dynamic[{pattern!r}] must be a mapping")
+                return {**quantization_config, **override}
+        except re.error as exc:
+            raise CheckpointError(f"quantization_config.dynamic has an invalid pattern {pattern!r}: {exc}") from exc
+    return quantization_config

@@ -1,0 +1,33 @@
+"""llama.cpp's importance matrix: for every block linear, the mean of x_j^2 over the calibration
+tokens of each input channel j (the diagonal of the per-token input Gram matrix). It weights the
+squared error of the block fits, so channels that carry large activations are rounded best."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def importance_matrix(model, windows: torch.Tensor) -> dict[str, np.ndarray]:
+    """{module name: mean x^2 per input channel} for the linears inside the decoder blocks."""
+    sums, counts, handles = {}, {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            def accumulate(mod, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name] = sums.get(name, 0) + (x * x).sum(0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            handles.append(module.register_forward_pre_hook(accumulate))
+    try:
+        for window in windows:
+            model(input_ids=window[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = {name: (sums[name] / counts[name]).numpy() for name in sums}
+    bad = [name for name, value in stats.items() if not np.isfinite(value).all()]
+    if bad:
+        from ..errors import DataError
+
+        raise DataError(f"importance matrix: non-finite activations reach {bad[0]}")
+    return stats

@@ -1,0 +1,245 @@
+"""Where the error went: report.md and plots beside a checkpoint, from its quantize_report.json.
+
+Per layer: relative output error on the calibration inputs, relative weight error, bits, group
+size, method; per block: mean errors and, for mixed-precision runs, the sensitivity table's
+predicted loss rise of the chosen settings; totals: bits per weight and size. Plots (matplotlib,
+PNG): errors by layer and by block, a histogram of the worst layer's weight before and after, and
+for AWQ / SmoothQuant the per-channel activation range at the first layer's input before and
+after the smoothing. Also the check that these numbers can be recomputed from the checkpoint and
+the calibration data (recompute_layer_errors).
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .api import REPORT_FILE
+from .statistics import InputGram
+
+SCALING_METHODS = ("awq", "awq+gptq", "smoothquant")
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+@torch.no_grad()
+def recompute_layer_errors(checkpoint: str | Path, source_model: str, windows: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """{layer: (relative output error, relative weight error)} recomputed from the checkpoint (its
+    dequantized weights, fed the calibration windows) and the source model's weights: what the
+    pipeline reports for weight-only methods without scaling (RTN, GPTQ, NF4)."""
+    from .loading import load
+    from .models import load_fp_model
+
+    reference, _ = load_fp_model(source_model)
+    quantized = load(checkpoint)
+    layers = {name: module for name, module in quantized.named_modules() if hasattr(module, "dequantized_weight")}
+    grams, handles = {}, []
+    for name, module in layers.items():
+        grams[name] = InputGram(module.in_features)
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: grams[name].add_batch(args[0])))
+    try:
+        for window in windows:
+            quantized(input_ids=window[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors = {}
+    for name, module in layers.items():
+        original = reference.get_submodule(name).weight.float()
+        restored = module.dequantized_weight(torch.float32)
+        weight_error = float(((restored - original) ** 2).sum() / (original ** 2).sum())
+        errors[name] = (grams[name].relative_output_error(original, restored), weight_error)
+    return errors
+
+
+def _mean(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / len(values):.3e}" if values else "–"
+
+
+def _save(fig, ax, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _plot_errors(layers: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(11, 4))
+    kinds = defaultdict(list)
+    for i, layer in enumerate(layers):
+        kinds[layer["name"].rsplit(".", 1)[-1]].append((i, layer))
+    for kind, points in kinds.items():
+        xs = [i for i, _ in points]
+        if points[0][1]["relative_output_error"] is not None:
+            ax.scatter(xs, [l["relative_output_error"] for _, l in points], s=12, label=f"{kind} output")
+        ax.scatter(xs, [l["relative_weight_error"] for _, l in points], s=6, marker="x", alpha=0.5, label=f"{kind} weight")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (pipeline order)")
+    ax.set_ylabel("relative squared error")
+    ax.set_title("Error by layer: output (dots, on calibration inputs) and weight (crosses)")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out / "errors_by_layer.png", dpi=110)
+    plt.close(fig)
+    files.append("errors_by_layer.png")
+
+    by_block = defaultdict(list)
+    for layer in layers:
+        by_block[_block_of(layer["name"])].append(layer)
+    blocks = sorted(b for b in by_block if b is not None)
+    fig, ax = plt.subplots(figsize=(11, 3.5))
+    key = "relative_output_error" if layers and layers[0]["relative_output_error"] is not None else "relative_weight_error"
+    ax.bar(blocks, [sum(l[key] for l in by_block[b]) / len(by_block[b]) for b in blocks])
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"mean {key.replace('_', ' ')}")
+    ax.set_title("Error by block")
+    fig.tight_layout()
+    fig.savefig(out / "errors_by_block.png", dpi=110)
+    plt.close(fig)
+    files.append("errors_by_block.png")
+    return files
+
+
+@torch.no_grad()
+def _plot_weight_histogram(checkpoint: Path, source_model: str, layer: dict, out: Path) -> str:
+    """Reads only this layer: its weight from the source shards, its tensors from the checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import LazyTensors
+    from .loading import checkpoint_files, load_quantized_linear
+    from .models import resolve_model
+
+    name = layer["name"]
+    out_features, in_features = layer["shape"]
+    original = LazyTensors(checkpoint_files(Path(resolve_model(source_model))))[f"{name}.weight"].float().flatten()
+    restored = load_quantized_linear(checkpoint, name, in_features, out_features).dequantized_weight(torch.float32).flatten()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    low, high = float(original.min()), float(original.max())
+    ax.hist(original.numpy(), bins=400, range=(low, high), alpha=0.6, label="full precision")
+    ax.hist(restored.numpy(), bins=400, range=(low, high), alpha=0.6, label="quantized (dequantized)")
+    ax.set_yscale("log")
+    ax.set_title(f"{name}: weight values before and after")
+    return _save(fig, ax, out / "weight_histogram.png")
+
+
+@torch.no_grad()
+def _input_absmax(model, layer: str, windows: torch.Tensor) -> torch.Tensor:
+    seen = []
+    module = model.get_submodule(layer)
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].abs().flatten(0, -2).amax(0)))
+    try:
+        for window in windows:
+            model(input_ids=window[None], use_cache=False)
+    finally:
+        handle.remove()
+    return torch.stack(seen).amax(0).float()
+
+
+def _plot_activation_outliers(checkpoint: Path, source_model: str, layer: str, windows, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .loading import load
+    from .models import load_fp_model
+
+    before = _input_absmax(load_fp_model(source_model)[0], layer, windows)
+    after = _input_absmax(load(checkpoint), layer, windows)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.plot(before.numpy(), lw=0.7, label=f"before (max/median {float(before.max() / before.median()):.1f})")
+    ax.plot(after.numpy(), lw=0.7, label=f"after smoothing (max/median {float(after.max() / after.median()):.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("input channel")
+    ax.set_ylabel("max |x| over calibration tokens")
+    ax.set_title(f"Activation outliers at the input of {layer}")
+    return _save(fig, ax, out / "activation_outliers.png")
+
+
+def write_report(folder: str | Path, plots: bool = True, name: str | None = None, activations: bool = False) -> Path:
+    """report.md (+ PNGs) in the checkpoint folder, from its quantize_report.json. The weight
+    histogram reads one layer only; activations=True also runs both whole models on calibration
+    windows for the AWQ / SmoothQuant outlier plot (what `llmquant report` does)."""
+    folder = Path(folder)
+    report = json.loads((folder / REPORT_FILE).read_text())
+    layers = report["layers"]
+    config = report["llmquant_config"]
+    mixed = report.get("mixed_precision") or {}
+    lines = [f"# Quantization report: {name or folder.name}", "",
+             f"- source: `{report.get('source_model')}`; method **{config['method']}**, default {config['bits']} bits, "
+             f"group size {config['group_size']}, {'symmetric' if config['sym'] else 'asymmetric'}, format {config['format']}",
+             f"- quantized linears: {len(layers)}, {report['quantized_parameters']:,} weights, "
+             f"**{report['bits_per_weight']:.3f} bits per weight** (packed: codes, scales, zeros, indices)",
+             f"- packed size {report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB vs "
+             f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB in fp16; checkpoint on disk "
+             f"{sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 2**20:.1f} MiB",
+             f"- calibration: {report.get('calibration')}; {report.get('seconds')} s, peak RSS "
+             f"{report.get('peak_rss_mib') or 0:.0f} MiB; checkpoint sha256 `{report.get('checkpoint_sha256')}`", ""]
+    if mixed:
+        lines += [f"Mixed precision: target {mixed['target_bits_per_weight']} bits per weight, allocated "
+                  f"{mixed['allocated_bits_per_weight']:.3f}; predicted rise {mixed['predicted_delta_loss']:.4f} "
+                  f"({mixed.get('metric', 'kl')}: the sum of the sensitivity table's per-group rises).", ""]
+    header, lines = lines, []
+    by_block = defaultdict(list)
+    for layer in layers:
+        by_block[_block_of(layer["name"])].append(layer)
+    lines += ["## Per block", "", "| block | mean output error | mean weight error | mean bits | predicted rise (sensitivity) |",
+              "|---|---|---|---|---|"]
+    for block in sorted(b for b in by_block if b is not None):
+        group = by_block[block]
+        outputs = [l["relative_output_error"] for l in group if l["relative_output_error"] is not None]
+        rise = sum(mixed.get("delta_loss", {}).get(l["name"], 0.0) for l in group) if mixed else None
+        weights = [l["relative_weight_error"] for l in group]
+        lines.append(f"| {block} | {_mean(outputs)} | {_mean(weights)} | "
+                     f"{sum(l['bits'] for l in group) / len(group):.2f} | "
+                     + (f"{rise:.4f} |" if rise is not None else "not measured |"))
+    lines += ["", "## Per layer", "", "| layer | shape | bits | group | output error | weight error |", "|---|---|---|---|---|---|"]
+    for layer in layers:
+        lines.append(f"| {layer['name']} | {layer['shape'][0]}x{layer['shape'][1]} | {layer['bits']} | "
+                     f"{layer['group_size']} | {_mean([layer['relative_output_error']])} | "
+                     f"{_mean([layer['relative_weight_error']])} |")
+    figures = []
+    if plots and all(l["relative_weight_error"] is not None for l in layers):
+        figures += _plot_errors(layers, folder)
+        source = report.get("source_model")
+        worst = max(layers, key=lambda l: l["relative_output_error"] or l["relative_weight_error"])
+        try:
+            figures.append(_plot_weight_histogram(folder, source, worst, folder))
+            calibration = report.get("calibration") or {}
+            if activations and config["method"] in SCALING_METHODS and "corpus" in calibration:
+                from .arch import arch_for
+                from .data import Calibration
+                from .models import load_fp_model
+
+                model, tokenizer = load_fp_model(source)
+                arch = arch_for(model.config)
+                windows = Calibration(calibration["corpus"], min(4, calibration["nsamples"]), calibration["seqlen"],
+                                      calibration["seed"]).windows(tokenizer, tokenizer.bos_token_id if arch.bos_per_window else None)
+                figures.append(_plot_activation_outliers(folder, source, layers[0]["name"], windows, folder))
+        except Exception as exc:  # the source model may be gone; the rest of the report stands
+            header += [f"(plots needing the source model were skipped: {exc})", ""]
+    lines = header + [f"![{f}]({f})" for f in figures] + [""] + lines
+    path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,276 @@
+"""Quantize a checkpoint folder with one decoder block in memory at a time, resumably.
+
+The model is built empty (parameters on the meta device); the embeddings, final norm and head are
+read from the safetensors shards (memory-mapped) at the start, and each block's weights only when
+its turn comes. A finished block is written at once as its own shard of the output checkpoint and
+released, so memory holds the embeddings, one block and the calibration activations.
+
+Progress lives in a hidden folder beside the output, `.NAME.partial`: the finished blocks' shards,
+the next block's calibration inputs (safetensors) and progress.json, each file written to a temp
+name and renamed. A run killed at any point and restarted with the same command (same model files,
+config and calibration windows: their fingerprint is checked) continues after the last finished
+block and writes the same checkpoint, bit for bit, as an uninterrupted run. Only the finished
+folder is ever renamed to the output path. A run that fails with an error removes its progress;
+one interrupted by a signal or Ctrl-C keeps it for the rerun.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .api import REPORT_FILE, STORAGE_TORCH_DTYPES, build_report, peak_rss_mib, plan_run
+from .arch import arch_for
+from .checkpoint import (SAFETENSORS_INDEX, LazyTensors, check_output_path, checkpoint_tensors,
+                         folder_tensors_sha256, without_tied_copies)
+from .config import QuantConfig
+from .errors import CheckpointError, ConfigError, LlmquantError, OutputWriteError
+from .pipeline import BlockStore, LayerResult, PipelineResult, quantize_blocks
+from .report import write_report
+
+PROGRESS_FILE = "progress.json"
+NEXT_INPUTS_FILE = "next-block-inputs.safetensors"
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputWriteError(f"writing {path} failed: {exc}") from exc
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def materialize(module: nn.Module, prefix: str, source: LazyTensors) -> None:
+    """Give `module`'s (meta) parameters their values from the checkpoint, checking shapes and values.
+    The value read is the parameter itself (no copy: a float32 checkpoint costs its bytes once)."""
+    for name, param in list(module.named_parameters()):
+        full = f"{prefix}{name}"
+        if full not in source:
+            raise CheckpointError(f"the checkpoint has no tensor {full}")
+        if list(source.shape(full)) != list(param.shape):
+            raise CheckpointError(f"tensor {full} has shape {source.shape(full)} in the checkpoint, "
+                                  f"but the config makes it {list(param.shape)}")
+        value = source[full].to(torch.float32)
+        if not all(torch.isfinite(chunk).all() for chunk in value.view(-1).split(2**22)):
+            raise LlmquantError(f"{full} contains NaN or Inf; refusing to quantize it")
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+class StreamingStore(BlockStore):
+    """Blocks from the source checkpoint, finished blocks to shards in the staging folder."""
+
+    def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: str, packed: dict,
+                 storage: torch.dtype, total_shards: int):
+        self.prefix_of, self.source, self.staging = prefix_of, source, staging
+        self.fingerprint, self.packed, self.storage, self.total_shards = fingerprint, packed, storage, total_shards
+        self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0}
+        self.started = time.time()
+        self.earlier_seconds = 0.0  # time the killed runs before this one spent
+        self.layers_seen = self.scaling_seen = 0
+
+    def resume_point(self):
+        path = self.staging / PROGRESS_FILE
+        if not path.exists():
+            return 0, None
+        progress = json.loads(path.read_text())
+        done = progress["done"]
+        missing = [i for i in range(done) if not (self.staging / shard_name(i, self.total_shards)).exists()]
+        if progress.get("fingerprint") != self.fingerprint or missing:
+            return 0, None  # another run's leftovers: start over
+        self.progress = progress
+        self.earlier_seconds = progress["seconds"]
+        inputs = self.staging / NEXT_INPUTS_FILE
+        if not inputs.exists():
+            return done, None
+        saved = load_file(str(inputs))
+        return done, [saved[str(i)] for i in range(len(saved))]
+
+    def load(self, index, block):
+        materialize(block, self.prefix_of(index) + ".", self.source)
+
+    def finish(self, index, block, next_hidden, result):
+        prefix = self.prefix_of(index) + "."
+        state = {prefix + key: value for key, value in block.state_dict().items()}
+        packed = {name: self.packed.pop(name) for name in list(self.packed) if name.startswith(prefix)}
+        tensors = checkpoint_tensors(state, packed, self.storage)
+        _write_atomically(self.staging / shard_name(index, self.total_shards),
+                          lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                metadata={"format": "pt"}))
+        if next_hidden is not None:
+            _write_atomically(self.staging / NEXT_INPUTS_FILE,
+                              lambda tmp: save_file({str(i): h.contiguous() for i, h in enumerate(next_hidden)}, str(tmp)))
+        # the records this block added to the run's result
+        self.progress["blocks"].append({
+            "layers": [dataclasses.asdict(r) for r in result.layers[self.layers_seen:]],
+            "scaling": result.scaling[self.scaling_seen:],
+            "packed_bytes": sum(t.numel() * t.element_size() for p in packed.values() for t in p.values()),
+        })
+        self.layers_seen, self.scaling_seen = len(result.layers), len(result.scaling)
+        self.progress["done"] = index + 1
+        self.progress["seconds"] += time.time() - self.started
+        self.started = time.time()
+        _write_atomically(self.staging / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(self.progress)))
+        block.to("meta")  # release the block's memory
+
+    def pipeline_result(self) -> PipelineResult:
+        result = PipelineResult()
+        for record in self.progress["blocks"]:
+            result.layers.extend(LayerResult(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"])
+            result.scaling.extend(record["scaling"])
+        return result
+
+
+def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibration: torch.Tensor | None) -> str:
+    from . import __version__
+
+    digest = hashlib.sha256(json.dumps({"llmquant": __version__, "config": config.to_dict(),
+                                        "source": str(folder.resolve()),
+                                        "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]},
+                                       sort_keys=True).encode())
+    if calibration is not None:
+        digest.update(calibration.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib, out: str | os.PathLike,
+                     overwrite: bool = False, progress: bool = True, report_extra: dict | None = None,
+                     plots: bool = True) -> tuple[Path, dict]:
+    """Quantize a model folder (or built-in name) into the checkpoint folder `out`, one block in
+    memory at a time; rerun after a kill to resume. Returns (out, the report). report_extra: more
+    entries for quantize_report.json; plots: draw report.md's figures (loads the source again)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .loading import checkpoint_files
+    from .models import resolve_model
+
+    config = config or QuantConfig()
+    start = time.time()
+    target = check_output_path(out, overwrite)
+    folder = Path(resolve_model(str(model)))
+    if not folder.is_dir():
+        raise ConfigError(f"streaming quantization reads a local model folder; {model} is not one")
+    files = checkpoint_files(folder)
+    source = LazyTensors(files)
+    model_config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    arch = arch_for(model_config)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    skeleton.eval()
+    blocks_prefix = arch.blocks + "."
+    outside = {name: p for name, p in skeleton.named_parameters() if not name.startswith(blocks_prefix)}
+    for name in outside:
+        module_name, _, _ = name.rpartition(".")
+        if name == "lm_head.weight" and model_config.tie_word_embeddings:
+            continue
+        materialize(skeleton.get_submodule(module_name), module_name + ".", source)
+    skeleton.tie_weights()
+
+    # weight values are checked as each block is read
+    fmt, algorithm, grids, calibration, calibration_info = plan_run(skeleton, arch, config, calib, tokenizer,
+                                                                    check_values=False)
+
+    storage = STORAGE_TORCH_DTYPES[config.dtype]
+    n_blocks = len(arch.block_list(skeleton))
+    staging = target.with_name(f".{target.name}.partial")
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    store = StreamingStore(arch.block_prefix, source, staging, _fingerprint(folder, files, config, calibration),
+                           packed, storage, n_blocks + 1)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        first, _ = store.resume_point()
+        if first == 0 and any(staging.iterdir()):
+            shutil.rmtree(staging)  # leftovers of a different run
+            staging.mkdir()
+        if first and progress:
+            print(f"resuming {target.name} after block {first - 1} ({first} of {n_blocks} done)")
+        # the embeddings, final norm and head do not change: their shard is written first, so that
+        # their storage-dtype copy is gone before any block is loaded
+        _write_rest_shard(staging, skeleton, blocks_prefix, storage, n_blocks)
+
+        def pack(name, quantized, linear):
+            packed[name] = fmt.pack(quantized, config.for_layer(name))
+
+        quantize_blocks(skeleton, arch, algorithm, grid_for=lambda name, linear: grids.get(name), on_quantized=pack,
+                        calibration=calibration, true_sequential=config.true_sequential, progress=progress,
+                        store=store)
+        skeleton.to("meta")  # the embeddings are written already; free them before hashing the shards
+        _finish_folder(staging, n_blocks, model_config, fmt, config, folder, tokenizer)
+        result = store.pipeline_result()
+        report = build_report(config, str(model), calibration_info, store.earlier_seconds + time.time() - start,
+                              peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]))
+        for leftover in (PROGRESS_FILE, NEXT_INPUTS_FILE):
+            (staging / leftover).unlink(missing_ok=True)
+        report["resumed_after_blocks"] = first
+        report["checkpoint_sha256"] = folder_tensors_sha256(staging)
+        report.update(report_extra or {})
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        write_report(staging, plots=plots, name=target.name)
+        _move_into_place(staging, target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, LlmquantError):
+            raise
+        raise OutputWriteError(f"writing {target} failed: {exc}") from exc
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target, report
+
+
+def _write_rest_shard(staging: Path, skeleton, blocks_prefix: str, storage, n_blocks: int) -> None:
+    """The last shard: everything outside the blocks (embeddings, final norm, head)."""
+    rest = {k: v for k, v in without_tied_copies(skeleton.state_dict()).items() if not k.startswith(blocks_prefix)}
+    rest = checkpoint_tensors(rest, {}, storage)
+    _write_atomically(staging / shard_name(n_blocks, n_blocks + 1),
+                      lambda tmp: save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp), metadata={"format": "pt"}))
+
+
+def _finish_folder(staging: Path, n_blocks: int, model_config, fmt, config: QuantConfig, folder: Path,
+                   tokenizer) -> None:
+    """The index, config, generation config and tokenizer beside the shards."""
+    from transformers import GenerationConfig
+
+    weight_map, total = {}, 0
+    for index in range(n_blocks + 1):
+        shard = LazyTensors([staging / shard_name(index, n_blocks + 1)])
+        for key in shard.keys():
+            weight_map[key] = shard_name(index, n_blocks + 1)
+        total += (staging / shard_name(index, n_blocks + 1)).stat().st_size
+    (staging / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                        indent=2, sort_keys=True))
+    saved_config = copy.deepcopy(model_config)
+    saved_config.quantization_config = fmt.quantization_config(config)
+    saved_config.dtype = STORAGE_TORCH_DTYPES[config.dtype]
+    saved_config.save_pretrained(staging)
+    if (folder / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(folder).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
