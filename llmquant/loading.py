@@ -55,6 +55,27 @@ def _read_config(folder: Path, trust_remote_code: bool):
         raise CheckpointError(f"{folder}/config.json cannot be read: {exc}") from exc
 
 
+def _format_of(folder: Path, quantization_config) -> tuple[dict, object]:
+    """(quantization_config as a dict, the format that reads it)."""
+    if not isinstance(quantization_config, dict):
+        quantization_config = quantization_config.to_dict()
+    fmt = format_for_quantization_config(quantization_config)
+    if fmt is None:
+        raise CheckpointError(
+            f"{folder}: quant_method {quantization_config.get('quant_method')!r} is not a format llmquant reads"
+        )
+    return quantization_config, fmt
+
+
+def _module_config(folder: Path, quantization_config: dict, name: str) -> dict:
+    """The quantization_config one module was stored with (GPTQModel's `dynamic` overrides applied)."""
+    module_config = dynamic_override(quantization_config, name)
+    if module_config is None:
+        raise CheckpointError(f"{folder}: quantization_config.dynamic leaves {name} unquantized, "
+                              "but the checkpoint holds quantized tensors for it")
+    return module_config
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """A transformers CausalLM from a checkpoint folder (quantized or not), in eval mode on the CPU.
 
@@ -72,13 +93,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
         checkpoint_files(folder)  # same clear error for a folder without weights
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
         return model.eval()
-    if not isinstance(quantization_config, dict):
-        quantization_config = quantization_config.to_dict()
-    fmt = format_for_quantization_config(quantization_config)
-    if fmt is None:
-        raise CheckpointError(
-            f"{folder}: quant_method {quantization_config.get('quant_method')!r} is not a format llmquant reads"
-        )
+    quantization_config, fmt = _format_of(folder, quantization_config)
     tensors = read_tensors(checkpoint_files(folder))
 
     skeleton_config = copy.deepcopy(config)
@@ -100,11 +115,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
             raise CheckpointError(f"{folder}: {name} is a {type(linear).__name__} in the model, not a linear layer")
         shapes = {suffix: tuple(tensors[f"{name}.{suffix}"].shape)
                   for suffix in fmt.tensor_suffixes if f"{name}.{suffix}" in tensors}
-        module_config = dynamic_override(quantization_config, name)
-        if module_config is None:
-            raise CheckpointError(f"{folder}: quantization_config.dynamic leaves {name} unquantized, "
-                                  "but the checkpoint holds quantized tensors for it")
-        module = fmt.build_linear(name, module_config, shapes, f"{name}.bias" in tensors,
+        module = fmt.build_linear(name, _module_config(folder, quantization_config, name), shapes, f"{name}.bias" in tensors,
                                   linear.in_features, linear.out_features, dtype)
         model.set_submodule(name, module)
 
@@ -132,19 +143,12 @@ def load_quantized_linear(path: str | os.PathLike, name: str, in_features: int, 
     quantization_config = getattr(_read_config(folder, False), "quantization_config", None)
     if quantization_config is None:
         raise CheckpointError(f"{folder} is not a quantized checkpoint")
-    if not isinstance(quantization_config, dict):
-        quantization_config = quantization_config.to_dict()
-    fmt = format_for_quantization_config(quantization_config)
-    if fmt is None:
-        raise CheckpointError(f"{folder}: quant_method {quantization_config.get('quant_method')!r} is not a format llmquant reads")
+    quantization_config, fmt = _format_of(folder, quantization_config)
     source = LazyTensors(checkpoint_files(folder))
     own = {key[len(name) + 1:]: key for key in source.keys() if key.startswith(name + ".")}
     if fmt.marker_suffix not in own:
         raise CheckpointError(f"{folder} holds no quantized tensors for {name}")
     shapes = {suffix: tuple(source.shape(key)) for suffix, key in own.items() if suffix in fmt.tensor_suffixes}
-    module_config = dynamic_override(quantization_config, name)
-    if module_config is None:
-        raise CheckpointError(f"{folder}: quantization_config.dynamic leaves {name} unquantized")
-    module = fmt.build_linear(name, module_config, shapes, "bias" in own, in_features, out_features, dtype)
+    module = fmt.build_linear(name, _module_config(folder, quantization_config, name), shapes, "bias" in own, in_features, out_features, dtype)
     module.load_state_dict({suffix: source[key] for suffix, key in own.items()}, strict=False, assign=True)
     return module.eval()

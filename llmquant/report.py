@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .api import REPORT_FILE
-from .statistics import InputGram
+from .statistics import InputGram, run_with_input_hooks
 
 SCALING_METHODS = ("awq", "awq+gptq", "smoothquant")
 
@@ -41,16 +41,8 @@ def recompute_layer_errors(checkpoint: str | Path, source_model: str, windows: t
     reference, _ = load_fp_model(source_model)
     quantized = load(checkpoint)
     layers = {name: module for name, module in quantized.named_modules() if hasattr(module, "dequantized_weight")}
-    grams, handles = {}, []
-    for name, module in layers.items():
-        grams[name] = InputGram(module.in_features)
-        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: grams[name].add_batch(args[0])))
-    try:
-        for window in windows:
-            quantized(input_ids=window[None], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    grams = {name: InputGram(module.in_features) for name, module in layers.items()}
+    run_with_input_hooks(quantized, {module: grams[name].add_batch for name, module in layers.items()}, windows)
     errors = {}
     for name, module in layers.items():
         original = reference.get_submodule(name).weight.float()
@@ -146,13 +138,8 @@ def _plot_weight_histogram(checkpoint: Path, source_model: str, layer: dict, out
 @torch.no_grad()
 def _input_absmax(model, layer: str, windows: torch.Tensor) -> torch.Tensor:
     seen = []
-    module = model.get_submodule(layer)
-    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].abs().flatten(0, -2).amax(0)))
-    try:
-        for window in windows:
-            model(input_ids=window[None], use_cache=False)
-    finally:
-        handle.remove()
+    run_with_input_hooks(model, {model.get_submodule(layer): lambda x: seen.append(x.abs().flatten(0, -2).amax(0))},
+                         windows)
     return torch.stack(seen).amax(0).float()
 
 

@@ -75,3 +75,17 @@ class InputGram:
         """||X W^T - X W_hat^T||^2 / ||X W^T||^2."""
         reference = self.output_energy(weight)
         return self.output_energy(weight.float() - quantized_weight.float()) / max(reference, 1e-30)
+
+
+@torch.no_grad()
+def run_with_input_hooks(model, on_input: dict, windows: torch.Tensor) -> None:
+    """Run the token windows through `model`, one at a time, calling on_input[module](x) with the
+    input of each listed module; the hooks are removed afterwards, whatever happens."""
+    handles = [module.register_forward_pre_hook(lambda m, args, call=call: call(args[0]))
+               for module, call in on_input.items()]
+    try:
+        for window in windows:
+            model(input_ids=window[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,7 +1,7 @@
 """Quantize a checkpoint folder with one decoder block in memory at a time, resumably.
 
 The model is built empty (parameters on the meta device); the embeddings, final norm and head are
-read from the safetensors shards (memory-mapped) at the start, and each block's weights only when
+read from the safetensors shards (plain reads, safetensors_file.py) at the start, and each block's weights only when
 its turn comes. A finished block is written at once as its own shard of the output checkpoint and
 released, so memory holds the embeddings, one block and the calibration activations.
 

@@ -6,24 +6,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..statistics import run_with_input_hooks
+
 
 @torch.no_grad()
 def importance_matrix(model, windows: torch.Tensor) -> dict[str, np.ndarray]:
     """{module name: mean x^2 per input channel} for the linears inside the decoder blocks."""
-    sums, counts, handles = {}, {}, []
+    sums, counts, hooks = {}, {}, {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            def accumulate(mod, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
+            def accumulate(inputs, name=name):
+                x = inputs.reshape(-1, inputs.shape[-1]).float()
                 sums[name] = sums.get(name, 0) + (x * x).sum(0)
                 counts[name] = counts.get(name, 0) + x.shape[0]
-            handles.append(module.register_forward_pre_hook(accumulate))
-    try:
-        for window in windows:
-            model(input_ids=window[None], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+            hooks[module] = accumulate
+    run_with_input_hooks(model, hooks, windows)
     stats = {name: (sums[name] / counts[name]).numpy() for name in sums}
     bad = [name for name, value in stats.items() if not np.isfinite(value).all()]
     if bad:
