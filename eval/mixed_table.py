@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sensitivity", required=True)
-    parser.add_argument("--uniform", nargs="+", default=["w3g64", "w4g128"])
+    parser.add_argument("--uniform", nargs="*", default=["w3g64", "w4g128"])
     parser.add_argument("--targets", nargs="*", type=float, default=[3.5, 4.25])
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--nsamples", type=int, default=32)

@@ -78,6 +78,7 @@ def _add_quantize(sub):
 
 def _add_sensitivity(sub):
     from .models import DEFAULT_MODEL
+    from .sensitivity import SENSITIVITY_METHODS
 
     p = sub.add_parser("sensitivity", help="loss rise on calibration data when only one group of linears is "
                                            "quantized, per candidate bits / group size")
@@ -91,6 +92,12 @@ def _add_sensitivity(sub):
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=False)
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
+    p.add_argument("--method", default="rtn", choices=SENSITIVITY_METHODS,
+                   help="what rounds the candidates: rtn (default) or gptq, as the checkpoint will be quantized")
+    p.add_argument("--act-order", action="store_true", help="gptq: columns by descending Hessian diagonal")
+    p.add_argument("--statistics-nsamples", type=int, default=32,
+                   help="gptq: calibration windows for the Hessians, drawn apart from the measured ones (default 32)")
+    p.add_argument("--statistics-seqlen", type=int, default=512, help="gptq: tokens per Hessian window (default 512)")
     p.add_argument("--out", required=True, help="the table, JSON")
     p.add_argument("--overwrite", action="store_true")
 
@@ -257,7 +264,9 @@ def _mixed_precision(args, config):
     from collections import Counter
     from dataclasses import replace
 
+    from .algorithms import GPTQ_ROUNDING
     from .allocation import allocate
+    from .config import QuantConfig
     from .data import Calibration
     from .errors import ConfigError
     from .sensitivity import SensitivityTable, sensitivity_of
@@ -268,8 +277,14 @@ def _mixed_precision(args, config):
         table = SensitivityTable.load(args.sensitivity)
     else:
         corpus = args.calib or Calibration.corpus
-        print(f"measuring sensitivity on {corpus} (2 windows x 256 tokens; pass --sensitivity to reuse a table)")
-        table = sensitivity_of(args.model, Calibration(corpus, 2, 256, args.seed), sym=config.sym)
+        rounding = (QuantConfig(method="gptq", sym=config.sym, act_order=config.act_order, damp=config.damp,
+                                static_groups=config.static_groups)
+                    if config.method in GPTQ_ROUNDING else QuantConfig(method="rtn", sym=config.sym))
+        print(f"measuring sensitivity on {corpus} ({rounding.method}, 2 windows x 256 tokens; pass --sensitivity "
+              "to reuse a table)")
+        statistics = Calibration(corpus, args.nsamples, args.seqlen, args.seed + 1)
+        table = sensitivity_of(args.model, Calibration(corpus, 2, 256, args.seed), sym=config.sym, config=rounding,
+                               statistics_calib=statistics)
     if table.sym != config.sym:
         raise ConfigError(f"the sensitivity table was measured on a {'symmetric' if table.sym else 'asymmetric'} "
                           f"grid; quantize with {'--sym' if table.sym else '--asym'} to match")
@@ -282,20 +297,23 @@ def _mixed_precision(args, config):
     summary = {"target_bits_per_weight": args.target_bpw, "allocated_bits_per_weight": allocation.bits_per_weight,
                "metric": allocation.metric, "predicted_delta_loss": allocation.predicted_delta_loss,
                "delta_loss": allocation.delta_loss,
-               "sensitivity_calibration": table.calibration}
+               "sensitivity_method": table.method, "sensitivity_calibration": table.calibration}
     return replace(config, layer_overrides=overrides), summary
 
 
 def cmd_sensitivity(args) -> int:
     from .checkpoint import check_output_path
+    from .config import QuantConfig
     from .data import Calibration
     from .sensitivity import sensitivity_of
 
     out = Path(args.out).expanduser()
     if out.exists() and not args.overwrite:
         check_output_path(out, False)
+    config = QuantConfig(method=args.method, act_order=args.act_order, sym=args.sym)
+    statistics = Calibration(args.calib, args.statistics_nsamples, args.statistics_seqlen, args.seed + 1)
     table = sensitivity_of(args.model, Calibration(args.calib, args.nsamples, args.seqlen, args.seed), args.bits,
-                           args.group_sizes, args.sym)
+                           args.group_sizes, args.sym, config=config, statistics_calib=statistics)
     tmp = out.with_name(f".{out.name}.tmp")
     table.save(tmp)
     tmp.replace(out)

@@ -10,10 +10,12 @@ kl is non-negative and far steadier, so the allocation minimizes kl by default.
 
 Groups are the architecture map's true-sequential steps (q/k/v, o, gate/up, down): linears that
 read the same input, which serving engines fuse into one matmul (vLLM's qkv_proj, gate_up_proj)
-and so must share bits and group size. Candidates are rounded with RTN on the affine grid: a
-cheap, consistent proxy for any weight-only method. A group in block i only changes what blocks
-i.. compute, so the full-precision inputs of every block are computed once and each measurement
-runs from its own block to the head.
+and so must share bits and group size. Candidates are rounded by the algorithm the checkpoint will
+be quantized with: RTN (the default, data-free) or GPTQ, which gets each layer's Hessian from its
+full-precision inputs. GPTQ repairs some layers' rounding far better than others', so a table
+measured with RTN ranks layers for a GPTQ run only roughly. A group in block i only changes what
+blocks i.. compute, so the full-precision inputs of every block are computed once and each
+measurement runs from its own block to the head.
 """
 from __future__ import annotations
 
@@ -28,21 +30,25 @@ from tqdm.auto import tqdm
 from .arch import ArchMap
 from .config import PER_CHANNEL
 from .grid import AffineGrid
-from .pipeline import capture_block_inputs, run_block
+from .pipeline import capture_block_inputs, collect_input_statistics, run_block
 
 DEFAULT_BITS = (3, 4, 8)
 DEFAULT_GROUP_SIZES = (64, 128, PER_CHANNEL)
+# Methods whose rounding is one layer at a time, and so can be measured one group at a time.
+SENSITIVITY_METHODS = ("rtn", "gptq")
 
 
 @dataclass
 class SensitivityTable:
     """base_loss: mean next-token loss of the full-precision model on the calibration windows.
-    rows: one per (group, candidate): modules, parameters, bits, group_size, delta_loss."""
+    rows: one per (group, candidate): modules, parameters, shapes, bits, group_size, delta_loss, kl.
+    method: the algorithm that rounded the candidates."""
 
     base_loss: float
     sym: bool
     calibration: dict | None
     rows: list[dict] = field(default_factory=list)
+    method: str = "rtn"
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
@@ -53,7 +59,8 @@ class SensitivityTable:
 
         try:
             data = json.loads(Path(path).read_text())
-            return cls(float(data["base_loss"]), bool(data["sym"]), data.get("calibration"), list(data["rows"]))
+            return cls(float(data["base_loss"]), bool(data["sym"]), data.get("calibration"), list(data["rows"]),
+                       str(data.get("method", "rtn")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} is not a sensitivity table written by llmquant sensitivity: {exc}") from exc
 
@@ -98,9 +105,21 @@ def _run_from(model, arch: ArchMap, start: int, hidden: list[torch.Tensor], kwar
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, bits=DEFAULT_BITS,
                         group_sizes=DEFAULT_GROUP_SIZES, sym: bool = False, check_layer=None,
-                        calibration_info: dict | None = None, progress: bool = True) -> SensitivityTable:
+                        calibration_info: dict | None = None, progress: bool = True,
+                        algorithm=None, statistics_windows: torch.Tensor | None = None) -> SensitivityTable:
     """check_layer(name, out, in, bits, group_size) raises for a candidate the format cannot store;
-    such candidates are left out of the table."""
+    such candidates are left out of the table. algorithm: rounds the candidates (default RTN).
+    statistics_windows: the windows whose full-precision activations give the algorithm its input
+    statistics (GPTQ's Hessians), default `windows`. GPTQ fitted to the few hundred tokens the
+    loss is measured on would fit them better than any text it has not seen, and so look better
+    than it will be; give it the quantize run's own, larger calibration set instead."""
+    from .algorithms import RTN
+    from .errors import ConfigError
+
+    algorithm = algorithm or RTN()
+    if algorithm.name not in SENSITIVITY_METHODS:
+        raise ConfigError(f"sensitivity is measured with {' or '.join(SENSITIVITY_METHODS)} rounding, "
+                          f"not {algorithm.name}: its block-wide transforms have no per-group candidates")
     inputs = capture_block_inputs(model, arch, windows)
     kwargs = [block_inputs.kwargs for block_inputs in inputs]
     blocks = arch.block_list(model)
@@ -108,7 +127,9 @@ def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, 
     for index, block in enumerate(blocks[:-1]):
         block_hidden.append(run_block(block, block_hidden[-1], kwargs[index]))
     base_loss, _, reference = _run_from(model, arch, 0, block_hidden[0], kwargs, windows)
-    table = SensitivityTable(base_loss, sym, calibration_info)
+    table = SensitivityTable(base_loss, sym, calibration_info, method=algorithm.name)
+    statistics = _StatisticsInputs(model, arch, windows if statistics_windows is None else statistics_windows,
+                                   algorithm.needs_calibration)
     candidates = [(b, g) for b in bits for g in group_sizes]
     total = len(blocks) * len(arch.sequential) * len(candidates)
     bar = tqdm(total=total, desc="sensitivity", unit="run", disable=not progress)
@@ -117,21 +138,42 @@ def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, 
         for step in arch.sequential:
             linears = {f"{prefix}.{name}": block.get_submodule(name) for name in step}
             originals = {name: linear.weight.data for name, linear in linears.items()}
+            stats = statistics.of(index, block, linears)
             for b, g in candidates:
                 bar.update(1)
                 if not _storable(linears, b, g, check_layer):
                     continue
                 for name, linear in linears.items():
-                    grid = AffineGrid(b, sym, g)
-                    linear.weight.data = grid.quantize(originals[name]).dequantize(originals[name].dtype)
+                    quantized = algorithm.quantize(originals[name], AffineGrid(b, sym, g), stats.get(name), name)
+                    linear.weight.data = quantized.dequantize(originals[name].dtype)
                 loss, kl, _ = _run_from(model, arch, index, block_hidden[index], kwargs, windows, reference)
                 for name, linear in linears.items():
                     linear.weight.data = originals[name]
                 table.rows.append({"modules": list(linears), "parameters": sum(l.weight.numel() for l in linears.values()),
                                    "shapes": [list(l.weight.shape) for l in linears.values()],
                                    "bits": b, "group_size": g, "delta_loss": loss - table.base_loss, "kl": kl})
+        statistics.advance(index, block)
     bar.close()
     return table
+
+
+class _StatisticsInputs:
+    """The full-precision inputs of one block at a time on the statistics windows, and the input
+    statistics of a group of its linears; nothing when the algorithm needs none."""
+
+    def __init__(self, model, arch: ArchMap, windows: torch.Tensor, needed: bool):
+        self.inputs = capture_block_inputs(model, arch, windows) if needed else None
+        self.hidden = self.inputs[0].hidden_states if needed else None
+
+    def of(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> dict:
+        if self.inputs is None:
+            return {}
+        return collect_input_statistics(block, linears, self.hidden, self.inputs[index].kwargs)
+
+    def advance(self, index: int, block: nn.Module) -> None:
+        if self.inputs is not None and index + 1 < len(self.inputs):
+            self.hidden = run_block(block, self.hidden, self.inputs[index].kwargs)
+            self.inputs[index] = None
 
 
 def _storable(linears: dict[str, nn.Linear], bits: int, group_size: int, check_layer) -> bool:
@@ -149,9 +191,13 @@ def _storable(linears: dict[str, nn.Linear], bits: int, group_size: int, check_l
 
 
 def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GROUP_SIZES, sym: bool = False,
-                   format_name: str = "gptq", progress: bool = True) -> SensitivityTable:
+                   format_name: str = "gptq", progress: bool = True, config=None,
+                   statistics_calib=None) -> SensitivityTable:
     """measure_sensitivity for a model name / folder and a Calibration (or corpus name), keeping only
-    candidates the checkpoint format can store."""
+    candidates the checkpoint format can store. config: a QuantConfig whose method (rtn / gptq) and
+    GPTQ options round the candidates (default RTN); statistics_calib: the Calibration that gives
+    GPTQ its Hessians (default `calib`)."""
+    from .algorithms import algorithm_for
     from .api import calibration_windows_for
     from .arch import arch_for
     from .config import QuantConfig
@@ -160,10 +206,17 @@ def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GRO
 
     model, tokenizer = load_fp_model(model_spec)
     arch = arch_for(model.config)
-    windows, info = calibration_windows_for(calib, tokenizer, arch, model.get_input_embeddings().num_embeddings)
+    vocab = model.get_input_embeddings().num_embeddings
+    windows, info = calibration_windows_for(calib, tokenizer, arch, vocab)
+    algorithm = algorithm_for(config) if config is not None else None
+    statistics_windows = None
+    if algorithm is not None and algorithm.needs_calibration and statistics_calib is not None:
+        statistics_windows, statistics_info = calibration_windows_for(statistics_calib, tokenizer, arch, vocab)
+        info = {**(info or {}), "statistics": statistics_info}
     fmt = FORMATS[format_name]
 
     def check_layer(name, out_features, in_features, b, g):
         fmt.check_layer(name, out_features, in_features, QuantConfig(bits=b, group_size=g, sym=sym, format=format_name))
 
-    return measure_sensitivity(model, arch, windows, bits, group_sizes, sym, check_layer, info, progress)
+    return measure_sensitivity(model, arch, windows, bits, group_sizes, sym, check_layer, info, progress, algorithm,
+                               statistics_windows)

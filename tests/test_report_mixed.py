@@ -120,6 +120,44 @@ def test_sensitivity_rises_as_bits_fall_and_only_storable_candidates_are_measure
     assert sum(v for (_, b, _), v in kl.items() if b == 2) > 100 * sum(v for (_, b, _), v in kl.items() if b == 8)
 
 
+def test_gptq_sensitivity_rounds_each_group_with_hessians_from_the_statistics_windows(tmp_path):
+    from llmquant.algorithms import GPTQ, algorithm_for
+    from llmquant.arch import arch_for
+    from llmquant.grid import AffineGrid
+    from llmquant.statistics import InputGram
+
+    model = tiny_model("llama")
+    arch = arch_for(model.config)
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    statistics_windows = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
+    gptq = measure_sensitivity(model, arch, windows, bits=(2,), group_sizes=(32,), progress=False, algorithm=GPTQ(),
+                               statistics_windows=statistics_windows)
+    rtn = measure_sensitivity(model, arch, windows, bits=(2,), group_sizes=(32,), progress=False)
+    assert (gptq.method, rtn.method) == ("gptq", "rtn")
+    gptq.save(tmp_path / "t.json")
+    assert SensitivityTable.load(tmp_path / "t.json").method == "gptq"
+    # the row of block 1's gate/up, against the whole model with only that group GPTQ-rounded on
+    # the Hessian of its full-precision input over the statistics windows
+    modules = ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")
+    block = model.model.layers[1]
+    gram = InputGram(block.mlp.gate_proj.in_features)
+    handle = block.mlp.gate_proj.register_forward_pre_hook(lambda module, args: gram.add_batch(args[0]))
+    with torch.no_grad():
+        model(input_ids=statistics_windows)
+        handle.remove()
+        reference = torch.log_softmax(model(input_ids=windows).logits[:, :-1].float(), -1)
+        for name in modules:
+            weight = model.get_submodule(name).weight
+            weight.data = GPTQ().quantize(weight.data, AffineGrid(2, False, 32), gram, name).dequantize(weight.dtype)
+        quantized = torch.log_softmax(model(input_ids=windows).logits[:, :-1].float(), -1)
+    kl = float((reference.exp() * (reference - quantized)).sum(-1).mean())
+    row = next(r for r in gptq.rows if tuple(r["modules"]) == modules)
+    assert row["kl"] == pytest.approx(kl, rel=1e-3)
+    assert sum(r["kl"] for r in gptq.rows) < sum(r["kl"] for r in rtn.rows)
+    with pytest.raises(ConfigError, match="not awq"):
+        measure_sensitivity(model, arch, windows, progress=False, algorithm=algorithm_for(QuantConfig(method="awq")))
+
+
 def test_mixed_precision_checkpoint_loads_with_per_module_settings(tmp_path):
     model = tiny_model("llama")
     overrides = {f"model.layers.0.self_attn.{p}_proj": {"bits": 8, "group_size": 32} for p in "qkv"}
@@ -140,6 +178,53 @@ def test_mixed_precision_checkpoint_loads_with_per_module_settings(tmp_path):
         QuantConfig(method="nf4", layer_overrides=overrides)
     with pytest.raises(ConfigError, match="bits must be"):
         QuantConfig(method="gptq", layer_overrides={"x": {"bits": 9}})
+
+
+def test_cli_sensitivity_with_gptq_records_its_rounding_and_hessian_windows(tmp_path, capsys):
+    from llmquant.cli import main
+
+    out = tmp_path / "table.json"
+    assert main(["sensitivity", "smollm2-135m", "--method", "gptq", "--act-order", "--bits", "4", "--group-sizes", "128",
+                 "--nsamples", "1", "--seqlen", "32", "--statistics-nsamples", "2", "--statistics-seqlen", "64",
+                 "--out", str(out)]) == 0
+    table = SensitivityTable.load(out)
+    assert table.method == "gptq" and len(table.rows) == 30 * 4
+    assert table.calibration["statistics"] == {"corpus": "wiki", "split": "train", "nsamples": 2, "seqlen": 64, "seed": 1}
+    assert all(r["kl"] >= 0 and (r["bits"], r["group_size"]) == (4, 128) for r in table.rows)
+    assert main(["sensitivity", "smollm2-135m", "--bits", "4", "--out", str(out)]) == 2  # exists, no --overwrite
+    with pytest.raises(SystemExit):
+        main(["sensitivity", "smollm2-135m", "--method", "awq", "--out", str(tmp_path / "other.json")])
+    assert "invalid choice: 'awq'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_mixed_precision_beats_uniform_at_the_same_bits_on_smollm2(tmp_path):
+    """GPTQ sensitivity (3/4/8 bits x group 64/128, 2 x 256 wiki train tokens apart from the GPTQ
+    calibration), then GPTQ: uniform w4g128 vs the knapsack's allocation at exactly the uniform
+    run's bits per weight, perplexity on the first 16 windows of the wiki test split."""
+    from dataclasses import replace
+
+    from llmquant.api import evaluate
+    from llmquant.sensitivity import sensitivity_of
+
+    calib = Calibration("wiki", 8, 512)
+    uniform_config = QuantConfig(method="gptq", bits=4, group_size=128, sym=False)
+    table = sensitivity_of("smollm2-135m", Calibration("wiki", 2, 256, seed=1), bits=(3, 4, 8), group_sizes=(64, 128),
+                           sym=False, progress=False, config=uniform_config, statistics_calib=calib)
+    uniform, uniform_report = quantize_to_disk("smollm2-135m", uniform_config, calib, tmp_path / "uniform",
+                                               progress=False, plots=False)
+    allocation = allocate(table, uniform_report["bits_per_weight"])
+    overrides = {n: {"bits": b, "group_size": g} for n, (b, g) in allocation.choices.items()}
+    mixed, mixed_report = quantize_to_disk("smollm2-135m", replace(uniform_config, layer_overrides=overrides), calib,
+                                           tmp_path / "mixed", progress=False, plots=False)
+    assert mixed_report["bits_per_weight"] <= uniform_report["bits_per_weight"]
+    assert mixed_report["bits_per_weight"] == pytest.approx(allocation.bits_per_weight)
+    assert len({b for b, _ in allocation.choices.values()}) > 1  # it did mix
+    ppl = {name: evaluate(str(path), max_windows=16, progress=False)["perplexity"]
+           for name, path in (("uniform", uniform), ("mixed", mixed))}
+    print(ppl, allocation.bits_per_weight, uniform_report["bits_per_weight"])
+    assert ppl["mixed"] < ppl["uniform"], ppl
 
 
 def test_cli_target_bpw_writes_the_allocation_into_checkpoint_and_report(tmp_path, tiny_folder, capsys):
