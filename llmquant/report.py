@@ -186,7 +186,8 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
     if mixed:
         lines += [f"Mixed precision: target {mixed['target_bits_per_weight']} bits per weight, allocated "
                   f"{mixed['allocated_bits_per_weight']:.3f}; predicted rise {mixed['predicted_delta_loss']:.4f} "
-                  f"({mixed.get('metric', 'kl')}: the sum of the sensitivity table's per-group rises).", ""]
+                  f"({mixed.get('metric', 'kl')}: the sum of the sensitivity table's per-group rises; candidates "
+                  f"rounded by {mixed.get('sensitivity_method', 'rtn')}).", ""]
     header, lines = lines, []
     by_block = defaultdict(list)
     for layer in layers:
