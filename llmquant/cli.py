@@ -227,13 +227,14 @@ def cmd_quantize(args) -> int:
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
                          observer=args.observer, percentile=args.percentile, double_quant=args.double_quant)
     corpus = args.calib
-    mixed = None
-    if args.target_bpw is not None:
-        config, mixed = _mixed_precision(args, config)
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus
     nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
     calib = Calibration(corpus, nsamples, seqlen, args.seed) if corpus is not None else None
+    mixed = None
+    if args.target_bpw is not None:
+        config, mixed = _mixed_precision(args, config, calib or Calibration(Calibration.corpus, nsamples, seqlen,
+                                                                            args.seed))
     if Path(resolve_model(args.model)).is_dir():
         # one block in memory at a time, resumable after a kill; shards are one per block
         out, report = quantize_to_disk(args.model, config, calib, args.out, overwrite=args.overwrite,
@@ -259,32 +260,27 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _mixed_precision(args, config):
-    """The config with per-layer bits / group sizes chosen for --target-bpw."""
+def _mixed_precision(args, config, calib):
+    """The config with per-layer bits / group sizes chosen for --target-bpw. Without a table, the
+    sensitivity is measured on 2 x 256 tokens of `calib`'s corpus, rounded as the run will round,
+    with GPTQ's Hessians from windows of `calib`'s size drawn apart (seed + 1)."""
     from collections import Counter
     from dataclasses import replace
 
-    from .algorithms import GPTQ_ROUNDING
     from .allocation import allocate
-    from .config import QuantConfig
     from .data import Calibration
     from .errors import ConfigError
-    from .sensitivity import SensitivityTable, sensitivity_of
+    from .sensitivity import SensitivityTable, rounding_for, sensitivity_of
 
     if config.format != "gptq":
         raise ConfigError("--target-bpw writes per-layer overrides in the gptq format; use --format gptq")
     if args.sensitivity:
         table = SensitivityTable.load(args.sensitivity)
     else:
-        corpus = args.calib or Calibration.corpus
-        rounding = (QuantConfig(method="gptq", sym=config.sym, act_order=config.act_order, damp=config.damp,
-                                static_groups=config.static_groups)
-                    if config.method in GPTQ_ROUNDING else QuantConfig(method="rtn", sym=config.sym))
-        print(f"measuring sensitivity on {corpus} ({rounding.method}, 2 windows x 256 tokens; pass --sensitivity "
-              "to reuse a table)")
-        statistics = Calibration(corpus, args.nsamples, args.seqlen, args.seed + 1)
-        table = sensitivity_of(args.model, Calibration(corpus, 2, 256, args.seed), sym=config.sym, config=rounding,
-                               statistics_calib=statistics)
+        print(f"measuring sensitivity on {calib.corpus} ({rounding_for(config).name}, 2 windows x 256 tokens; "
+              "pass --sensitivity to reuse a table)")
+        table = sensitivity_of(args.model, Calibration(calib.corpus, 2, 256, calib.seed), sym=config.sym,
+                               config=config, statistics_calib=replace(calib, seed=calib.seed + 1))
     if table.sym != config.sym:
         raise ConfigError(f"the sensitivity table was measured on a {'symmetric' if table.sym else 'asymmetric'} "
                           f"grid; quantize with {'--sym' if table.sym else '--asym'} to match")

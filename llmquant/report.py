@@ -52,9 +52,13 @@ def recompute_layer_errors(checkpoint: str | Path, source_model: str, windows: t
     return errors
 
 
+def _figure(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3e}"
+
+
 def _mean(values: list) -> str:
     values = [v for v in values if v is not None]
-    return f"{sum(values) / len(values):.3e}" if values else "–"
+    return _figure(sum(values) / len(values) if values else None)
 
 
 def _save(fig, ax, path: Path) -> str:
@@ -205,8 +209,8 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
     lines += ["", "## Per layer", "", "| layer | shape | bits | group | output error | weight error |", "|---|---|---|---|---|---|"]
     for layer in layers:
         lines.append(f"| {layer['name']} | {layer['shape'][0]}x{layer['shape'][1]} | {layer['bits']} | "
-                     f"{layer['group_size']} | {_mean([layer['relative_output_error']])} | "
-                     f"{_mean([layer['relative_weight_error']])} |")
+                     f"{layer['group_size']} | {_figure(layer['relative_output_error'])} | "
+                     f"{_figure(layer['relative_weight_error'])} |")
     figures = []
     if plots and all(l["relative_weight_error"] is not None for l in layers):
         figures += _plot_errors(layers, folder)

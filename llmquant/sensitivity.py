@@ -176,6 +176,14 @@ class _StatisticsInputs:
             self.inputs[index] = None
 
 
+def rounding_for(config):
+    """The algorithm that rounds the candidates for a run with `config`: GPTQ with the run's options
+    when the run rounds with GPTQ (gptq, awq+gptq), else RTN."""
+    from .algorithms import ALGORITHMS, GPTQ_ROUNDING
+
+    return ALGORITHMS["gptq" if config.method in GPTQ_ROUNDING else "rtn"](config)
+
+
 def _storable(linears: dict[str, nn.Linear], bits: int, group_size: int, check_layer) -> bool:
     from .errors import ConfigError
 
@@ -194,10 +202,9 @@ def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GRO
                    format_name: str = "gptq", progress: bool = True, config=None,
                    statistics_calib=None) -> SensitivityTable:
     """measure_sensitivity for a model name / folder and a Calibration (or corpus name), keeping only
-    candidates the checkpoint format can store. config: a QuantConfig whose method (rtn / gptq) and
-    GPTQ options round the candidates (default RTN); statistics_calib: the Calibration that gives
+    candidates the checkpoint format can store. config: the run's QuantConfig, whose rounding
+    (rounding_for) rounds the candidates (default RTN); statistics_calib: the Calibration that gives
     GPTQ its Hessians (default `calib`)."""
-    from .algorithms import algorithm_for
     from .api import calibration_windows_for
     from .arch import arch_for
     from .config import QuantConfig
@@ -208,7 +215,7 @@ def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GRO
     arch = arch_for(model.config)
     vocab = model.get_input_embeddings().num_embeddings
     windows, info = calibration_windows_for(calib, tokenizer, arch, vocab)
-    algorithm = algorithm_for(config) if config is not None else None
+    algorithm = rounding_for(config) if config is not None else None
     statistics_windows = None
     if algorithm is not None and algorithm.needs_calibration and statistics_calib is not None:
         statistics_windows, statistics_info = calibration_windows_for(statistics_calib, tokenizer, arch, vocab)
