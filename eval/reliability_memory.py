@@ -1,5 +1,6 @@
 """Peak resident memory of quantizing each built-in model, streamed (one block in memory, the CLI's
-path) vs whole (llmquant.quantize + save), each in its own subprocess. The command behind
+path, which names, folders and hub ids take) vs whole (a model loaded whole and quantized in memory
+with llmquant.quantize(model object) + save), each in its own subprocess. The command behind
 eval/RELIABILITY.md:
 
     python eval/reliability_memory.py --json eval/runs/reliability-memory.json
@@ -17,6 +18,7 @@ PROBE = """
 import json, resource, sys, time
 import llmquant, llmquant.streaming
 from llmquant import Calibration, QuantConfig
+from llmquant.models import load_fp_model
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 model, method, mode, out = sys.argv[1:5]
 config = QuantConfig(method=method, bits=4, group_size=128)
@@ -25,7 +27,8 @@ start = time.time()
 if mode == "streamed":
     llmquant.streaming.quantize_to_disk(model, config, calib, out, progress=False)
 else:
-    llmquant.quantize(model, config, calib, progress=False).save(out)
+    whole, tokenizer = load_fp_model(model)
+    llmquant.quantize(whole, config, calib, tokenizer=tokenizer, progress=False).save(out)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"baseline_mib": baseline, "peak_mib": peak, "seconds": time.time() - start}))
 """

@@ -35,7 +35,7 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if v.numel() and (v.min() < 0 or v.max() >= 2**bits):
         raise ValueError(f"values out of range for {bits} bits")
     v = v.reshape(n // run_values, run_values, *v.shape[1:])
-    words = torch.zeros(n // run_values, run_words, *v.shape[2:], dtype=torch.int64)
+    words = torch.zeros(n // run_values, run_words, *v.shape[2:], dtype=torch.int64, device=v.device)
     mask = 0xFFFFFFFF
     for j, word, shift in _layout(bits):
         words[:, word] |= (v[:, j] << shift) & mask
@@ -62,7 +62,7 @@ def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         raise ValueError(f"{n} words do not hold whole runs of {bits}-bit values")
     w = w.reshape(n // run_words, run_words, *w.shape[1:])
     mask = 2**bits - 1
-    out = torch.empty(n // run_words, run_values, *w.shape[2:], dtype=torch.int64)
+    out = torch.empty(n // run_words, run_values, *w.shape[2:], dtype=torch.int64, device=w.device)
     for j, word, shift in _layout(bits):
         value = w[:, word] >> shift
         if shift + bits > 32:

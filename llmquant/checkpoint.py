@@ -141,7 +141,7 @@ def checkpoint_tensors(state: dict[str, torch.Tensor], packed: dict[str, dict[st
             for suffix, value in packed[module_name].items():
                 tensors[f"{module_name}.{suffix}"] = value
             continue
-        tensors[key] = tensor.to(storage_dtype) if tensor.is_floating_point() else tensor
+        tensors[key] = (tensor.to(storage_dtype) if tensor.is_floating_point() else tensor).cpu()
     return tensors
 
 

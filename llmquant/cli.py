@@ -9,6 +9,20 @@ from pathlib import Path
 from .errors import LlmquantError
 
 
+def _add_device_options(p, offload: bool = False) -> None:
+    from .device import COMPUTE_DTYPES, DEVICE_CHOICES
+
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help=f"where to compute: {' | '.join(DEVICE_CHOICES)} (default auto: CUDA when present)")
+    p.add_argument("--compute-dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
+                   help="floating-point dtype of the computation (default auto: float32 on the CPU, "
+                        "bfloat16 / float16 on a GPU)")
+    if offload:
+        p.add_argument("--offload-activations", default="auto", choices=("auto", "never", "always"),
+                       help="keep calibration activations in CPU memory instead of on the GPU: auto (when they "
+                            "do not fit beside a block), never, always")
+
+
 def _add_quantize(sub):
     from .algorithms import ALGORITHMS
     from .config import STORAGE_DTYPES
@@ -73,7 +87,7 @@ def _add_quantize(sub):
                        help="a table from `llmquant sensitivity`; without one it is measured first on --calib")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-shard-size", default="4GB", help="for hub models loaded whole; a local model is written one shard per block")
+    _add_device_options(p, offload=True)
 
 
 def _add_sensitivity(sub):
@@ -100,6 +114,7 @@ def _add_sensitivity(sub):
     p.add_argument("--statistics-seqlen", type=int, default=512, help="gptq: tokens per Hessian window (default 512)")
     p.add_argument("--out", required=True, help="the table, JSON")
     p.add_argument("--overwrite", action="store_true")
+    _add_device_options(p)
 
 
 def _add_report(sub):
@@ -120,6 +135,7 @@ def _add_eval(sub):
     bos.add_argument("--no-bos", dest="bos", action="store_false", help="never add BOS")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
+    _add_device_options(p)
 
 
 def _add_generate(sub):
@@ -129,6 +145,7 @@ def _add_generate(sub):
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
+    _add_device_options(p)
 
 
 def _add_finetune(sub):
@@ -151,6 +168,7 @@ def _add_finetune(sub):
     p.add_argument("--merge-out", default=None, metavar="DIR",
                    help="also fold the adapters into the NF4 / FP4 weights and write a new checkpoint here")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    _add_device_options(p)
 
 
 def _add_qat(sub):
@@ -180,6 +198,7 @@ def _add_qat(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--overwrite", action="store_true")
+    _add_device_options(p)
 
 
 def _add_export_gguf(sub):
@@ -207,17 +226,23 @@ def _alpha(text: str):
         raise ConfigError(f"--alpha must be a number in [0, 1] or 'auto', got {text!r}") from None
 
 
+def _placement_checked(args):
+    """Refuse a device or dtype that cannot be used before anything loads or is written."""
+    from .device import resolve_compute_dtype, resolve_device
+
+    resolve_compute_dtype(args.compute_dtype, resolve_device(args.device))
+
+
 def cmd_quantize(args) -> int:
-    from .api import quantize
-    from .models import resolve_model
-    from .streaming import quantize_to_disk
+    from .algorithms import algorithm_for
     from .checkpoint import check_output_path
     from .config import QuantConfig
     from .data import Calibration
+    from .streaming import quantize_to_disk
 
     # Everything that can be refused is refused before the model loads.
     check_output_path(args.out, args.overwrite)
-    from .algorithms import algorithm_for
+    _placement_checked(args)
 
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                          format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
@@ -235,14 +260,12 @@ def cmd_quantize(args) -> int:
     if args.target_bpw is not None:
         config, mixed = _mixed_precision(args, config, calib or Calibration(Calibration.corpus, nsamples, seqlen,
                                                                             args.seed))
-    if Path(resolve_model(args.model)).is_dir():
-        # one block in memory at a time, resumable after a kill; shards are one per block
-        out, report = quantize_to_disk(args.model, config, calib, args.out, overwrite=args.overwrite,
-                                       report_extra={"mixed_precision": mixed} if mixed else None)
-    else:  # a hub id: transformers fetches and loads it whole
-        qmodel = quantize(args.model, config, calib)
-        out = qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-        report = qmodel.report()
+    # built-in names, folders and hub ids (their local snapshot) alike: one block in memory at a time,
+    # one shard per block, resumable after a kill
+    out, report = quantize_to_disk(args.model, config, calib, args.out, overwrite=args.overwrite,
+                                   report_extra={"mixed_precision": mixed} if mixed else None,
+                                   device=args.device, compute_dtype=args.compute_dtype,
+                                   offload_activations=args.offload_activations)
     gpu = f", peak GPU {report['peak_gpu_mib']:.0f} MiB" if report.get("peak_gpu_mib") is not None else ""
     print(f"wrote {out}: {len(report['layers'])} layers, {report['bits_per_weight']:.3f} bits per quantized weight, "
           f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
@@ -280,7 +303,8 @@ def _mixed_precision(args, config, calib):
         print(f"measuring sensitivity on {calib.corpus} ({rounding_for(config).name}, 2 windows x 256 tokens; "
               "pass --sensitivity to reuse a table)")
         table = sensitivity_of(args.model, Calibration(calib.corpus, 2, 256, calib.seed), sym=config.sym,
-                               config=config, statistics_calib=replace(calib, seed=calib.seed + 1))
+                               config=config, statistics_calib=replace(calib, seed=calib.seed + 1),
+                               device=args.device, compute_dtype=args.compute_dtype)
     if table.sym != config.sym:
         raise ConfigError(f"the sensitivity table was measured on a {'symmetric' if table.sym else 'asymmetric'} "
                           f"grid; quantize with {'--sym' if table.sym else '--asym'} to match")
@@ -306,10 +330,12 @@ def cmd_sensitivity(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not args.overwrite:
         check_output_path(out, False)
+    _placement_checked(args)
     config = QuantConfig(method=args.method, act_order=args.act_order, sym=args.sym)
     statistics = Calibration(args.calib, args.statistics_nsamples, args.statistics_seqlen, args.seed + 1)
     table = sensitivity_of(args.model, Calibration(args.calib, args.nsamples, args.seqlen, args.seed), args.bits,
-                           args.group_sizes, args.sym, config=config, statistics_calib=statistics)
+                           args.group_sizes, args.sym, config=config, statistics_calib=statistics,
+                           device=args.device, compute_dtype=args.compute_dtype)
     tmp = out.with_name(f".{out.name}.tmp")
     table.save(tmp)
     tmp.replace(out)
@@ -320,7 +346,7 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .api import REPORT_FILE
+    from .report import REPORT_FILE
     from .errors import CheckpointError
     from .report import write_report
 
@@ -335,15 +361,17 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     from .api import evaluate
 
+    _placement_checked(args)
     if args.json:
         Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    model = _model_with_adapter(args.model, args.adapter)
+    model = _model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
     result = evaluate(model[0] if model else args.model, args.corpus, args.split, args.seqlen, args.max_windows,
-                      args.bos, tokenizer=model[1] if model else None)
+                      args.bos, tokenizer=model[1] if model else None, device=args.device, dtype=args.compute_dtype)
     if args.adapter:
         result["adapter"] = args.adapter
     print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} windows x {result['seqlen']} tokens, "
-          f"{result['predicted_tokens']} predicted, corpus {result['corpus']}:{result['split']}, bos={result['bos']})")
+          f"{result['predicted_tokens']} predicted, corpus {result['corpus']}:{result['split']}, bos={result['bos']}, "
+          f"{result['device']} {result['dtype']})")
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -354,12 +382,15 @@ def cmd_generate(args) -> int:
 
     from .api import load_with_tokenizer
 
-    model, tokenizer = _model_with_adapter(args.model, args.adapter) or load_with_tokenizer(args.model)
+    _placement_checked(args)
+    model, tokenizer = (_model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
+                        or load_with_tokenizer(args.model, args.device, args.compute_dtype))
     if args.chat:
         inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                                return_tensors="pt", return_dict=True)
     else:
         inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = {key: value.to(next(model.parameters()).device) for key, value in inputs.items()}
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -367,14 +398,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _model_with_adapter(model_path, adapter):
+def _model_with_adapter(model_path, adapter, device="auto", compute_dtype="auto"):
     """(peft model, tokenizer) for a checkpoint with a LoRA adapter, or None without one."""
     if adapter is None:
         return None
     from .api import load_with_tokenizer
     from .qlora import load_adapter
 
-    model, tokenizer = load_with_tokenizer(model_path)
+    model, tokenizer = load_with_tokenizer(model_path, device, compute_dtype)
     return load_adapter(model, adapter), tokenizer
 
 
@@ -391,10 +422,11 @@ def cmd_finetune(args) -> int:
     check_output_path(args.out, args.overwrite)
     if args.merge_out:
         check_output_path(args.merge_out, args.overwrite)
+    _placement_checked(args)
     lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.targets) if args.targets else None)
     training = TrainingSettings(args.corpus, args.steps, args.batch_size, args.seqlen, args.lr, args.warmup_steps,
                                 eval_windows=args.eval_windows, seed=args.seed)
-    result = finetune(args.model, lora, training)
+    result = finetune(args.model, lora, training, device=args.device, compute_dtype=args.compute_dtype)
     out = result.save_adapter(args.out, overwrite=args.overwrite)
     report = result.report()
     print(f"wrote {out}: {report['trainable_parameters']} trainable parameters, {_training_summary(report)}")
@@ -411,11 +443,12 @@ def cmd_qat(args) -> int:
     from .training import TrainingSettings
 
     check_output_path(args.out, args.overwrite)
+    _placement_checked(args)
     config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, format=args.format)
     settings = QATSettings(args.learn_scales, args.init, args.scale_lr, args.act_quant)
     training = TrainingSettings(args.corpus, args.steps, args.batch_size, args.seqlen, args.lr, args.warmup_steps,
                                 eval_windows=args.eval_windows, seed=args.seed)
-    result = qat(args.model, config, settings, training)
+    result = qat(args.model, config, settings, training, device=args.device, compute_dtype=args.compute_dtype)
     out = result.save(args.out, overwrite=args.overwrite)
     report = result.report()
     print(f"wrote {out}: {_training_summary(report)}")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import SAFETENSORS_INDEX, LazyTensors
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .formats import format_for_quantization_config
 from .formats.gptq import dynamic_override
 
@@ -76,11 +76,43 @@ def _module_config(folder: Path, quantization_config: dict, name: str) -> dict:
     return module_config
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """A transformers CausalLM from a checkpoint folder (quantized or not), in eval mode on the CPU.
+def load(path: str | os.PathLike, dtype="auto", trust_remote_code: bool = False, device="auto", device_map=None):
+    """A transformers CausalLM from a checkpoint folder (quantized or not), in eval mode.
 
-    `dtype` is the compute dtype of the floating-point parts (the CPU reference computes in fp32).
+    device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; the quantized linears run the
+    Triton kernels on a GPU and the torch ops on the CPU, chosen by their tensors' device.
+    dtype: compute dtype of the floating-point parts ("auto": float32 on the CPU, bfloat16 / float16
+    on a GPU). device_map: instead of one device, an accelerate device map ("auto", "balanced", or
+    a dict of module name -> device) that spreads the blocks over GPUs and CPU memory.
     """
+    from .device import resolve_compute_dtype, resolve_device
+
+    target = resolve_device(device)
+    dtype = resolve_compute_dtype(dtype, target)
+    model = _load_on_cpu(path, dtype, trust_remote_code)
+    if device_map is not None:
+        return _dispatch(model, device_map, dtype)
+    return model.to(target)
+
+
+def _dispatch(model, device_map, dtype):
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        no_split = getattr(model, "_no_split_modules", None) or []
+        options = {}
+        if device_map in ("balanced", "balanced_low_0"):
+            from accelerate.utils import get_balanced_memory
+
+            options["max_memory"] = get_balanced_memory(model, dtype=dtype, low_zero=device_map == "balanced_low_0",
+                                                        no_split_module_classes=no_split)
+        elif device_map != "auto":
+            raise ConfigError(f"device_map must be auto, balanced, balanced_low_0 or a dict, got {device_map!r}")
+        device_map = infer_auto_device_map(model, no_split_module_classes=no_split, dtype=dtype, **options)
+    return dispatch_model(model, device_map=device_map)
+
+
+def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 

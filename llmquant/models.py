@@ -104,8 +104,33 @@ def _convert_gguf(model: BuiltinModel, work: Path) -> None:
     )
 
 
+# What a model folder needs from the hub: config, safetensors weights and their index, tokenizer and
+# generation config. Pickled weights (*.bin, *.pt) are never fetched, so never read.
+HUB_FILE_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a hub model (downloaded when online, from the local cache when
+    offline: HF_HUB_OFFLINE=1, or the hub unreachable), so that it streams from disk like any folder."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=list(HUB_FILE_PATTERNS),
+                                   cache_dir=constants.HF_HUB_CACHE, local_files_only=constants.HF_HUB_OFFLINE)
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotFoundError(f"hub model {repo_id!r} is neither reachable nor in the local cache "
+                                 f"({constants.HF_HUB_CACHE}): {exc}") from exc
+    except Exception as exc:  # the hub client raises many kinds for a missing or private repository
+        raise ModelNotFoundError(f"could not fetch hub model {repo_id!r}: {exc}") from exc
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"hub model {repo_id!r} has no config.json in its snapshot {path}")
+    return path
+
+
 def resolve_model(spec: str | os.PathLike) -> str:
-    """A local folder path or a hub id for a model name / path given by a user."""
+    """The local folder of a model name / path / hub id given by a user (a hub id: its snapshot)."""
     text = str(spec)
     if text in BUILTIN_MODELS:
         return str(builtin_model_path(text))
@@ -116,17 +141,21 @@ def resolve_model(spec: str | os.PathLike) -> str:
         return str(path)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if looks_like_hub_id:
-        return text
+        return str(hub_snapshot(text))
     raise ModelNotFoundError(
         f"unknown model {text!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}), "
         "not an existing folder, and not a hub id (owner/name)"
     )
 
 
-def load_fp_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in floating point, in eval mode, on the CPU."""
+def load_fp_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
+    """(model, tokenizer) in floating point, in eval mode, on `device` (for runs that need the whole
+    model at once: sensitivity, QAT, reports; quantization itself streams)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .device import resolve_device
+
+    target = resolve_device(device)
     location = resolve_model(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -134,4 +163,4 @@ def load_fp_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
     except OSError as exc:
         raise ModelNotFoundError(f"could not load model {spec!r}: {exc}") from exc
     model.eval()
-    return model, tokenizer
+    return model.to(target), tokenizer

@@ -1,36 +1,40 @@
-"""Matmul ops of the quantized-linear modules, one implementation per backend.
+"""Matmul ops of the quantized-linear modules, declared once, with one implementation per backend.
 
-An op is declared once (a function here that dispatches); implementations register per backend,
-as bitsandbytes registers per device: "reference" (torch, any device, differentiable) here, and
-"triton" (llmquant_kernels) in triton_ops.py. CUDA tensors get the Triton kernels, CPU tensors the
-reference, unless LLMQUANT_KERNELS (or `use_backend`) says "reference" or "triton"; Triton on a
-CPU needs the interpreter (TRITON_INTERPRET=1 before triton is imported), as the tests use it.
-Quantized-linear modules call these ops, never a kernel directly.
+Each op is a torch custom op (`torch.ops.llmquant.<name>`, torch.library) with a fake (shape-only)
+implementation, so torch.compile and CUDA graphs treat it as one opaque call. Its CPU and CUDA
+kernels are registered for the same op and pick a backend, as bitsandbytes registers per device:
+"reference" (torch, any device, differentiable: the functions here) or "triton" (llmquant_kernels,
+through triton_ops.py). CUDA tensors get the Triton kernels and CPU tensors the reference, unless
+LLMQUANT_KERNELS (or `use_backend`) says "reference" or "triton"; Triton on a CPU needs the
+interpreter (TRITON_INTERPRET=1 before triton is imported), as the tests use it. The Triton kernels
+have no backward, so a call that needs a gradient through x (QLoRA training) runs the
+differentiable reference directly instead of the custom op. Quantized-linear modules call the
+functions here, never a kernel.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import bitpack
-from .grid.codebook import dequantize_nested_absmax, scale_blocks
 from .errors import ConfigError
+from .grid.codebook import dequantize_nested_absmax, scale_blocks
 
 REFERENCE = "reference"
 TRITON = "triton"
 BACKENDS = ("auto", REFERENCE, TRITON)
-_IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+_REFERENCES: dict[str, Callable] = {}
 _override: list[str] = []
 
 
-def register(op: str, backend: str):
+def reference(op: str):
     def decorate(fn):
-        _IMPLEMENTATIONS[(op, backend)] = fn
+        _REFERENCES[op] = fn
         return fn
 
     return decorate
@@ -60,19 +64,33 @@ def backend_for(device_type: str) -> str:
     return wanted
 
 
-def implementation(op: str, x: torch.Tensor) -> Callable:
-    """The implementation of `op` for input x: its device's backend, except that the Triton kernels
-    have no backward, so a call that needs a gradient through x (QLoRA training) gets the
-    differentiable reference."""
-    backend = backend_for(x.device.type)
-    if backend == TRITON and torch.is_grad_enabled() and x.requires_grad:
-        backend = REFERENCE
-    if backend == TRITON:
-        importlib.import_module(".triton_ops", __package__)  # registers the Triton implementations
-    impl = _IMPLEMENTATIONS.get((op, backend)) or _IMPLEMENTATIONS.get((op, REFERENCE))
-    if impl is None:
-        raise NotImplementedError(f"no implementation of {op} for backend {backend}")
-    return impl
+def implementation(op: str, device_type: str) -> Callable:
+    """The implementation of `op` for tensors on `device_type`: the backend chosen for that device."""
+    if backend_for(device_type) == TRITON:
+        return getattr(importlib.import_module(".triton_ops", __package__), op)
+    return _REFERENCES[op]
+
+
+def _run(name: str, x: torch.Tensor, *args) -> torch.Tensor:
+    """Op `name` on (x, *args): the custom op, or its differentiable reference when a gradient
+    through x is wanted."""
+    backend_for(x.device.type)  # a bad LLMQUANT_KERNELS is refused on every path
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _REFERENCES[name](x, *args)
+    return getattr(torch.ops.llmquant, name)(x, *args)
+
+
+def _declare(name: str, output_features: Callable) -> Callable:
+    """torch.ops.llmquant.<name>, with the argument types of its reference implementation: its CPU and
+    CUDA kernels run the backend chosen for the device, its fake implementation gives an output of
+    x's dtype and shape [..., output_features(*other arguments)]."""
+    def run(x, *args):
+        return implementation(name, x.device.type)(x, *args)
+
+    op = torch.library.custom_op(f"llmquant::{name}", run, mutates_args=(), device_types=("cpu", "cuda"),
+                                 schema=torch.library.infer_schema(_REFERENCES[name], mutates_args=()))
+    op.register_fake(lambda x, *args: x.new_empty(*x.shape[:-1], output_features(*args)))
+    return op
 
 
 def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int, dtype=torch.float32):
@@ -86,13 +104,13 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int,
 
 
 def gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits: int, zero_offset: int):
-    return implementation("gptq_linear", x)(
-        x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset
-    )
+    return _run("gptq_linear", x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset)
 
 
-@register("gptq_linear", REFERENCE)
-def _gptq_linear_reference(x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset):
+@reference("gptq_linear")
+def _gptq_linear_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                           g_idx: torch.Tensor, bias: Optional[torch.Tensor], bits: int,
+                           zero_offset: int) -> torch.Tensor:
     weight = dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype=x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
@@ -102,16 +120,16 @@ def _gptq_linear_reference(x, qweight, qzeros, scales, g_idx, bias, bits, zero_o
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
-def awq_interleave(columns: int) -> torch.Tensor:
+def awq_interleave(columns: int, device=None) -> torch.Tensor:
     """Column permutation p with packed position j holding logical column p[j]."""
-    order = torch.tensor(AWQ_PACK_ORDER)
-    return (torch.arange(columns // 8)[:, None] * 8 + order[None, :]).reshape(-1)
+    order = torch.tensor(AWQ_PACK_ORDER, device=device)
+    return (torch.arange(columns // 8, device=device)[:, None] * 8 + order[None, :]).reshape(-1)
 
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """int32 [rows, columns / 8] in the AWQ order -> int32 values [rows, columns]."""
     interleaved = bitpack.unpack(packed, 4, dim=1)
-    return interleaved[:, torch.argsort(awq_interleave(interleaved.shape[1]))]
+    return interleaved[:, torch.argsort(awq_interleave(interleaved.shape[1], packed.device))]
 
 
 def dequantize_awq(qweight, qzeros, scales, group_size: int, dtype=torch.float32):
@@ -124,11 +142,12 @@ def dequantize_awq(qweight, qzeros, scales, group_size: int, dtype=torch.float32
 
 
 def awq_linear(x, qweight, qzeros, scales, bias, group_size: int):
-    return implementation("awq_linear", x)(x, qweight, qzeros, scales, bias, group_size)
+    return _run("awq_linear", x, qweight, qzeros, scales, bias, group_size)
 
 
-@register("awq_linear", REFERENCE)
-def _awq_linear_reference(x, qweight, qzeros, scales, bias, group_size):
+@reference("awq_linear")
+def _awq_linear_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                          bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
     weight = dequantize_awq(qweight, qzeros, scales, group_size, dtype=x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
@@ -136,7 +155,7 @@ def _awq_linear_reference(x, qweight, qzeros, scales, bias, group_size):
 def w8a8_linear(x, weight, weight_scale, input_scale, bias):
     """int8 x int8 -> int32 matmul with the scale epilogue; x quantized per token (dynamic) when
     input_scale is None, else with the static per-tensor input_scale."""
-    return implementation("w8a8_linear", x)(x, weight, weight_scale, input_scale, bias)
+    return _run("w8a8_linear", x, weight, weight_scale, input_scale, bias)
 
 
 def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -144,8 +163,9 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a.contiguous(), b_t.t().contiguous())
 
 
-@register("w8a8_linear", REFERENCE)
-def _w8a8_linear_reference(x, weight, weight_scale, input_scale, bias):
+@reference("w8a8_linear")
+def _w8a8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     from .grid.activations import quantize_per_tensor, quantize_per_token
 
     rows = x.reshape(-1, x.shape[-1])
@@ -174,12 +194,25 @@ def dequantize_4bit(packed, absmax, table, blocksize: int, shape: tuple[int, int
 def codebook4_linear(x, packed, absmax, table, nested, blocksize: int, shape: tuple[int, int], bias):
     """x @ W^T for an NF4 / FP4 weight. nested: (nested_absmax, nested_table, offset, nested_blocksize)
     when absmax is double-quantized (uint8), else None."""
-    return implementation("codebook4_linear", x)(x, packed, absmax, table, nested, blocksize, shape, bias)
+    nested_absmax, nested_table, offset, nested_blocksize = nested if nested is not None else (None, None, 0.0, 0)
+    return _run("codebook4_linear", x, packed, absmax, table, nested_absmax, nested_table, float(offset),
+                int(nested_blocksize), blocksize, list(shape), bias)
 
 
-@register("codebook4_linear", REFERENCE)
-def _codebook4_linear_reference(x, packed, absmax, table, nested, blocksize, shape, bias):
-    if nested is not None:
-        absmax = dequantize_nested_absmax(absmax, *nested)
+@reference("codebook4_linear")
+def _codebook4_linear_reference(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
+                                nested_absmax: Optional[torch.Tensor], nested_table: Optional[torch.Tensor],
+                                nested_offset: float, nested_blocksize: int, blocksize: int, shape: list[int],
+                                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if nested_absmax is not None:
+        absmax = dequantize_nested_absmax(absmax, nested_absmax, nested_table, nested_offset, nested_blocksize)
     weight = dequantize_4bit(packed, absmax, table, blocksize, shape).to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+CUSTOM_OPS = {
+    "gptq_linear": _declare("gptq_linear", lambda qweight, qzeros, scales, *rest: scales.shape[1]),
+    "awq_linear": _declare("awq_linear", lambda qweight, qzeros, scales, *rest: scales.shape[1]),
+    "w8a8_linear": _declare("w8a8_linear", lambda weight, *rest: weight.shape[0]),
+    "codebook4_linear": _declare("codebook4_linear", lambda packed, absmax, table, *rest: rest[-2][0]),
+}

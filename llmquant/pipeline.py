@@ -8,6 +8,7 @@ computed with the quantized weights, become the next block's inputs. Without cal
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchMap
+from .device import move_tensors
 from .errors import DataError
 from .grid import AffineGrid, QuantizedWeight
 from .scaling import scaling_groups
@@ -47,18 +49,50 @@ class PipelineResult:
     scaling: list[dict] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a run computes. Blocks run on `device`, their matmuls in `compute_dtype` (autocast: the
+    weights stay float32, so what is rounded and written is rounded once, from full precision);
+    calibration activations live on `activations` between blocks (the compute device when they fit,
+    else the CPU, each batch moved over as it runs) in the compute dtype. The default, the CPU in
+    float32, computes exactly as a plain forward pass does."""
+
+    device: torch.device = torch.device("cpu")
+    compute_dtype: torch.dtype = torch.float32
+    activations: torch.device = torch.device("cpu")
+
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def stored(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An activation as it is kept between blocks."""
+        return hidden.to(device=self.activations, dtype=self.compute_dtype)
+
+    def to_dict(self) -> dict:
+        return {"device": str(self.device), "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+                "activations": str(self.activations)}
+
+
+CPU = Placement()
+
+
 class _StopForward(Exception):
     """Raised by a hook once it has what it came for, to skip the rest of a forward pass."""
 
 
 def _record_calls(blocks: nn.ModuleList, records: list[list[tuple]]):
-    """Make every block an identity that records (hidden_states, kwargs) it is called with."""
+    """Make every block an identity that records (hidden_states, kwargs) it is called with; the last
+    one then stops the forward pass, so the final norm and the head never run."""
 
     def recorder(index):
         def forward(hidden_states, *args, **kwargs):
             if args:
                 raise TypeError("decoder blocks are expected to take everything but hidden_states by keyword")
             records[index].append((hidden_states, kwargs))
+            if index == len(blocks) - 1:
+                raise _StopForward
             return hidden_states
 
         return forward
@@ -68,26 +102,35 @@ def _record_calls(blocks: nn.ModuleList, records: list[list[tuple]]):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, arch: ArchMap, samples: torch.Tensor) -> list[BlockInputs]:
+def capture_block_inputs(model: nn.Module, arch: ArchMap, samples: torch.Tensor,
+                         placement: Placement = CPU) -> list[BlockInputs]:
     """Inputs of block 0 and the keyword arguments of every block, for each sample.
 
-    One pass through the model with every block replaced by a recorder: the embedding output
-    reaches block 0 unchanged, and each block's keywords (masks, rotary embeddings; they differ
-    per block in Gemma-3's sliding / full attention mix) are recorded without running any block.
+    One pass through the model's embeddings with every block replaced by a recorder: the embedding
+    output reaches block 0 unchanged, and each block's keywords (masks, rotary embeddings; they
+    differ per block in Gemma-3's sliding / full attention mix) are recorded without running any
+    block, the final norm or the head. The embeddings run where the model's are (the CPU in a
+    streamed run); the recorded inputs are then kept as `placement` says, the keywords moved to its
+    device.
     """
     blocks = arch.block_list(model)
     records: list[list[tuple]] = [[] for _ in blocks]
     _record_calls(blocks, records)
+    embedding_device = model.get_input_embeddings().weight.device
     try:
         for sample in samples:
-            model(input_ids=sample[None], use_cache=False)
+            try:
+                model(input_ids=sample[None].to(embedding_device), use_cache=False)
+            except _StopForward:
+                pass
     finally:
         for block in blocks:
             del block.forward  # back to the class's forward
     per_block = []
     for i, calls in enumerate(records):
-        hidden = [h for h, _ in calls] if i == 0 else []
-        per_block.append(BlockInputs(hidden_states=hidden, kwargs=_share_equal_values([kw for _, kw in calls])))
+        hidden = [placement.stored(h) for h, _ in calls] if i == 0 else []
+        kwargs = [move_tensors(kw, placement.device) for _, kw in calls]
+        per_block.append(BlockInputs(hidden_states=hidden, kwargs=_share_equal_values(kwargs)))
     return per_block
 
 
@@ -117,14 +160,15 @@ def _share_equal_values(kwargs: list[dict]) -> list[dict]:
     return shared
 
 
-def _batches(hidden_states: list[torch.Tensor], kwargs: list[dict], batch_size: int):
-    """(hidden states batched along dim 0, keywords) for runs of samples that share their keywords."""
+def _batches(hidden_states: list[torch.Tensor], kwargs: list[dict], batch_size: int, placement: Placement):
+    """(hidden states batched along dim 0 on the compute device, keywords) for runs of samples that
+    share their keywords."""
     start = 0
     while start < len(hidden_states):
         end = start + 1
         while end < len(hidden_states) and end - start < batch_size and kwargs[end] is kwargs[start]:
             end += 1
-        yield torch.cat(hidden_states[start:end]), kwargs[start]
+        yield torch.cat(hidden_states[start:end]).to(placement.device), kwargs[start]
         start = end
 
 
@@ -138,16 +182,19 @@ BATCH_SIZE = 8
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden_states: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+def run_block(block: nn.Module, hidden_states: list[torch.Tensor], kwargs: list[dict],
+              placement: Placement = CPU) -> list[torch.Tensor]:
     outputs = []
-    for h, kw in _batches(hidden_states, kwargs, BATCH_SIZE):
-        outputs.extend(_block_output(block(h, **kw)).split(1))
+    for h, kw in _batches(hidden_states, kwargs, BATCH_SIZE, placement):
+        with placement.autocast():
+            output = _block_output(block(h, **kw))
+        outputs.extend(placement.stored(o) for o in output.split(1))
     return outputs
 
 
 @torch.no_grad()
 def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hidden_states, kwargs,
-                             options: dict | None = None) -> dict[str, InputGram]:
+                             options: dict | None = None, placement: Placement = CPU) -> dict[str, InputGram]:
     """InputGram of each layer in `layers` over all samples, stopping each forward once they have run.
 
     Layers fed the very same tensor (q/k/v, gate/up) share one InputGram, accumulated once.
@@ -178,11 +225,12 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
-        for h, kw in _batches(hidden_states, kwargs, BATCH_SIZE):
+        for h, kw in _batches(hidden_states, kwargs, BATCH_SIZE, placement):
             seen.clear()
             inputs_this_pass.clear()
             try:
-                block(h, **kw)
+                with placement.autocast():
+                    block(h, **kw)
             except _StopForward:
                 pass
     finally:
@@ -202,11 +250,12 @@ class BlockStore:
         return 0, None
 
     def load(self, index: int, block: nn.Module) -> None:
-        pass
+        """Give the block its weights (in memory already: note where they live, to move them back)."""
+        self._home = next(block.parameters()).device
 
     def finish(self, index: int, block: nn.Module, next_hidden: list[torch.Tensor] | None,
                result: PipelineResult) -> None:
-        pass
+        block.to(self._home)
 
 
 def _check_finite(hidden: list[torch.Tensor], where: str) -> None:
@@ -224,6 +273,7 @@ def quantize_blocks(
     true_sequential: bool = True,
     progress: bool = True,
     store: BlockStore | None = None,
+    placement: Placement = CPU,
 ) -> PipelineResult:
     """Quantize the linears of every block in place (their weights become the dequantized grid values).
 
@@ -236,16 +286,19 @@ def quantize_blocks(
     An algorithm with `transform_block` (AWQ) first gets the block's scaling groups with their
     input statistics and may rescale / clip the block's weights before any layer is rounded.
     store: a BlockStore (default: the model is all in memory, nothing is written).
+    placement: where blocks compute and activations live (each block is moved to the compute device
+    for its turn; the store writes it out or moves it back).
     """
     if algorithm.needs_calibration and calibration is None:
         raise ValueError(f"{algorithm.name} needs calibration data")
     store = store or BlockStore()
     blocks = arch.block_list(model)
-    inputs = capture_block_inputs(model, arch, calibration) if calibration is not None else None
+    inputs = capture_block_inputs(model, arch, calibration, placement) if calibration is not None else None
     start, saved_hidden = store.resume_point()
     hidden = None
     if inputs is not None:
-        hidden = saved_hidden if saved_hidden is not None else inputs[0].hidden_states
+        hidden = [placement.stored(h) for h in saved_hidden] if saved_hidden is not None else inputs[0].hidden_states
+        inputs[0].hidden_states = []
         _check_finite(hidden, f"at the input of block {start}")
     result = PipelineResult()
     steps = arch.sequential if true_sequential else (tuple(arch.linear_names()),)
@@ -253,10 +306,11 @@ def quantize_blocks(
     for index in range(start, len(blocks)):
         block = blocks[index]
         store.load(index, block)
+        block.to(placement.device)
         quantize_block(block, arch.block_prefix(index), arch, algorithm, grid_for, on_quantized, steps,
-                       hidden, inputs[index].kwargs if inputs is not None else None, result, bar)
+                       hidden, inputs[index].kwargs if inputs is not None else None, result, bar, placement)
         if hidden is not None:
-            hidden = run_block(block, hidden, inputs[index].kwargs)
+            hidden = run_block(block, hidden, inputs[index].kwargs, placement)
             inputs[index] = None  # free this block's recorded keywords
             _check_finite(hidden, f"at the output of block {index}")
         store.finish(index, block, hidden, result)
@@ -267,13 +321,13 @@ def quantize_blocks(
 
 def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid_for, on_quantized,
                    steps: tuple[tuple[str, ...], ...], hidden: list[torch.Tensor] | None, kwargs: list[dict] | None,
-                   result: PipelineResult, bar=None) -> None:
+                   result: PipelineResult, bar=None, placement: Placement = CPU) -> None:
     """Quantize one block's linears in place, step by step; `hidden`/`kwargs`: its calibration inputs or None."""
     reference_weights = {}
     if hidden is not None and hasattr(algorithm, "transform_block"):
         if bar is not None:
             bar.set_postfix_str("scaling search")
-        transform = _transform_block(algorithm, block, arch, prefix, grid_for, hidden, kwargs)
+        transform = _transform_block(algorithm, block, arch, prefix, grid_for, hidden, kwargs, placement)
         reference_weights = transform.reference_weights
         result.scaling.extend(transform.records)
     for step in steps:
@@ -285,8 +339,8 @@ def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid
                 layers[name] = linear
         if not layers:
             continue
-        stats = (collect_input_statistics(block, layers, hidden, kwargs, getattr(algorithm, "statistics_options", None))
-                 if hidden is not None else {})
+        stats = (collect_input_statistics(block, layers, hidden, kwargs, getattr(algorithm, "statistics_options", None),
+                                          placement) if hidden is not None else {})
         for name, linear in layers.items():
             if bar is not None:
                 bar.set_postfix_str(name[len(prefix) + 1:])
@@ -299,26 +353,28 @@ def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid
                                  / (reference.float() ** 2).sum().clamp_min(1e-30))
             group_size = getattr(quantized, "group_size", getattr(quantized, "blocksize", None))
             linear.weight.data = fake
-            on_quantized(name, quantized, linear)
+            # packing and writing happen on the CPU, whatever the compute device
+            on_quantized(name, quantized.to(torch.device("cpu")), linear)
             result.layers.append(LayerResult(name, tuple(weight.shape), error, weight_error, quantized.bits, group_size))
 
 
 def scaling_groups_with_statistics(block: nn.Module, arch: ArchMap, prefix: str, grid_for, hidden, kwargs,
-                                   options: dict | None = None):
+                                   options: dict | None = None, placement: Placement = CPU):
     """The block's scaling groups that have a linear to quantize, each with the statistics of its
     linears' common input (one forward pass per calibration batch)."""
     quantized = {f"{prefix}.{short}" for short in arch.linear_names()
                  if grid_for(f"{prefix}.{short}", block.get_submodule(short)) is not None}
     groups = scaling_groups(block, arch, prefix, quantized)
     first_linears = {group.quantized[0]: group.linears[group.quantized[0]] for group in groups}
-    stats = collect_input_statistics(block, first_linears, hidden, kwargs, options)
+    stats = collect_input_statistics(block, first_linears, hidden, kwargs, options, placement)
     for group in groups:
         group.statistics = stats[group.quantized[0]]
     return groups
 
 
-def _transform_block(algorithm, block, arch: ArchMap, prefix: str, grid_for, hidden, kwargs):
+def _transform_block(algorithm, block, arch: ArchMap, prefix: str, grid_for, hidden, kwargs,
+                     placement: Placement = CPU):
     groups = scaling_groups_with_statistics(block, arch, prefix, grid_for, hidden, kwargs,
-                                            getattr(algorithm, "transform_statistics_options", None))
+                                            getattr(algorithm, "transform_statistics_options", None), placement)
     no_clip = {f"{prefix}.{short}" for short in arch.no_clip}
     return algorithm.transform_block(groups, grid_for, no_clip)

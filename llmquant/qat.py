@@ -206,7 +206,7 @@ class QATModel:
         packed, results = {}, []
         for name, layer in self.layers.items():
             quantized = layer.quantized_weight()
-            packed[name] = fmt.pack(quantized, self.config)
+            packed[name] = fmt.pack(quantized.to(torch.device("cpu")), self.config)
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
             linear.weight = nn.Parameter(quantized.dequantize(), requires_grad=False)
             if layer.bias is not None:
@@ -220,19 +220,24 @@ class QATModel:
                               self.source, seconds)
 
 
-def prepare(model, config: QuantConfig | None = None, settings: QATSettings | None = None, calib=None) -> QATModel:
-    """Load `model` (a name or folder), quantize it with the PTQ starting point (settings.init) and
-    replace its quantized linears by FakeQuantLinear layers; everything else is frozen."""
-    from .api import linears_to_quantize, quantize
+def prepare(model, config: QuantConfig | None = None, settings: QATSettings | None = None, calib=None,
+            device="auto", compute_dtype="auto") -> QATModel:
+    """Load `model` (a name or folder) on `device`, quantize it with the PTQ starting point
+    (settings.init) and replace its quantized linears by FakeQuantLinear layers; everything else is
+    frozen."""
+    from .api import quantize
     from .arch import arch_for
+    from .device import resolve_device
     from .models import load_fp_model
+    from .planning import linears_to_quantize
 
     config = config or QuantConfig(bits=4, group_size=-1)
     settings = settings or QATSettings()
     if config.method != "rtn":
         raise ConfigError("QAT trains on the affine grid of --bits / --group-size; choose the starting point with "
                           f"init (rtn or gptq), not method {config.method!r}")
-    model, tokenizer = load_fp_model(str(model))
+    target = resolve_device(device)
+    model, tokenizer = load_fp_model(str(model), device=target)
     source = getattr(model.config, "_name_or_path", None)
     # GPTQ starts from its strongest variant, act-order
     ptq_config = QuantConfig(**{**config.to_dict(), "method": settings.init, "act_order": settings.init == "gptq",
@@ -240,12 +245,13 @@ def prepare(model, config: QuantConfig | None = None, settings: QATSettings | No
     full_precision = {name: linear.weight.detach().clone()
                       for name, linear in linears_to_quantize(model, arch_for(model.config), config)}
     ptq = quantize(model, ptq_config, calib if settings.init == "gptq" else None, tokenizer=tokenizer,
-                   progress=False, keep_quantized=True)
+                   progress=False, keep_quantized=True, device=target, compute_dtype=compute_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     maxq = 2**config.bits - 1
     layers = {}
     for name, quantized in ptq.quantized_weights.items():
+        quantized = quantized.to(target)
         linear = model.get_submodule(name)
         latent = latent_start(full_precision[name], quantized, maxq)
         layers[name] = FakeQuantLinear(latent, linear.bias, quantized, maxq,
@@ -256,16 +262,24 @@ def prepare(model, config: QuantConfig | None = None, settings: QATSettings | No
 
 
 def qat(model, config: QuantConfig | None = None, settings: QATSettings | None = None,
-        training: TrainingSettings | None = None, calib=None, progress: bool = True) -> QATResult:
-    """Fine-tune `model` (a name or folder) through fake-quantized weights and export the result as a
-    packed checkpoint in config.format."""
+        training: TrainingSettings | None = None, calib=None, progress: bool = True, device="auto",
+        compute_dtype="auto") -> QATResult:
+    """Fine-tune `model` (a name or folder) through fake-quantized weights on `device` (forward passes
+    in `compute_dtype` by autocast, latent weights in float32) and export the result as a packed
+    checkpoint in config.format."""
+    from .device import resolve_compute_dtype, resolve_device
+
     start = time.time()
     settings, training = settings or QATSettings(), training or TrainingSettings(lr=1e-5)
-    prepared = prepare(model, config, settings, calib)
+    target = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, target)
+    prepared = prepare(model, config, settings, calib, target, dtype)
     train_windows, heldout = training_windows(prepared.tokenizer, prepared.model, training)
     torch.manual_seed(training.seed)
     before = heldout_loss(prepared.model, heldout)
-    losses = train(prepared.model, prepared.parameter_groups(training), train_windows, training, progress, "qat")
+    autocast = torch.autocast(target.type, dtype=dtype) if dtype != torch.float32 else None
+    losses = train(prepared.model, prepared.parameter_groups(training), train_windows, training, progress, "qat",
+                   autocast)
     after = heldout_loss(prepared.model, heldout)
     return QATResult(prepared.export(time.time() - start), settings, training, before, after, losses,
                      time.time() - start)

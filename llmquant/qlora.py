@@ -143,13 +143,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike):
 
 
 def finetune(checkpoint: str | os.PathLike, lora: LoraSettings | None = None,
-             training: TrainingSettings | None = None, progress: bool = True) -> FinetuneResult:
-    """Train LoRA adapters over a quantized checkpoint folder on real text (CPU-sized runs)."""
+             training: TrainingSettings | None = None, progress: bool = True, device="auto",
+             compute_dtype="auto") -> FinetuneResult:
+    """Train LoRA adapters over a quantized checkpoint folder on real text, on `device` (the base
+    loaded in `compute_dtype`; the adapters train in float32)."""
     from .api import load_with_tokenizer
 
     lora, training = lora or LoraSettings(), training or TrainingSettings()
     start = time.time()
-    model, tokenizer = load_with_tokenizer(checkpoint)
+    model, tokenizer = load_with_tokenizer(checkpoint, device, compute_dtype)
     if getattr(model.config, "quantization_config", None) is None:
         raise ConfigError(f"{checkpoint} is not a quantized checkpoint; quantize it first (QLoRA trains over a "
                           "frozen quantized base)")

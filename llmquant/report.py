@@ -10,16 +10,53 @@ the calibration data (recompute_layer_errors).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import resource
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from .api import REPORT_FILE
+from .device import peak_device_mib
 from .statistics import InputGram, run_with_input_hooks
 
+REPORT_FILE = "quantize_report.json"
 SCALING_METHODS = ("awq", "awq+gptq", "smoothquant")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_report(config, source, calibration, seconds, peak_rss, pipeline, packed_bytes: int,
+                 placement=None) -> dict:
+    """quantize_report.json: what was run (with the llmquant version), where, and what it gave.
+    Peak GPU memory is reported only for a run that computed on a GPU."""
+    from . import __version__
+
+    quantized = sum(r.shape[0] * r.shape[1] for r in pipeline.layers)
+    report = {
+        "llmquant_version": __version__,
+        "llmquant_config": config.to_dict(),
+        "source_model": source,
+        "calibration": calibration,
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": peak_rss,
+    }
+    if placement is not None:
+        report["placement"] = placement.to_dict()
+        if placement.device.type == "cuda":
+            report["peak_gpu_mib"] = peak_device_mib(placement.device)
+    report.update({
+        "quantized_parameters": quantized,
+        "quantized_layers_fp16_bytes": 2 * quantized,
+        "quantized_layers_packed_bytes": packed_bytes,
+        "bits_per_weight": 8 * packed_bytes / max(quantized, 1),
+        "scaling": pipeline.scaling,
+        "layers": [{**dataclasses.asdict(r), "shape": list(r.shape)} for r in pipeline.layers],
+    })
+    return report
 
 
 def _block_of(name: str) -> int | None:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .arch import ArchMap
 from .config import PER_CHANNEL
 from .grid import AffineGrid
-from .pipeline import capture_block_inputs, collect_input_statistics, run_block
+from .pipeline import CPU, Placement, capture_block_inputs, collect_input_statistics, run_block
 
 DEFAULT_BITS = (3, 4, 8)
 DEFAULT_GROUP_SIZES = (64, 128, PER_CHANNEL)
@@ -78,16 +78,17 @@ def _final_norm_and_head(model: nn.Module):
 
 @torch.no_grad()
 def _run_from(model, arch: ArchMap, start: int, hidden: list[torch.Tensor], kwargs: list[list[dict]],
-              targets: torch.Tensor, reference: list[torch.Tensor] | None = None):
+              targets: torch.Tensor, reference: list[torch.Tensor] | None = None, placement: Placement = CPU):
     """(mean next-token loss, mean KL(reference || model) per token, the log-probabilities) when
     `hidden` (the inputs of block `start`) runs through the rest of the model."""
     blocks = arch.block_list(model)
     for index in range(start, len(blocks)):
-        hidden = run_block(blocks[index], hidden, kwargs[index])
+        hidden = run_block(blocks[index], hidden, kwargs[index], placement)
     norm, head = _final_norm_and_head(model)
     loss, kl, count, log_probs = 0.0, 0.0, 0, []
-    for i, (h, window) in enumerate(zip(hidden, targets)):
-        logits = head(norm(h))[0, :-1].float()
+    for i, (h, window) in enumerate(zip(hidden, targets.to(placement.device))):
+        with placement.autocast():
+            logits = head(norm(h.to(placement.device)))[0, :-1].float()
         softcap = getattr(model.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
@@ -106,13 +107,15 @@ def _run_from(model, arch: ArchMap, start: int, hidden: list[torch.Tensor], kwar
 def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, bits=DEFAULT_BITS,
                         group_sizes=DEFAULT_GROUP_SIZES, sym: bool = False, check_layer=None,
                         calibration_info: dict | None = None, progress: bool = True,
-                        algorithm=None, statistics_windows: torch.Tensor | None = None) -> SensitivityTable:
+                        algorithm=None, statistics_windows: torch.Tensor | None = None,
+                        placement: Placement = CPU) -> SensitivityTable:
     """check_layer(name, out, in, bits, group_size) raises for a candidate the format cannot store;
     such candidates are left out of the table. algorithm: rounds the candidates (default RTN).
     statistics_windows: the windows whose full-precision activations give the algorithm its input
     statistics (GPTQ's Hessians), default `windows`. GPTQ fitted to the few hundred tokens the
     loss is measured on would fit them better than any text it has not seen, and so look better
-    than it will be; give it the quantize run's own, larger calibration set instead."""
+    than it will be; give it the quantize run's own, larger calibration set instead.
+    placement: where the model (already there) computes and its activations are kept."""
     from .algorithms import RTN
     from .errors import ConfigError
 
@@ -120,16 +123,16 @@ def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, 
     if algorithm.name not in SENSITIVITY_METHODS:
         raise ConfigError(f"sensitivity is measured with {' or '.join(SENSITIVITY_METHODS)} rounding, "
                           f"not {algorithm.name}: its block-wide transforms have no per-group candidates")
-    inputs = capture_block_inputs(model, arch, windows)
+    inputs = capture_block_inputs(model, arch, windows, placement)
     kwargs = [block_inputs.kwargs for block_inputs in inputs]
     blocks = arch.block_list(model)
     block_hidden = [inputs[0].hidden_states]
     for index, block in enumerate(blocks[:-1]):
-        block_hidden.append(run_block(block, block_hidden[-1], kwargs[index]))
-    base_loss, _, reference = _run_from(model, arch, 0, block_hidden[0], kwargs, windows)
+        block_hidden.append(run_block(block, block_hidden[-1], kwargs[index], placement))
+    base_loss, _, reference = _run_from(model, arch, 0, block_hidden[0], kwargs, windows, placement=placement)
     table = SensitivityTable(base_loss, sym, calibration_info, method=algorithm.name)
     statistics = _StatisticsInputs(model, arch, windows if statistics_windows is None else statistics_windows,
-                                   algorithm.needs_calibration)
+                                   algorithm.needs_calibration, placement)
     candidates = [(b, g) for b in bits for g in group_sizes]
     total = len(blocks) * len(arch.sequential) * len(candidates)
     bar = tqdm(total=total, desc="sensitivity", unit="run", disable=not progress)
@@ -146,7 +149,7 @@ def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, 
                 for name, linear in linears.items():
                     quantized = algorithm.quantize(originals[name], AffineGrid(b, sym, g), stats.get(name), name)
                     linear.weight.data = quantized.dequantize(originals[name].dtype)
-                loss, kl, _ = _run_from(model, arch, index, block_hidden[index], kwargs, windows, reference)
+                loss, kl, _ = _run_from(model, arch, index, block_hidden[index], kwargs, windows, reference, placement)
                 for name, linear in linears.items():
                     linear.weight.data = originals[name]
                 table.rows.append({"modules": list(linears), "parameters": sum(l.weight.numel() for l in linears.values()),
@@ -161,18 +164,19 @@ class _StatisticsInputs:
     """The full-precision inputs of one block at a time on the statistics windows, and the input
     statistics of a group of its linears; nothing when the algorithm needs none."""
 
-    def __init__(self, model, arch: ArchMap, windows: torch.Tensor, needed: bool):
-        self.inputs = capture_block_inputs(model, arch, windows) if needed else None
+    def __init__(self, model, arch: ArchMap, windows: torch.Tensor, needed: bool, placement: Placement = CPU):
+        self.placement = placement
+        self.inputs = capture_block_inputs(model, arch, windows, placement) if needed else None
         self.hidden = self.inputs[0].hidden_states if needed else None
 
     def of(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> dict:
         if self.inputs is None:
             return {}
-        return collect_input_statistics(block, linears, self.hidden, self.inputs[index].kwargs)
+        return collect_input_statistics(block, linears, self.hidden, self.inputs[index].kwargs, placement=self.placement)
 
     def advance(self, index: int, block: nn.Module) -> None:
         if self.inputs is not None and index + 1 < len(self.inputs):
-            self.hidden = run_block(block, self.hidden, self.inputs[index].kwargs)
+            self.hidden = run_block(block, self.hidden, self.inputs[index].kwargs, self.placement)
             self.inputs[index] = None
 
 
@@ -200,18 +204,19 @@ def _storable(linears: dict[str, nn.Linear], bits: int, group_size: int, check_l
 
 def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GROUP_SIZES, sym: bool = False,
                    format_name: str = "gptq", progress: bool = True, config=None,
-                   statistics_calib=None) -> SensitivityTable:
+                   statistics_calib=None, device="auto", compute_dtype="auto") -> SensitivityTable:
     """measure_sensitivity for a model name / folder and a Calibration (or corpus name), keeping only
     candidates the checkpoint format can store. config: the run's QuantConfig, whose rounding
     (rounding_for) rounds the candidates (default RTN); statistics_calib: the Calibration that gives
-    GPTQ its Hessians (default `calib`)."""
-    from .api import calibration_windows_for
+    GPTQ its Hessians (default `calib`); device / compute_dtype: where the whole model computes."""
     from .arch import arch_for
     from .config import QuantConfig
     from .formats import FORMATS
     from .models import load_fp_model
+    from .planning import calibration_windows_for, placement_for
 
-    model, tokenizer = load_fp_model(model_spec)
+    placement = placement_for(device, compute_dtype, "never")
+    model, tokenizer = load_fp_model(model_spec, device=placement.device)
     arch = arch_for(model.config)
     vocab = model.get_input_embeddings().num_embeddings
     windows, info = calibration_windows_for(calib, tokenizer, arch, vocab)
@@ -226,4 +231,4 @@ def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GRO
         fmt.check_layer(name, out_features, in_features, QuantConfig(bits=b, group_size=g, sym=sym, format=format_name))
 
     return measure_sensitivity(model, arch, windows, bits, group_sizes, sym, check_layer, info, progress, algorithm,
-                               statistics_windows)
+                               statistics_windows, placement)

@@ -28,14 +28,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import REPORT_FILE, STORAGE_TORCH_DTYPES, build_report, peak_rss_mib, plan_run
 from .arch import arch_for
 from .checkpoint import (SAFETENSORS_INDEX, LazyTensors, check_output_path, checkpoint_tensors,
                          folder_tensors_sha256, without_tied_copies)
 from .config import QuantConfig
+from .device import dtype_name, reset_peak_memory
 from .errors import CheckpointError, ConfigError, LlmquantError, OutputWriteError
-from .pipeline import BlockStore, LayerResult, PipelineResult, quantize_blocks
-from .report import write_report
+from .pipeline import BlockStore, LayerResult, Placement, PipelineResult, quantize_blocks
+from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run
+from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
 
 PROGRESS_FILE = "progress.json"
 NEXT_INPUTS_FILE = "next-block-inputs.safetensors"
@@ -106,7 +107,7 @@ class StreamingStore(BlockStore):
 
     def finish(self, index, block, next_hidden, result):
         prefix = self.prefix_of(index) + "."
-        state = {prefix + key: value for key, value in block.state_dict().items()}
+        state = {prefix + key: value.cpu() for key, value in block.state_dict().items()}
         packed = {name: self.packed.pop(name) for name in list(self.packed) if name.startswith(prefix)}
         tensors = checkpoint_tensors(state, packed, self.storage)
         _write_atomically(self.staging / shard_name(index, self.total_shards),
@@ -114,7 +115,8 @@ class StreamingStore(BlockStore):
                                                 metadata={"format": "pt"}))
         if next_hidden is not None:
             _write_atomically(self.staging / NEXT_INPUTS_FILE,
-                              lambda tmp: save_file({str(i): h.contiguous() for i, h in enumerate(next_hidden)}, str(tmp)))
+                              lambda tmp: save_file({str(i): h.cpu().contiguous() for i, h in enumerate(next_hidden)},
+                                                    str(tmp)))
         # the records this block added to the run's result
         self.progress["blocks"].append({
             "layers": [dataclasses.asdict(r) for r in result.layers[self.layers_seen:]],
@@ -136,10 +138,13 @@ class StreamingStore(BlockStore):
         return result
 
 
-def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibration: torch.Tensor | None) -> str:
+def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibration: torch.Tensor | None,
+                 placement: Placement) -> str:
     from . import __version__
 
+    # where the run computes changes its numerics (compute dtype, GPU kernels), so it is part of it
     digest = hashlib.sha256(json.dumps({"llmquant": __version__, "config": config.to_dict(),
+                                        "placement": placement.to_dict(),
                                         "source": str(folder.resolve()),
                                         "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]},
                                        sort_keys=True).encode())
@@ -150,12 +155,15 @@ def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibrati
 
 def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib, out: str | os.PathLike,
                      overwrite: bool = False, progress: bool = True, report_extra: dict | None = None,
-                     plots: bool = True) -> tuple[Path, dict]:
-    """Quantize a model folder (or built-in name) into the checkpoint folder `out`, one block in
-    memory at a time; rerun after a kill to resume. Returns (out, the report). report_extra: more
-    entries for quantize_report.json; plots: draw report.md's figures (loads the source again)."""
+                     plots: bool = True, device="auto", compute_dtype="auto",
+                     offload_activations: str = "auto") -> tuple[Path, dict]:
+    """Quantize a model (built-in name, folder, or hub id: its local snapshot) into the checkpoint
+    folder `out`, one block in memory at a time; rerun after a kill to resume. Returns (out, the
+    report). report_extra: more entries for quantize_report.json; plots: draw report.md's figures
+    (loads the source again). device / compute_dtype / offload_activations: where blocks compute
+    and where calibration activations live (planning.placement_for)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .loading import checkpoint_files
     from .models import resolve_model
@@ -163,13 +171,14 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     config = config or QuantConfig()
     start = time.time()
     target = check_output_path(out, overwrite)
+    placement = placement_for(device, compute_dtype, offload_activations)  # refuses an absent device first
     folder = Path(resolve_model(str(model)))
     if not folder.is_dir():
         raise ConfigError(f"streaming quantization reads a local model folder; {model} is not one")
     files = checkpoint_files(folder)
     source = LazyTensors(files)
     model_config = AutoConfig.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = _tokenizer_of(folder, calib)
     arch = arch_for(model_config)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
@@ -184,14 +193,18 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     skeleton.tie_weights()
 
     # weight values are checked as each block is read
-    fmt, algorithm, grids, calibration, calibration_info = plan_run(skeleton, arch, config, calib, tokenizer,
-                                                                    check_values=False)
+    plan = plan_run(skeleton, arch, config, calib, tokenizer, check_values=False)
+    block_bytes = max(sum(p.numel() * 4 for p in block.parameters()) for block in arch.block_list(skeleton))
+    plan.placement = placement_for(device, compute_dtype, offload_activations, model_config, plan.calibration,
+                                   block_bytes)
+    reset_peak_memory(plan.placement.device)
 
     storage = STORAGE_TORCH_DTYPES[config.dtype]
     n_blocks = len(arch.block_list(skeleton))
     staging = target.with_name(f".{target.name}.partial")
     packed: dict[str, dict[str, torch.Tensor]] = {}
-    store = StreamingStore(arch.block_prefix, source, staging, _fingerprint(folder, files, config, calibration),
+    store = StreamingStore(arch.block_prefix, source, staging,
+                           _fingerprint(folder, files, config, plan.calibration, plan.placement),
                            packed, storage, n_blocks + 1)
     try:
         staging.mkdir(parents=True, exist_ok=True)
@@ -206,16 +219,20 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         _write_rest_shard(staging, skeleton, blocks_prefix, storage, n_blocks)
 
         def pack(name, quantized, linear):
-            packed[name] = fmt.pack(quantized, config.for_layer(name))
+            packed[name] = plan.fmt.pack(quantized, config.for_layer(name))
 
-        quantize_blocks(skeleton, arch, algorithm, grid_for=lambda name, linear: grids.get(name), on_quantized=pack,
-                        calibration=calibration, true_sequential=config.true_sequential, progress=progress,
-                        store=store)
+        if progress:
+            print(f"quantizing on {plan.placement.device} in {dtype_name(plan.placement.compute_dtype)}, "
+                  f"calibration activations on {plan.placement.activations}")
+        quantize_blocks(skeleton, arch, plan.algorithm, grid_for=plan.grid_for, on_quantized=pack,
+                        calibration=plan.calibration, true_sequential=config.true_sequential, progress=progress,
+                        store=store, placement=plan.placement)
         skeleton.to("meta")  # the embeddings are written already; free them before hashing the shards
-        _finish_folder(staging, n_blocks, model_config, fmt, config, folder, tokenizer)
+        _finish_folder(staging, n_blocks, model_config, plan.fmt, config, folder, tokenizer)
         result = store.pipeline_result()
-        report = build_report(config, str(model), calibration_info, store.earlier_seconds + time.time() - start,
-                              peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]))
+        report = build_report(config, str(model), plan.calibration_info, store.earlier_seconds + time.time() - start,
+                              peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]),
+                              plan.placement)
         for leftover in (PROGRESS_FILE, NEXT_INPUTS_FILE):
             (staging / leftover).unlink(missing_ok=True)
         report["resumed_after_blocks"] = first
@@ -233,6 +250,19 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target, report
+
+
+def _tokenizer_of(folder: Path, calib):
+    """The model's tokenizer; a folder without one quantizes only on calibration token ids (or none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        if calib is None or isinstance(calib, torch.Tensor):
+            return None
+        raise ConfigError(f"{folder} has no tokenizer to cut calibration text with ({exc}); "
+                          "give calibration token ids instead") from exc
 
 
 def _write_rest_shard(staging: Path, skeleton, blocks_prefix: str, storage, n_blocks: int) -> None:
@@ -262,7 +292,8 @@ def _finish_folder(staging: Path, n_blocks: int, model_config, fmt, config: Quan
     saved_config.save_pretrained(staging)
     if (folder / "generation_config.json").exists():
         GenerationConfig.from_pretrained(folder).save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
 
 
 def _move_into_place(staging: Path, target: Path) -> None:

@@ -3,6 +3,7 @@
 warmup then linear decay, gradient clipping, and the loss on held-out windows before and after."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -85,18 +86,22 @@ def _learning_rate_factor(step: int, training: TrainingSettings) -> float:
 
 
 def train(model: nn.Module, parameter_groups: list[dict], windows: torch.Tensor, training: TrainingSettings,
-          progress: bool = True, description: str = "train") -> list[float]:
-    """Run training.steps AdamW steps of causal-LM loss on `windows`; the training loss of each step.
-    parameter_groups: torch optimizer groups (each may set its own lr)."""
+          progress: bool = True, description: str = "train", autocast=None) -> list[float]:
+    """Run training.steps AdamW steps of causal-LM loss on `windows` (moved to the model's device);
+    the training loss of each step. parameter_groups: torch optimizer groups (each may set its own
+    lr); autocast: a context the forward passes run in (mixed precision), default none."""
+    autocast = autocast or contextlib.nullcontext()
     parameters = [p for group in parameter_groups for p in group["params"]]
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(parameter_groups, lr=training.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(step, training))
     losses = []
     model.train()
     bar = tqdm(range(training.steps), desc=description, unit="step", disable=not progress)
     for step in bar:
-        batch = windows[step * training.batch_size:(step + 1) * training.batch_size]
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        batch = windows[step * training.batch_size:(step + 1) * training.batch_size].to(device)
+        with autocast:
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         if not torch.isfinite(loss):
             raise LlmquantError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         loss.backward()

@@ -1,18 +1,15 @@
-"""The Triton implementations of llmquant's ops (see ops.py), calling llmquant_kernels. They have no
-backward; ops.implementation sends calls that need a gradient to the torch reference."""
+"""The Triton implementations of llmquant's ops (see ops.py), calling llmquant_kernels, with the same
+arguments as the ops' reference implementations. They have no backward: ops.py sends calls that
+need a gradient to the reference."""
 from __future__ import annotations
 
-from .ops import TRITON, register
 
-
-@register("gptq_linear", TRITON)
 def gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset):
     from llmquant_kernels import w4a16_matmul
 
     return w4a16_matmul(x, qweight, qzeros, scales, g_idx, bias, bits=bits, layout="gptq", zero_offset=zero_offset)
 
 
-@register("awq_linear", TRITON)
 def awq_linear(x, qweight, qzeros, scales, bias, group_size):
     from llmquant_kernels import w4a16_matmul
 
@@ -20,7 +17,6 @@ def awq_linear(x, qweight, qzeros, scales, bias, group_size):
                         group_size=group_size)
 
 
-@register("w8a8_linear", TRITON)
 def w8a8_linear(x, weight, weight_scale, input_scale, bias):
     from llmquant_kernels import int8_scaled_matmul, quantize_rows_int8
 
@@ -30,8 +26,9 @@ def w8a8_linear(x, weight, weight_scale, input_scale, bias):
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@register("codebook4_linear", TRITON)
-def codebook4_linear(x, packed, absmax, table, nested, blocksize, shape, bias):
+def codebook4_linear(x, packed, absmax, table, nested_absmax, nested_table, nested_offset, nested_blocksize,
+                     blocksize, shape, bias):
     from llmquant_kernels import codebook4_matmul
 
-    return codebook4_matmul(x, packed, absmax, table, blocksize, shape, bias, nested)
+    nested = (nested_absmax, nested_table, nested_offset, nested_blocksize) if nested_absmax is not None else None
+    return codebook4_matmul(x, packed, absmax, table, blocksize, tuple(shape), bias, nested)

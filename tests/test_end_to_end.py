@@ -49,7 +49,7 @@ def test_gemma3_quantize_save_load_generate(tmp_path):
     tokenizer = qmodel.tokenizer
     quantized = ppl(model, tokenizer)
     assert quantized["bos"] is True
-    fp_model, _ = llmquant.api.load_fp_model("gemma3-270m")
+    fp_model, _ = llmquant.models.load_fp_model("gemma3-270m")
     fp = ppl(fp_model, tokenizer)
     assert fp["perplexity"] < quantized["perplexity"] < 3 * fp["perplexity"]
     inputs = tokenizer("The capital of France is", return_tensors="pt")

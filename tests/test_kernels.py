@@ -118,7 +118,7 @@ def test_codebook4_matches_reference(quant_type, double_quant, blocksize, m, n, 
     x = torch.randn(m, k)
     bias = torch.randn(n)
     args = (t["weight"], t["weight.absmax"], t["weight.quant_map"])
-    expected = ops._codebook4_linear_reference(x, *args, nested, blocksize, (n, k), bias)
+    expected = ops._codebook4_linear_reference(x, *args, *(nested or (None, None, 0.0, 0)), blocksize, [n, k], bias)
     got = codebook4_matmul(x, *args, blocksize, (n, k), bias, nested)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 

@@ -10,7 +10,7 @@ fp16: the fake-quantized weight is then exactly what a loader reconstructs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,8 +41,13 @@ class QuantizedWeight:
     input_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        g = self.group_index.long()
+        g = self.group_index.long().to(self.codes.device)
         return ((self.codes.to(dtype) - self.zero[:, g].to(dtype)) * self.scale[:, g].to(dtype)).contiguous()
+
+    def to(self, device) -> "QuantizedWeight":
+        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device), zero=self.zero.to(device),
+                       group_index=self.group_index.to(device),
+                       input_scale=None if self.input_scale is None else self.input_scale.to(device))
 
 
 @dataclass(frozen=True)

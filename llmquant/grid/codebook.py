@@ -9,7 +9,7 @@ signed 8-bit dynamic table, the same procedure one level down.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -130,7 +130,11 @@ class NestedAbsmax:
         return cls(codes, nested_absmax, offset.item())
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_nested_absmax(self.codes, self.nested_absmax, dynamic_table(), self.offset, self.blocksize)
+        return dequantize_nested_absmax(self.codes, self.nested_absmax, dynamic_table().to(self.codes.device),
+                                        self.offset, self.blocksize)
+
+    def to(self, device) -> "NestedAbsmax":
+        return replace(self, codes=self.codes.to(device), nested_absmax=self.nested_absmax.to(device))
 
 
 @dataclass
@@ -151,7 +155,11 @@ class CodebookWeight:
 
     @property
     def table(self) -> torch.Tensor:
-        return four_bit_table(self.quant_type)
+        return four_bit_table(self.quant_type).to(self.codes.device)
+
+    def to(self, device) -> "CodebookWeight":
+        return replace(self, codes=self.codes.to(device), absmax=self.absmax.to(device),
+                       nested=None if self.nested is None else self.nested.to(device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         values = blockwise_dequantize(self.codes, self.absmax, self.table, self.blocksize)
