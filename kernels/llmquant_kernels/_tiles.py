@@ -1,5 +1,6 @@
-"""Pieces every tiled matmul kernel here shares: the output tile of a program, the fp32 dot, and the
-epilogue (bias on the first K split, then a store, or an atomic add when K is split)."""
+"""Pieces every tiled matmul kernel here shares: the output tile of a program, 64-bit tile offsets,
+the fp32 dot, and the epilogue (bias on the first K split, then a store, or an atomic add when K
+is split)."""
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +17,19 @@ def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def tile_offsets(rows, row_stride, columns):
+    """rows[:, None] * row_stride + columns[None, :], in 64 bits: M·K, K·N and M·N pass 2**31 on real
+    shapes (a 128k-vocabulary head at 16k tokens), where 32-bit offsets would wrap around."""
+    return rows[:, None].to(tl.int64) * row_stride + columns[None, :]
+
+
+@triton.jit
+def transposed_tile_offsets(rows, row_stride, columns):
+    """The same offsets laid out [columns, rows]: a [K, N] tile of a row-major [N, K] weight."""
+    return rows[None, :].to(tl.int64) * row_stride + columns[:, None]
+
+
+@triton.jit
 def dot_fp32(acc, a, w, IEEE_FP32: tl.constexpr):
     """acc + a @ w; fp32 inputs in full precision (not TF32), so that results match the reference."""
     if IEEE_FP32:
@@ -29,7 +43,7 @@ def store_tile(acc, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BI
     if HAS_BIAS:
         if tl.program_id(2) == 0:
             acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    out = out_ptr + tile_offsets(rm, stride_om, rn)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dot_fp32, output_tile, run_tiled, store_tile
+from ._tiles import dot_fp32, output_tile, run_tiled, store_tile, tile_offsets, transposed_tile_offsets
 
 
 @triton.jit
@@ -25,9 +25,9 @@ def codebook4_kernel(x_ptr, packed_ptr, absmax_ptr, table_ptr, nested_absmax_ptr
     for k_tile in range(tl.program_id(2), tl.cdiv(K, BLOCK_K), SPLIT_K):
         rk = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(x_ptr + tile_offsets(rm, stride_xm, rk), mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         tile_mask = k_mask[:, None] & n_mask[None, :]
-        element = rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N] flat index of W[n, k]
+        element = transposed_tile_offsets(rn, K, rk)  # [BLOCK_K, BLOCK_N] flat index of W[n, k]
         byte = tl.load(packed_ptr + element // 2, mask=tile_mask, other=0).to(tl.int32)
         code = tl.where(element % 2 == 0, byte >> 4, byte & 0xF)
         value = tl.load(table_ptr + code, mask=tile_mask, other=0.0)

@@ -17,19 +17,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import dot_fp32, output_tile, run_tiled, store_tile
+from ._tiles import dot_fp32, output_tile, run_tiled, store_tile, tile_offsets
 
 LAYOUTS = {"gptq": 0, "awq": 1}
 
 
 @triton.jit
+def stream_word_offset(index, lane, word_stride, lane_stride, BITS: tl.constexpr):
+    """(64-bit offset of the word holding value `index` of stream `lane`, the value's bit shift in it):
+    word w of stream `lane` sits at w * word_stride + lane * lane_stride."""
+    bit = index.to(tl.int64) * BITS
+    return (bit // 32) * word_stride + lane.to(tl.int64) * lane_stride, (bit % 32).to(tl.uint32)
+
+
+@triton.jit
 def _unpack_stream(words_ptr, index, lane, word_stride, lane_stride, mask, BITS: tl.constexpr):
-    """Value `index` of the little-endian bit streams of int32 words: word w of stream `lane` sits at
-    words_ptr + w * word_stride + lane * lane_stride (GPTQ qweight: streams down K, one per column;
-    qzeros: streams along N, one per group). 3-bit values straddle two words."""
-    bit = index * BITS
-    address = words_ptr + (bit // 32) * word_stride + lane * lane_stride
-    shift = (bit % 32).to(tl.uint32)
+    """Value `index` of the little-endian bit streams of int32 words (GPTQ qweight: streams down K, one
+    per column; qzeros: streams along N, one per group). 3-bit values straddle two words."""
+    offset, shift = stream_word_offset(index, lane, word_stride, lane_stride, BITS)
+    address = words_ptr + offset
     value = tl.load(address, mask=mask, other=0).to(tl.uint32, bitcast=True) >> shift
     if 32 % BITS != 0:
         spill = (shift + BITS) > 32
@@ -42,7 +48,8 @@ def _unpack_stream(words_ptr, index, lane, word_stride, lane_stride, mask, BITS:
 def _awq_nibble(words_ptr, row, column, row_stride, mask):
     # position of column c within its word: the inverse of the pack order [0, 2, 4, 6, 1, 3, 5, 7]
     position = (column % 2) * 4 + (column % 8) // 2
-    word = tl.load(words_ptr + row * row_stride + column // 8, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    word = tl.load(words_ptr + row.to(tl.int64) * row_stride + column // 8, mask=mask, other=0).to(tl.uint32,
+                                                                                                  bitcast=True)
     return ((word >> (position * 4).to(tl.uint32)) & 0xF).to(tl.int32)
 
 
@@ -57,7 +64,7 @@ def w4a16_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr
     for k_tile in range(tl.program_id(2), tl.cdiv(K, BLOCK_K), SPLIT_K):
         rk = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(x_ptr + tile_offsets(rm, stride_xm, rk), mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         tile_mask = k_mask[:, None] & n_mask[None, :]
         if LAYOUT == 0:
             q = _unpack_stream(qweight_ptr, rk[:, None], rn[None, :], N, 1, tile_mask, BITS)
@@ -67,7 +74,7 @@ def w4a16_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr
             q = _awq_nibble(qweight_ptr, rk[:, None], rn[None, :], N // 8, tile_mask)
             group = rk // group_size
             zero = _awq_nibble(qzeros_ptr, group[:, None], rn[None, :], N // 8, tile_mask)
-        scale = tl.load(scales_ptr + group[:, None] * N + rn[None, :], mask=tile_mask, other=0.0)
+        scale = tl.load(scales_ptr + tile_offsets(group, N, rn), mask=tile_mask, other=0.0)
         w = ((q - (zero + ZERO_OFFSET)).to(tl.float32) * scale.to(tl.float32)).to(a.dtype)
         acc = dot_fp32(acc, a, w, IEEE_FP32)
     store_tile(acc, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BIAS, SPLIT_K)

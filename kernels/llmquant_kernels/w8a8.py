@@ -12,13 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import output_tile, run_tiled, store_tile
+from ._tiles import output_tile, run_tiled, store_tile, tile_offsets, transposed_tile_offsets
 
 
 @triton.jit
 def quantize_rows_kernel(x_ptr, codes_ptr, scales_ptr, static_scale_ptr, K, stride_xm,
                          STATIC: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * K passes 2**31 for long prompts of wide models
     if STATIC:
         scale = tl.load(static_scale_ptr).to(tl.float32)
     else:
@@ -66,8 +66,8 @@ def int8_scaled_matmul_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, 
     for k_tile in range(tl.program_id(2), tl.cdiv(K, BLOCK_K), SPLIT_K):
         rk = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
-        b = tl.load(b_ptr + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        a = tl.load(a_ptr + tile_offsets(rm, K, rk), mask=m_mask[:, None] & k_mask[None, :], other=0)
+        b = tl.load(b_ptr + transposed_tile_offsets(rn, K, rk), mask=k_mask[:, None] & n_mask[None, :], other=0)
         acc += tl.dot(a, b)
     a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
     b_scale = tl.load(b_scale_ptr + rn, mask=n_mask, other=0.0)
