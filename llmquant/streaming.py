@@ -103,6 +103,7 @@ class StreamingStore(BlockStore):
         return done, [saved[str(i)] for i in range(len(saved))]
 
     def load(self, index, block):
+        self.block_started = time.time()
         materialize(block, self.prefix_of(index) + ".", self.source)
 
     def finish(self, index, block, next_hidden, result):
@@ -122,6 +123,7 @@ class StreamingStore(BlockStore):
             "layers": [dataclasses.asdict(r) for r in result.layers[self.layers_seen:]],
             "scaling": result.scaling[self.scaling_seen:],
             "packed_bytes": sum(t.numel() * t.element_size() for p in packed.values() for t in p.values()),
+            "seconds": round(time.time() - self.block_started, 3),
         })
         self.layers_seen, self.scaling_seen = len(result.layers), len(result.scaling)
         self.progress["done"] = index + 1
@@ -236,6 +238,8 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         for leftover in (PROGRESS_FILE, NEXT_INPUTS_FILE):
             (staging / leftover).unlink(missing_ok=True)
         report["resumed_after_blocks"] = first
+        # each block's read, statistics, rounding, forward pass and write
+        report["block_seconds"] = [b.get("seconds") for b in store.progress["blocks"]]
         report["checkpoint_sha256"] = folder_tensors_sha256(staging)
         report.update(report_extra or {})
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))

@@ -98,7 +98,7 @@ def search_clip_ranges(weight: torch.Tensor, grid: AffineGrid, gram: torch.Tenso
 
 
 def clamp_to_ranges(weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: AffineGrid) -> torch.Tensor:
-    columns_group = grid.group_index(weight.shape[1]).long().to(weight.device)
+    columns_group = grid.group_index(weight.shape[1], weight.device).long()
     return torch.maximum(torch.minimum(weight, high[:, columns_group].to(weight)), low[:, columns_group].to(weight))
 
 

@@ -88,7 +88,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
     elif static_groups:
         static_scale, static_zero = grid.qparams(W)  # [out, G] over the original column order
 
-    perm = torch.arange(columns)
+    perm = torch.arange(columns, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
@@ -97,7 +97,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
 
     codes = torch.zeros_like(W)
     # Group of each position in the sweep, and the qparams of each group in the order created.
-    sweep_group = torch.zeros(columns, dtype=torch.int64)
+    sweep_group = torch.zeros(columns, dtype=torch.int64, device=W.device)
     scales, zeros = [], []
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)

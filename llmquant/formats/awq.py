@@ -61,9 +61,9 @@ class AWQFormat:
     def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
         out_features, in_features = qw.codes.shape
         width = in_features if qw.group_size == PER_CHANNEL else qw.group_size
-        if not torch.equal(qw.group_index.long(), torch.arange(in_features) // width):
+        if not torch.equal(qw.group_index.long(), torch.arange(in_features, device=qw.codes.device) // width):
             raise ValueError("the awq format needs contiguous groups (no act-order g_idx)")
-        interleave = ops.awq_interleave(out_features)
+        interleave = ops.awq_interleave(out_features, qw.codes.device)
         return {
             "qweight": bitpack.pack(qw.codes.t().to(torch.int32)[:, interleave], 4, dim=1),
             "qzeros": bitpack.pack(qw.zero.t().to(torch.int32)[:, interleave], 4, dim=1),

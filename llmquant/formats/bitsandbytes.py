@@ -34,12 +34,12 @@ def pack_codes(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
     """uint8 [ceil(n / 2), 1]: flattened codes two per byte, the first in the high nibble."""
     flat = codes.reshape(-1).to(torch.uint8)
     if flat.numel() % 2:
-        flat = torch.cat([flat, torch.tensor([pad_code], dtype=torch.uint8)])
+        flat = torch.cat([flat, torch.tensor([pad_code], dtype=torch.uint8, device=flat.device)])
     return ((flat[0::2] << 4) | flat[1::2]).unsqueeze(1).contiguous()
 
 
-def quant_state_bytes(state: dict) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+def quant_state_bytes(state: dict, device=None) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8, device=device)
 
 
 class BitsAndBytesFormat:
@@ -80,8 +80,8 @@ class BitsAndBytesFormat:
         tensors["weight.quant_map"] = qw.table.clone()
         if qw.nested is not None:
             tensors["weight.nested_absmax"] = qw.nested.nested_absmax.float().contiguous()
-            tensors["weight.nested_quant_map"] = dynamic_table().clone()
-        tensors[f"weight.{quant_state_key(qw.quant_type)}"] = quant_state_bytes(state)
+            tensors["weight.nested_quant_map"] = dynamic_table().to(qw.codes.device, copy=True)
+        tensors[f"weight.{quant_state_key(qw.quant_type)}"] = quant_state_bytes(state, qw.codes.device)
         return tensors
 
     @staticmethod

@@ -41,7 +41,7 @@ class QuantizedWeight:
     input_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        g = self.group_index.long().to(self.codes.device)
+        g = self.group_index.long()
         return ((self.codes.to(dtype) - self.zero[:, g].to(dtype)) * self.scale[:, g].to(dtype)).contiguous()
 
     def to(self, device) -> "QuantizedWeight":
@@ -76,10 +76,10 @@ class AffineGrid:
             return 1
         return -(-in_features // self.group_size)
 
-    def group_index(self, in_features: int) -> torch.Tensor:
+    def group_index(self, in_features: int, device=None) -> torch.Tensor:
         if self.per_tensor:
-            return torch.zeros(in_features, dtype=torch.int32)
-        return torch.arange(in_features, dtype=torch.int32) // self.group_width(in_features)
+            return torch.zeros(in_features, dtype=torch.int32, device=device)
+        return torch.arange(in_features, dtype=torch.int32, device=device) // self.group_width(in_features)
 
     def qparams_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point for ranges [xmin, xmax] (any matching shapes)."""
@@ -165,7 +165,7 @@ class AffineGrid:
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """Round-to-nearest codes of a [out, in] weight on this grid."""
         scale, zero = self.qparams(weight)
-        group_index = self.group_index(weight.shape[1])
+        group_index = self.group_index(weight.shape[1], weight.device)
         g = group_index.long()
         codes = self.quantize_values(weight, scale[:, g], zero[:, g])
         return QuantizedWeight(

@@ -35,7 +35,9 @@ def four_bit_table(quant_type: str) -> torch.Tensor:
     """The 16 values of a 4-bit type, indexed by code."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    table = torch.tensor(NF4_TABLE if quant_type == "nf4" else FP4_TABLE_UNNORMALIZED, dtype=torch.float32)
+    # cached tables live on the CPU (callers move them to their data), whatever the default device
+    table = torch.tensor(NF4_TABLE if quant_type == "nf4" else FP4_TABLE_UNNORMALIZED, dtype=torch.float32,
+                         device="cpu")
     return table / table.abs().max()
 
 
@@ -48,20 +50,20 @@ def dynamic_table() -> torch.Tensor:
     exponent_bits, non_sign_bits = 7, 7
     for i in range(exponent_bits):
         fraction_items = int(2 ** (i + non_sign_bits - exponent_bits) + 1)
-        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32, device="cpu")
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         values += ((10 ** (-(exponent_bits - 1) + i)) * means).tolist()
         values += (-(10 ** (-(exponent_bits - 1) + i)) * means).tolist()
     values += [0.0, 1.0]
     values += [0.0] * (256 - len(values))
     values.sort()
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device="cpu")
 
 
 @lru_cache
 def _nearest_bounds(table: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(midpoints between sorted table values, code of each sorted position)."""
-    values = torch.tensor(table, dtype=torch.float32)
+    values = torch.tensor(table, dtype=torch.float32, device="cpu")
     order = torch.argsort(values)
     ordered = values[order]
     return (ordered[:-1] + ordered[1:]) / 2, order
@@ -83,7 +85,7 @@ def blockwise_quantize(values: torch.Tensor, table: torch.Tensor, blocksize: int
         tail_absmax = flat[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_absmax[None]])
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax, -1, 1)])
-    bounds, order = _nearest_bounds(tuple(table.tolist()))
+    bounds, order = (t.to(flat.device) for t in _nearest_bounds(tuple(table.tolist())))
     codes = order[torch.bucketize(scaled, bounds)]
     return codes.to(torch.uint8), absmax
 
@@ -91,7 +93,7 @@ def blockwise_quantize(values: torch.Tensor, table: torch.Tensor, blocksize: int
 def code_of_zero(table: torch.Tensor) -> int:
     """The code 0.0 rounds to (bitsandbytes pads an odd count of 4-bit codes with it)."""
     bounds, order = _nearest_bounds(tuple(table.tolist()))
-    return int(order[torch.bucketize(torch.zeros(1), bounds)])
+    return int(order[torch.bucketize(torch.zeros(1, device="cpu"), bounds)])
 
 
 def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
