@@ -309,3 +309,16 @@ def test_gpu_check_dry_run_works_without_what_the_gpu_machine_lacks(tmp_path):
     assert [row for row in results["gptq"] if row.get("projection")]
     assert {row["model"] for row in results["decode"]} == {"fp32 (dry run)", "W4A16 (GPTQ g128)", "W8A8 (dynamic)"}
     assert "Dry run on a CPU" in (tmp_path / "GPU.md").read_text()
+
+
+def test_load_takes_an_accelerate_device_map(tmp_path):
+    from conftest import tiny_model
+
+    folder = llmquant.quantize(tiny_model("llama"), QuantConfig(group_size=32), progress=False).save(tmp_path / "ckpt")
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        expected = llmquant.load(folder, device="cpu")(ids).logits
+        for device_map in ("auto", {"": "cpu"}):
+            assert torch.equal(llmquant.load(folder, device_map=device_map)(ids).logits, expected)
+    with pytest.raises(ConfigError, match="device_map"):
+        llmquant.load(folder, device_map="everywhere")
