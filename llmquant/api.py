@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import arch_for
+from .arch import arch_for, declared_arch_for
 from .checkpoint import check_output_path, checkpoint_tensors, tensors_sha256, without_tied_copies, \
     write_folder_atomically, write_model_files
 from .config import QuantConfig
@@ -27,8 +27,9 @@ from .errors import ConfigError, UnsupportedArchitectureError
 from .formats import FORMATS
 from .loading import load
 from .models import cache_dir
+from .moe import set_calibrate_all_experts
 from .pipeline import PipelineResult, Placement, quantize_blocks
-from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run
+from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
 
 
@@ -53,9 +54,12 @@ class QuantizedModel:
     placement: Placement | None = None
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """All tensors of the checkpoint: packed quantized linears, the rest in the storage dtype."""
-        return checkpoint_tensors(without_tied_copies(self.model.state_dict()), self.packed,
-                                  STORAGE_TORCH_DTYPES[self.config.dtype])
+        """All tensors of the checkpoint: packed quantized linears, the rest in the storage dtype, under
+        the keys the family's checkpoints use."""
+        tensors = checkpoint_tensors(without_tied_copies(self.model.state_dict()), self.packed,
+                                     STORAGE_TORCH_DTYPES[self.config.dtype])
+        arch = declared_arch_for(self.model.config)
+        return {arch.stored_name(k): v for k, v in tensors.items()} if arch is not None else tensors
 
     def report(self) -> dict:
         packed_bytes = sum(t.numel() * t.element_size() for p in self.packed.values() for t in p.values())
@@ -152,8 +156,9 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
 
     start = time.time()
     source = getattr(model.config, "_name_or_path", None)
-    arch = arch_for(model.config)
+    arch = arch_for(model.config, model)
     placement = placement_for(device, compute_dtype, offload_activations)
+    config = prepare_model(model, arch, config)
     plan = plan_run(model, arch, config, calib, tokenizer, placement=placement)
     if plan.calibration is not None and offload_activations == "auto":
         block_bytes = sum(p.numel() * 4 for p in arch.block_list(model)[0].parameters())
@@ -171,6 +176,7 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     result = quantize_blocks(model, arch, plan.algorithm, grid_for=plan.grid_for, on_quantized=on_quantized,
                              calibration=plan.calibration, true_sequential=config.true_sequential,
                              progress=progress, placement=plan.placement)
+    set_calibrate_all_experts(model, False)  # from here on the model computes as it is served
     return QuantizedModel(model, tokenizer, config, packed, result, source, time.time() - start,
                           plan.calibration_info, peak_rss_mib(), kept, plan.placement)
 

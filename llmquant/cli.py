@@ -79,6 +79,9 @@ def _add_quantize(sub):
                      help="quantize q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones (default)")
     seq.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                      help="one pass of statistics per block")
+    p.add_argument("--moe-calibrate-all-experts", action="store_true",
+                   help="mixture-of-experts models: run every calibration token through every expert for its "
+                        "statistics (the output still follows the router)")
     mixed = p.add_argument_group("mixed precision (gptq format)")
     mixed.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                        help="choose bits and group size per layer from a sensitivity table so that the quantized "
@@ -250,7 +253,8 @@ def cmd_quantize(args) -> int:
                          static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
                          clip_search=args.clip_search, awq_grid=args.awq_grid, awq_duo_scaling=args.awq_duo,
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
-                         observer=args.observer, percentile=args.percentile, double_quant=args.double_quant)
+                         observer=args.observer, percentile=args.percentile, double_quant=args.double_quant,
+                         moe_calibrate_all_experts=args.moe_calibrate_all_experts)
     corpus = args.calib
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus

@@ -35,6 +35,9 @@ class QuantConfig:
         activations to int8: act_quant "dynamic" (per token at run time) or "static" (one scale per
         tensor from calibration, chosen by `observer`: minmax, percentile (at `percentile` %), mse
         or kl). SmoothQuant's migration strength `alpha` is in [0, 1] or "auto" (searched per group).
+    moe_calibrate_all_experts: mixture-of-experts models: every calibration token also runs through
+        every expert, so that each expert's statistics cover all of them (the block's output still
+        uses the router's choice); otherwise an expert sees only the tokens routed to it.
     NF4 / FP4 (methods nf4, fp4; data-free): group_size is bitsandbytes' blocksize, values of the
         row-major flattened weight sharing one absmax (32..4096, a power of two); double_quant
         stores those absmax constants in 8 bits (blocks of 256).
@@ -63,6 +66,7 @@ class QuantConfig:
     observer: str = "minmax"
     percentile: float = 99.99
     double_quant: bool = False
+    moe_calibrate_all_experts: bool = False
     # Mixed precision: module name -> {"bits": b, "group_size": g} replacing the defaults above for
     # that linear (written as GPTQModel's `dynamic` per-module overrides).
     layer_overrides: dict = field(default_factory=dict)

@@ -19,6 +19,8 @@ from .checkpoint import SAFETENSORS_INDEX, LazyTensors
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .formats import format_for_quantization_config
 from .formats.gptq import dynamic_override
+from .arch import declared_arch_for
+from .moe import unfuse_experts
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -127,12 +129,17 @@ def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool):
         return model.eval()
     quantization_config, fmt = _format_of(folder, quantization_config)
     tensors = read_tensors(checkpoint_files(folder))
+    arch = declared_arch_for(config)
+    if arch is not None:  # checkpoint keys -> module paths (Mixtral's block_sparse_moe -> mlp)
+        tensors = {arch.module_name(key): tensor for key, tensor in tensors.items()}
 
     skeleton_config = copy.deepcopy(config)
     del skeleton_config.quantization_config  # else transformers would look for its own GPTQ backend
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(skeleton_config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.config.quantization_config = quantization_config
+    if arch is not None and arch.experts is not None and not any(k.endswith(".gate_up_proj") for k in tensors):
+        unfuse_experts(model, arch)  # the checkpoint holds each expert's projections (quantized) apart
 
     marker = "." + fmt.marker_suffix
     quantized = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))

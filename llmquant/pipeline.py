@@ -40,6 +40,7 @@ class LayerResult:
     relative_weight_error: float | None = None  # |W - Q|^2 / |W|^2
     bits: int | None = None
     group_size: int | None = None  # -1: one group per output channel; codebook grids: their block size
+    calibration_rows: int | None = None  # input rows (tokens) its statistics saw; 0: no token reached it
 
 
 @dataclass
@@ -209,7 +210,7 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
             x = args[0]
             shared = inputs_this_pass.get(id(x))
             if name not in stats:
-                stats[name] = shared[1] if shared is not None else InputGram(module.in_features, device=x.device,
+                stats[name] = shared[1] if shared is not None else InputGram(x.shape[-1], device=x.device,
                                                                           **(options or {}))
             if shared is None:
                 try:
@@ -301,12 +302,14 @@ def quantize_blocks(
         inputs[0].hidden_states = []
         _check_finite(hidden, f"at the input of block {start}")
     result = PipelineResult()
-    steps = arch.sequential if true_sequential else (tuple(arch.linear_names()),)
     bar = tqdm(total=len(blocks), initial=start, desc=f"{algorithm.name} blocks", unit="block", disable=not progress)
     for index in range(start, len(blocks)):
         block = blocks[index]
         store.load(index, block)
         block.to(placement.device)
+        steps = arch.steps(block)
+        if not true_sequential:
+            steps = (tuple(name for step in steps for name in step),)
         quantize_block(block, arch.block_prefix(index), arch, algorithm, grid_for, on_quantized, steps,
                        hidden, inputs[index].kwargs if inputs is not None else None, result, bar, placement)
         if hidden is not None:
@@ -345,6 +348,8 @@ def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid
             if bar is not None:
                 bar.set_postfix_str(name[len(prefix) + 1:])
             weight = linear.weight.data
+            # no calibration token reached a linear (an expert the router never chose): the algorithm
+            # gets no statistics (GPTQ then rounds to nearest)
             quantized = algorithm.quantize(weight, grid_for(name, linear), stats.get(name), name)
             fake = quantized.dequantize(weight.dtype).to(weight.device)
             reference = reference_weights.get(name, weight)
@@ -355,21 +360,24 @@ def quantize_block(block: nn.Module, prefix: str, arch: ArchMap, algorithm, grid
             linear.weight.data = fake
             # packing and writing happen on the CPU, whatever the compute device
             on_quantized(name, quantized.to(torch.device("cpu")), linear)
-            result.layers.append(LayerResult(name, tuple(weight.shape), error, weight_error, quantized.bits, group_size))
+            rows = stats[name].rows if name in stats else 0 if hidden is not None else None
+            result.layers.append(LayerResult(name, tuple(weight.shape), error, weight_error, quantized.bits, group_size,
+                                             rows))
 
 
 def scaling_groups_with_statistics(block: nn.Module, arch: ArchMap, prefix: str, grid_for, hidden, kwargs,
                                    options: dict | None = None, placement: Placement = CPU):
     """The block's scaling groups that have a linear to quantize, each with the statistics of its
-    linears' common input (one forward pass per calibration batch)."""
-    quantized = {f"{prefix}.{short}" for short in arch.linear_names()
+    linears' common input, read at the group's first linear (one forward pass per calibration batch).
+    A group whose input no calibration token reached (an expert never routed to) is left out."""
+    quantized = {f"{prefix}.{short}" for short in arch.block_linear_names(block)
                  if grid_for(f"{prefix}.{short}", block.get_submodule(short)) is not None}
     groups = scaling_groups(block, arch, prefix, quantized)
-    first_linears = {group.quantized[0]: group.linears[group.quantized[0]] for group in groups}
+    first_linears = {next(iter(group.linears)): next(iter(group.linears.values())) for group in groups}
     stats = collect_input_statistics(block, first_linears, hidden, kwargs, options, placement)
     for group in groups:
-        group.statistics = stats[group.quantized[0]]
-    return groups
+        group.statistics = stats.get(next(iter(group.linears)))
+    return [group for group in groups if group.statistics is not None]
 
 
 def _transform_block(algorithm, block, arch: ArchMap, prefix: str, grid_for, hidden, kwargs,

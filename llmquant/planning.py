@@ -86,6 +86,19 @@ def placement_for(device="auto", compute_dtype="auto", offload_activations: str 
     return Placement(target, dtype, target if needed <= ACTIVATION_SHARE_OF_FREE * free else torch.device("cpu"))
 
 
+def prepare_model(model, arch: ArchMap, config: QuantConfig) -> QuantConfig:
+    """Make the model's linears what the run quantizes, before planning: fused experts become one
+    linear per projection (moe.py). Returns the config as its checkpoint is written: the linears the
+    map keeps in full precision listed as not converted, so that loaders leave them alone."""
+    from dataclasses import replace
+
+    from .moe import unfuse_experts
+
+    unfuse_experts(model, arch, config.moe_calibrate_all_experts)
+    kept = [name for name in arch.full_precision_names(model) if name not in config.modules_to_not_convert]
+    return replace(config, modules_to_not_convert=(*config.modules_to_not_convert, *kept)) if kept else config
+
+
 def plan_run(model, arch: ArchMap, config: QuantConfig, calib, tokenizer, check_values: bool = True,
              placement: Placement | None = None) -> RunPlan:
     """What a quantization run needs, checked before any work."""
@@ -93,6 +106,10 @@ def plan_run(model, arch: ArchMap, config: QuantConfig, calib, tokenizer, check_
     _check_layers(layers, config, check_values)
     fmt = FORMATS[config.format]
     algorithm = algorithm_for(config)
+    if arch.derived and hasattr(algorithm, "transform_block"):
+        raise UnsupportedArchitectureError(
+            f"{config.method} folds scales into the operation before each linear, which a derived map "
+            f"({arch.name}) does not know; use rtn, gptq, w8a8 or nf4 / fp4, or declare a map in llmquant/arch")
     grids = {name: grid_for_config(config.for_layer(name), fmt) for name, _ in layers}
     if calib is None and algorithm.needs_calibration:
         calib = Calibration()
@@ -107,7 +124,7 @@ def linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
     except AttributeError as exc:
         raise UnsupportedArchitectureError(f"{arch.name} map: no block list at {arch.blocks!r}") from exc
     for index, block in enumerate(blocks):
-        for short_name in arch.linear_names():
+        for short_name in arch.block_linear_names(block):
             name = f"{arch.block_prefix(index)}.{short_name}"
             try:
                 linear = block.get_submodule(short_name)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .device import peak_device_mib
+from .moe import expert_coverage
 from .statistics import InputGram, run_with_input_hooks
 
 REPORT_FILE = "quantize_report.json"
@@ -56,6 +57,9 @@ def build_report(config, source, calibration, seconds, peak_rss, pipeline, packe
         "scaling": pipeline.scaling,
         "layers": [{**dataclasses.asdict(r), "shape": list(r.shape)} for r in pipeline.layers],
     })
+    coverage = expert_coverage(pipeline.layers)
+    if coverage:  # mixture-of-experts: calibration tokens each expert saw
+        report["expert_tokens"] = coverage
     return report
 
 

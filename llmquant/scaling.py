@@ -32,7 +32,7 @@ class ScalingGroup:
 
     @property
     def channels(self) -> int:
-        return next(iter(self.linears.values())).in_features
+        return next(iter(self.linears.values())).weight.shape[1]
 
     @torch.no_grad()
     def fold(self, scales: torch.Tensor) -> None:
@@ -65,11 +65,12 @@ def scaling_groups(block: nn.Module, arch: ArchMap, prefix: str, quantized: set[
     """The architecture map's scaling pairs in one block that have a linear to quantize and fit
     together (the previous operation's width equals the linears' input width)."""
     groups = []
-    for pair in arch.scaling_pairs:
+    for pair in arch.block_scaling_pairs(block):
         previous = block.get_submodule(pair.previous)
+        # `linears` may hold a router: a module with an [out, in] weight that is no nn.Linear
         linears = {f"{prefix}.{short}": block.get_submodule(short) for short in pair.linears}
         width = previous.out_features if isinstance(previous, nn.Linear) else _norm_width(previous, pair.previous)
-        if any(linear.in_features != width for linear in linears.values()):
+        if any(linear.weight.shape[1] != width for linear in linears.values()):
             continue
         chosen = tuple(name for name in linears if name in quantized)
         if chosen:

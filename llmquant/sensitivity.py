@@ -138,7 +138,7 @@ def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, 
     bar = tqdm(total=total, desc="sensitivity", unit="run", disable=not progress)
     for index, block in enumerate(blocks):
         prefix = arch.block_prefix(index)
-        for step in arch.sequential:
+        for step in arch.steps(block):
             linears = {f"{prefix}.{name}": block.get_submodule(name) for name in step}
             originals = {name: linear.weight.data for name, linear in linears.items()}
             stats = statistics.of(index, block, linears)
@@ -213,11 +213,13 @@ def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GRO
     from .config import QuantConfig
     from .formats import FORMATS
     from .models import load_fp_model
+    from .moe import unfuse_experts
     from .planning import calibration_windows_for, placement_for
 
     placement = placement_for(device, compute_dtype, "never")
     model, tokenizer = load_fp_model(model_spec, device=placement.device)
-    arch = arch_for(model.config)
+    arch = arch_for(model.config, model)
+    unfuse_experts(model, arch)
     vocab = model.get_input_embeddings().num_embeddings
     windows, info = calibration_windows_for(calib, tokenizer, arch, vocab)
     algorithm = rounding_for(config) if config is not None else None

@@ -35,7 +35,7 @@ from .config import QuantConfig
 from .device import dtype_name, reset_peak_memory
 from .errors import CheckpointError, ConfigError, LlmquantError, OutputWriteError
 from .pipeline import BlockStore, LayerResult, Placement, PipelineResult, quantize_blocks
-from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run
+from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
 
 PROGRESS_FILE = "progress.json"
@@ -55,11 +55,13 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
-def materialize(module: nn.Module, prefix: str, source: LazyTensors) -> None:
+def materialize(module: nn.Module, prefix: str, source: LazyTensors, stored_name=None) -> None:
     """Give `module`'s (meta) parameters their values from the checkpoint, checking shapes and values.
-    The value read is the parameter itself (no copy: a float32 checkpoint costs its bytes once)."""
+    The value read is the parameter itself (no copy: a float32 checkpoint costs its bytes once).
+    stored_name: the checkpoint key of a parameter's full name, where the family's checkpoints name
+    modules otherwise (ArchMap.stored_name)."""
     for name, param in list(module.named_parameters()):
-        full = f"{prefix}{name}"
+        full = stored_name(f"{prefix}{name}") if stored_name is not None else f"{prefix}{name}"
         if full not in source:
             raise CheckpointError(f"the checkpoint has no tensor {full}")
         if list(source.shape(full)) != list(param.shape):
@@ -77,8 +79,9 @@ class StreamingStore(BlockStore):
     """Blocks from the source checkpoint, finished blocks to shards in the staging folder."""
 
     def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: str, packed: dict,
-                 storage: torch.dtype, total_shards: int):
+                 storage: torch.dtype, total_shards: int, stored_name=None):
         self.prefix_of, self.source, self.staging = prefix_of, source, staging
+        self.stored_name = stored_name or (lambda key: key)
         self.fingerprint, self.packed, self.storage, self.total_shards = fingerprint, packed, storage, total_shards
         self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0}
         self.started = time.time()
@@ -104,13 +107,13 @@ class StreamingStore(BlockStore):
 
     def load(self, index, block):
         self.block_started = time.time()
-        materialize(block, self.prefix_of(index) + ".", self.source)
+        materialize(block, self.prefix_of(index) + ".", self.source, self.stored_name)
 
     def finish(self, index, block, next_hidden, result):
         prefix = self.prefix_of(index) + "."
         state = {prefix + key: value.cpu() for key, value in block.state_dict().items()}
         packed = {name: self.packed.pop(name) for name in list(self.packed) if name.startswith(prefix)}
-        tensors = checkpoint_tensors(state, packed, self.storage)
+        tensors = {self.stored_name(k): v for k, v in checkpoint_tensors(state, packed, self.storage).items()}
         _write_atomically(self.staging / shard_name(index, self.total_shards),
                           lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                                                 metadata={"format": "pt"}))
@@ -181,17 +184,18 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     source = LazyTensors(files)
     model_config = AutoConfig.from_pretrained(folder)
     tokenizer = _tokenizer_of(folder, calib)
-    arch = arch_for(model_config)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     skeleton.eval()
+    arch = arch_for(model_config, skeleton)
+    config = prepare_model(skeleton, arch, config)
     blocks_prefix = arch.blocks + "."
     outside = {name: p for name, p in skeleton.named_parameters() if not name.startswith(blocks_prefix)}
     for name in outside:
         module_name, _, _ = name.rpartition(".")
         if name == "lm_head.weight" and model_config.tie_word_embeddings:
             continue
-        materialize(skeleton.get_submodule(module_name), module_name + ".", source)
+        materialize(skeleton.get_submodule(module_name), module_name + ".", source, arch.stored_name)
     skeleton.tie_weights()
 
     # weight values are checked as each block is read
@@ -207,7 +211,7 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     packed: dict[str, dict[str, torch.Tensor]] = {}
     store = StreamingStore(arch.block_prefix, source, staging,
                            _fingerprint(folder, files, config, plan.calibration, plan.placement),
-                           packed, storage, n_blocks + 1)
+                           packed, storage, n_blocks + 1, arch.stored_name)
     try:
         staging.mkdir(parents=True, exist_ok=True)
         first, _ = store.resume_point()
@@ -218,7 +222,7 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
             print(f"resuming {target.name} after block {first - 1} ({first} of {n_blocks} done)")
         # the embeddings, final norm and head do not change: their shard is written first, so that
         # their storage-dtype copy is gone before any block is loaded
-        _write_rest_shard(staging, skeleton, blocks_prefix, storage, n_blocks)
+        _write_rest_shard(staging, skeleton, blocks_prefix, storage, n_blocks, arch.stored_name)
 
         def pack(name, quantized, linear):
             packed[name] = plan.fmt.pack(quantized, config.for_layer(name))
@@ -269,10 +273,10 @@ def _tokenizer_of(folder: Path, calib):
                           "give calibration token ids instead") from exc
 
 
-def _write_rest_shard(staging: Path, skeleton, blocks_prefix: str, storage, n_blocks: int) -> None:
+def _write_rest_shard(staging: Path, skeleton, blocks_prefix: str, storage, n_blocks: int, stored_name) -> None:
     """The last shard: everything outside the blocks (embeddings, final norm, head)."""
     rest = {k: v for k, v in without_tied_copies(skeleton.state_dict()).items() if not k.startswith(blocks_prefix)}
-    rest = checkpoint_tensors(rest, {}, storage)
+    rest = {stored_name(k): v for k, v in checkpoint_tensors(rest, {}, storage).items()}
     _write_atomically(staging / shard_name(n_blocks, n_blocks + 1),
                       lambda tmp: save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp), metadata={"format": "pt"}))
 

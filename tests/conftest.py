@@ -36,6 +36,37 @@ def tiny_config(kind: str):
     if kind == "opt":
         return OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                          word_embed_proj_dim=64, max_position_embeddings=128)
+    return _tiny_config_more(kind)
+
+
+# Mixture-of-experts families: 4 experts of width 32, 2 per token; one dense and one MoE block
+# where the family mixes them.
+MOE_KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3")
+BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128)
+
+
+def _tiny_config_more(kind: str):
+    from transformers import (DeepseekV3Config, Gemma2Config, MixtralConfig, Phi3Config, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
+
+    if kind == "qwen3_moe":  # the first block dense (mlp_only_layers), the second MoE
+        return Qwen3MoeConfig(**BASE, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                              num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=True)
+    if kind == "mixtral":
+        return MixtralConfig(**BASE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "qwen2_moe":
+        return Qwen2MoeConfig(**BASE, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                              num_experts=4, num_experts_per_tok=2)
+    if kind == "deepseek_v3":  # first block dense, then routed + shared experts; latent attention
+        return DeepseekV3Config(**{**BASE, "num_key_value_heads": 4}, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4,
+                                num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+                                first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+                                qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False)
+    if kind == "phi3":
+        return Phi3Config(**BASE, intermediate_size=128, pad_token_id=0)
+    if kind == "gemma2":
+        return Gemma2Config(**BASE, intermediate_size=128, head_dim=16, sliding_window=8)
     raise ValueError(kind)
 
 

@@ -38,8 +38,12 @@ class GPTQ:
         self.act_order = act_order
         self.static_groups = static_groups
 
-    def quantize(self, weight: torch.Tensor, grid: AffineGrid, statistics: InputGram,
+    def quantize(self, weight: torch.Tensor, grid: AffineGrid, statistics: InputGram | None,
                  layer_name: str = "layer") -> QuantizedWeight:
+        if statistics is None or statistics.rows == 0:
+            # no calibration input reached the layer (an expert the router never chose): without a
+            # Hessian there is no error to push onto other columns, so each weight is rounded to nearest
+            return grid.quantize(weight)
         hessian = 2 * statistics.gram / max(statistics.rows, 1)
         return gptq_quantize(weight, hessian, grid, self.block_size, self.damp, self.act_order,
                              self.static_groups, layer_name)
