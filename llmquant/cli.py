@@ -473,12 +473,25 @@ def cmd_export_gguf(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .arch import supported_model_types
+    from .arch import ARCHITECTURES, supported_model_types
+    from .arch.derived import survey
     from .models import BUILTIN_MODELS
 
     for model in BUILTIN_MODELS.values():
         print(f"{model.name:16s} {model.description}  [pip: {model.pip_name}]")
     print(f"architectures: {', '.join(supported_model_types())}")
+    print("declared maps (llmquant/arch):")
+    for arch in ARCHITECTURES:
+        kind = "mixture-of-experts" if arch.experts is not None else "dense"
+        print(f"  {arch.name:12s} {kind:18s} model types {', '.join(arch.model_types)}")
+    print("derived from the module tree (checked now on a tiny random model of each family; any other family "
+          "whose decoder follows the usual layout is derived the same way when it is quantized):")
+    for model_type, arch, reason in survey():
+        if arch is not None:
+            steps = " | ".join(", ".join(name.rpartition(".")[2] for name in step) for step in arch.sequential)
+            print(f"  {model_type:12s} derived: {arch.blocks} [{steps}]")
+        else:
+            print(f"  {model_type:12s} refused: {reason}")
     return 0
 
 

@@ -144,3 +144,35 @@ def _check_inputs_by_forward(model: nn.Module, arch: ArchMap, model_type: str) -
         if first < last_order:
             raise _error(model_type, f"{', '.join(step)} run before the step their names put before them")
         last_order = max(read[name][0] for name in step)
+
+
+# Families without a declared map that `llmquant models` derives a map for on a tiny random-init
+# model of transformers' own config class (and gpt2, whose Conv1D projections are refused).
+SURVEYED = ("olmo", "olmo2", "granite", "stablelm", "cohere", "starcoder2", "phi", "gpt_neox", "falcon", "bloom",
+            "exaone4", "seed_oss", "ernie4_5", "gpt2")
+_SURVEY_SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     n_layer=2, n_embd=64, n_head=4)
+
+
+def survey(model_types=SURVEYED) -> list[tuple[str, ArchMap | None, str]]:
+    """(model type, derived map or None, why not) for each family, from a tiny random-init model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    results = []
+    for model_type in model_types:
+        try:
+            config = AutoConfig.for_model(model_type)
+            config.update({k: v for k, v in _SURVEY_SIZES.items() if hasattr(config, k)})
+            for special in ("bos_token_id", "eos_token_id", "pad_token_id"):  # beyond the tiny vocabulary
+                if isinstance(getattr(config, special, None), int) and getattr(config, special) >= config.vocab_size:
+                    setattr(config, special, None)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config).eval()
+            results.append((model_type, derive_arch(model), ""))
+        except UnsupportedArchitectureError as exc:
+            results.append((model_type, None, str(exc).split(": ", 2)[-1].split("; declared maps")[0]))
+        except Exception as exc:  # a family this transformers version builds differently
+            results.append((model_type, None, f"no tiny model could be built ({type(exc).__name__})"))
+    return results
