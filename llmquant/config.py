@@ -41,8 +41,13 @@ class QuantConfig:
     NF4 / FP4 (methods nf4, fp4; data-free): group_size is bitsandbytes' blocksize, values of the
         row-major flattened weight sharing one absmax (32..4096, a power of two); double_quant
         stores those absmax constants in 8 bits (blocks of 256).
+    FP8 (methods fp8, fp8-block; data-free): float8 e4m3 weights with fp32 scales, written as
+        compressed-tensors float-quantized. fp8: one scale per output channel and activations
+        rounded to e4m3 per token at run time (W8A8-FP8); fp8-block: weight-only, one scale per
+        group_size x group_size block (128: DeepSeek-V3's blocks).
     bits / group_size / format default by method: 4 / 128 / gptq for weight-only methods,
-        8 / -1 / compressed-tensors for W8A8 methods, 4 / 64 / bitsandbytes for NF4 / FP4.
+        8 / -1 / compressed-tensors for W8A8 methods, 4 / 64 / bitsandbytes for NF4 / FP4,
+        8 / -1 (fp8) or 128 (fp8-block) / compressed-tensors-fp8 for FP8.
     """
 
     method: str = "rtn"
@@ -72,12 +77,15 @@ class QuantConfig:
     layer_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from .algorithms import ACTIVATION_METHODS, CODEBOOK_METHODS
+        from .algorithms import ACTIVATION_METHODS, CODEBOOK_METHODS, FP8_METHODS
 
         quantizes_activations = self.method in ACTIVATION_METHODS
         codebook = self.method in CODEBOOK_METHODS
+        fp8 = self.method in FP8_METHODS
         defaults = ((8, PER_CHANNEL, "compressed-tensors") if quantizes_activations
-                    else (4, 64, "bitsandbytes") if codebook else (4, 128, "gptq"))
+                    else (4, 64, "bitsandbytes") if codebook
+                    else (8, 128 if self.method == "fp8-block" else PER_CHANNEL, "compressed-tensors-fp8") if fp8
+                    else (4, 128, "gptq"))
         for name, default in zip(("bits", "group_size", "format"), defaults):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
@@ -87,6 +95,7 @@ class QuantConfig:
                               f"sym={self.sym}")
         self._check_activation_options(quantizes_activations)
         self._check_codebook_options(codebook)
+        self._check_fp8_options(fp8)
         if not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != PER_CHANNEL):
@@ -115,6 +124,9 @@ class QuantConfig:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}; available: {', '.join(sorted(FORMATS))}")
         fmt = FORMATS[self.format]
+        if fp8 != getattr(fmt, "holds_fp8_weights", False):
+            raise ConfigError(f"FP8 methods ({', '.join(FP8_METHODS)}) are written with --format compressed-tensors-fp8, "
+                              f"which holds nothing else; got method {self.method!r} with format {self.format!r}")
         if quantizes_activations and not fmt.holds_activation_quantization:
             raise ConfigError(f"the {self.format} format holds weight-only checkpoints; {self.method} quantizes "
                               "activations too: use --format compressed-tensors")
@@ -168,6 +180,19 @@ class QuantConfig:
             raise ConfigError("an observer fixes a static activation scale: use it with act_quant 'static'")
         if self.method != "smoothquant" and self.alpha != 0.5:
             raise ConfigError(f"alpha applies to method smoothquant, not {self.method!r}")
+
+    def _check_fp8_options(self, fp8: bool) -> None:
+        if not fp8:
+            return
+        if self.bits != 8 or not self.sym or self.clip_search:
+            raise ConfigError(f"{self.method} is float8 e4m3 with a scale (bits 8, symmetric, no clip search); "
+                              f"got bits={self.bits}, sym={self.sym}, clip_search={self.clip_search}")
+        if self.method == "fp8" and self.group_size != PER_CHANNEL:
+            raise ConfigError("fp8 (W8A8-FP8) scales weights per output channel (group_size -1); "
+                              "use fp8-block for block scales")
+        if self.method == "fp8-block" and (self.group_size < 16 or self.group_size % 16):
+            raise ConfigError(f"fp8-block scales square blocks of group_size x group_size weights, a multiple of 16 "
+                              f"(128 as DeepSeek-V3); got {self.group_size}")
 
     def _check_codebook_options(self, codebook: bool) -> None:
         from .grid.codebook import BLOCKSIZES

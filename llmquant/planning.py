@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .algorithms import CODEBOOK_METHODS, algorithm_for
+from .algorithms import CODEBOOK_METHODS, FP8_METHODS, algorithm_for
 from .arch import ArchMap
 from .config import PER_CHANNEL, QuantConfig
 from .data import Calibration
@@ -20,6 +20,7 @@ from .errors import ConfigError, LlmquantError, UnsupportedArchitectureError
 from .formats import FORMATS
 from .grid import AffineGrid
 from .grid.codebook import CodebookGrid
+from .grid.fp8 import Fp8Grid
 from .pipeline import Placement
 
 STORAGE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -137,7 +138,10 @@ def linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
             yield name, linear
 
 
-def grid_for_config(config: QuantConfig, fmt) -> AffineGrid | CodebookGrid:
+def grid_for_config(config: QuantConfig, fmt) -> AffineGrid | CodebookGrid | Fp8Grid:
+    if config.method in FP8_METHODS:
+        block = config.group_size if config.method == "fp8-block" else 0
+        return Fp8Grid(block, dynamic_activations=not block)
     if config.method in CODEBOOK_METHODS:
         return CodebookGrid(config.method, config.group_size, config.double_quant)
     return AffineGrid(config.bits, config.sym, config.group_size, min_zero=fmt.grid_min_zero(config),
@@ -149,7 +153,8 @@ def _check_layers(layers, config: QuantConfig, check_values: bool = True) -> Non
     unknown = set(config.layer_overrides) - {name for name, _ in layers}
     if unknown:
         raise ConfigError(f"layer overrides name linears this model does not quantize: {', '.join(sorted(unknown)[:3])}")
-    row_groups = config.method not in CODEBOOK_METHODS  # codebook blocks run over the flattened weight
+    # codebook blocks run over the flattened weight; FP8 blocks may be partial at the edges
+    row_groups = config.method not in CODEBOOK_METHODS + FP8_METHODS
     for name, linear in layers:
         layer_config = config.for_layer(name)
         if row_groups and layer_config.group_size != PER_CHANNEL and layer_config.group_size > linear.in_features:

@@ -32,3 +32,27 @@ def codebook4_linear(x, packed, absmax, table, nested_absmax, nested_table, nest
 
     nested = (nested_absmax, nested_table, nested_offset, nested_blocksize) if nested_absmax is not None else None
     return codebook4_matmul(x, packed, absmax, table, blocksize, tuple(shape), bias, nested)
+
+
+def fp8_linear(x, weight, weight_scale, bias):
+    """W8A8-FP8 on the device: x rounded to e4m3 per token (torch), then torch._scaled_mm with row-wise
+    scales (cuBLASLt's FP8 GEMM on compute capability 8.9+; torch also runs it on CPUs). Its output is
+    bfloat16 on CUDA, the one high-precision type every torch version takes with row-wise scales."""
+    import torch
+
+    from .grid.fp8 import quantize_rows_fp8
+
+    rows = x.reshape(-1, x.shape[-1])
+    codes, x_scale = quantize_rows_fp8(rows)
+    out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    out = torch._scaled_mm(codes, weight.t(), scale_a=x_scale, scale_b=weight_scale.float().reshape(1, -1),
+                           out_dtype=out_dtype).to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_block_linear(x, weight, weight_scale, bias, block):
+    from llmquant_kernels import fp8_block_matmul
+
+    return fp8_block_matmul(x, weight, weight_scale, block, bias)

@@ -3,7 +3,8 @@ llmquant. Installed as `llmquant_kernels` (never as a top-level `kernels`, the n
 Face package that transformers and bitsandbytes probe for). On a CPU they run only under the
 Triton interpreter: set TRITON_INTERPRET=1 before importing this package."""
 from .codebook4 import codebook4_matmul
+from .fp8 import fp8_block_matmul
 from .w4a16 import w4a16_matmul
 from .w8a8 import int8_scaled_matmul, quantize_rows_int8
 
-__all__ = ["codebook4_matmul", "int8_scaled_matmul", "quantize_rows_int8", "w4a16_matmul"]
+__all__ = ["codebook4_matmul", "fp8_block_matmul", "int8_scaled_matmul", "quantize_rows_int8", "w4a16_matmul"]

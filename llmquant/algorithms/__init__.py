@@ -39,6 +39,10 @@ ALGORITHMS = {
     # QLoRA's data types: round-to-nearest on a blockwise 4-bit codebook grid (NF4 / FP4).
     "nf4": lambda config: RTN(),
     "fp4": lambda config: RTN(),
+    # FP8 e4m3, data-free round-to-nearest: W8A8-FP8 (per-channel weights, dynamic per-token
+    # activations: llm-compressor's FP8_DYNAMIC) and weight-only with square block scales.
+    "fp8": lambda config: RTN(),
+    "fp8-block": lambda config: RTN(),
 }
 # Methods whose rounding is GPTQ, and so take its options (act_order, static_groups, ...).
 GPTQ_ROUNDING = ("gptq", "awq+gptq")
@@ -46,10 +50,12 @@ GPTQ_ROUNDING = ("gptq", "awq+gptq")
 ACTIVATION_METHODS = (W8A8.name, SmoothQuant.name)
 # Methods whose grid is a 4-bit codebook with blockwise absmax (bitsandbytes' NF4 / FP4).
 CODEBOOK_METHODS = ("nf4", "fp4")
+# Methods whose grid is FP8 e4m3 with fp32 scales.
+FP8_METHODS = ("fp8", "fp8-block")
 
 
 def algorithm_for(config):
     return ALGORITHMS[config.method](config)
 
 
-__all__ = ["ACTIVATION_METHODS", "ALGORITHMS", "CODEBOOK_METHODS", "GPTQ_ROUNDING", "algorithm_for"]
+__all__ = ["ACTIVATION_METHODS", "ALGORITHMS", "CODEBOOK_METHODS", "FP8_METHODS", "GPTQ_ROUNDING", "algorithm_for"]

@@ -9,13 +9,19 @@ holds_codebook_weights: whether it stores NF4 / FP4 codebook weights); this regi
 from .awq import AWQFormat
 from .bitsandbytes import BitsAndBytesFormat
 from .compressed_tensors import CompressedTensorsFormat
+from .compressed_tensors_fp8 import CompressedTensorsFp8Format
 from .gptq import GPTQFormat
 
-FORMATS = {fmt.name: fmt() for fmt in (GPTQFormat, AWQFormat, CompressedTensorsFormat, BitsAndBytesFormat)}
+FORMATS = {fmt.name: fmt() for fmt in (GPTQFormat, AWQFormat, CompressedTensorsFormat, BitsAndBytesFormat,
+                                        CompressedTensorsFp8Format)}
 
 
 def format_for_quantization_config(quantization_config: dict):
     """The format that reads a checkpoint with this `quantization_config`, or None."""
+    # formats that share a quant_method with another say by its content (compressed-tensors FP8)
+    for fmt in FORMATS.values():
+        if getattr(fmt, "reads_config", None) is not None and fmt.reads_config(quantization_config):
+            return fmt
     method = str(quantization_config.get("quant_method", "")).lower()
     for fmt in FORMATS.values():
         if fmt.reads(method):

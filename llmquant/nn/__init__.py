@@ -1,9 +1,10 @@
 """Quantized-linear modules that replace nn.Linear in a loaded checkpoint."""
 from .awq_linear import AWQLinear
 from .bnb4bit_linear import BnB4bitLinear
+from .fp8_linear import Fp8Linear
 from .gptq_linear import GPTQLinear
 from .w8a8_linear import W8A8Linear
 
-QUANTIZED_LINEARS = (GPTQLinear, AWQLinear, W8A8Linear, BnB4bitLinear)
+QUANTIZED_LINEARS = (GPTQLinear, AWQLinear, W8A8Linear, BnB4bitLinear, Fp8Linear)
 
-__all__ = ["AWQLinear", "BnB4bitLinear", "GPTQLinear", "QUANTIZED_LINEARS", "W8A8Linear"]
+__all__ = ["AWQLinear", "BnB4bitLinear", "Fp8Linear", "GPTQLinear", "QUANTIZED_LINEARS", "W8A8Linear"]

@@ -1,0 +1,134 @@
+"""The compressed-tensors FP8 format ("float-quantized"), as llm-compressor writes it and transformers
+and vLLM read it.
+
+Per quantized linear `<name>`:
+- `<name>.weight`       float8_e4m3fn [out, in];
+- `<name>.weight_scale` fp32: [out, 1] per output channel, or [ceil(out / B), ceil(in / B)] per
+  B x B block; w = weight * weight_scale (each block's scale spread over its weights);
+- `<name>.bias`         optional.
+config: quant_method "compressed-tensors", format "float-quantized", one config group targeting
+Linear with weights {float, 8 bits, symmetric, strategy channel} and input_activations {float,
+8 bits, symmetric, strategy token, dynamic} (llm-compressor's FP8_DYNAMIC), or weights {strategy
+block, block_structure [B, B]} and no input_activations (FP8 weight-only, DeepSeek-V3's blocks).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantConfig
+from ..errors import CheckpointError, ConfigError
+from ..grid.fp8 import FP8_DTYPE, Fp8Weight
+from ..nn.fp8_linear import Fp8Linear
+
+TENSOR_SUFFIXES = ("weight", "weight_scale")
+FLOAT_FORMATS = ("float-quantized", "naive-quantized")  # llm-compressor names weight-only FP8 naive-quantized
+
+
+def _scheme(strategy: str, dynamic: bool, block: int = 0) -> dict:
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": dynamic,
+            "group_size": None, "block_structure": [block, block] if block else None, "actorder": None,
+            "observer": None if dynamic else "minmax", "observer_kwargs": {}}
+
+
+def _weights_and_inputs(quantization_config: dict) -> tuple[dict, dict | None]:
+    groups = quantization_config.get("config_groups") or {}
+    if len(groups) != 1:
+        raise CheckpointError(f"llmquant reads compressed-tensors FP8 with one config group, found {len(groups)}")
+    group = next(iter(groups.values()))
+    return group.get("weights") or {}, group.get("input_activations")
+
+
+class CompressedTensorsFp8Format:
+    name = "compressed-tensors-fp8"
+    linear_class = Fp8Linear
+    tensor_suffixes = TENSOR_SUFFIXES
+    marker_suffix = "weight_scale"
+    holds_activation_quantization = False  # the int8 W8A8 methods' question; FP8 has its own methods
+    holds_codebook_weights = False
+    holds_fp8_weights = True
+
+    @staticmethod
+    def reads(quant_method: str) -> bool:
+        return False  # compressed-tensors is read by content: see reads_config
+
+    @staticmethod
+    def reads_config(quantization_config: dict) -> bool:
+        if str(quantization_config.get("quant_method", "")).lower() != "compressed-tensors":
+            return False
+        groups = quantization_config.get("config_groups") or {}
+        return any((group.get("weights") or {}).get("type") == "float" for group in groups.values()) \
+            and quantization_config.get("format") in FLOAT_FORMATS
+
+    @staticmethod
+    def check_config(config: QuantConfig) -> None:
+        if config.bits != 8:
+            raise ConfigError(f"FP8 is an 8-bit type; got bits={config.bits}")
+
+    @staticmethod
+    def grid_min_zero(config: QuantConfig) -> int:
+        return 0
+
+    @staticmethod
+    def check_layer(name: str, out_features: int, in_features: int, config: QuantConfig) -> None:
+        pass  # e4m3 values need no packing; partial blocks at the edges are allowed
+
+    @staticmethod
+    def pack(qw: Fp8Weight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
+        if not isinstance(qw, Fp8Weight):
+            raise ValueError("the compressed-tensors FP8 format stores weights quantized on the FP8 grid")
+        return {"weight": qw.codes.to(FP8_DTYPE).contiguous(), "weight_scale": qw.scale.to(torch.float32).contiguous()}
+
+    @staticmethod
+    def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
+        from .. import __version__
+
+        block = config.method == "fp8-block"
+        qc = {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": _scheme("block", False, config.group_size) if block else _scheme("channel", False),
+                    "input_activations": None if block else _scheme("token", True),
+                    "output_activations": None,
+                    "format": "float-quantized",
+                }
+            },
+            "ignore": ["lm_head", *config.modules_to_not_convert],
+            "kv_cache_scheme": None,
+            "llmquant": {"version": __version__, "method": config.method},
+        }
+        qc.update(extra or {})
+        return qc
+
+    @classmethod
+    def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
+                     in_features: int, out_features: int, dtype: torch.dtype) -> Fp8Linear:
+        weights, inputs = _weights_and_inputs(quantization_config)
+        strategy = weights.get("strategy")
+        if weights.get("num_bits") != 8 or weights.get("type") != "float" or not weights.get("symmetric") \
+                or strategy not in ("channel", "block"):
+            raise CheckpointError(f"llmquant reads FP8 weights per channel or per block; this checkpoint has {weights}")
+        if strategy == "block":
+            structure = weights.get("block_structure") or []
+            if len(structure) != 2 or structure[0] != structure[1] or inputs:
+                raise CheckpointError(f"llmquant reads FP8 block weights with square blocks and unquantized "
+                                      f"activations; found block_structure {structure}, input_activations {inputs}")
+            block = int(structure[0])
+            scale_shape = (-(-out_features // block), -(-in_features // block))
+        else:
+            if not inputs or (inputs.get("type"), inputs.get("num_bits"), inputs.get("strategy"),
+                              bool(inputs.get("dynamic"))) != ("float", 8, "token", True):
+                raise CheckpointError(f"llmquant reads per-channel FP8 weights with dynamic per-token FP8 "
+                                      f"activations (FP8_DYNAMIC); found input_activations {inputs}")
+            block, scale_shape = 0, (out_features, 1)
+        expected = {"weight": (out_features, in_features), "weight_scale": scale_shape}
+        for suffix, shape in expected.items():
+            if suffix not in shapes:
+                raise CheckpointError(f"{name}: missing tensor {name}.{suffix}")
+            if tuple(shapes[suffix]) != shape:
+                raise CheckpointError(f"{name}.{suffix} has shape {tuple(shapes[suffix])}, expected {shape}")
+        return Fp8Linear(in_features, out_features, block=block, dynamic_activations=not block, bias=has_bias,
+                         dtype=dtype)
