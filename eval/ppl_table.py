@@ -12,7 +12,9 @@ act-order), -clip variants (clip_search), awq, awq-duo (duo scaling), awq+gptq, 
 w8a8-dynamic / w8a8-static (naive int8 weights and activations), sq<alpha>-dynamic and
 sq<alpha>-static-<observer> (SmoothQuant, alpha 0.5 / 0.8 / auto; observer minmax, percentile,
 mse, kl; config name w8pc --sym); nf4, nf4-dq, fp4, fp4-dq (bitsandbytes 4-bit, -dq with double
-quantization; config name w4g<blocksize> --sym, format bitsandbytes); methods that calibrate use --nsamples windows of
+quantization; config name w4g<blocksize> --sym, format bitsandbytes); fp8 (W8A8-FP8: e4m3 weights per channel,
+dynamic per-token e4m3 activations; config name w8pc --sym) and fp8-block (FP8 weight-only, square blocks;
+config name w8g<block> --sym), both written as compressed-tensors float-quantized; methods that calibrate use --nsamples windows of
 --calib-seqlen tokens of the wiki train split. Checkpoints are written in --format (default
 gptq, or the method's own: compressed-tensors for W8A8, bitsandbytes for NF4 / FP4).
 """
@@ -55,6 +57,8 @@ METHODS = {
     "nf4-dq": {"method": "nf4", "double_quant": True},
     "fp4": {"method": "fp4"},
     "fp4-dq": {"method": "fp4", "double_quant": True},
+    "fp8": {"method": "fp8"},
+    "fp8-block": {"method": "fp8-block"},
 }
 
 
@@ -83,7 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default="wiki")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--format", default=None, help="default: gptq, or compressed-tensors for W8A8 methods")
+    parser.add_argument("--format", default=None, help="default: gptq, or the method's own (compressed-tensors for "
+                                                      "W8A8, compressed-tensors-fp8 for FP8, bitsandbytes for NF4 / FP4)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     grids = args.grids or [True, False]

@@ -79,6 +79,10 @@ def _packed_operands(kind: str, k: int, n: int, device: str) -> dict:
     if kind == "w8a8":
         return {"weight": randint(255, (n, k)).sub(127).to(torch.int8),
                 "weight_scale": (torch.rand(n, 1, generator=g) * 0.01).to(device)}
+    if kind in ("fp8", "fp8-block"):  # e4m3 codes of random normal values, scales per channel / per 128 x 128
+        codes = torch.randn(n, k, generator=g).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)
+        shape = (n, 1) if kind == "fp8" else (-(-n // GROUP), -(-k // GROUP))
+        return {"weight": codes, "weight_scale": (torch.rand(*shape, generator=g) * 0.01).to(device)}
     if kind == "nf4-dq":
         blocks = -(-n * k // 64)
         return {"packed": randint(256, (n * k // 2, 1), torch.uint8), "absmax": randint(256, (blocks,), torch.uint8),
@@ -99,7 +103,12 @@ def weight_bytes(tensors: dict) -> int:
 
 
 def op_call(kind: str, x: torch.Tensor, t: dict, k: int, n: int):
-    from llmquant import ops
+    from llmquant import fp8_ops, ops
+
+    if kind == "fp8":
+        return lambda: fp8_ops.fp8_linear(x, t["weight"], t["weight_scale"], None)
+    if kind == "fp8-block":
+        return lambda: fp8_ops.fp8_block_linear(x, t["weight"], t["weight_scale"], None, GROUP)
 
     if kind == "w4a16-gptq":
         return lambda: ops.gptq_linear(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 1)

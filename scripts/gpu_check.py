@@ -10,7 +10,9 @@ every model is built from a config with random weights (Llama-3.2-1B and Llama-3
 calibration is random token ids, and everything is compared as ratios measured in the same run.
 
 1. Kernels against dequantize-then-matmul (the torch reference op) on Llama-3-8B shapes
-   (4096x4096, 4096x14336, 14336x4096), group 128: W4A16 GPTQ sym / asym / act-order, AWQ, W8A8, NF4.
+   (4096x4096, 4096x14336, 14336x4096), group 128: W4A16 GPTQ sym / asym / act-order, AWQ, W8A8, NF4,
+   and FP8: W8A8-FP8 (torch._scaled_mm with row-wise scales against the e4m3 emulation) and FP8
+   weight-only with 128 x 128 block scales (the Triton kernel against dequantize-then-matmul).
 2. Kernel time against torch's fp16 matmul of the same shape at M = 1, 16, 64, 512, 4096.
 3. GPTQ w4 g128 end to end (streamed, on the GPU) of 1B- and 8B-shaped models with a few blocks, at
    two calibration sizes of 2048-token windows: time per block, and the linear projection to 128
@@ -51,8 +53,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 class Plan:
     """The sizes of one run: real shapes on a GPU, tiny ones in the dry mode."""
 
-    def __init__(self, dry: bool):
+    def __init__(self, dry: bool, kernels: list[str] | None = None):
         self.dry = dry
+        self.kernels = kernels or KERNELS  # the kernels sections 1 and 2 run
         self.device = "cpu" if dry else "cuda"
         self.dtype = torch.float32 if dry else torch.float16  # the interpreter computes bf16 wrongly
         self.kernel_shapes = [(256, 128), (128, 256)] if dry else [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -87,7 +90,9 @@ def gptq_operands(k: int, n: int, variant: str, device: str) -> dict:
     return operands
 
 
-KERNELS = ["w4a16-gptq-sym", "w4a16-gptq-asym", "w4a16-gptq-act-order", "w4a16-awq", "w8a8", "nf4-dq"]
+KERNELS = ["w4a16-gptq-sym", "w4a16-gptq-asym", "w4a16-gptq-act-order", "w4a16-awq", "w8a8", "nf4-dq", "fp8",
+           "fp8-block"]
+TIMED_KERNELS = ["w4a16-gptq-sym", "w4a16-gptq-act-order", "w4a16-awq", "w8a8", "nf4-dq", "fp8", "fp8-block"]
 
 
 def operands_of(kind: str, k: int, n: int, plan: Plan) -> tuple[str, dict]:
@@ -101,7 +106,7 @@ def operands_of(kind: str, k: int, n: int, plan: Plan) -> tuple[str, dict]:
 def check_kernels(plan: Plan) -> list[dict]:
     rows = []
     for k, n in plan.kernel_shapes:
-        for kind in KERNELS:
+        for kind in plan.kernels:
             bench_kind, operands = operands_of(kind, k, n, plan)
             for m in (1, 32):
                 x = torch.randn(m, k, device=plan.device, dtype=plan.dtype)
@@ -115,7 +120,7 @@ def time_kernels(plan: Plan) -> list[dict]:
     rows = []
     for k, n in plan.timed_shapes:
         weight = torch.randn(n, k, device=plan.device, dtype=plan.dtype)
-        for kind in ("w4a16-gptq-sym", "w4a16-gptq-act-order", "w4a16-awq", "w8a8", "nf4-dq"):
+        for kind in [k for k in TIMED_KERNELS if k in plan.kernels]:
             bench_kind, operands = operands_of(kind, k, n, plan)
             for m in plan.batches:
                 x = torch.randn(m, k, device=plan.device, dtype=plan.dtype)
@@ -222,7 +227,9 @@ def targets(results: dict, plan: Plan) -> list[str]:
 
     for text, kind, batches, goal in (("W4A16 >= 3x fp16 at M=1", "w4a16-gptq-sym", [1], 3.0),
                                       ("W4A16 >= 2.5x fp16 at M=16", "w4a16-gptq-sym", [16], 2.5),
-                                      ("W8A8 >= 1.5x fp16 at M >= 512", "w8a8", [512, 4096], 1.5)):
+                                      ("W8A8 >= 1.5x fp16 at M >= 512", "w8a8", [512, 4096], 1.5),
+                                      ("W8A8-FP8 >= 1.5x fp16 at M >= 512", "fp8", [512, 4096], 1.5),
+                                      ("FP8 weight-only, 128 x 128 blocks, >= 1.5x fp16 at M=1", "fp8-block", [1], 1.5)):
         value = worst(kind, batches)
         lines.append(f"- {text}: " + ("not measured" if value is None else
                                       f"worst {value:.2f}x -> {'met' if value >= goal else 'NOT met'}"))
@@ -278,8 +285,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "eval" / "runs"), help="folder for GPU.md and gpu-check.json")
     parser.add_argument("--budget", type=float, default=450, help="seconds; sections that would start later are skipped")
     parser.add_argument("--sections", nargs="+", default=["kernel_check", "kernel_speed", "gptq", "decode"])
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=None,
+                        help="only these kernels in the kernel sections (default: all)")
     args = parser.parse_args(argv)
-    plan = Plan(args.dry)
+    plan = Plan(args.dry, args.kernels)
     if not args.dry and not torch.cuda.is_available():
         parser.error("no GPU is visible; use --dry on a CPU")
     import transformers
@@ -308,6 +317,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python scripts/gpu_check.py --dry" if args.dry else "bash scripts/gpu_check.sh"
+    if args.kernels:
+        command += " --kernels " + " ".join(args.kernels)
     (out / "GPU.md").write_text(markdown(results, plan, command))
     (out / "gpu-check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print((out / "GPU.md").read_text())
