@@ -66,9 +66,16 @@ def experts_equal(ours, fused_gate_up_of) -> str:
 
 def quietly(fn):
     """fn() with the loaders' own logging kept out of the table's output."""
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        return fn()
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return fn()
+    finally:
+        logging.set_verbosity(level)
 
 
 def try_transformers(folder: Path, ours, reference):
@@ -112,7 +119,7 @@ def main(argv=None) -> int:
     from llmquant.models import builtin_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_path("smollm2-135m"))  # GPTQModel wants one beside
-    rows = []
+    rows, gptq_folders = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds:
             for label, config in KINDS.items():
@@ -125,10 +132,14 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     reference = ours(IDS).logits
                 transformers_result, transformers_experts = try_transformers(folder, ours, reference)
-                gptqmodel_result = try_gptqmodel(folder, reference) if config.method == "gptq" else "–"
-                rows.append((kind, label, relative(fake, reference), transformers_result, transformers_experts,
-                             gptqmodel_result))
+                rows.append([kind, label, relative(fake, reference), transformers_result, transformers_experts, "–"])
+                if config.method == "gptq":
+                    gptq_folders.append((len(rows) - 1, folder, reference))
                 print(" | ".join(rows[-1]), flush=True)
+        # last: GPTQModel replaces transformers' MoE classes in the whole process as it loads
+        for row_index, folder, reference in gptq_folders:
+            rows[row_index][5] = try_gptqmodel(folder, reference)
+            print(" | ".join(rows[row_index]), flush=True)
     versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "compressed-tensors", "optimum",
                                                        "gptqmodel"))
     lines = ["| family | checkpoint | llmquant: Δ vs fake-quantized | transformers | its experts | GPTQModel |",

@@ -61,7 +61,7 @@ def _tiny_config_more(kind: str):
     if kind == "deepseek_v3":  # first block dense, then routed + shared experts; latent attention
         return DeepseekV3Config(**{**BASE, "num_key_value_heads": 4}, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4,
                                 num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
-                                first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+                                first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=32,
                                 qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False)
     if kind == "phi3":
         return Phi3Config(**BASE, intermediate_size=128, pad_token_id=0)
