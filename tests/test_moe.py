@@ -15,7 +15,7 @@ from llmquant.arch import arch_for
 from llmquant.moe import ExpertList, unfuse_experts
 from llmquant.nn import GPTQLinear, W8A8Linear
 
-from conftest import MOE_KINDS, tiny_model
+from conftest import MOE_KINDS, tiny_config, tiny_model
 from test_awq import fold_searched_or_random_scales
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -159,3 +159,22 @@ def test_streamed_mixtral_equals_the_in_memory_run(tmp_path, smollm2):
     with torch.no_grad():
         assert torch.equal(streamed_loaded(IDS).logits, memory_loaded(IDS).logits)
     assert checkpoint_keys(streamed) == checkpoint_keys(in_memory)
+
+
+def test_cli_calibrates_every_expert_on_every_token(tmp_path, smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.cli import main
+
+    folder = tmp_path / "qwen3-moe"
+    config = tiny_config("qwen3_moe")
+    config.vocab_size = len(smollm2[1])  # real text through the tiny model
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2[1].save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["quantize", str(folder), "--method", "gptq", "--group-size", "32", "--calib", "wiki", "--nsamples",
+                 "2", "--seqlen", "16", "--moe-calibrate-all-experts", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["llmquant_config"]["moe_calibrate_all_experts"] is True
+    assert report["expert_tokens"] == {"model.layers.1.mlp.experts": {str(e): 32 for e in range(4)}}
