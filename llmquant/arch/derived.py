@@ -5,7 +5,7 @@ config.num_hidden_layers), each holding attention projections and MLP projection
 under the names the field uses (q/k/v/o, gate/up/down, fc1/fc2, ...). The blocks are that one list;
 each linear gets its sequential step from its name (attention input, attention output, MLP input,
 MLP output), the part of the block it sits in telling `dense` / `c_proj` / `wo` apart; when the
-weights are real, a short forward pass of the first block with hooks on its linears then checks
+weights are real, a short forward pass with hooks on the first block's linears then checks
 that the linears of a step read one and the same tensor and that the steps run in this order.
 Anything that does not fit (no such list, several, a linear whose name says nothing, a step whose
 linears read different tensors) is an UnsupportedArchitectureError naming it.
@@ -109,12 +109,8 @@ def _step_of(name: str, model_type: str) -> int:
 
 @torch.no_grad()
 def _check_inputs_by_forward(model: nn.Module, arch: ArchMap, model_type: str) -> None:
-    """Run the first block on a few tokens: the linears of each step must read one tensor, in step order."""
-    from ..pipeline import capture_block_inputs
-
-    vocab = model.get_input_embeddings().num_embeddings
-    sample = torch.arange(8).remainder(vocab)[None]
-    inputs = capture_block_inputs(model, arch, sample)
+    """Run a few tokens through the model: the first block's linears of each step must read one
+    tensor, in step order."""
     block = arch.block_list(model)[0]
     read: dict[str, tuple[int, int]] = {}  # linear -> (call order, id of the tensor it read)
     kept = []  # holds the tensors so that their ids stay unique
@@ -128,8 +124,10 @@ def _check_inputs_by_forward(model: nn.Module, arch: ArchMap, model_type: str) -
 
     names = arch.linear_names()
     handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    vocab = model.get_input_embeddings().num_embeddings
     try:
-        block(inputs[0].hidden_states[0].to(next(block.parameters()).dtype), **inputs[0].kwargs[0])
+        model(input_ids=torch.arange(8).remainder(vocab)[None].to(model.get_input_embeddings().weight.device),
+              use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
