@@ -40,7 +40,8 @@ def test_split_experts_compute_what_the_fused_experts_compute(kind):
         split = model(IDS).logits
         unfuse_experts(model, arch, calibrate_all_experts=True)
         every_token = model(IDS).logits
-    assert torch.equal(split, fused)
+    # equal up to the summation order of the matmuls (which the thread count changes)
+    assert torch.allclose(split, fused, rtol=1e-5, atol=1e-6)
     # every token through every expert changes what the linears see, not what the block returns
     assert torch.allclose(every_token, fused, atol=1e-6)
 
