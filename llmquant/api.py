@@ -19,7 +19,8 @@ from torch import nn
 
 from .algorithms import CODEBOOK_METHODS, algorithm_for
 from .arch import ArchMap, arch_for
-from .checkpoint import checkpoint_tensors, tensors_sha256, without_tied_copies, write_folder_atomically, write_model_files
+from .checkpoint import (REPORT_FILES, checkpoint_tensors, tensors_sha256, without_tied_copies, write_folder_atomically,
+                         write_model_files)
 from .config import PER_CHANNEL, QuantConfig
 from .data import Calibration
 from .errors import ConfigError, LlmquantError, UnsupportedArchitectureError
@@ -30,7 +31,7 @@ from .models import load_fp_model
 from .pipeline import PipelineResult, quantize_blocks
 
 STORAGE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-REPORT_FILE = "quantize_report.json"
+REPORT_FILE = REPORT_FILES["quantize"]
 
 
 @dataclass

@@ -298,21 +298,17 @@ def _mixed_precision(args, config, calib):
 
 
 def cmd_sensitivity(args) -> int:
-    from .checkpoint import check_output_path
+    from .checkpoint import check_output_file, write_file_atomically
     from .config import QuantConfig
     from .data import Calibration
-    from .sensitivity import sensitivity_of
+    from .sensitivity import SensitivityTable, sensitivity_of
 
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.overwrite:
-        check_output_path(out, False)
+    out = check_output_file(args.out, args.overwrite, SensitivityTable.is_table, "a sensitivity table")
     config = QuantConfig(method=args.method, act_order=args.act_order, sym=args.sym)
     statistics = Calibration(args.calib, args.statistics_nsamples, args.statistics_seqlen, args.seed + 1)
     table = sensitivity_of(args.model, Calibration(args.calib, args.nsamples, args.seqlen, args.seed), args.bits,
                            args.group_sizes, args.sym, config=config, statistics_calib=statistics)
-    tmp = out.with_name(f".{out.name}.tmp")
-    table.save(tmp)
-    tmp.replace(out)
+    write_file_atomically(out, table.save)
     worst = sorted(table.rows, key=lambda r: -r["kl"])[:3]
     print(f"wrote {out}: {len(table.rows)} measurements, base loss {table.base_loss:.4f}; most sensitive: "
           + "; ".join(f"{r['modules'][0]} w{r['bits']}g{r['group_size']} KL {r['kl']:.4f}" for r in worst))
@@ -423,14 +419,11 @@ def cmd_qat(args) -> int:
 
 
 def cmd_export_gguf(args) -> int:
-    from .errors import OutputExistsError
     from .data import Calibration
     from .gguf_export import export_gguf
 
-    if Path(args.out).expanduser().exists() and not args.overwrite:
-        raise OutputExistsError(f"output {args.out} already exists; pass --overwrite to replace it")
     calib = Calibration(args.imatrix, args.imatrix_samples, 512) if args.imatrix else None
-    out = export_gguf(args.model, args.out, args.type, calib=calib)
+    out = export_gguf(args.model, args.out, args.type, calib=calib, overwrite=args.overwrite)
     print(f"wrote {out}: {out.stat().st_size / 2**20:.1f} MiB")
     return 0
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import write_folder_atomically
+from .checkpoint import REPORT_FILES, write_folder_atomically
 from .errors import ConfigError, LlmquantError
 from .nn import AWQLinear, BnB4bitLinear, GPTQLinear
 from .training import TrainingSettings, heldout_loss, run_report, train, training_windows
 
 # Quantized linears whose forward is differentiable in its input (W8A8 rounds activations: it is not).
 TRAINABLE_BASES = (BnB4bitLinear, GPTQLinear, AWQLinear)
-REPORT_FILE = "finetune_report.json"
+REPORT_FILE = REPORT_FILES["finetune"]
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,16 @@ class SensitivityTable:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
+    def is_table(cls, path: str | Path) -> bool:
+        from .errors import ConfigError
+
+        try:
+            cls.load(path)
+        except ConfigError:
+            return False
+        return True
+
+    @classmethod
     def load(cls, path: str | Path) -> "SensitivityTable":
         from .errors import ConfigError
 

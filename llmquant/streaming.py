@@ -31,9 +31,10 @@ from torch import nn
 from .api import REPORT_FILE, STORAGE_TORCH_DTYPES, build_report, peak_rss_mib, plan_run
 from .arch import arch_for
 from .checkpoint import (SAFETENSORS_INDEX, LazyTensors, check_output_path, checkpoint_tensors,
-                         folder_tensors_sha256, without_tied_copies)
+                         folder_tensors_sha256, replace_folder, why_not_replaceable, without_tied_copies,
+                         write_file_atomically)
 from .config import QuantConfig
-from .errors import CheckpointError, ConfigError, LlmquantError, OutputWriteError
+from .errors import CheckpointError, ConfigError, LlmquantError, OutputExistsError, OutputWriteError
 from .pipeline import BlockStore, LayerResult, PipelineResult, quantize_blocks
 from .report import write_report
 
@@ -42,12 +43,24 @@ NEXT_INPUTS_FILE = "next-block-inputs.safetensors"
 
 
 def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write_file_atomically(path, write)
     except OSError as exc:
         raise OutputWriteError(f"writing {path} failed: {exc}") from exc
+
+
+def _check_staging(staging: Path) -> None:
+    """Only our own progress folder may sit where progress is kept: never write through a symbolic
+    link, nor into (or delete) a folder someone else made."""
+    if not os.path.lexists(staging):
+        return
+    if staging.is_symlink() or not staging.is_dir():
+        raise OutputExistsError(f"{staging}, where this run keeps its progress, is a symbolic link or not a folder; "
+                                "remove it or choose another output path (nothing was changed)")
+    if (staging / PROGRESS_FILE).is_file() or why_not_replaceable(staging) is None:
+        return
+    raise OutputExistsError(f"{staging}, where this run keeps its progress, holds files llmquant did not write "
+                            f"(no {PROGRESS_FILE}); remove it or choose another output path (nothing was changed)")
 
 
 def shard_name(index: int, total: int) -> str:
@@ -125,8 +138,11 @@ class StreamingStore(BlockStore):
         self.progress["done"] = index + 1
         self.progress["seconds"] += time.time() - self.started
         self.started = time.time()
-        _write_atomically(self.staging / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(self.progress)))
+        self.save_progress()
         block.to("meta")  # release the block's memory
+
+    def save_progress(self) -> None:
+        _write_atomically(self.staging / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(self.progress)))
 
     def pipeline_result(self) -> PipelineResult:
         result = PipelineResult()
@@ -163,6 +179,8 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     config = config or QuantConfig()
     start = time.time()
     target = check_output_path(out, overwrite)
+    staging = target.with_name(f".{target.name}.partial")
+    _check_staging(staging)
     folder = Path(resolve_model(str(model)))
     if not folder.is_dir():
         raise ConfigError(f"streaming quantization reads a local model folder; {model} is not one")
@@ -189,16 +207,23 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
 
     storage = STORAGE_TORCH_DTYPES[config.dtype]
     n_blocks = len(arch.block_list(skeleton))
-    staging = target.with_name(f".{target.name}.partial")
     packed: dict[str, dict[str, torch.Tensor]] = {}
     store = StreamingStore(arch.block_prefix, source, staging, _fingerprint(folder, files, config, calibration),
                            packed, storage, n_blocks + 1)
+    _check_staging(staging)
+    if not os.path.lexists(staging):
+        try:
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()  # not exist_ok: a symbolic link put there since the check is refused
+        except OSError as exc:
+            raise OutputWriteError(f"cannot create {staging}: {exc}") from exc
     try:
-        staging.mkdir(parents=True, exist_ok=True)
         first, _ = store.resume_point()
         if first == 0 and any(staging.iterdir()):
-            shutil.rmtree(staging)  # leftovers of a different run
+            shutil.rmtree(staging)  # leftovers of a different run (ours: checked above)
             staging.mkdir()
+        if first == 0:
+            store.save_progress()  # marks the folder as this run's progress before anything else is written
         if first and progress:
             print(f"resuming {target.name} after block {first - 1} ({first} of {n_blocks} done)")
         # the embeddings, final norm and head do not change: their shard is written first, so that
@@ -216,12 +241,12 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         result = store.pipeline_result()
         report = build_report(config, str(model), calibration_info, store.earlier_seconds + time.time() - start,
                               peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]))
-        for leftover in (PROGRESS_FILE, NEXT_INPUTS_FILE):
-            (staging / leftover).unlink(missing_ok=True)
+        (staging / NEXT_INPUTS_FILE).unlink(missing_ok=True)
         report["resumed_after_blocks"] = first
         report["checkpoint_sha256"] = folder_tensors_sha256(staging)
         report.update(report_extra or {})
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        (staging / PROGRESS_FILE).unlink()  # after the report, which marks the folder as ours from here on
         write_report(staging, plots=plots, name=target.name)
         _move_into_place(staging, target)
     except OSError as exc:
@@ -266,11 +291,4 @@ def _finish_folder(staging: Path, n_blocks: int, model_config, fmt, config: Quan
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    replace_folder(staging, target)
