@@ -7,9 +7,10 @@ released, so memory holds the embeddings, one block and the calibration activati
 
 Progress lives in a hidden folder beside the output, `.NAME.partial`: the finished blocks' shards,
 the next block's calibration inputs (safetensors) and progress.json, each file written to a temp
-name and renamed. A run killed at any point and restarted with the same command (same model files,
-config and calibration windows: their fingerprint is checked) continues after the last finished
-block and writes the same checkpoint, bit for bit, as an uninterrupted run. Only the finished
+name and renamed. A run killed at any point and restarted with the same command (same source files,
+settings, calibration windows and llmquant / torch / transformers versions: their fingerprint is
+checked) continues after the last finished block and writes the same checkpoint, bit for bit, as an
+uninterrupted run; when any of them changed, it says what and starts afresh. Only the finished
 folder is ever renamed to the output path. A run that fails with an error removes its progress;
 one interrupted by a signal or Ctrl-C keeps it for the rerun.
 """
@@ -88,7 +89,7 @@ def materialize(module: nn.Module, prefix: str, source: LazyTensors) -> None:
 class StreamingStore(BlockStore):
     """Blocks from the source checkpoint, finished blocks to shards in the staging folder."""
 
-    def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: str, packed: dict,
+    def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: dict, packed: dict,
                  storage: torch.dtype, total_shards: int):
         self.prefix_of, self.source, self.staging = prefix_of, source, staging
         self.fingerprint, self.packed, self.storage, self.total_shards = fingerprint, packed, storage, total_shards
@@ -96,6 +97,7 @@ class StreamingStore(BlockStore):
         self.started = time.time()
         self.earlier_seconds = 0.0  # time the killed runs before this one spent
         self.layers_seen = self.scaling_seen = 0
+        self.not_resumed_because: str | None = None  # why another run's progress was set aside
 
     def resume_point(self):
         path = self.staging / PROGRESS_FILE
@@ -105,7 +107,10 @@ class StreamingStore(BlockStore):
         done = progress["done"]
         missing = [i for i in range(done) if not (self.staging / shard_name(i, self.total_shards)).exists()]
         if progress.get("fingerprint") != self.fingerprint or missing:
-            return 0, None  # another run's leftovers: start over
+            # another run's leftovers: start over
+            self.not_resumed_because = (f"{len(missing)} finished block shards are missing" if missing
+                                        else _what_changed(progress.get("fingerprint"), self.fingerprint))
+            return 0, None
         self.progress = progress
         self.earlier_seconds = progress["seconds"]
         inputs = self.staging / NEXT_INPUTS_FILE
@@ -152,16 +157,54 @@ class StreamingStore(BlockStore):
         return result
 
 
-def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibration: torch.Tensor | None) -> str:
+# Source files hashed by content up to this size (config, generation config, tokenizer files, chat
+# template...); larger ones (a stray .bin, a .gguf) by size and modification time like the weights.
+HASHED_FILE_BYTES = 64 * 2**20
+
+
+def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibration: torch.Tensor | None) -> dict:
+    """What a run's output depends on, so that a resumed run never mixes two: the versions of llmquant,
+    torch and transformers, the settings, the calibration windows, the source's weight files (size and
+    modification time) and every other file of the source folder (content): config.json,
+    generation_config.json, the tokenizer's files."""
+    import transformers
+
     from . import __version__
 
-    digest = hashlib.sha256(json.dumps({"llmquant": __version__, "config": config.to_dict(),
-                                        "source": str(folder.resolve()),
-                                        "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]},
-                                       sort_keys=True).encode())
-    if calibration is not None:
-        digest.update(calibration.numpy().tobytes())
-    return digest.hexdigest()
+    def sha256(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    weights = {f.name for f in files}
+    parts = {
+        "llmquant": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "settings": sha256(json.dumps(config.to_dict(), sort_keys=True).encode()),
+        "source folder": str(folder.resolve()),
+        "weight files": sha256(json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()),
+        "calibration windows": sha256(calibration.numpy().tobytes()) if calibration is not None else None,
+    }
+    for path in sorted(folder.iterdir()):
+        if path.name in weights or path.name.startswith(".") or not path.is_file():
+            continue
+        size = path.stat().st_size
+        parts[f"source file {path.name}"] = (sha256(path.read_bytes()) if size <= HASHED_FILE_BYTES
+                                             else f"{size} bytes, modified {path.stat().st_mtime_ns}")
+    return parts
+
+
+def _what_changed(before, now: dict) -> str:
+    if not isinstance(before, dict):
+        return "it was written by an llmquant version that kept no record of its source"
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) == now.get(key):
+            continue
+        if key in ("llmquant", "torch", "transformers"):
+            changes.append(f"{key} {before.get(key)} -> {now.get(key)}")
+        elif key not in before or key not in now:
+            changes.append(f"{key} {'appeared' if key in now else 'is gone'}")
+        else:
+            changes.append(f"{key} changed")
+    return "since it was written, " + ", ".join(changes)
 
 
 def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib, out: str | os.PathLike,
@@ -224,6 +267,8 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
             staging.mkdir()
         if first == 0:
             store.save_progress()  # marks the folder as this run's progress before anything else is written
+        if store.not_resumed_because:
+            print(f"not resuming {staging.name}: {store.not_resumed_because}; starting a fresh run")
         if first and progress:
             print(f"resuming {target.name} after block {first - 1} ({first} of {n_blocks} done)")
         # the embeddings, final norm and head do not change: their shard is written first, so that

@@ -94,6 +94,47 @@ def test_leftovers_of_a_different_run_are_not_resumed(tmp_path, tiny_folder, mon
     assert folder_tensors_sha256(out) == folder_tensors_sha256(reference)
 
 
+def _edit_json(path: Path, key, value) -> None:
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda folder, mp: _edit_json(folder / "config.json", "rms_norm_eps", 1e-5), "source file config.json changed"),
+    (lambda folder, mp: _edit_json(folder / "generation_config.json", "max_length", 77),
+     "source file generation_config.json changed"),
+    (lambda folder, mp: _edit_json(folder / "tokenizer_config.json", "model_max_length", 99),
+     "source file tokenizer_config.json changed"),
+    (lambda folder, mp: mp.setattr(torch, "__version__", "0.0.1"), "torch"),
+    (lambda folder, mp: mp.setattr("transformers.__version__", "0.0.2"), "transformers"),
+    (lambda folder, mp: mp.setattr(llmquant, "__version__", "0.0.3"), "llmquant"),
+])
+def test_a_changed_source_or_version_is_not_resumed(tmp_path, tiny_folder, monkeypatch, capsys, change, named):
+    from llmquant import streaming
+
+    config = QuantConfig(bits=4, group_size=32)
+    original = streaming.StreamingStore.finish
+
+    def interrupted(self, index, *args):
+        original(self, index, *args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming.StreamingStore, "finish", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_to_disk(tiny_folder, config, None, tmp_path / "out", progress=False)
+    change(tiny_folder, monkeypatch)
+    capsys.readouterr()
+    out, report = quantize_to_disk(tiny_folder, config, None, tmp_path / "out", progress=False)
+    printed = capsys.readouterr().out
+    assert report["resumed_after_blocks"] == 0
+    assert "not resuming .out.partial" in printed and named in printed and "starting a fresh run" in printed
+    reference, _ = quantize_to_disk(tiny_folder, config, None, tmp_path / "reference", progress=False)
+    assert folder_tensors_sha256(out) == folder_tensors_sha256(reference)
+    assert (out / "config.json").read_text() == (reference / "config.json").read_text()
+
+
 def test_reruns_are_bit_identical_file_for_file(tmp_path, tiny_folder):
     config = QuantConfig(method="gptq", bits=4, group_size=32, act_order=True)
     first, _ = quantize_to_disk(tiny_folder, config, calibration(), tmp_path / "a", progress=False)
