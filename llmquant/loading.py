@@ -91,7 +91,11 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remo
     quantization_config = getattr(config, "quantization_config", None)
     if quantization_config is None:
         checkpoint_files(folder)  # same clear error for a folder without weights
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+        try:  # use_safetensors: never fall back to unpickling a .bin beside them
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=True)
+        except OSError as exc:
+            raise CheckpointError(f"{folder}: cannot load its safetensors weights: {exc}") from exc
         return model.eval()
     quantization_config, fmt = _format_of(folder, quantization_config)
     tensors = read_tensors(checkpoint_files(folder))

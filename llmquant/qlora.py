@@ -138,6 +138,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike):
     folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise LlmquantError(f"{folder} is not an adapter folder (no adapter_config.json)")
+    if not (folder / "adapter_model.safetensors").is_file():  # else peft would unpickle adapter_model.bin
+        raise LlmquantError(f"{folder} has no adapter_model.safetensors; llmquant reads only safetensors adapters")
     config = _with_quantized_bases(LoraConfig.from_pretrained(str(folder)))
     return PeftModel.from_pretrained(model, str(folder), config=config).eval()
 

@@ -386,3 +386,58 @@ def test_sigkill_at_a_random_block_then_rerun_gives_the_uninterrupted_checkpoint
     assert report["checkpoint_sha256"] == json.loads((tmp_path / "reference" / "quantize_report.json").read_text())[
         "checkpoint_sha256"] == folder_tensors_sha256(tmp_path / "reference")
     assert leftovers(tmp_path) == ["out", "reference"]
+
+
+# ---- only safetensors are read ----
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """torch.load (what reads .bin weights) raises if anything calls it."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("torch.load was called: a pickle was read")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    return calls
+
+
+def _decoy_bin(folder: Path) -> None:
+    torch.save({"model.embed_tokens.weight": torch.zeros(1)}, folder / "pytorch_model.bin")
+
+
+def test_a_decoy_bin_beside_safetensors_is_never_unpickled(tmp_path, tiny_folder, no_unpickling):
+    from llmquant.errors import ModelNotFoundError
+    from llmquant.loading import load
+    from llmquant.models import load_fp_model
+
+    # safetensors transformers would not pick (a one-shard name without an index), a .bin it would
+    (tiny_folder / "model.safetensors").rename(tiny_folder / "model-00001-of-00001.safetensors")
+    _decoy_bin(tiny_folder)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load(tiny_folder)
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_fp_model(str(tiny_folder))
+    only_bin = tmp_path / "only-bin"
+    only_bin.mkdir()
+    for path in tiny_folder.iterdir():  # config and tokenizer, no safetensors
+        if path.suffix not in (".safetensors", ".bin") and path.is_file():
+            (only_bin / path.name).write_bytes(path.read_bytes())
+    (only_bin / "pytorch_model.bin").write_bytes((tiny_folder / "pytorch_model.bin").read_bytes())
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_fp_model(str(only_bin))
+    assert no_unpickling == []
+
+
+def test_an_adapter_stored_as_a_pickle_is_refused(tmp_path, tiny_folder, no_unpickling):
+    from llmquant.qlora import load_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+    _decoy_bin(adapter)
+    (adapter / "pytorch_model.bin").rename(adapter / "adapter_model.bin")
+    with pytest.raises(LlmquantError, match="adapter_model.safetensors"):
+        load_adapter(tiny_model("llama"), adapter)
+    assert no_unpickling == []
