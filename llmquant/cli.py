@@ -18,7 +18,8 @@ def _add_quantize(sub):
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"built-in name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
-    p.add_argument("--bits", type=int, default=None, help="2..8 (default 4; 8 for w8a8 / smoothquant)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="2, 3, 4 or 8 (gptq format), 4 (awq); default 4; 8 for w8a8 / smoothquant")
     p.add_argument("--group-size", "--blocksize", dest="group_size", type=int, default=None,
                    help="columns per scale; -1 = per output channel (default 128; -1 for w8a8 / smoothquant); "
                         "for nf4 / fp4 the blocksize: values per absmax (default 64)")
@@ -28,7 +29,7 @@ def _add_quantize(sub):
     p.add_argument("--clip-search", action="store_true",
                    help="per group, shrink the range where that lowers the weight error (MSE clipping)")
     p.add_argument("--format", default=None,
-                   help="checkpoint format: gptq (any bits, act-order) or awq (4-bit GEMM layout) for weight-only "
+                   help="checkpoint format: gptq (2, 3, 4 or 8 bits, act-order) or awq (4-bit GEMM layout) for weight-only "
                         "methods (default gptq); compressed-tensors for w8a8 / smoothquant, bitsandbytes for "
                         "nf4 / fp4 (their defaults)")
     p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")

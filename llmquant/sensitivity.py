@@ -221,6 +221,8 @@ def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GRO
     from .formats import FORMATS
     from .models import load_fp_model
 
+    for b in bits:  # a candidate the format cannot hold is refused, not silently dropped
+        QuantConfig(bits=b, sym=sym, format=format_name)
     model, tokenizer = load_fp_model(model_spec)
     arch = arch_for(model.config)
     vocab = model.get_input_embeddings().num_embeddings

@@ -28,12 +28,33 @@ def leftovers(parent):
     (["--group-size", "-2"], "group_size must be a positive integer or -1"),
     (["--group-size", "4096"], "larger than in_features"),
     (["--format", "exl9"], "unknown format"),
+    (["--bits", "5"], "not 5-bit; no format llmquant writes holds them"),
+    (["--bits", "6", "--method", "gptq"], "not 6-bit; no format llmquant writes holds them"),
+    (["--bits", "7", "--method", "awq"], "not 7-bit; no format llmquant writes holds them"),
+    (["--bits", "3", "--format", "awq"], "the awq format holds 4-bit weights, not 3-bit; use --format gptq"),
 ])
 def test_bad_settings(capsys, tmp_path, tiny_folder, args, message):
     out = tmp_path / "out"
     code, err = run_cli(capsys, "quantize", tiny_folder, "--out", out, *args)
     assert code == 2 and message in err
     assert not out.exists()
+
+
+def test_bits_no_loader_reads_are_refused_everywhere(capsys, tmp_path, monkeypatch):
+    """5- to 7-bit weights: refused before any model loads by quantize, qat and sensitivity alike."""
+    from llmquant import models
+    from llmquant.sensitivity import sensitivity_of
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(models, "load_fp_model", no_loading)
+    monkeypatch.setattr(models, "resolve_model", no_loading)
+    code, err = run_cli(capsys, "qat", "--bits", "6", "--out", tmp_path / "qat")
+    assert code == 2 and "not 6-bit" in err
+    with pytest.raises(ConfigError, match="not 5-bit"):
+        sensitivity_of("smollm2-135m", "wiki", bits=(4, 5))
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("model,message", [

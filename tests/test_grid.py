@@ -49,13 +49,6 @@ def test_partial_last_group_is_quantized_on_its_own():
     assert torch.equal(q.group_index, torch.arange(200, dtype=torch.int32) // 64)
 
 
-def test_per_tensor_has_one_scale():
-    w = weight()
-    q = AffineGrid(8, True, per_tensor=True).quantize(w)
-    assert torch.unique(q.scale).numel() == 1
-    assert torch.isclose(q.scale[0, 0], w.abs().max() * 2 / 255, rtol=1e-3)
-
-
 def test_min_zero_shifts_grid_instead_of_clipping():
     # Mostly positive group: plain rounding would give zero point 0.
     w = torch.tensor([[-0.001, 0.2, 0.5, 1.0]])

@@ -81,7 +81,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    grouped = grid.group_size != PER_CHANNEL and not grid.per_tensor
+    grouped = grid.group_size != PER_CHANNEL
     group_size = grid.group_size if grouped else columns
     if not grouped:
         fixed_scale, fixed_zero = grid.qparams(W)  # [out, 1]

@@ -26,7 +26,7 @@ PACK = 8  # 4-bit values per int32
 
 class AWQFormat:
     name = "awq"
-    linear_class = AWQLinear
+    bits = (4,)
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "qweight"
     holds_activation_quantization = False
@@ -38,8 +38,6 @@ class AWQFormat:
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
-        if config.bits != 4:
-            raise ConfigError(f"the awq format stores 4-bit weights only, got bits={config.bits}; use --format gptq")
         if config.act_order:
             raise ConfigError("the awq format has no g_idx, so it cannot store act-order; use --format gptq")
 

@@ -44,7 +44,7 @@ def quant_state_bytes(state: dict) -> torch.Tensor:
 
 class BitsAndBytesFormat:
     name = "bitsandbytes"
-    linear_class = BnB4bitLinear
+    bits = (4,)
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "weight.absmax"
     holds_activation_quantization = False

@@ -30,7 +30,7 @@ def _scheme(strategy: str, dynamic: bool, observer: str) -> dict:
 
 class CompressedTensorsFormat:
     name = "compressed-tensors"
-    linear_class = W8A8Linear
+    bits = (8,)
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "weight_scale"
     holds_activation_quantization = True

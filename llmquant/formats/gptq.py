@@ -22,15 +22,17 @@ from ..grid import QuantizedWeight
 from ..nn.gptq_linear import GPTQLinear
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-# Bit widths that transformers / vLLM GPTQ kernels load; others load only through llmquant.
-ECOSYSTEM_BITS = (2, 3, 4, 8)
+# Bit widths llmquant writes: those transformers / vLLM GPTQ kernels load. 5- to 7-bit checkpoints
+# of earlier llmquant versions are still read (the packing is generic).
+BITS = (2, 3, 4, 8)
+READ_BITS = range(2, 9)
 # checkpoint_format -> what is added to a stored zero point to get the real one.
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 
 
 class GPTQFormat:
     name = "gptq"
-    linear_class = GPTQLinear
+    bits = BITS
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "qweight"
     holds_activation_quantization = False
@@ -42,8 +44,7 @@ class GPTQFormat:
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
-        if config.bits not in range(2, 9):
-            raise ConfigError(f"the gptq format stores 2- to 8-bit weights, got {config.bits}")
+        pass  # bits: QuantConfig checks them against `bits`
 
     @staticmethod
     def grid_min_zero(config: QuantConfig) -> int:
@@ -107,7 +108,7 @@ class GPTQFormat:
         bits = quantization_config.get("bits")
         group_size = quantization_config.get("group_size", PER_CHANNEL)
         checkpoint_format = quantization_config.get("checkpoint_format", "gptq")
-        if bits not in range(2, 9):
+        if bits not in READ_BITS:
             raise CheckpointError(f"quantization_config.bits must be 2..8, got {bits!r}")
         if not isinstance(group_size, int) or (group_size < 1 and group_size != PER_CHANNEL):
             raise CheckpointError(f"quantization_config.group_size must be > 0 or -1, got {group_size!r}")

@@ -1,4 +1,4 @@
-"""The affine (scale / zero-point) integer grid, per tensor, per output channel or per input group.
+"""The affine (scale / zero-point) integer grid, per output channel or per input group.
 
 Conventions follow IST-DASLab's GPTQ quantizer so results compare with the literature:
 - the range always includes 0 (xmin <= 0 <= xmax);
@@ -48,7 +48,6 @@ class QuantizedWeight:
 @dataclass(frozen=True)
 class AffineGrid:
     """bits: 2..8. group_size: columns per group, or -1 for one group per output channel.
-    per_tensor: one scale for the whole tensor (group_size is then ignored).
     min_zero: smallest zero point allowed for asymmetric grids; formats that store
     zero - 1 in unsigned bits (GPTQ v1) cannot represent zero 0 and ask for 1.
     clip_search: shrink each group's range where that lowers sum |w - w_hat|^2.4 (the MSE option
@@ -58,7 +57,6 @@ class AffineGrid:
     bits: int
     symmetric: bool = True
     group_size: int = PER_CHANNEL
-    per_tensor: bool = False
     min_zero: int = 0
     clip_search: bool = False
 
@@ -67,13 +65,11 @@ class AffineGrid:
         return 2**self.bits - 1
 
     def num_groups(self, in_features: int) -> int:
-        if self.per_tensor or self.group_size == PER_CHANNEL:
+        if self.group_size == PER_CHANNEL:
             return 1
         return -(-in_features // self.group_size)
 
     def group_index(self, in_features: int) -> torch.Tensor:
-        if self.per_tensor:
-            return torch.zeros(in_features, dtype=torch.int32)
         return torch.arange(in_features, dtype=torch.int32) // self.group_width(in_features)
 
     def qparams_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,11 +98,7 @@ class AffineGrid:
 
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of shape [out, n_groups] for a [out, in] weight."""
-        w = weight.detach().float()
-        if self.per_tensor:
-            scale, zero = self._range_qparams(w.reshape(1, 1, -1), torch.ones(1, 1, w.numel(), dtype=torch.bool))
-            return scale.expand(w.shape[0], 1).clone(), zero.expand(w.shape[0], 1).clone()
-        return self._range_qparams(*self.grouped(w))
+        return self._range_qparams(*self.grouped(weight.detach().float()))
 
     def group_width(self, in_features: int) -> int:
         """Columns per group (the whole row per channel); the last group may be partial."""
