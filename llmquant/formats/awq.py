@@ -17,14 +17,14 @@ import torch
 from .. import bitpack, ops
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError, ConfigError
-from ..grid import QuantizedWeight
 from ..nn.awq_linear import AWQLinear
+from .base import CheckpointFormat, RoundedWeight
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales")
 PACK = 8  # 4-bit values per int32
 
 
-class AWQFormat:
+class AWQFormat(CheckpointFormat):
     name = "awq"
     bits = (4,)
     tensor_suffixes = TENSOR_SUFFIXES
@@ -56,16 +56,16 @@ class AWQFormat:
                               "choose a group size that divides it or use --format gptq")
 
     @staticmethod
-    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
-        out_features, in_features = qw.codes.shape
-        width = in_features if qw.group_size == PER_CHANNEL else qw.group_size
-        if not torch.equal(qw.group_index.long(), torch.arange(in_features) // width):
+    def pack(quantized: RoundedWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        out_features, in_features = quantized.codes.shape
+        width = in_features if quantized.group_size == PER_CHANNEL else quantized.group_size
+        if not torch.equal(quantized.group_index.long(), torch.arange(in_features) // width):
             raise ValueError("the awq format needs contiguous groups (no act-order g_idx)")
         interleave = ops.awq_interleave(out_features)
         return {
-            "qweight": bitpack.pack(qw.codes.t().to(torch.int32)[:, interleave], 4, dim=1),
-            "qzeros": bitpack.pack(qw.zero.t().to(torch.int32)[:, interleave], 4, dim=1),
-            "scales": qw.scale.t().to(torch.float16).contiguous(),
+            "qweight": bitpack.pack(quantized.codes.t().to(torch.int32)[:, interleave], 4, dim=1),
+            "qzeros": bitpack.pack(quantized.zero.t().to(torch.int32)[:, interleave], 4, dim=1),
+            "scales": quantized.scale.t().to(torch.float16).contiguous(),
         }
 
     @staticmethod

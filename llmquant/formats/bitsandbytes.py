@@ -23,8 +23,9 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import CheckpointError
-from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, CodebookWeight, code_of_zero, dynamic_table
+from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, code_of_zero, dynamic_table
 from ..nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
+from .base import CheckpointFormat, RoundedWeight
 
 TENSOR_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                    *(f"weight.{quant_state_key(t)}" for t in QUANT_TYPES))
@@ -42,7 +43,7 @@ def quant_state_bytes(state: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
 
 
-class BitsAndBytesFormat:
+class BitsAndBytesFormat(CheckpointFormat):
     name = "bitsandbytes"
     bits = (4,)
     tensor_suffixes = TENSOR_SUFFIXES
@@ -67,21 +68,21 @@ class BitsAndBytesFormat:
         pass  # blocks run over the flattened weight: any shape packs
 
     @staticmethod
-    def pack(qw: CodebookWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
-        state = {"quant_type": qw.quant_type, "blocksize": qw.blocksize, "dtype": config.dtype,
-                 "shape": list(qw.codes.shape)}
-        tensors = {"weight": pack_codes(qw.codes, code_of_zero(qw.table))}
-        if qw.nested is None:
-            tensors["weight.absmax"] = qw.absmax.float().contiguous()
+    def pack(quantized: RoundedWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        state = {"quant_type": quantized.quant_type, "blocksize": quantized.blocksize, "dtype": config.dtype,
+                 "shape": list(quantized.codes.shape)}
+        tensors = {"weight": pack_codes(quantized.codes, code_of_zero(quantized.table))}
+        if quantized.nested is None:
+            tensors["weight.absmax"] = quantized.absmax.float().contiguous()
         else:
-            tensors["weight.absmax"] = qw.nested.codes.contiguous()
-            state.update({"nested_blocksize": qw.nested.blocksize, "nested_dtype": "float32",
-                          "nested_offset": qw.nested.offset})
-        tensors["weight.quant_map"] = qw.table.clone()
-        if qw.nested is not None:
-            tensors["weight.nested_absmax"] = qw.nested.nested_absmax.float().contiguous()
+            tensors["weight.absmax"] = quantized.nested.codes.contiguous()
+            state.update({"nested_blocksize": quantized.nested.blocksize, "nested_dtype": "float32",
+                          "nested_offset": quantized.nested.offset})
+        tensors["weight.quant_map"] = quantized.table.clone()
+        if quantized.nested is not None:
+            tensors["weight.nested_absmax"] = quantized.nested.nested_absmax.float().contiguous()
             tensors["weight.nested_quant_map"] = dynamic_table().clone()
-        tensors[f"weight.{quant_state_key(qw.quant_type)}"] = quant_state_bytes(state)
+        tensors[f"weight.{quant_state_key(quantized.quant_type)}"] = quant_state_bytes(state)
         return tensors
 
     @staticmethod

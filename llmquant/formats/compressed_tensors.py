@@ -15,8 +15,8 @@ import torch
 
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError
-from ..grid import QuantizedWeight
 from ..nn.w8a8_linear import W8A8Linear
+from .base import CheckpointFormat, RoundedWeight
 
 TENSOR_SUFFIXES = ("weight", "weight_scale", "input_scale")
 SYMMETRIC_INT8_ZERO = 128  # the affine grid's zero point for symmetric 8-bit codes 0..255
@@ -28,7 +28,7 @@ def _scheme(strategy: str, dynamic: bool, observer: str) -> dict:
             "observer_kwargs": {}}
 
 
-class CompressedTensorsFormat:
+class CompressedTensorsFormat(CheckpointFormat):
     name = "compressed-tensors"
     bits = (8,)
     tensor_suffixes = TENSOR_SUFFIXES
@@ -53,15 +53,15 @@ class CompressedTensorsFormat:
         pass  # int8 codes need no packing
 
     @staticmethod
-    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
-        if qw.bits != 8 or qw.group_size != PER_CHANNEL or not bool((qw.zero == SYMMETRIC_INT8_ZERO).all()):
+    def pack(quantized: RoundedWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        if quantized.bits != 8 or quantized.group_size != PER_CHANNEL or not bool((quantized.zero == SYMMETRIC_INT8_ZERO).all()):
             raise ValueError("compressed-tensors int8 needs symmetric 8-bit codes per output channel")
         tensors = {
-            "weight": (qw.codes.to(torch.int16) - SYMMETRIC_INT8_ZERO).to(torch.int8).contiguous(),
-            "weight_scale": qw.scale.to(torch.float32).reshape(-1, 1).contiguous(),
+            "weight": (quantized.codes.to(torch.int16) - SYMMETRIC_INT8_ZERO).to(torch.int8).contiguous(),
+            "weight_scale": quantized.scale.to(torch.float32).reshape(-1, 1).contiguous(),
         }
-        if qw.input_scale is not None:
-            tensors["input_scale"] = qw.input_scale.to(torch.float32).reshape(1).contiguous()
+        if quantized.input_scale is not None:
+            tensors["input_scale"] = quantized.input_scale.to(torch.float32).reshape(1).contiguous()
         return tensors
 
     @staticmethod

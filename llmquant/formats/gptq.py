@@ -18,8 +18,8 @@ import torch
 from .. import bitpack
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError, ConfigError
-from ..grid import QuantizedWeight
 from ..nn.gptq_linear import GPTQLinear
+from .base import CheckpointFormat, RoundedWeight
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 # Bit widths llmquant writes: those transformers / vLLM GPTQ kernels load. 5- to 7-bit checkpoints
@@ -30,7 +30,7 @@ READ_BITS = range(2, 9)
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 
 
-class GPTQFormat:
+class GPTQFormat(CheckpointFormat):
     name = "gptq"
     bits = BITS
     tensor_suffixes = TENSOR_SUFFIXES
@@ -64,15 +64,15 @@ class GPTQFormat:
                 )
 
     @staticmethod
-    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
-        stored_zero = qw.zero - ZERO_OFFSETS["gptq"]
+    def pack(quantized: RoundedWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        stored_zero = quantized.zero - ZERO_OFFSETS["gptq"]
         if (stored_zero < 0).any():
             raise ValueError("gptq v1 cannot store a zero point of 0 (it stores zero - 1); use min_zero=1")
         return {
-            "qweight": bitpack.pack(qw.codes.t().to(torch.int32), qw.bits, dim=0),
-            "qzeros": bitpack.pack(stored_zero.t().to(torch.int32), qw.bits, dim=1),
-            "scales": qw.scale.t().to(torch.float16).contiguous(),
-            "g_idx": qw.group_index.to(torch.int32).contiguous(),
+            "qweight": bitpack.pack(quantized.codes.t().to(torch.int32), quantized.bits, dim=0),
+            "qzeros": bitpack.pack(stored_zero.t().to(torch.int32), quantized.bits, dim=1),
+            "scales": quantized.scale.t().to(torch.float16).contiguous(),
+            "g_idx": quantized.group_index.to(torch.int32).contiguous(),
         }
 
     @staticmethod
