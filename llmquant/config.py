@@ -111,16 +111,6 @@ class QuantConfig:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}; available: {', '.join(sorted(FORMATS))}")
         fmt = FORMATS[self.format]
-        if self.bits not in fmt.bits:
-            holders = [name for name, other in FORMATS.items() if self.bits in other.bits
-                       and other.holds_activation_quantization == quantizes_activations
-                       and other.holds_codebook_weights == codebook]
-            where = (f"use --format {' or '.join(holders)}" if holders else
-                     "no format llmquant writes holds them in a layout transformers / vLLM load ("
-                     + "; ".join(f"{name}: {', '.join(map(str, other.bits))}" for name, other in FORMATS.items())
-                     + f"); choose --bits {' or '.join(map(str, fmt.bits))}")
-            raise ConfigError(f"the {self.format} format holds {' / '.join(map(str, fmt.bits))}-bit weights, not "
-                              f"{self.bits}-bit; {where}")
         if quantizes_activations and not fmt.holds_activation_quantization:
             raise ConfigError(f"the {self.format} format holds weight-only checkpoints; {self.method} quantizes "
                               "activations too: use --format compressed-tensors")
@@ -132,6 +122,16 @@ class QuantConfig:
         if fmt.holds_codebook_weights and not codebook:
             raise ConfigError(f"the {self.format} format holds NF4 / FP4 weights (methods {', '.join(CODEBOOK_METHODS)}), "
                               f"not {self.method!r}; use --format gptq or awq")
+        if self.bits not in fmt.bits:
+            holders = [name for name, other in FORMATS.items() if self.bits in other.bits
+                       and other.holds_activation_quantization == quantizes_activations
+                       and other.holds_codebook_weights == codebook]
+            where = (f"use --format {' or '.join(holders)}" if holders else
+                     "no format llmquant writes holds them in a layout transformers / vLLM load ("
+                     + "; ".join(f"{name}: {', '.join(map(str, other.bits))}" for name, other in FORMATS.items())
+                     + f"); choose --bits {' or '.join(map(str, fmt.bits))}")
+            raise ConfigError(f"the {self.format} format holds {' / '.join(map(str, fmt.bits))}-bit weights, not "
+                              f"{self.bits}-bit; {where}")
         fmt.check_config(self)
         self._check_layer_overrides()
 
