@@ -18,7 +18,7 @@ from .. import bitpack, ops
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError, ConfigError
 from ..nn.awq_linear import AWQLinear
-from .base import CheckpointFormat, RoundedWeight
+from .base import CheckpointFormat, RoundedWeight, read_group_size, read_int, read_str
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales")
 PACK = 8  # 4-bit values per int32
@@ -87,15 +87,12 @@ class AWQFormat(CheckpointFormat):
     @classmethod
     def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
                      in_features: int, out_features: int, dtype: torch.dtype) -> AWQLinear:
-        bits = quantization_config.get("bits", quantization_config.get("w_bit"))
-        group_size = quantization_config.get("group_size", quantization_config.get("q_group_size"))
-        version = str(quantization_config.get("version", "gemm")).lower()
-        if bits != 4:
-            raise CheckpointError(f"awq checkpoints hold 4-bit weights, the config says bits={bits!r}")
+        where = f"{name}: quantization_config"
+        bits = read_int(quantization_config, "bits", "w_bit", allowed=(4,), where=where)
+        group_size = read_group_size(quantization_config, "group_size", "q_group_size", where=where)
+        version = read_str(quantization_config, "version", default="gemm", where=where).lower()
         if version != "gemm":
             raise CheckpointError(f"awq version {version!r} is not read by llmquant (only 'gemm')")
-        if not isinstance(group_size, int) or (group_size < 1 and group_size != PER_CHANNEL):
-            raise CheckpointError(f"quantization_config.group_size must be > 0 or -1, got {group_size!r}")
         width = in_features if group_size == PER_CHANNEL else group_size
         if in_features % width or out_features % PACK:
             raise CheckpointError(f"{name}: a {in_features}->{out_features} linear does not fit the awq layout "

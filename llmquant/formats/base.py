@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
+from ..errors import CheckpointError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -63,3 +65,53 @@ class CheckpointFormat(Protocol):
         """An empty quantized linear for the tensors `shapes` (suffix -> shape) found in a checkpoint;
         raise CheckpointError when the config or the shapes are not what this format stores."""
         ...
+
+
+# ---- reading a checkpoint's quantization_config: a CheckpointError naming the key, never a TypeError ----
+
+REQUIRED = object()
+
+
+def _lookup(config: dict, keys: tuple[str, ...], default, where: str):
+    """(the first of `keys` that config holds, its value), or (keys[0], default)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return key, config[key]
+    if default is REQUIRED:
+        raise CheckpointError(f"{where} has no {keys[0]!r}")
+    return keys[0], default
+
+
+def read_int(config: dict, *keys: str, default=REQUIRED, allowed=None, where: str = "quantization_config") -> int:
+    """config[key] (the first of `keys` present) as an integer: not a bool, a float such as 4.0 or a
+    string; one of `allowed` when given."""
+    key, value = _lookup(config, keys, default, where)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{where}.{key} must be an integer, got {value!r}")
+    if allowed is not None and value not in allowed:
+        raise CheckpointError(f"{where}.{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    return value
+
+
+def read_group_size(config: dict, *keys: str, default=REQUIRED, where: str = "quantization_config") -> int:
+    """A group size (the first of `keys` present, default "group_size"): a positive integer, or -1
+    for one group per output channel."""
+    keys = keys or ("group_size",)
+    size = read_int(config, *keys, default=default, where=where)
+    if size < 1 and size != -1:
+        raise CheckpointError(f"{where}.{keys[0]} must be > 0 or -1 (per output channel), got {size!r}")
+    return size
+
+
+def read_str(config: dict, key: str, default=REQUIRED, where: str = "quantization_config") -> str:
+    _, value = _lookup(config, (key,), default, where)
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}.{key} must be a string, got {value!r}")
+    return value
+
+
+def read_mapping(config: dict, key: str, default=REQUIRED, where: str = "quantization_config") -> dict:
+    _, value = _lookup(config, (key,), default, where)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}.{key} must be a mapping, got {value!r}")
+    return value

@@ -25,7 +25,7 @@ from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, code_of_zero, dynamic_table
 from ..nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
-from .base import CheckpointFormat, RoundedWeight
+from .base import CheckpointFormat, RoundedWeight, read_str
 
 TENSOR_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                    *(f"weight.{quant_state_key(t)}" for t in QUANT_TYPES))
@@ -113,12 +113,13 @@ class BitsAndBytesFormat(CheckpointFormat):
                      in_features: int, out_features: int, dtype: torch.dtype) -> BnB4bitLinear:
         """An empty BnB4bitLinear for the tensors found; the block size and double-quantization
         offset are read from the quant_state tensor when the state dict is loaded."""
-        quant_type = quantization_config.get("bnb_4bit_quant_type", "fp4")
+        where = f"{name}: quantization_config"
+        quant_type = read_str(quantization_config, "bnb_4bit_quant_type", default="fp4", where=where)
         if not quantization_config.get("load_in_4bit", quantization_config.get("_load_in_4bit")):
             raise CheckpointError("llmquant reads bitsandbytes 4-bit checkpoints (load_in_4bit); this one is not")
         if quant_type not in QUANT_TYPES:
             raise CheckpointError(f"bnb_4bit_quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        if quantization_config.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        if read_str(quantization_config, "bnb_4bit_quant_storage", default="uint8", where=where) != "uint8":
             raise CheckpointError("llmquant reads bnb_4bit_quant_storage uint8 only")
         nested = "weight.nested_absmax" in shapes
         required = ["weight", "weight.absmax", "weight.quant_map", f"weight.{quant_state_key(quant_type)}"]

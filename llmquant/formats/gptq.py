@@ -19,7 +19,7 @@ from .. import bitpack
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError, ConfigError
 from ..nn.gptq_linear import GPTQLinear
-from .base import CheckpointFormat, RoundedWeight
+from .base import CheckpointFormat, RoundedWeight, read_group_size, read_int, read_str
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 # Bit widths llmquant writes: those transformers / vLLM GPTQ kernels load. 5- to 7-bit checkpoints
@@ -105,13 +105,10 @@ class GPTQFormat(CheckpointFormat):
     def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
                      in_features: int, out_features: int, dtype: torch.dtype) -> GPTQLinear:
         """An empty GPTQLinear for the tensors `shapes` (suffix -> shape) found in the checkpoint."""
-        bits = quantization_config.get("bits")
-        group_size = quantization_config.get("group_size", PER_CHANNEL)
-        checkpoint_format = quantization_config.get("checkpoint_format", "gptq")
-        if bits not in READ_BITS:
-            raise CheckpointError(f"quantization_config.bits must be 2..8, got {bits!r}")
-        if not isinstance(group_size, int) or (group_size < 1 and group_size != PER_CHANNEL):
-            raise CheckpointError(f"quantization_config.group_size must be > 0 or -1, got {group_size!r}")
+        where = f"{name}: quantization_config"
+        bits = read_int(quantization_config, "bits", allowed=READ_BITS, where=where)
+        group_size = read_group_size(quantization_config, where=where)
+        checkpoint_format = read_str(quantization_config, "checkpoint_format", default="gptq", where=where)
         if checkpoint_format not in ZERO_OFFSETS:
             raise CheckpointError(
                 f"unsupported checkpoint_format {checkpoint_format!r}; llmquant reads {sorted(ZERO_OFFSETS)}"
