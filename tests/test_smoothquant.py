@@ -182,3 +182,31 @@ def test_w8a8_defaults_follow_the_method():
     config = QuantConfig(method="smoothquant")
     assert (config.bits, config.group_size, config.format) == (8, -1, "compressed-tensors")
     assert (QuantConfig().bits, QuantConfig().group_size, QuantConfig().format) == (4, 128, "gptq")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folding_in_half_precision_is_the_float32_fold_cast_once(dtype):
+    """Scales are folded in float32 and each result cast once to the model's dtype: a large scale is
+    neither rounded to fp16 / bf16 first (which breaks the norm / linear balance, Gemma's (1 + w)
+    norms included) nor overflows fp16."""
+    from llmquant.scaling import scaling_groups
+
+    model = tiny_model("gemma3").to(dtype)
+    reference = copy.deepcopy(model).float()
+    arch = arch_for(model.config)
+    names = {f"{arch.block_prefix(0)}.{n}" for n in arch.linear_names()}
+    folded = []
+    for m in (model, reference):
+        groups = scaling_groups(arch.block_list(m)[0], arch, arch.block_prefix(0), names)
+        assert groups and any(not isinstance(g.previous, torch.nn.Linear) for g in groups)
+        for group in groups:
+            scales = 10 ** (torch.rand(group.channels, generator=torch.Generator().manual_seed(len(group.name))) * 6 - 1)
+            group.fold(scales)  # up to 1e5: beyond fp16's largest value
+            if m is reference:  # its tensors hold the model's values after each fold too
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.copy_(p.to(dtype).float())
+        folded.append(arch.block_list(m)[0].state_dict())
+    for key, value in folded[0].items():
+        assert value.dtype == dtype
+        assert torch.equal(value, folded[1][key].to(dtype)), key
