@@ -210,3 +210,33 @@ def test_folding_in_half_precision_is_the_float32_fold_cast_once(dtype):
     for key, value in folded[0].items():
         assert value.dtype == dtype
         assert torch.equal(value, folded[1][key].to(dtype)), key
+
+
+@pytest.mark.parametrize("alpha", [0.5, "auto"])
+def test_searched_and_applied_scales_use_the_same_weights_when_a_linear_is_excluded(alpha):
+    """A linear kept in floating point (--exclude) is rescaled with its group but does not shape the
+    scales: the alpha search and the applied scales both use the quantized linears' weights."""
+    from llmquant.algorithms.smoothquant import ALPHA_GRID, smoothing_scales, w8a8_output_error
+    from llmquant.scaling import ScalingGroup
+    from llmquant.statistics import InputGram
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    kept, excluded = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        excluded.weight.mul_(100)  # its column maxima would dominate the scales
+    x = torch.randn(256, 16) * torch.linspace(0.1, 20, 16)
+    stats = InputGram(16, keep_rows=256)
+    stats.add_batch(x)
+    before = kept.weight.detach().clone()
+    group = ScalingGroup("norm", norm, {"kept": kept, "excluded": excluded}, ("kept",), stats)
+    grid = AffineGrid(8, symmetric=True, group_size=-1)
+    outcome = SmoothQuant(alpha).transform_block([group], lambda name, linear: grid, set())
+    chosen = outcome.records[0]["alpha"]
+    applied = (kept.weight / before)[0]
+    expected = smoothing_scales(stats.channel_abs_max, [before], chosen)
+    assert torch.allclose(applied, expected, rtol=1e-5)
+    if alpha == "auto":
+        errors = {a: w8a8_output_error(x, [before], [grid], smoothing_scales(stats.channel_abs_max, [before], a), False)
+                  for a in ALPHA_GRID}
+        assert chosen == min(errors, key=errors.get)

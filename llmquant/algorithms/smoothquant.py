@@ -2,7 +2,7 @@
 
 Per scaling group (input norm -> q/k/v, MLP norm -> gate/up, and linear -> linear pairs where
 the architecture map has them), s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) over the group's
-linears, folded into the previous operation, so X/s is easier to quantize and W s takes the
+quantized linears (one kept in floating point is rescaled but does not shape s), folded into the previous operation, so X/s is easier to quantize and W s takes the
 difficulty. alpha is given, or "auto": per group, the alpha on a grid that minimizes the
 linears' output error under W8A8 rounding on a sample of real input rows (static activations
 are scored with a min-max per-tensor scale during this search).
@@ -62,9 +62,10 @@ class SmoothQuant:
     def transform_block(self, groups: list[ScalingGroup], grid_for, no_clip: set[str]) -> BlockTransform:
         outcome = BlockTransform()
         for group in groups:
-            weights = [group.linears[n].weight for n in group.linears]
+            # the quantized linears shape the scales (searched and applied alike); all are rescaled
+            weights = [group.linears[n].weight for n in group.quantized]
             channel_max = group.statistics.channel_abs_max
-            alpha = self.alpha if self.alpha != AUTO else self._search_alpha(group, grid_for)
+            alpha = self.alpha if self.alpha != AUTO else self._search_alpha(group, weights, grid_for)
             scales = smoothing_scales(channel_max, weights, alpha)
             outcome.records.append({
                 "previous": group.name, "linears": list(group.linears), "alpha": alpha,
@@ -74,11 +75,9 @@ class SmoothQuant:
             group.fold(scales)
         return outcome
 
-    def _search_alpha(self, group: ScalingGroup, grid_for) -> float:
+    def _search_alpha(self, group: ScalingGroup, weights: list[torch.Tensor], grid_for) -> float:
         inputs = group.statistics.kept_rows().float()
-        names = group.quantized
-        weights = [group.linears[n].weight for n in names]
-        grids = [grid_for(n, group.linears[n]) for n in names]
+        grids = [grid_for(n, group.linears[n]) for n in group.quantized]
         errors = {alpha: w8a8_output_error(inputs, weights, grids,
                                            smoothing_scales(group.statistics.channel_abs_max, weights, alpha),
                                            self.rounding.static)
