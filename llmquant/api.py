@@ -244,14 +244,16 @@ def load_with_tokenizer(model_or_path):
     return load(folder), AutoTokenizer.from_pretrained(folder)
 
 
-def evaluate(model_or_path, corpus: str = "wiki", split: str = "test", seqlen: int = 512,
+def evaluate(model_or_path, corpus: str = "wiki", split: str | None = None, seqlen: int = 512,
              max_windows: int | None = None, bos: bool | None = None, progress: bool = True,
              tokenizer=None) -> dict:
     """Token perplexity of a model (name, folder, or loaded model + tokenizer) on a corpus split.
 
     bos: start each window with BOS; by default the architecture map decides (Gemma: yes).
+    split: by default "test" of a built-in corpus or hub dataset, "all" of a user's own file
+    (data.default_split); the result names the split used.
     """
-    from .data import evaluation_windows, tokenize_corpus
+    from .data import default_split, evaluation_windows, tokenize_corpus
     from .perplexity import perplexity
 
     if isinstance(model_or_path, nn.Module):
@@ -270,6 +272,7 @@ def evaluate(model_or_path, corpus: str = "wiki", split: str = "test", seqlen: i
             bos = False
     if bos and tokenizer.bos_token_id is None:
         raise ConfigError("BOS per window was asked for, but the tokenizer has no BOS token")
+    split = split or default_split(corpus, "evaluation")
     tokens = tokenize_corpus(tokenizer, corpus, split)
     windows = evaluation_windows(tokens, seqlen, tokenizer.bos_token_id if bos else None, max_windows)
     start = time.time()

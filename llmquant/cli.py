@@ -35,8 +35,11 @@ def _add_quantize(sub):
     p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")
     p.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="linears to keep in floating point")
     p.add_argument("--calib", default=None, metavar="CORPUS",
-                   help="calibration corpus, train split (default wiki for methods that need data; "
-                        "optional for rtn, where it adds per-layer errors)")
+                   help="calibration corpus (default wiki for methods that need data; optional for rtn, where it "
+                        "adds per-layer errors): wiki | bbc | shakespeare | a text/parquet/json file | hf:NAME[:CONFIG]")
+    p.add_argument("--calib-split", default=None, choices=["train", "validation", "test", "all"],
+                   help="default: train for wiki / bbc / shakespeare / hf:, all for a file (calibrate on train "
+                        "and evaluate on test to keep one file's evaluation text apart)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--paper-calibration", action="store_true", help="128 windows x 2048 tokens, as the GPTQ paper")
@@ -113,7 +116,8 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="token perplexity of a model or checkpoint on a corpus")
     p.add_argument("model", help="built-in name, checkpoint / model folder, or hub id")
     p.add_argument("--corpus", default="wiki", help="wiki | bbc | shakespeare | a text/parquet/json file | hf:NAME[:CONFIG]")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
+    p.add_argument("--split", default=None, choices=["train", "validation", "test", "all"],
+                   help="default: test for wiki / bbc / shakespeare / hf:, all for a text / parquet / json file")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None)
     bos = p.add_mutually_exclusive_group()
@@ -231,7 +235,7 @@ def cmd_quantize(args) -> int:
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus
     nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
-    calib = Calibration(corpus, nsamples, seqlen, args.seed) if corpus is not None else None
+    calib = Calibration(corpus, nsamples, seqlen, args.seed, args.calib_split) if corpus is not None else None
     mixed = None
     if args.target_bpw is not None:
         config, mixed = _mixed_precision(args, config, calib or Calibration(Calibration.corpus, nsamples, seqlen,
@@ -280,7 +284,7 @@ def _mixed_precision(args, config, calib):
     else:
         print(f"measuring sensitivity on {calib.corpus} ({rounding_for(config).name}, 2 windows x 256 tokens; "
               "pass --sensitivity to reuse a table)")
-        table = sensitivity_of(args.model, Calibration(calib.corpus, 2, 256, calib.seed), sym=config.sym,
+        table = sensitivity_of(args.model, Calibration(calib.corpus, 2, 256, calib.seed, calib.split), sym=config.sym,
                                config=config, statistics_calib=replace(calib, seed=calib.seed + 1))
     if table.sym != config.sym:
         raise ConfigError(f"the sensitivity table was measured on a {'symmetric' if table.sym else 'asymmetric'} "
@@ -340,7 +344,8 @@ def cmd_eval(args) -> int:
     if args.adapter:
         result["adapter"] = args.adapter
     print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} windows x {result['seqlen']} tokens, "
-          f"{result['predicted_tokens']} predicted, corpus {result['corpus']}:{result['split']}, bos={result['bos']})")
+          f"{result['predicted_tokens']} predicted, corpus {result['corpus']}, split {result['split']}, "
+          f"bos={result['bos']})")
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps(result, indent=2) + "\n")
     return 0
