@@ -9,6 +9,18 @@ from pathlib import Path
 from .errors import LlmquantError
 
 
+class _Renamed(argparse.Action):
+    """An option that was renamed: giving it is an error naming its new name, so that the old one
+    is never taken silently for something else."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}")
+
+
 def _add_quantize(sub):
     from .algorithms import ALGORITHMS
     from .config import STORAGE_DTYPES
@@ -48,7 +60,10 @@ def _add_quantize(sub):
     gptq.add_argument("--act-order", action="store_true", help="columns by descending Hessian diagonal (desc_act)")
     gptq.add_argument("--static-groups", action="store_true", help="group scales fixed before the sweep")
     gptq.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
-    gptq.add_argument("--block-size", type=int, default=128, help="columns per lazy batch")
+    gptq.add_argument("--gptq-block-size", type=int, default=128,
+                      help="columns per lazy batch (default 128; not NF4's block size, which is --group-size)")
+    gptq.add_argument("--block-size", action=_Renamed, new="--gptq-block-size (GPTQ's columns per lazy batch); "
+                      "the NF4 / FP4 block size is --group-size (alias --blocksize)")
     awq = p.add_argument_group("awq (methods awq, awq+gptq)")
     awq.add_argument("--awq-grid", type=int, default=20, help="points of the scaling-ratio search (default 20)")
     awq.add_argument("--awq-duo", action="store_true",
@@ -227,7 +242,7 @@ def cmd_quantize(args) -> int:
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                          format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
                          true_sequential=args.true_sequential, act_order=args.act_order,
-                         static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
+                         static_groups=args.static_groups, damp=args.damp, gptq_block_size=args.gptq_block_size,
                          clip_search=args.clip_search, awq_grid=args.awq_grid, awq_duo_scaling=args.awq_duo,
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
                          observer=args.observer, percentile=args.percentile, double_quant=args.double_quant)

@@ -26,7 +26,8 @@ class QuantConfig:
         inputs through the already-quantized steps before it; else one pass of statistics per block.
     GPTQ only: act_order (desc_act: columns by descending Hessian diagonal), static_groups (group
         scales fixed from the unquantized weight before the sweep), damp (fraction of the mean
-        Hessian diagonal added before inversion), block_size (columns per lazy batch); also
+        Hessian diagonal added before inversion), gptq_block_size (columns per lazy batch: it only
+        orders the arithmetic, and is not NF4's block size, which is group_size); also
         taken by awq+gptq.
     AWQ only: awq_grid (points of the scaling-ratio grid, and the clip grid's step 1/awq_grid),
         awq_duo_scaling (s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a), awq_clip (search
@@ -54,7 +55,7 @@ class QuantConfig:
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
-    block_size: int = 128
+    gptq_block_size: int = 128
     awq_grid: int = 20
     awq_duo_scaling: bool = False
     awq_clip: bool = True
@@ -93,8 +94,8 @@ class QuantConfig:
             raise ConfigError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp <= 1):
             raise ConfigError(f"damp must be a fraction from 0 to 1 of the mean Hessian diagonal, got {self.damp!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
+            raise ConfigError(f"gptq_block_size must be a positive integer, got {self.gptq_block_size!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
         # Imported here: the registries import modules that import this one.
         from .algorithms import ALGORITHMS, GPTQ_ROUNDING

@@ -171,3 +171,17 @@ def test_lazy_batch_size_does_not_change_codes_or_scales(group_size, act_order):
         # equal up to floating-point ties: one fp16 step of a scale, a code in a thousand
         assert torch.allclose(other.scale, results[0].scale, rtol=2e-3, atol=0)
         assert (other.codes != results[0].codes).float().mean() <= 1e-3
+
+
+def test_gptq_lazy_batch_option_cannot_be_mistaken_for_nf4_block_size(capsys, tmp_path):
+    from llmquant.cli import build_parser, main
+
+    args = build_parser().parse_args(["quantize", "--method", "gptq", "--gptq-block-size", "64", "--out", "x"])
+    assert args.gptq_block_size == 64 and args.group_size is None
+    assert build_parser().parse_args(["quantize", "--method", "nf4", "--blocksize", "128", "--out", "x"]).group_size == 128
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "nf4", "--block-size", "128", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "--block-size is now --gptq-block-size" in err and "--group-size" in err
+    assert not (tmp_path / "out").exists()
+    assert QuantConfig(method="gptq", gptq_block_size=32).gptq_block_size == 32
