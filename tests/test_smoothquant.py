@@ -240,3 +240,20 @@ def test_searched_and_applied_scales_use_the_same_weights_when_a_linear_is_exclu
         errors = {a: w8a8_output_error(x, [before], [grid], smoothing_scales(stats.channel_abs_max, [before], a), False)
                   for a in ALPHA_GRID}
         assert chosen == min(errors, key=errors.get)
+
+
+def test_alpha_search_scores_the_group_as_the_sum_over_its_linears():
+    """The search rounds the group's per-channel weights in one matrix and reuses X W^T across
+    alphas: the score is still the sum of each linear's own output error."""
+    from llmquant.algorithms.smoothquant import smoothing_scales, w8a8_output_error
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 32) * torch.linspace(0.1, 8, 32)
+    weights = [torch.randn(16, 32), torch.randn(24, 32) * 3]
+    grid = AffineGrid(8, symmetric=True, group_size=-1)
+    scales = smoothing_scales(x.abs().amax(0), weights, 0.6)
+    for static in (False, True):
+        separate = w8a8_output_error(x, weights, [grid, grid], scales, static)
+        joined = torch.cat(weights)
+        together = w8a8_output_error(x, [joined], [grid], scales, static, [x @ joined.t()])
+        assert together == pytest.approx(separate, rel=1e-5)

@@ -41,6 +41,16 @@ class QuantizedWeight:
     input_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        groups = self.scale.shape[1]
+        width = in_features if self.group_size == PER_CHANNEL else self.group_size
+        if groups == 1 or (in_features == groups * width and torch.equal(
+                self.group_index, torch.arange(in_features, dtype=self.group_index.dtype) // width)):
+            # contiguous groups: one scale per [out, group] broadcast over the group's columns, the
+            # same arithmetic as the gather below without materializing [out, in] scales and zeros
+            codes = self.codes.to(dtype).reshape(out_features, groups, width)
+            zero, scale = self.zero.to(dtype)[..., None], self.scale.to(dtype)[..., None]
+            return ((codes - zero) * scale).view(out_features, in_features)
         g = self.group_index.long()
         return ((self.codes.to(dtype) - self.zero[:, g].to(dtype)) * self.scale[:, g].to(dtype)).contiguous()
 
@@ -98,7 +108,15 @@ class AffineGrid:
 
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of shape [out, n_groups] for a [out, in] weight."""
-        return self._range_qparams(*self.grouped(weight.detach().float()))
+        return self._range_qparams(*self._groups(weight.detach().float()))
+
+    def _groups(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """grouped(), with valid None (and no copy) when the groups divide the row."""
+        out_features, in_features = weight.shape
+        width = self.group_width(in_features)
+        if in_features % width == 0:
+            return weight.view(out_features, in_features // width, width), None
+        return self.grouped(weight)
 
     def group_width(self, in_features: int) -> int:
         """Columns per group (the whole row per channel); the last group may be partial."""
@@ -116,12 +134,15 @@ class AffineGrid:
         return torch.nn.functional.pad(weight, (0, pad)).view(out_features, groups, width), valid
 
     @staticmethod
-    def group_ranges(w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(min, max) over the last dim of w, counting only `valid` entries."""
+    def group_ranges(w: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) over the last dim of w, counting only `valid` entries (None: all)."""
+        if valid is None:
+            return w.amin(dim=-1), w.amax(dim=-1)
         return torch.where(valid, w, torch.inf).amin(dim=-1), torch.where(valid, w, -torch.inf).amax(dim=-1)
 
-    def _range_qparams(self, w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """qparams over the last dim of w, counting only `valid` entries (a partial last group is padded)."""
+    def _range_qparams(self, w: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """qparams over the last dim of w, counting only `valid` entries (a partial last group is
+        padded; None: no padding)."""
         xmin, xmax = self.group_ranges(w, valid)
         scale, zero = self.qparams_from_range(xmin, xmax)
         if not self.clip_search:
@@ -130,7 +151,9 @@ class AffineGrid:
         for step in range(80):
             shrink = 1 - step / 100
             s, z = self.qparams_from_range(shrink * xmin, shrink * xmax)
-            error = torch.where(valid, (self.fake_quantize_values(w, s[..., None], z[..., None]) - w).abs() ** 2.4, 0)
+            error = (self.fake_quantize_values(w, s[..., None], z[..., None]) - w).abs() ** 2.4
+            if valid is not None:
+                error = torch.where(valid, error, 0)
             error = error.sum(dim=-1)
             better = error < best
             best = torch.where(better, error, best)
@@ -151,10 +174,12 @@ class AffineGrid:
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """Round-to-nearest codes of a [out, in] weight on this grid."""
-        scale, zero = self.qparams(weight)
-        group_index = self.group_index(weight.shape[1])
-        g = group_index.long()
-        codes = self.quantize_values(weight, scale[:, g], zero[:, g])
+        out_features, in_features = weight.shape
+        groups, valid = self._groups(weight.detach().float())
+        scale, zero = self._range_qparams(groups, valid)
+        # each group's codes under its own scale / zero, broadcast (a partial last group is padded)
+        codes = self.quantize_values(groups, scale[..., None], zero[..., None]).view(out_features, -1)[:, :in_features]
+        group_index = self.group_index(in_features)
         return QuantizedWeight(
             codes=codes.to(torch.uint8),
             scale=scale,
