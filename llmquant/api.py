@@ -84,10 +84,12 @@ class QuantizedModel:
 
 class QuantizedCheckpoint:
     """A model quantized from disk, one block at a time, into a checkpoint folder: `path` (a
-    temporary folder until `save` moves it, removed if it is never saved), `report`, `load()`."""
+    temporary folder until `save` moves it, removed if it is never saved), `report`, `load()`, and
+    `model` / `tokenizer` (loaded on first use)."""
 
     def __init__(self, path: Path, report: dict, temporary: bool):
         self.path, self.report_data = Path(path), report
+        self._model = self._tokenizer = None
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path.parent), True) if temporary else None
 
     def report(self) -> dict:
@@ -115,6 +117,21 @@ class QuantizedCheckpoint:
 
     def load(self, device="auto", dtype="auto"):
         return load(self.path, device=device, dtype=dtype)
+
+    @property
+    def model(self):
+        """The checkpoint loaded once (auto device), its quantized linears running the format's kernels."""
+        if self._model is None:
+            self._model = self.load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        return self._tokenizer
 
 
 def quantize(model, config: QuantConfig | None = None, calib: Calibration | str | torch.Tensor | None = None,
@@ -191,15 +208,17 @@ def load_with_tokenizer(model_or_path, device="auto", dtype="auto"):
     return load(folder, device=device, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 
 
-def evaluate(model_or_path, corpus: str = "wiki", split: str = "test", seqlen: int = 512,
+def evaluate(model_or_path, corpus: str = "wiki", split: str | None = None, seqlen: int = 512,
              max_windows: int | None = None, bos: bool | None = None, progress: bool = True,
              tokenizer=None, device="auto", dtype="auto") -> dict:
     """Token perplexity of a model (name, folder, or loaded model + tokenizer) on a corpus split.
 
     bos: start each window with BOS; by default the architecture map decides (Gemma: yes).
+    split: by default "test" of a built-in corpus or hub dataset, "all" of a user's own file
+    (data.default_split); the result names the split used.
     device / dtype: where a model given by name or folder is loaded and computes.
     """
-    from .data import evaluation_windows, tokenize_corpus
+    from .data import default_split, evaluation_windows, tokenize_corpus
     from .perplexity import perplexity
 
     if isinstance(model_or_path, nn.Module):
@@ -218,6 +237,7 @@ def evaluate(model_or_path, corpus: str = "wiki", split: str = "test", seqlen: i
             bos = False
     if bos and tokenizer.bos_token_id is None:
         raise ConfigError("BOS per window was asked for, but the tokenizer has no BOS token")
+    split = split or default_split(corpus, "evaluation")
     tokens = tokenize_corpus(tokenizer, corpus, split)
     windows = evaluation_windows(tokens, seqlen, tokenizer.bos_token_id if bos else None, max_windows)
     start = time.time()

@@ -22,14 +22,83 @@ DEFAULT_MAX_SHARD_SIZE = "4GB"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
+# The report each command writes beside its output: what marks a folder as one llmquant wrote.
+REPORT_FILES = {"quantize": "quantize_report.json", "qat": "qat_report.json", "finetune": "finetune_report.json"}
+
+
+def _quantized_by_llmquant(quantization_config) -> bool:
+    """Whether a config.json's quantization_config carries llmquant's mark (gptq / awq:
+    meta.quantizer "llmquant:VERSION"; compressed-tensors / bitsandbytes: an "llmquant" entry)."""
+    if not isinstance(quantization_config, dict):
+        return False
+    if isinstance(quantization_config.get("llmquant"), dict):
+        return True
+    meta = quantization_config.get("meta")
+    quantizer = meta.get("quantizer") if isinstance(meta, dict) else None
+    return isinstance(quantizer, list) and any(str(q).startswith("llmquant:") for q in quantizer)
+
+
+def why_not_replaceable(folder: Path) -> str | None:
+    """None when llmquant may replace `folder` (an empty folder, or a checkpoint / adapter folder
+    llmquant wrote); otherwise what makes it someone else's."""
+    if folder.is_symlink():
+        return "is a symbolic link"
+    if not folder.is_dir():
+        return "exists and is not a folder"
+    if not any(folder.iterdir()):
+        return None
+    if any((folder / name).is_file() for name in REPORT_FILES.values()):
+        return None
+    try:
+        quantization_config = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        quantization_config = None
+    if _quantized_by_llmquant(quantization_config):
+        return None
+    return (f"is not empty and is not a checkpoint llmquant wrote (no {' / '.join(REPORT_FILES.values())}, "
+            "no quantization_config from llmquant)")
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output unless overwriting; called before any work starts."""
+    """Refuse an existing output unless overwriting, and overwriting anything but an empty folder or
+    llmquant's own output; called before any work starts."""
     target = Path(path).expanduser()
-    if target.exists() and not overwrite:
+    if not os.path.lexists(target):
+        return target
+    if not overwrite:
         raise OutputExistsError(f"output {target} already exists; pass --overwrite (overwrite=True) to replace it")
-    if target.exists() and not target.is_dir():
-        raise OutputExistsError(f"output {target} exists and is not a folder")
+    problem = why_not_replaceable(target)
+    if problem is not None:
+        raise OutputExistsError(f"output {target} {problem}: --overwrite replaces only an empty folder or one "
+                                "llmquant wrote; choose another output path (nothing was changed)")
     return target
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> Path:
+    """check_output_path for an output that is one file: --overwrite replaces only `what` (a file
+    that is_ours recognizes), never another file, a folder or a symbolic link."""
+    target = Path(path).expanduser()
+    if not os.path.lexists(target):
+        return target
+    if not overwrite:
+        raise OutputExistsError(f"output {target} already exists; pass --overwrite (overwrite=True) to replace it")
+    if target.is_symlink() or not target.is_file() or not is_ours(target):
+        raise OutputExistsError(f"output {target} is not {what}: --overwrite replaces only {what}; choose another "
+                                "output path (nothing was changed)")
+    return target
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Move the finished folder `new` to `target`, replacing what is there only if llmquant may
+    (checked again: the output can have changed during a long run)."""
+    if not os.path.lexists(target):
+        os.replace(new, target)
+        return
+    check_output_path(target, overwrite=True)
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> list[str]:
@@ -42,13 +111,34 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
     return sorted(split.filename_to_tensors)
 
 
-def _apply_umask(folder: Path) -> None:
-    """mkdtemp makes a private folder; the finished checkpoint gets the usual permissions."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp makes a private folder; the finished checkpoint gets the usual permissions."""
+    umask = _umask()
     os.chmod(folder, 0o777 & ~umask)
     for item in folder.rglob("*"):
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """write(tmp) to a fresh temporary file beside `path` (mkstemp: a name no one else holds), then
+    rename it to `path`; on any error the temporary file is removed."""
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the result gets the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
@@ -62,13 +152,7 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], Non
         except OSError as exc:
             raise OutputWriteError(f"writing {target} failed: {exc}") from exc
         _apply_umask(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

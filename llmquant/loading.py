@@ -52,8 +52,15 @@ def _read_config(folder: Path, trust_remote_code: bool):
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json: not a model checkpoint")
     try:
+        quantization_config = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    except (ValueError, OSError, AttributeError) as exc:
+        raise CheckpointError(f"{folder}/config.json is not a JSON object: {exc}") from exc
+    if quantization_config is not None and not isinstance(quantization_config, dict):  # transformers: AttributeError
+        raise CheckpointError(f"{folder}: config.json's quantization_config must be a mapping, "
+                              f"got {quantization_config!r}")
+    try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{folder}/config.json cannot be read: {exc}") from exc
 
 
@@ -125,7 +132,11 @@ def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool):
     quantization_config = getattr(config, "quantization_config", None)
     if quantization_config is None:
         checkpoint_files(folder)  # same clear error for a folder without weights
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+        try:  # use_safetensors: never fall back to unpickling a .bin beside them
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=True)
+        except OSError as exc:
+            raise CheckpointError(f"{folder}: cannot load its safetensors weights: {exc}") from exc
         return model.eval()
     quantization_config, fmt = _format_of(folder, quantization_config)
     tensors = read_tensors(checkpoint_files(folder))

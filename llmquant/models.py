@@ -159,8 +159,9 @@ def load_fp_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, d
     location = resolve_model(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        # use_safetensors: never unpickle a .bin (in place of, or beside, the safetensors weights)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True)
     except OSError as exc:
-        raise ModelNotFoundError(f"could not load model {spec!r}: {exc}") from exc
+        raise ModelNotFoundError(f"could not load model {spec!r} (llmquant reads only safetensors weights): {exc}") from exc
     model.eval()
     return model.to(target), tokenizer

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import REPORT_FILES
 from .config import QuantConfig
 from .errors import ConfigError
 from .grid import AffineGrid, QuantizedWeight
@@ -34,7 +35,7 @@ from .training import TrainingSettings, heldout_loss, run_report, train, trainin
 SCALE_LEARNING = (None, "lsq")
 ACTIVATION_GRIDS = (None, "per-token", "per-tensor")
 INITS = ("rtn", "gptq")
-REPORT_FILE = "qat_report.json"
+REPORT_FILE = REPORT_FILES["qat"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

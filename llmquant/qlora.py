@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import write_folder_atomically
+from .checkpoint import REPORT_FILES, write_folder_atomically
 from .errors import ConfigError, LlmquantError
 from .nn import AWQLinear, BnB4bitLinear, GPTQLinear
 from .training import TrainingSettings, heldout_loss, run_report, train, training_windows
 
 # Quantized linears whose forward is differentiable in its input (W8A8 rounds activations: it is not).
 TRAINABLE_BASES = (BnB4bitLinear, GPTQLinear, AWQLinear)
-REPORT_FILE = "finetune_report.json"
+REPORT_FILE = REPORT_FILES["finetune"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike):
     folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise LlmquantError(f"{folder} is not an adapter folder (no adapter_config.json)")
+    if not (folder / "adapter_model.safetensors").is_file():  # else peft would unpickle adapter_model.bin
+        raise LlmquantError(f"{folder} has no adapter_model.safetensors; llmquant reads only safetensors adapters")
     config = _with_quantized_bases(LoraConfig.from_pretrained(str(folder)))
     return PeftModel.from_pretrained(model, str(folder), config=config).eval()
 

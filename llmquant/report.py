@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import REPORT_FILES
 from .device import peak_device_mib
 from .moe import expert_coverage
 from .statistics import InputGram, run_with_input_hooks
 
-REPORT_FILE = "quantize_report.json"
+REPORT_FILE = REPORT_FILES["quantize"]
 SCALING_METHODS = ("awq", "awq+gptq", "smoothquant")
 
 
@@ -268,7 +269,8 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
                 model, tokenizer = load_fp_model(source)
                 arch = arch_for(model.config)
                 windows = Calibration(calibration["corpus"], min(4, calibration["nsamples"]), calibration["seqlen"],
-                                      calibration["seed"]).windows(tokenizer, tokenizer.bos_token_id if arch.bos_per_window else None)
+                                      calibration["seed"], calibration.get("split")).windows(
+                    tokenizer, tokenizer.bos_token_id if arch.bos_per_window else None)
                 figures.append(_plot_activation_outliers(folder, source, layers[0]["name"], windows, folder))
         except Exception as exc:  # the source model may be gone; the rest of the report stands
             header += [f"(plots needing the source model were skipped: {exc})", ""]

@@ -36,20 +36,27 @@ class ScalingGroup:
 
     @torch.no_grad()
     def fold(self, scales: torch.Tensor) -> None:
-        """Divide the previous operation's outputs by `scales`, multiply the linears' inputs by them."""
-        s = scales.detach()
+        """Divide the previous operation's outputs by `scales`, multiply the linears' inputs by them.
+        Each product is computed in float32 and cast once to the tensor's dtype: in an fp16 / bf16
+        model a scale rounded to that dtype first would no longer be the one the other side of the
+        pair divides by (and a large one would overflow fp16)."""
+        s = scales.detach().float()
         previous = self.previous
         if isinstance(previous, nn.Linear):
-            previous.weight.div_(s.to(previous.weight)[:, None])
+            _assign(previous.weight, previous.weight.float() / s.to(previous.weight.device)[:, None])
         else:
             weight = previous.weight
-            weight.copy_((weight.float() + self.norm_weight_offset) / s.to(weight.device) - self.norm_weight_offset)
+            _assign(weight, (weight.float() + self.norm_weight_offset) / s.to(weight.device) - self.norm_weight_offset)
         if getattr(previous, "bias", None) is not None:
-            previous.bias.div_(s.to(previous.bias))
+            _assign(previous.bias, previous.bias.float() / s.to(previous.bias.device))
         for linear in self.linears.values():
-            linear.weight.mul_(s.to(linear.weight)[None, :])
+            _assign(linear.weight, linear.weight.float() * s.to(linear.weight.device)[None, :])
         if self.statistics is not None:
             self.statistics = self.statistics.rescaled(s)
+
+
+def _assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    tensor.copy_(value)  # the one cast, float32 -> the tensor's dtype
 
 
 @dataclass

@@ -54,6 +54,16 @@ class SensitivityTable:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
+    def is_table(cls, path: str | Path) -> bool:
+        from .errors import ConfigError
+
+        try:
+            cls.load(path)
+        except ConfigError:
+            return False
+        return True
+
+    @classmethod
     def load(cls, path: str | Path) -> "SensitivityTable":
         from .errors import ConfigError
 
@@ -216,6 +226,8 @@ def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GRO
     from .moe import unfuse_experts
     from .planning import calibration_windows_for, placement_for
 
+    for b in bits:  # a candidate the format cannot hold is refused, not silently dropped
+        QuantConfig(bits=b, sym=sym, format=format_name)
     placement = placement_for(device, compute_dtype, "never")
     model, tokenizer = load_fp_model(model_spec, device=placement.device)
     arch = arch_for(model.config, model)

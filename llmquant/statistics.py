@@ -18,11 +18,13 @@ class InputGram:
 
     Optional, for algorithms that ask (`statistics_options`): `histogram` keeps an AbsHistogram
     of all |x| (static activation observers), `keep_rows` keeps the first that many input rows
-    (searches that need real activations, e.g. SmoothQuant's alpha under activation rounding).
+    (searches that need real activations, e.g. SmoothQuant's alpha under activation rounding);
+    gram=False skips G (its rows x in^2 multiply-adds) for users of the channel magnitudes only.
     """
 
-    def __init__(self, in_features: int, device=None, histogram: bool = False, keep_rows: int = 0):
-        self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    def __init__(self, in_features: int, device=None, histogram: bool = False, keep_rows: int = 0,
+                 gram: bool = True):
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if gram else None
         self.channel_abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.channel_abs_max = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.rows = 0
@@ -34,7 +36,8 @@ class InputGram:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         if not torch.isfinite(x).all():
             raise DataError("calibration activations contain NaN or Inf; refusing to quantize on them")
-        self.gram.addmm_(x.t(), x)
+        if self.gram is not None:
+            self.gram.addmm_(x.t(), x)
         magnitude = x.abs()
         self.channel_abs_sum += magnitude.sum(dim=0)
         torch.maximum(self.channel_abs_max, magnitude.amax(dim=0), out=self.channel_abs_max)
@@ -55,9 +58,9 @@ class InputGram:
 
     def rescaled(self, scales: torch.Tensor) -> "InputGram":
         """The statistics of the inputs divided channel-wise by `scales` (x -> x / s)."""
-        s = scales.float().to(self.gram.device)
+        s = scales.float().to(self.channel_abs_max.device)
         result = InputGram.__new__(InputGram)
-        result.gram = self.gram / s[:, None] / s[None, :]
+        result.gram = self.gram / s[:, None] / s[None, :] if self.gram is not None else None
         result.channel_abs_sum = self.channel_abs_sum / s
         result.channel_abs_max = self.channel_abs_max / s
         result.rows = self.rows
@@ -68,6 +71,8 @@ class InputGram:
 
     def output_energy(self, weight: torch.Tensor) -> float:
         """||X W^T||_F^2 over the accumulated rows."""
+        if self.gram is None:
+            raise ValueError("these statistics kept no Gram matrix (gram=False)")
         w = weight.float()
         return float(torch.einsum("oi,ij,oj->", w, self.gram, w))
 

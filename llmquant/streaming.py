@@ -7,9 +7,10 @@ released, so memory holds the embeddings, one block and the calibration activati
 
 Progress lives in a hidden folder beside the output, `.NAME.partial`: the finished blocks' shards,
 the next block's calibration inputs (safetensors) and progress.json, each file written to a temp
-name and renamed. A run killed at any point and restarted with the same command (same model files,
-config and calibration windows: their fingerprint is checked) continues after the last finished
-block and writes the same checkpoint, bit for bit, as an uninterrupted run. Only the finished
+name and renamed. A run killed at any point and restarted with the same command (same source files,
+settings, calibration windows and llmquant / torch / transformers versions: their fingerprint is
+checked) continues after the last finished block and writes the same checkpoint, bit for bit, as an
+uninterrupted run; when any of them changed, it says what and starts afresh. Only the finished
 folder is ever renamed to the output path. A run that fails with an error removes its progress;
 one interrupted by a signal or Ctrl-C keeps it for the rerun.
 """
@@ -30,10 +31,11 @@ from torch import nn
 
 from .arch import arch_for
 from .checkpoint import (SAFETENSORS_INDEX, LazyTensors, check_output_path, checkpoint_tensors,
-                         folder_tensors_sha256, without_tied_copies)
+                         folder_tensors_sha256, replace_folder, why_not_replaceable, without_tied_copies,
+                         write_file_atomically)
 from .config import QuantConfig
 from .device import dtype_name, reset_peak_memory
-from .errors import CheckpointError, ConfigError, LlmquantError, OutputWriteError
+from .errors import CheckpointError, ConfigError, LlmquantError, OutputExistsError, OutputWriteError
 from .pipeline import BlockStore, LayerResult, Placement, PipelineResult, quantize_blocks
 from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
@@ -43,12 +45,24 @@ NEXT_INPUTS_FILE = "next-block-inputs.safetensors"
 
 
 def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write_file_atomically(path, write)
     except OSError as exc:
         raise OutputWriteError(f"writing {path} failed: {exc}") from exc
+
+
+def _check_staging(staging: Path) -> None:
+    """Only our own progress folder may sit where progress is kept: never write through a symbolic
+    link, nor into (or delete) a folder someone else made."""
+    if not os.path.lexists(staging):
+        return
+    if staging.is_symlink() or not staging.is_dir():
+        raise OutputExistsError(f"{staging}, where this run keeps its progress, is a symbolic link or not a folder; "
+                                "remove it or choose another output path (nothing was changed)")
+    if (staging / PROGRESS_FILE).is_file() or why_not_replaceable(staging) is None:
+        return
+    raise OutputExistsError(f"{staging}, where this run keeps its progress, holds files llmquant did not write "
+                            f"(no {PROGRESS_FILE}); remove it or choose another output path (nothing was changed)")
 
 
 def shard_name(index: int, total: int) -> str:
@@ -78,7 +92,7 @@ def materialize(module: nn.Module, prefix: str, source: LazyTensors, stored_name
 class StreamingStore(BlockStore):
     """Blocks from the source checkpoint, finished blocks to shards in the staging folder."""
 
-    def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: str, packed: dict,
+    def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: dict, packed: dict,
                  storage: torch.dtype, total_shards: int, stored_name=None):
         self.prefix_of, self.source, self.staging = prefix_of, source, staging
         self.stored_name = stored_name or (lambda key: key)
@@ -87,6 +101,7 @@ class StreamingStore(BlockStore):
         self.started = time.time()
         self.earlier_seconds = 0.0  # time the killed runs before this one spent
         self.layers_seen = self.scaling_seen = 0
+        self.not_resumed_because: str | None = None  # why another run's progress was set aside
 
     def resume_point(self):
         path = self.staging / PROGRESS_FILE
@@ -96,7 +111,10 @@ class StreamingStore(BlockStore):
         done = progress["done"]
         missing = [i for i in range(done) if not (self.staging / shard_name(i, self.total_shards)).exists()]
         if progress.get("fingerprint") != self.fingerprint or missing:
-            return 0, None  # another run's leftovers: start over
+            # another run's leftovers: start over
+            self.not_resumed_because = (f"{len(missing)} finished block shards are missing" if missing
+                                        else _what_changed(progress.get("fingerprint"), self.fingerprint))
+            return 0, None
         self.progress = progress
         self.earlier_seconds = progress["seconds"]
         inputs = self.staging / NEXT_INPUTS_FILE
@@ -132,8 +150,11 @@ class StreamingStore(BlockStore):
         self.progress["done"] = index + 1
         self.progress["seconds"] += time.time() - self.started
         self.started = time.time()
-        _write_atomically(self.staging / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(self.progress)))
+        self.save_progress()
         block.to("meta")  # release the block's memory
+
+    def save_progress(self) -> None:
+        _write_atomically(self.staging / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(self.progress)))
 
     def pipeline_result(self) -> PipelineResult:
         result = PipelineResult()
@@ -143,19 +164,57 @@ class StreamingStore(BlockStore):
         return result
 
 
+# Source files hashed by content up to this size (config, generation config, tokenizer files, chat
+# template...); larger ones (a stray .bin, a .gguf) by size and modification time like the weights.
+HASHED_FILE_BYTES = 64 * 2**20
+
+
 def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibration: torch.Tensor | None,
-                 placement: Placement) -> str:
+                 placement: Placement) -> dict:
+    """What a run's output depends on, so that a resumed run never mixes two: the versions of llmquant,
+    torch and transformers, the settings, the calibration windows, the source's weight files (size and
+    modification time) and every other file of the source folder (content): config.json,
+    generation_config.json, the tokenizer's files; and where the run computes, which changes its
+    numerics (compute dtype, GPU kernels)."""
+    import transformers
+
     from . import __version__
 
-    # where the run computes changes its numerics (compute dtype, GPU kernels), so it is part of it
-    digest = hashlib.sha256(json.dumps({"llmquant": __version__, "config": config.to_dict(),
-                                        "placement": placement.to_dict(),
-                                        "source": str(folder.resolve()),
-                                        "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]},
-                                       sort_keys=True).encode())
-    if calibration is not None:
-        digest.update(calibration.numpy().tobytes())
-    return digest.hexdigest()
+    def sha256(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    weights = {f.name for f in files}
+    parts = {
+        "llmquant": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "settings": sha256(json.dumps(config.to_dict(), sort_keys=True).encode()),
+        "placement": placement.to_dict(),
+        "source folder": str(folder.resolve()),
+        "weight files": sha256(json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()),
+        "calibration windows": sha256(calibration.numpy().tobytes()) if calibration is not None else None,
+    }
+    for path in sorted(folder.iterdir()):
+        if path.name in weights or path.name.startswith(".") or not path.is_file():
+            continue
+        size = path.stat().st_size
+        parts[f"source file {path.name}"] = (sha256(path.read_bytes()) if size <= HASHED_FILE_BYTES
+                                             else f"{size} bytes, modified {path.stat().st_mtime_ns}")
+    return parts
+
+
+def _what_changed(before, now: dict) -> str:
+    if not isinstance(before, dict):
+        return "it was written by an llmquant version that kept no record of its source"
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) == now.get(key):
+            continue
+        if key in ("llmquant", "torch", "transformers"):
+            changes.append(f"{key} {before.get(key)} -> {now.get(key)}")
+        elif key not in before or key not in now:
+            changes.append(f"{key} {'appeared' if key in now else 'is gone'}")
+        else:
+            changes.append(f"{key} changed")
+    return "since it was written, " + ", ".join(changes)
 
 
 def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib, out: str | os.PathLike,
@@ -176,7 +235,9 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     config = config or QuantConfig()
     start = time.time()
     target = check_output_path(out, overwrite)
-    placement = placement_for(device, compute_dtype, offload_activations)  # refuses an absent device first
+    placement_for(device, compute_dtype, offload_activations)  # refuses an absent device first
+    staging = target.with_name(f".{target.name}.partial")
+    _check_staging(staging)
     folder = Path(resolve_model(str(model)))
     if not folder.is_dir():
         raise ConfigError(f"streaming quantization reads a local model folder; {model} is not one")
@@ -207,17 +268,26 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
 
     storage = STORAGE_TORCH_DTYPES[config.dtype]
     n_blocks = len(arch.block_list(skeleton))
-    staging = target.with_name(f".{target.name}.partial")
     packed: dict[str, dict[str, torch.Tensor]] = {}
     store = StreamingStore(arch.block_prefix, source, staging,
                            _fingerprint(folder, files, config, plan.calibration, plan.placement),
                            packed, storage, n_blocks + 1, arch.stored_name)
+    _check_staging(staging)
+    if not os.path.lexists(staging):
+        try:
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()  # not exist_ok: a symbolic link put there since the check is refused
+        except OSError as exc:
+            raise OutputWriteError(f"cannot create {staging}: {exc}") from exc
     try:
-        staging.mkdir(parents=True, exist_ok=True)
         first, _ = store.resume_point()
         if first == 0 and any(staging.iterdir()):
-            shutil.rmtree(staging)  # leftovers of a different run
+            shutil.rmtree(staging)  # leftovers of a different run (ours: checked above)
             staging.mkdir()
+        if first == 0:
+            store.save_progress()  # marks the folder as this run's progress before anything else is written
+        if store.not_resumed_because:
+            print(f"not resuming {staging.name}: {store.not_resumed_because}; starting a fresh run")
         if first and progress:
             print(f"resuming {target.name} after block {first - 1} ({first} of {n_blocks} done)")
         # the embeddings, final norm and head do not change: their shard is written first, so that
@@ -239,14 +309,14 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         report = build_report(config, str(model), plan.calibration_info, store.earlier_seconds + time.time() - start,
                               peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]),
                               plan.placement)
-        for leftover in (PROGRESS_FILE, NEXT_INPUTS_FILE):
-            (staging / leftover).unlink(missing_ok=True)
+        (staging / NEXT_INPUTS_FILE).unlink(missing_ok=True)
         report["resumed_after_blocks"] = first
         # each block's read, statistics, rounding, forward pass and write
         report["block_seconds"] = [b.get("seconds") for b in store.progress["blocks"]]
         report["checkpoint_sha256"] = folder_tensors_sha256(staging)
         report.update(report_extra or {})
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        (staging / PROGRESS_FILE).unlink()  # after the report, which marks the folder as ours from here on
         write_report(staging, plots=plots, name=target.name)
         _move_into_place(staging, target)
     except OSError as exc:
@@ -305,11 +375,4 @@ def _finish_folder(staging: Path, n_blocks: int, model_config, fmt, config: Quan
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    replace_folder(staging, target)

@@ -198,7 +198,7 @@ def test_awq_checkpoint_holds_the_quantized_weights_and_loads(method, group_size
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(bits=3), "4-bit weights only"),
+    (dict(bits=3), "the awq format holds 4-bit weights, not 3-bit; use --format gptq"),
     (dict(method="awq+gptq", act_order=True), "cannot store act-order"),
 ])
 def test_awq_format_refuses_what_it_cannot_store(kwargs, message):

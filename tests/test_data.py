@@ -99,3 +99,31 @@ def test_chunked_loss_applies_final_logit_softcapping():
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
     assert abs(total / count - loss) < 1e-4
+
+
+def test_a_user_file_is_evaluated_and_calibrates_whole_unless_a_split_is_given(tmp_path, capsys, smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.cli import main
+    from llmquant.data import tokenize_corpus
+
+    tokenizer = smollm2[1]
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer)
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i} of my own notes, about rivers and hills number {i}." for i in range(40)))
+
+    assert Calibration(str(corpus)).split == "all" and Calibration("wiki").split == "train"
+    assert Calibration(str(corpus), split="train").split == "train"
+    whole = tokenize_corpus(tokenizer, str(corpus), "all").numel() // 16
+    tenth = tokenize_corpus(tokenizer, str(corpus), "test").numel() // 16
+    assert main(["eval", str(folder), "--corpus", str(corpus), "--seqlen", "16", "--json", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "split all" in printed and f"{whole} windows" in printed
+    assert main(["eval", str(folder), "--corpus", str(corpus), "--seqlen", "16", "--split", "test"]) == 0
+    assert "split test" in capsys.readouterr().out and tenth < whole
+    assert main(["eval", str(folder), "--corpus", "wiki", "--seqlen", "16", "--max-windows", "1"]) == 0
+    assert "corpus wiki, split test" in capsys.readouterr().out

@@ -253,8 +253,10 @@ def _op_samples():
 
     torch.manual_seed(0)
     weight, x, bias = torch.randn(64, 96), torch.randn(3, 96), torch.randn(64)
-    gptq = FORMATS["gptq"].pack(AffineGrid(4, False, 32, min_zero=1).quantize(weight))
-    awq = FORMATS["awq"].pack(AffineGrid(4, False, 32).quantize(weight))
+    gptq = FORMATS["gptq"].pack(AffineGrid(4, False, 32, min_zero=1).quantize(weight),
+                                QuantConfig(bits=4, group_size=32, sym=False))
+    awq = FORMATS["awq"].pack(AffineGrid(4, False, 32).quantize(weight),
+                              QuantConfig(bits=4, group_size=32, sym=False, format="awq"))
     codes = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
     nf4 = FORMATS["bitsandbytes"].pack(CodebookGrid("nf4", 64, True).quantize(weight),
                                        QuantConfig(method="nf4", double_quant=True))

@@ -28,12 +28,33 @@ def leftovers(parent):
     (["--group-size", "-2"], "group_size must be a positive integer or -1"),
     (["--group-size", "4096"], "larger than in_features"),
     (["--format", "exl9"], "unknown format"),
+    (["--bits", "5"], "not 5-bit; no format llmquant writes holds them"),
+    (["--bits", "6", "--method", "gptq"], "not 6-bit; no format llmquant writes holds them"),
+    (["--bits", "7", "--method", "awq"], "not 7-bit; no format llmquant writes holds them"),
+    (["--bits", "3", "--format", "awq"], "the awq format holds 4-bit weights, not 3-bit; use --format gptq"),
 ])
 def test_bad_settings(capsys, tmp_path, tiny_folder, args, message):
     out = tmp_path / "out"
     code, err = run_cli(capsys, "quantize", tiny_folder, "--out", out, *args)
     assert code == 2 and message in err
     assert not out.exists()
+
+
+def test_bits_no_loader_reads_are_refused_everywhere(capsys, tmp_path, monkeypatch):
+    """5- to 7-bit weights: refused before any model loads by quantize, qat and sensitivity alike."""
+    from llmquant import models
+    from llmquant.sensitivity import sensitivity_of
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(models, "load_fp_model", no_loading)
+    monkeypatch.setattr(models, "resolve_model", no_loading)
+    code, err = run_cli(capsys, "qat", "--bits", "6", "--out", tmp_path / "qat")
+    assert code == 2 and "not 6-bit" in err
+    with pytest.raises(ConfigError, match="not 5-bit"):
+        sensitivity_of("smollm2-135m", "wiki", bits=(4, 5))
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("model,message", [
@@ -68,13 +89,105 @@ def test_unsupported_architecture(capsys, tmp_path, smollm2):
 def test_existing_output_is_refused_then_overwritten(capsys, tmp_path, tiny_folder):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
     code, err = run_cli(capsys, "quantize", tiny_folder, "--group-size", "32", "--out", out)
     assert code == 2 and "already exists" in err and "--overwrite" in err
-    assert leftovers(out) == ["keep.txt"]
     code, _ = run_cli(capsys, "quantize", tiny_folder, "--group-size", "32", "--out", out, "--overwrite")
-    assert code == 0 and (out / "config.json").exists() and not (out / "keep.txt").exists()
+    assert code == 0 and (out / "config.json").exists()  # an empty folder is replaced
+    code, _ = run_cli(capsys, "quantize", tiny_folder, "--bits", "3", "--group-size", "32", "--out", out, "--overwrite")
+    assert code == 0 and json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
     assert leftovers(tmp_path) == ["out", "tiny-llama"]
+
+
+def _someone_elses(tmp_path, kind):
+    """An existing output that is not llmquant's: (path, a function giving what is there now)."""
+    out = tmp_path / "out"
+    if kind == "user files":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif kind == "model folder":  # e.g. --out pointing at the source model by mistake
+        tiny_model("llama").save_pretrained(out)
+    elif kind == "foreign quantized":  # a checkpoint another tool wrote
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    elif kind == "file":
+        out.write_text("mine")
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "keep.txt").write_text("mine")
+        out.symlink_to(tmp_path / "elsewhere")
+
+    def state():
+        return sorted((str(p.relative_to(tmp_path)), p.is_symlink(), p.read_bytes() if p.is_file() else None)
+                      for p in tmp_path.rglob("*") if "tiny-llama" not in p.parts)
+    return out, state
+
+
+KINDS = ["user files", "model folder", "foreign quantized", "file", "symlink"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_overwrite_never_replaces_what_llmquant_did_not_write(capsys, tmp_path, tiny_folder, kind):
+    out, state = _someone_elses(tmp_path, kind)
+    before = state()
+    code, err = run_cli(capsys, "quantize", tiny_folder, "--group-size", "32", "--out", out, "--overwrite")
+    assert code == 2 and f"output {out}" in err and "nothing was changed" in err
+    assert state() == before
+
+
+@pytest.mark.parametrize("kind", KINDS[:3])
+def test_overwrite_refusal_holds_in_every_writer(tmp_path, tiny_folder, kind):
+    from llmquant.checkpoint import write_folder_atomically
+    from llmquant.errors import OutputExistsError
+    from llmquant.streaming import quantize_to_disk
+
+    out, state = _someone_elses(tmp_path, kind)
+    before = state()
+    qmodel = llmquant.quantize(tiny_model("llama"), QuantConfig(bits=4, group_size=32), progress=False)
+    with pytest.raises(OutputExistsError, match="nothing was changed"):
+        qmodel.save(out, overwrite=True)
+    with pytest.raises(OutputExistsError, match="nothing was changed"):
+        quantize_to_disk(tiny_folder, QuantConfig(bits=4, group_size=32), None, out, overwrite=True, progress=False)
+    assert state() == before
+
+    # the output changes while the run works: the final move checks again
+    fresh = tmp_path / "fresh"
+
+    def write_while_someone_takes_the_path(folder):
+        (folder / "config.json").write_text("{}")
+        fresh.mkdir()
+        (fresh / "keep.txt").write_text("theirs")
+
+    with pytest.raises(OutputExistsError):
+        write_folder_atomically(fresh, write_while_someone_takes_the_path, overwrite=True)
+    assert leftovers(fresh) == ["keep.txt"] and not any(p.name.startswith(".fresh") for p in tmp_path.iterdir())
+
+
+def test_progress_folder_must_be_our_own(tmp_path, tiny_folder):
+    from llmquant.errors import OutputExistsError
+    from llmquant.streaming import quantize_to_disk
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / ".out.partial").symlink_to(elsewhere)
+    with pytest.raises(OutputExistsError, match="symbolic link"):
+        quantize_to_disk(tiny_folder, QuantConfig(bits=4, group_size=32), None, tmp_path / "out", progress=False)
+    assert leftovers(elsewhere) == [] and not (tmp_path / "out").exists()
+    (tmp_path / ".out.partial").unlink()
+    (tmp_path / ".out.partial").mkdir()
+    (tmp_path / ".out.partial" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="llmquant did not write"):
+        quantize_to_disk(tiny_folder, QuantConfig(bits=4, group_size=32), None, tmp_path / "out", progress=False)
+    assert leftovers(tmp_path / ".out.partial") == ["notes.txt"]
+
+
+def test_overwrite_of_single_file_outputs_replaces_only_their_own_kind(capsys, tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    code, err = run_cli(capsys, "sensitivity", "smollm2-135m", "--out", notes, "--overwrite")
+    assert code == 2 and "is not a sensitivity table" in err
+    code, err = run_cli(capsys, "export-gguf", "smollm2-135m", "--out", notes, "--overwrite")
+    assert code == 2 and "is not a GGUF file" in err
+    assert notes.read_text() == '{"mine": true}'
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):

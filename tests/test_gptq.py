@@ -151,3 +151,37 @@ def test_cli_gptq_with_act_order_writes_desc_act_and_layer_errors(tmp_path, smol
     assert report["calibration"] == {"corpus": "wiki", "split": "train", "nsamples": 3, "seqlen": 48, "seed": 0}
     assert all(0 < layer["relative_output_error"] < 1 for layer in report["layers"])
     assert isinstance(llmquant.load(out).model.layers[0].self_attn.o_proj, GPTQLinear)
+
+
+@pytest.mark.parametrize("group_size", [32, 96, 128, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_lazy_batch_size_does_not_change_codes_or_scales(group_size, act_order):
+    """The lazy batch only defers arithmetic: a group that spans a batch boundary (group 96 with
+    batches of 64 or 128) must take its scales from weights that carry every earlier column's
+    error update, exactly as with batches that end on the group's first column."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 384) * torch.linspace(0.2, 3, 384)
+    hess = 2 * x.t() @ x / 512
+    weight = torch.randn(64, 384)
+    grid = AffineGrid(4, False, group_size, min_zero=1)
+    results = [gptq_quantize(weight, hess, grid, block_size=b, act_order=act_order)
+               for b in (32, 64, 128)]
+    for other in results[1:]:
+        assert torch.equal(other.group_index, results[0].group_index)
+        # equal up to floating-point ties: one fp16 step of a scale, a code in a thousand
+        assert torch.allclose(other.scale, results[0].scale, rtol=2e-3, atol=0)
+        assert (other.codes != results[0].codes).float().mean() <= 1e-3
+
+
+def test_gptq_lazy_batch_option_cannot_be_mistaken_for_nf4_block_size(capsys, tmp_path):
+    from llmquant.cli import build_parser, main
+
+    args = build_parser().parse_args(["quantize", "--method", "gptq", "--gptq-block-size", "64", "--out", "x"])
+    assert args.gptq_block_size == 64 and args.group_size is None
+    assert build_parser().parse_args(["quantize", "--method", "nf4", "--blocksize", "128", "--out", "x"]).group_size == 128
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "nf4", "--block-size", "128", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "--block-size is now --gptq-block-size" in err and "--group-size" in err
+    assert not (tmp_path / "out").exists()
+    assert QuantConfig(method="gptq", gptq_block_size=32).gptq_block_size == 32

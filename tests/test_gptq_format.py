@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llmquant.algorithms.rtn import RTN
+from llmquant import QuantConfig
 from llmquant.formats import FORMATS
 from llmquant.grid import AffineGrid
 
@@ -44,7 +45,7 @@ def test_independent_dequantization_equals_rtn_fake_quantization(bits, group_siz
     fmt = FORMATS["gptq"]
     grid = AffineGrid(bits, sym, group_size, min_zero=0 if sym else 1)
     quantized = RTN().quantize(weight, grid)
-    tensors = fmt.pack(quantized)
+    tensors = fmt.pack(quantized, QuantConfig(bits=bits, group_size=group_size, sym=sym))
     groups = 1 if group_size == -1 else -(-160 // group_size)
     assert tensors["qweight"].shape == (160 * bits // 32, 64) and tensors["qweight"].dtype == torch.int32
     assert tensors["qzeros"].shape == (groups, 64 * bits // 32) and tensors["qzeros"].dtype == torch.int32
@@ -58,7 +59,7 @@ def test_independent_dequantization_equals_rtn_fake_quantization(bits, group_siz
 
 def test_symmetric_four_bit_stores_zero_seven():
     q = AffineGrid(4, True, 32).quantize(torch.randn(32, 64))
-    qzeros = FORMATS["gptq"].pack(q)["qzeros"]
+    qzeros = FORMATS["gptq"].pack(q, QuantConfig(bits=4, group_size=32))["qzeros"]
     assert (qzeros == 0x77777777).all()
 
 
@@ -66,7 +67,7 @@ def test_real_layer_round_trip(smollm2):
     model, _ = smollm2
     weight = model.model.layers[0].self_attn.k_proj.weight.detach()  # [192, 576]
     quantized = AffineGrid(4, False, 64, min_zero=1).quantize(weight)
-    tensors = FORMATS["gptq"].pack(quantized)
+    tensors = FORMATS["gptq"].pack(quantized, QuantConfig(bits=4, group_size=64, sym=False))
     independent = published_gptq_dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], 4)
     assert torch.equal(independent, quantized.dequantize())
     assert (independent - weight).abs().max() > 0  # it really was quantized
@@ -76,4 +77,4 @@ def test_zero_point_zero_is_refused_rather_than_wrapped():
     q = AffineGrid(4, False, -1, min_zero=0).quantize(torch.tensor([[-0.001, 0.2, 0.5, 1.0] * 8]))
     assert q.zero.min() == 0
     with pytest.raises(ValueError, match="zero point of 0"):
-        FORMATS["gptq"].pack(q)
+        FORMATS["gptq"].pack(q, QuantConfig(bits=4, group_size=-1, sym=False))

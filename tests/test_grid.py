@@ -49,13 +49,6 @@ def test_partial_last_group_is_quantized_on_its_own():
     assert torch.equal(q.group_index, torch.arange(200, dtype=torch.int32) // 64)
 
 
-def test_per_tensor_has_one_scale():
-    w = weight()
-    q = AffineGrid(8, True, per_tensor=True).quantize(w)
-    assert torch.unique(q.scale).numel() == 1
-    assert torch.isclose(q.scale[0, 0], w.abs().max() * 2 / 255, rtol=1e-3)
-
-
 def test_min_zero_shifts_grid_instead_of_clipping():
     # Mostly positive group: plain rounding would give zero point 0.
     w = torch.tensor([[-0.001, 0.2, 0.5, 1.0]])
@@ -84,3 +77,14 @@ def test_clip_search_never_raises_the_error_it_minimizes_and_clips_outliers(grou
     assert (err(searched) <= err(plain) * (1 + 1e-6)).all()
     assert err(searched).sum() < err(plain).sum()
     assert searched.scale[0, 0] < plain.scale[0, 0]
+
+
+@pytest.mark.parametrize("group_size,in_features,permute", [(-1, 160, False), (32, 160, False), (64, 160, False),
+                                                            (32, 160, True), (-1, 96, True)])
+def test_dequantize_is_the_per_column_gather_whatever_the_group_layout(group_size, in_features, permute):
+    torch.manual_seed(group_size + in_features)
+    q = AffineGrid(4, False, group_size, min_zero=1).quantize(torch.randn(24, in_features))
+    if permute:  # act-order: columns visit the groups out of order
+        q.group_index = q.group_index[torch.randperm(in_features)]
+    g = q.group_index.long()
+    assert torch.equal(q.dequantize(), (q.codes.float() - q.zero[:, g].float()) * q.scale[:, g])

@@ -32,7 +32,7 @@ def _gptq_tensors(n, k, bits, group_size, sym, act_order, seed):
         quantized.group_index = quantized.group_index[torch.randperm(k)].contiguous()
         g = quantized.group_index.long()
         quantized.codes = grid.quantize_values(weight, quantized.scale[:, g], quantized.zero[:, g]).to(torch.uint8)
-    return FORMATS["gptq"].pack(quantized)
+    return FORMATS["gptq"].pack(quantized, QuantConfig(bits=bits, group_size=group_size, sym=sym))
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order,m,n,k", [
@@ -74,7 +74,7 @@ def test_w4a16_gptq_fp16_activations_and_v2_zero_offset():
 def test_w4a16_awq_layout_matches_reference(group_size, sym, m, n, k):
     torch.manual_seed(group_size + m)
     quantized = AffineGrid(4, sym, group_size).quantize(torch.randn(n, k))
-    t = FORMATS["awq"].pack(quantized)
+    t = FORMATS["awq"].pack(quantized, QuantConfig(bits=4, group_size=group_size, sym=sym, format="awq"))
     x = torch.randn(m, k)
     bias = torch.randn(n) if sym else None
     expected = ops._awq_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], bias, group_size)
@@ -135,7 +135,7 @@ def test_modules_dispatch_to_triton_when_asked_and_keep_gradients(monkeypatch):
     linear = nn.Linear(200, 72, bias=True)
     quantized = AffineGrid(4, True, 64).quantize(linear.weight.detach())
     fmt = FORMATS["gptq"]
-    tensors = fmt.pack(quantized)
+    tensors = fmt.pack(quantized, QuantConfig(bits=4, group_size=64))
     module = fmt.build_linear("l", {"bits": 4, "group_size": 64}, {k: tuple(v.shape) for k, v in tensors.items()},
                               True, 200, 72, torch.float32)
     module.load_state_dict({**tensors, "bias": linear.bias.detach()}, assign=True)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from llmquant import QuantConfig
 from llmquant.formats import FORMATS
 from llmquant.grid import AffineGrid
 
@@ -14,7 +15,7 @@ def test_gptq_linear_matches_linear_with_fake_quantized_weight(bits, group_size,
     grid = AffineGrid(bits, sym, group_size, min_zero=0 if sym else 1)
     quantized = grid.quantize(linear.weight.detach())
     fmt = FORMATS["gptq"]
-    tensors = fmt.pack(quantized)
+    tensors = fmt.pack(quantized, QuantConfig(bits=bits, group_size=group_size, sym=sym))
     config = {"bits": bits, "group_size": group_size, "checkpoint_format": "gptq"}
     module = fmt.build_linear("layer", config, {k: tuple(v.shape) for k, v in tensors.items()}, bias, 160, 96, torch.float32)
     state = dict(tensors)

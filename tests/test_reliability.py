@@ -94,6 +94,47 @@ def test_leftovers_of_a_different_run_are_not_resumed(tmp_path, tiny_folder, mon
     assert folder_tensors_sha256(out) == folder_tensors_sha256(reference)
 
 
+def _edit_json(path: Path, key, value) -> None:
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda folder, mp: _edit_json(folder / "config.json", "rms_norm_eps", 1e-5), "source file config.json changed"),
+    (lambda folder, mp: _edit_json(folder / "generation_config.json", "max_length", 77),
+     "source file generation_config.json changed"),
+    (lambda folder, mp: _edit_json(folder / "tokenizer_config.json", "model_max_length", 99),
+     "source file tokenizer_config.json changed"),
+    (lambda folder, mp: mp.setattr(torch, "__version__", "0.0.1"), "torch"),
+    (lambda folder, mp: mp.setattr("transformers.__version__", "0.0.2"), "transformers"),
+    (lambda folder, mp: mp.setattr(llmquant, "__version__", "0.0.3"), "llmquant"),
+])
+def test_a_changed_source_or_version_is_not_resumed(tmp_path, tiny_folder, monkeypatch, capsys, change, named):
+    from llmquant import streaming
+
+    config = QuantConfig(bits=4, group_size=32)
+    original = streaming.StreamingStore.finish
+
+    def interrupted(self, index, *args):
+        original(self, index, *args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming.StreamingStore, "finish", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_to_disk(tiny_folder, config, None, tmp_path / "out", progress=False)
+    change(tiny_folder, monkeypatch)
+    capsys.readouterr()
+    out, report = quantize_to_disk(tiny_folder, config, None, tmp_path / "out", progress=False)
+    printed = capsys.readouterr().out
+    assert report["resumed_after_blocks"] == 0
+    assert "not resuming .out.partial" in printed and named in printed and "starting a fresh run" in printed
+    reference, _ = quantize_to_disk(tiny_folder, config, None, tmp_path / "reference", progress=False)
+    assert folder_tensors_sha256(out) == folder_tensors_sha256(reference)
+    assert (out / "config.json").read_text() == (reference / "config.json").read_text()
+
+
 def test_reruns_are_bit_identical_file_for_file(tmp_path, tiny_folder):
     config = QuantConfig(method="gptq", bits=4, group_size=32, act_order=True)
     first, _ = quantize_to_disk(tiny_folder, config, calibration(), tmp_path / "a", progress=False)
@@ -345,3 +386,58 @@ def test_sigkill_at_a_random_block_then_rerun_gives_the_uninterrupted_checkpoint
     assert report["checkpoint_sha256"] == json.loads((tmp_path / "reference" / "quantize_report.json").read_text())[
         "checkpoint_sha256"] == folder_tensors_sha256(tmp_path / "reference")
     assert leftovers(tmp_path) == ["out", "reference"]
+
+
+# ---- only safetensors are read ----
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """torch.load (what reads .bin weights) raises if anything calls it."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("torch.load was called: a pickle was read")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    return calls
+
+
+def _decoy_bin(folder: Path) -> None:
+    torch.save({"model.embed_tokens.weight": torch.zeros(1)}, folder / "pytorch_model.bin")
+
+
+def test_a_decoy_bin_beside_safetensors_is_never_unpickled(tmp_path, tiny_folder, no_unpickling):
+    from llmquant.errors import ModelNotFoundError
+    from llmquant.loading import load
+    from llmquant.models import load_fp_model
+
+    # safetensors transformers would not pick (a one-shard name without an index), a .bin it would
+    (tiny_folder / "model.safetensors").rename(tiny_folder / "model-00001-of-00001.safetensors")
+    _decoy_bin(tiny_folder)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load(tiny_folder)
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_fp_model(str(tiny_folder))
+    only_bin = tmp_path / "only-bin"
+    only_bin.mkdir()
+    for path in tiny_folder.iterdir():  # config and tokenizer, no safetensors
+        if path.suffix not in (".safetensors", ".bin") and path.is_file():
+            (only_bin / path.name).write_bytes(path.read_bytes())
+    (only_bin / "pytorch_model.bin").write_bytes((tiny_folder / "pytorch_model.bin").read_bytes())
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_fp_model(str(only_bin))
+    assert no_unpickling == []
+
+
+def test_an_adapter_stored_as_a_pickle_is_refused(tmp_path, tiny_folder, no_unpickling):
+    from llmquant.qlora import load_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+    _decoy_bin(adapter)
+    (adapter / "pytorch_model.bin").rename(adapter / "adapter_model.bin")
+    with pytest.raises(LlmquantError, match="adapter_model.safetensors"):
+        load_adapter(tiny_model("llama"), adapter)
+    assert no_unpickling == []

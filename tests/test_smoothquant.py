@@ -182,3 +182,78 @@ def test_w8a8_defaults_follow_the_method():
     config = QuantConfig(method="smoothquant")
     assert (config.bits, config.group_size, config.format) == (8, -1, "compressed-tensors")
     assert (QuantConfig().bits, QuantConfig().group_size, QuantConfig().format) == (4, 128, "gptq")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folding_in_half_precision_is_the_float32_fold_cast_once(dtype):
+    """Scales are folded in float32 and each result cast once to the model's dtype: a large scale is
+    neither rounded to fp16 / bf16 first (which breaks the norm / linear balance, Gemma's (1 + w)
+    norms included) nor overflows fp16."""
+    from llmquant.scaling import scaling_groups
+
+    model = tiny_model("gemma3").to(dtype)
+    reference = copy.deepcopy(model).float()
+    arch = arch_for(model.config)
+    names = {f"{arch.block_prefix(0)}.{n}" for n in arch.linear_names()}
+    folded = []
+    for m in (model, reference):
+        groups = scaling_groups(arch.block_list(m)[0], arch, arch.block_prefix(0), names)
+        assert groups and any(not isinstance(g.previous, torch.nn.Linear) for g in groups)
+        for group in groups:
+            scales = 10 ** (torch.rand(group.channels, generator=torch.Generator().manual_seed(len(group.name))) * 6 - 1)
+            group.fold(scales)  # up to 1e5: beyond fp16's largest value
+            if m is reference:  # its tensors hold the model's values after each fold too
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.copy_(p.to(dtype).float())
+        folded.append(arch.block_list(m)[0].state_dict())
+    for key, value in folded[0].items():
+        assert value.dtype == dtype
+        assert torch.equal(value, folded[1][key].to(dtype)), key
+
+
+@pytest.mark.parametrize("alpha", [0.5, "auto"])
+def test_searched_and_applied_scales_use_the_same_weights_when_a_linear_is_excluded(alpha):
+    """A linear kept in floating point (--exclude) is rescaled with its group but does not shape the
+    scales: the alpha search and the applied scales both use the quantized linears' weights."""
+    from llmquant.algorithms.smoothquant import ALPHA_GRID, smoothing_scales, w8a8_output_error
+    from llmquant.scaling import ScalingGroup
+    from llmquant.statistics import InputGram
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    kept, excluded = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        excluded.weight.mul_(100)  # its column maxima would dominate the scales
+    x = torch.randn(256, 16) * torch.linspace(0.1, 20, 16)
+    stats = InputGram(16, keep_rows=256)
+    stats.add_batch(x)
+    before = kept.weight.detach().clone()
+    group = ScalingGroup("norm", norm, {"kept": kept, "excluded": excluded}, ("kept",), stats)
+    grid = AffineGrid(8, symmetric=True, group_size=-1)
+    outcome = SmoothQuant(alpha).transform_block([group], lambda name, linear: grid, set())
+    chosen = outcome.records[0]["alpha"]
+    applied = (kept.weight / before)[0]
+    expected = smoothing_scales(stats.channel_abs_max, [before], chosen)
+    assert torch.allclose(applied, expected, rtol=1e-5)
+    if alpha == "auto":
+        errors = {a: w8a8_output_error(x, [before], [grid], smoothing_scales(stats.channel_abs_max, [before], a), False)
+                  for a in ALPHA_GRID}
+        assert chosen == min(errors, key=errors.get)
+
+
+def test_alpha_search_scores_the_group_as_the_sum_over_its_linears():
+    """The search rounds the group's per-channel weights in one matrix and reuses X W^T across
+    alphas: the score is still the sum of each linear's own output error."""
+    from llmquant.algorithms.smoothquant import smoothing_scales, w8a8_output_error
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 32) * torch.linspace(0.1, 8, 32)
+    weights = [torch.randn(16, 32), torch.randn(24, 32) * 3]
+    grid = AffineGrid(8, symmetric=True, group_size=-1)
+    scales = smoothing_scales(x.abs().amax(0), weights, 0.6)
+    for static in (False, True):
+        separate = w8a8_output_error(x, weights, [grid, grid], scales, static)
+        joined = torch.cat(weights)
+        together = w8a8_output_error(x, [joined], [grid], scales, static, [x @ joined.t()])
+        assert together == pytest.approx(separate, rel=1e-5)

@@ -17,7 +17,7 @@ from .w8a8 import W8A8
 
 
 def _gptq(config):
-    return GPTQ(config.block_size, config.damp, config.act_order, config.static_groups)
+    return GPTQ(config.gptq_block_size, config.damp, config.act_order, config.static_groups)
 
 
 def _awq(rounding):

@@ -6,7 +6,8 @@ optional act-order (columns by descending Hessian diagonal), damping `damp` x me
 the upper Cholesky factor of H^-1, and lazy batches of `block_size` columns. Two departures:
 - group scales chosen as the sweep reaches a group are computed from the group's current
   (error-updated) weights, also for columns inside the lazy batch, where the reference
-  reads stale values;
+  reads stale values, and for columns past it, which first get the batch's error so far
+  (so the lazy batch size changes no code or scale, whatever the group size);
 - when the Cholesky factorization fails, damping is raised step by step (with a warning
   naming the layer) instead of aborting the run.
 """
@@ -84,7 +85,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    grouped = grid.group_size != PER_CHANNEL and not grid.per_tensor
+    grouped = grid.group_size != PER_CHANNEL
     group_size = grid.group_size if grouped else columns
     if not grouped:
         fixed_scale, fixed_zero = grid.qparams(W)  # [out, 1]
@@ -117,7 +118,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid,
             elif grouped:
                 if column % group_size == 0:
                     end = min(column + group_size, columns)
-                    current = torch.cat([W1[:, i:end - i1], W[:, i2:end]], dim=1) if end > i2 else W1[:, i:end - i1]
+                    current = W1[:, i:end - i1]
+                    if end > i2:
+                        # the columns past this batch still lack the error of its columns so far
+                        pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:column, i2:end]
+                        current = torch.cat([current, pending], dim=1)
                     scale, zero = (t[:, 0] for t in grid.qparams(current))
                     scales.append(scale)
                     zeros.append(zero)

@@ -2,7 +2,7 @@
 
 Per scaling group (input norm -> q/k/v, MLP norm -> gate/up, and linear -> linear pairs where
 the architecture map has them), s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) over the group's
-linears, folded into the previous operation, so X/s is easier to quantize and W s takes the
+quantized linears (one kept in floating point is rescaled but does not shape s), folded into the previous operation, so X/s is easier to quantize and W s takes the
 difficulty. alpha is given, or "auto": per group, the alpha on a grid that minimizes the
 linears' output error under W8A8 rounding on a sample of real input rows (static activations
 are scored with a min-max per-tensor scale during this search).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import PER_CHANNEL
 from ..grid import AffineGrid, QuantizedWeight
 from ..grid.activations import fake_quantize
 from ..scaling import BlockTransform, ScalingGroup
@@ -29,16 +30,18 @@ def smoothing_scales(channel_abs_max: torch.Tensor, weights: list[torch.Tensor],
 
 
 def w8a8_output_error(inputs: torch.Tensor, weights: list[torch.Tensor], grids: list[AffineGrid],
-                      scales: torch.Tensor, static: bool) -> float:
-    """Sum over the linears of ||X W^T - Q(X / s) Q(W s)^T||^2 on the sample rows X."""
+                      scales: torch.Tensor, static: bool, references: list[torch.Tensor] | None = None) -> float:
+    """Sum over the linears of ||X W^T - Q(X / s) Q(W s)^T||^2 on the sample rows X.
+    references: the X W^T of each linear, when the caller has them already (they do not depend on s)."""
     smoothed = inputs / scales
     input_scale = (smoothed.abs().amax() / 127).reshape(1) if static else None
     quantized_inputs = fake_quantize(smoothed, input_scale)
     error = 0.0
-    for weight, grid in zip(weights, grids):
+    for i, (weight, grid) in enumerate(zip(weights, grids)):
         w = weight.detach().float()
-        reference = inputs @ w.t()
-        error += float((reference - quantized_inputs @ grid.fake_quantize(w * scales).t()).pow(2).sum())
+        reference = references[i] if references is not None else inputs @ w.t()
+        difference = torch.addmm(reference, quantized_inputs, grid.fake_quantize(w * scales).t(), alpha=-1)
+        error += float(difference.square().sum())
     return error
 
 
@@ -56,15 +59,17 @@ class SmoothQuant:
 
     @property
     def transform_statistics_options(self) -> dict:
-        return {"keep_rows": SEARCH_ROWS} if self.alpha == AUTO else {}
+        # the scales need max |x| per channel (and, for the search, real rows), not the Gram matrix
+        return {"gram": False, **({"keep_rows": SEARCH_ROWS} if self.alpha == AUTO else {})}
 
     @torch.no_grad()
     def transform_block(self, groups: list[ScalingGroup], grid_for, no_clip: set[str]) -> BlockTransform:
         outcome = BlockTransform()
         for group in groups:
-            weights = [group.linears[n].weight for n in group.linears]
+            # the quantized linears shape the scales (searched and applied alike); all are rescaled
+            weights = [group.linears[n].weight for n in group.quantized]
             channel_max = group.statistics.channel_abs_max
-            alpha = self.alpha if self.alpha != AUTO else self._search_alpha(group, grid_for)
+            alpha = self.alpha if self.alpha != AUTO else self._search_alpha(group, weights, grid_for)
             scales = smoothing_scales(channel_max, weights, alpha)
             outcome.records.append({
                 "previous": group.name, "linears": list(group.linears), "alpha": alpha,
@@ -74,14 +79,17 @@ class SmoothQuant:
             group.fold(scales)
         return outcome
 
-    def _search_alpha(self, group: ScalingGroup, grid_for) -> float:
+    def _search_alpha(self, group: ScalingGroup, weights: list[torch.Tensor], grid_for) -> float:
         inputs = group.statistics.kept_rows().float()
-        names = group.quantized
-        weights = [group.linears[n].weight for n in names]
-        grids = [grid_for(n, group.linears[n]) for n in names]
+        grids = [grid_for(n, group.linears[n]) for n in group.quantized]
+        weights = [w.detach().float() for w in weights]
+        if all(grid == grids[0] and grid.group_size == PER_CHANNEL for grid in grids):
+            # per output channel, rows round alike whichever linear they belong to: one matmul for all
+            weights, grids = [torch.cat(weights)], grids[:1]
+        references = [inputs @ w.t() for w in weights]  # the same for every alpha
         errors = {alpha: w8a8_output_error(inputs, weights, grids,
                                            smoothing_scales(group.statistics.channel_abs_max, weights, alpha),
-                                           self.rounding.static)
+                                           self.rounding.static, references)
                   for alpha in ALPHA_GRID}
         return min(errors, key=errors.get)
 

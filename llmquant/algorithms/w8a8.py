@@ -23,6 +23,8 @@ class W8A8:
         self.act_quant = act_quant
         self.observer = observer
         self.percentile = percentile
+        # (histogram, its scale): linears fed one input (q/k/v, gate/up) share its statistics
+        self._last_scale: tuple | None = None
 
     @property
     def static(self) -> bool:
@@ -37,8 +39,12 @@ class W8A8:
         return {"histogram": True} if self.static else {}
 
     def input_scale(self, statistics: InputGram) -> torch.Tensor:
-        options = {"percentile": self.percentile} if self.observer == "percentile" else {}
-        return torch.tensor([observed_scale(statistics.histogram, self.observer, **options)], dtype=torch.float32)
+        histogram = statistics.histogram
+        if self._last_scale is None or self._last_scale[0] is not histogram:
+            options = {"percentile": self.percentile} if self.observer == "percentile" else {}
+            self._last_scale = (histogram, torch.tensor([observed_scale(histogram, self.observer, **options)],
+                                                        dtype=torch.float32))
+        return self._last_scale[1].clone()
 
     def quantize(self, weight: torch.Tensor, grid: AffineGrid, statistics: InputGram | None,
                  layer_name: str = "layer") -> QuantizedWeight:

@@ -17,16 +17,16 @@ import torch
 from .. import bitpack, ops
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError, ConfigError
-from ..grid import QuantizedWeight
 from ..nn.awq_linear import AWQLinear
+from .base import CheckpointFormat, RoundedWeight, read_group_size, read_int, read_str
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales")
 PACK = 8  # 4-bit values per int32
 
 
-class AWQFormat:
+class AWQFormat(CheckpointFormat):
     name = "awq"
-    linear_class = AWQLinear
+    bits = (4,)
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "qweight"
     holds_activation_quantization = False
@@ -38,8 +38,6 @@ class AWQFormat:
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
-        if config.bits != 4:
-            raise ConfigError(f"the awq format stores 4-bit weights only, got bits={config.bits}; use --format gptq")
         if config.act_order:
             raise ConfigError("the awq format has no g_idx, so it cannot store act-order; use --format gptq")
 
@@ -58,16 +56,16 @@ class AWQFormat:
                               "choose a group size that divides it or use --format gptq")
 
     @staticmethod
-    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
-        out_features, in_features = qw.codes.shape
-        width = in_features if qw.group_size == PER_CHANNEL else qw.group_size
-        if not torch.equal(qw.group_index.long(), torch.arange(in_features, device=qw.codes.device) // width):
+    def pack(quantized: RoundedWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        out_features, in_features = quantized.codes.shape
+        width = in_features if quantized.group_size == PER_CHANNEL else quantized.group_size
+        if not torch.equal(quantized.group_index.long(), torch.arange(in_features, device=quantized.codes.device) // width):
             raise ValueError("the awq format needs contiguous groups (no act-order g_idx)")
-        interleave = ops.awq_interleave(out_features, qw.codes.device)
+        interleave = ops.awq_interleave(out_features, quantized.codes.device)
         return {
-            "qweight": bitpack.pack(qw.codes.t().to(torch.int32)[:, interleave], 4, dim=1),
-            "qzeros": bitpack.pack(qw.zero.t().to(torch.int32)[:, interleave], 4, dim=1),
-            "scales": qw.scale.t().to(torch.float16).contiguous(),
+            "qweight": bitpack.pack(quantized.codes.t().to(torch.int32)[:, interleave], 4, dim=1),
+            "qzeros": bitpack.pack(quantized.zero.t().to(torch.int32)[:, interleave], 4, dim=1),
+            "scales": quantized.scale.t().to(torch.float16).contiguous(),
         }
 
     @staticmethod
@@ -89,15 +87,12 @@ class AWQFormat:
     @classmethod
     def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
                      in_features: int, out_features: int, dtype: torch.dtype) -> AWQLinear:
-        bits = quantization_config.get("bits", quantization_config.get("w_bit"))
-        group_size = quantization_config.get("group_size", quantization_config.get("q_group_size"))
-        version = str(quantization_config.get("version", "gemm")).lower()
-        if bits != 4:
-            raise CheckpointError(f"awq checkpoints hold 4-bit weights, the config says bits={bits!r}")
+        where = f"{name}: quantization_config"
+        bits = read_int(quantization_config, "bits", "w_bit", allowed=(4,), where=where)
+        group_size = read_group_size(quantization_config, "group_size", "q_group_size", where=where)
+        version = read_str(quantization_config, "version", default="gemm", where=where).lower()
         if version != "gemm":
             raise CheckpointError(f"awq version {version!r} is not read by llmquant (only 'gemm')")
-        if not isinstance(group_size, int) or (group_size < 1 and group_size != PER_CHANNEL):
-            raise CheckpointError(f"quantization_config.group_size must be > 0 or -1, got {group_size!r}")
         width = in_features if group_size == PER_CHANNEL else group_size
         if in_features % width or out_features % PACK:
             raise CheckpointError(f"{name}: a {in_features}->{out_features} linear does not fit the awq layout "

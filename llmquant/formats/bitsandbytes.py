@@ -23,8 +23,9 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import CheckpointError
-from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, CodebookWeight, code_of_zero, dynamic_table
+from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, code_of_zero, dynamic_table
 from ..nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
+from .base import CheckpointFormat, RoundedWeight, read_str
 
 TENSOR_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                    *(f"weight.{quant_state_key(t)}" for t in QUANT_TYPES))
@@ -42,9 +43,9 @@ def quant_state_bytes(state: dict, device=None) -> torch.Tensor:
     return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8, device=device)
 
 
-class BitsAndBytesFormat:
+class BitsAndBytesFormat(CheckpointFormat):
     name = "bitsandbytes"
-    linear_class = BnB4bitLinear
+    bits = (4,)
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "weight.absmax"
     holds_activation_quantization = False
@@ -67,21 +68,21 @@ class BitsAndBytesFormat:
         pass  # blocks run over the flattened weight: any shape packs
 
     @staticmethod
-    def pack(qw: CodebookWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
-        state = {"quant_type": qw.quant_type, "blocksize": qw.blocksize, "dtype": config.dtype,
-                 "shape": list(qw.codes.shape)}
-        tensors = {"weight": pack_codes(qw.codes, code_of_zero(qw.table))}
-        if qw.nested is None:
-            tensors["weight.absmax"] = qw.absmax.float().contiguous()
+    def pack(quantized: RoundedWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        state = {"quant_type": quantized.quant_type, "blocksize": quantized.blocksize, "dtype": config.dtype,
+                 "shape": list(quantized.codes.shape)}
+        tensors = {"weight": pack_codes(quantized.codes, code_of_zero(quantized.table))}
+        if quantized.nested is None:
+            tensors["weight.absmax"] = quantized.absmax.float().contiguous()
         else:
-            tensors["weight.absmax"] = qw.nested.codes.contiguous()
-            state.update({"nested_blocksize": qw.nested.blocksize, "nested_dtype": "float32",
-                          "nested_offset": qw.nested.offset})
-        tensors["weight.quant_map"] = qw.table.clone()
-        if qw.nested is not None:
-            tensors["weight.nested_absmax"] = qw.nested.nested_absmax.float().contiguous()
-            tensors["weight.nested_quant_map"] = dynamic_table().to(qw.codes.device, copy=True)
-        tensors[f"weight.{quant_state_key(qw.quant_type)}"] = quant_state_bytes(state, qw.codes.device)
+            tensors["weight.absmax"] = quantized.nested.codes.contiguous()
+            state.update({"nested_blocksize": quantized.nested.blocksize, "nested_dtype": "float32",
+                          "nested_offset": quantized.nested.offset})
+        tensors["weight.quant_map"] = quantized.table.clone()
+        if quantized.nested is not None:
+            tensors["weight.nested_absmax"] = quantized.nested.nested_absmax.float().contiguous()
+            tensors["weight.nested_quant_map"] = dynamic_table().to(quantized.codes.device, copy=True)
+        tensors[f"weight.{quant_state_key(quantized.quant_type)}"] = quant_state_bytes(state, quantized.codes.device)
         return tensors
 
     @staticmethod
@@ -112,12 +113,13 @@ class BitsAndBytesFormat:
                      in_features: int, out_features: int, dtype: torch.dtype) -> BnB4bitLinear:
         """An empty BnB4bitLinear for the tensors found; the block size and double-quantization
         offset are read from the quant_state tensor when the state dict is loaded."""
-        quant_type = quantization_config.get("bnb_4bit_quant_type", "fp4")
+        where = f"{name}: quantization_config"
+        quant_type = read_str(quantization_config, "bnb_4bit_quant_type", default="fp4", where=where)
         if not quantization_config.get("load_in_4bit", quantization_config.get("_load_in_4bit")):
             raise CheckpointError("llmquant reads bitsandbytes 4-bit checkpoints (load_in_4bit); this one is not")
         if quant_type not in QUANT_TYPES:
             raise CheckpointError(f"bnb_4bit_quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        if quantization_config.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        if read_str(quantization_config, "bnb_4bit_quant_storage", default="uint8", where=where) != "uint8":
             raise CheckpointError("llmquant reads bnb_4bit_quant_storage uint8 only")
         nested = "weight.nested_absmax" in shapes
         required = ["weight", "weight.absmax", "weight.quant_map", f"weight.{quant_state_key(quant_type)}"]

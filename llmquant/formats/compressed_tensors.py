@@ -15,8 +15,8 @@ import torch
 
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError
-from ..grid import QuantizedWeight
 from ..nn.w8a8_linear import W8A8Linear
+from .base import CheckpointFormat, RoundedWeight, read_int, read_mapping, read_str
 
 TENSOR_SUFFIXES = ("weight", "weight_scale", "input_scale")
 SYMMETRIC_INT8_ZERO = 128  # the affine grid's zero point for symmetric 8-bit codes 0..255
@@ -28,9 +28,9 @@ def _scheme(strategy: str, dynamic: bool, observer: str) -> dict:
             "observer_kwargs": {}}
 
 
-class CompressedTensorsFormat:
+class CompressedTensorsFormat(CheckpointFormat):
     name = "compressed-tensors"
-    linear_class = W8A8Linear
+    bits = (8,)
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "weight_scale"
     holds_activation_quantization = True
@@ -53,15 +53,15 @@ class CompressedTensorsFormat:
         pass  # int8 codes need no packing
 
     @staticmethod
-    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
-        if qw.bits != 8 or qw.group_size != PER_CHANNEL or not bool((qw.zero == SYMMETRIC_INT8_ZERO).all()):
+    def pack(quantized: RoundedWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        if quantized.bits != 8 or quantized.group_size != PER_CHANNEL or not bool((quantized.zero == SYMMETRIC_INT8_ZERO).all()):
             raise ValueError("compressed-tensors int8 needs symmetric 8-bit codes per output channel")
         tensors = {
-            "weight": (qw.codes.to(torch.int16) - SYMMETRIC_INT8_ZERO).to(torch.int8).contiguous(),
-            "weight_scale": qw.scale.to(torch.float32).reshape(-1, 1).contiguous(),
+            "weight": (quantized.codes.to(torch.int16) - SYMMETRIC_INT8_ZERO).to(torch.int8).contiguous(),
+            "weight_scale": quantized.scale.to(torch.float32).reshape(-1, 1).contiguous(),
         }
-        if qw.input_scale is not None:
-            tensors["input_scale"] = qw.input_scale.to(torch.float32).reshape(1).contiguous()
+        if quantized.input_scale is not None:
+            tensors["input_scale"] = quantized.input_scale.to(torch.float32).reshape(1).contiguous()
         return tensors
 
     @staticmethod
@@ -92,18 +92,26 @@ class CompressedTensorsFormat:
     @classmethod
     def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
                      in_features: int, out_features: int, dtype: torch.dtype) -> W8A8Linear:
-        groups = quantization_config.get("config_groups") or {}
+        where = f"{name}: quantization_config"
+        groups = read_mapping(quantization_config, "config_groups", where=where)
         if len(groups) != 1:
             raise CheckpointError(f"llmquant reads compressed-tensors with one config group, found {len(groups)}")
-        group = next(iter(groups.values()))
-        weights, inputs = group.get("weights") or {}, group.get("input_activations") or {}
-        fmt = quantization_config.get("format")
-        if fmt != "int-quantized" or weights.get("num_bits") != 8 or weights.get("type") != "int" \
-                or weights.get("strategy") != "channel" or not weights.get("symmetric"):
+        group_name, group = next(iter(groups.items()))
+        group = read_mapping(groups, group_name, where=f"{where}.config_groups")
+        where = f"{where}.config_groups.{group_name}"
+        weights = read_mapping(group, "weights", where=where)
+        inputs = read_mapping(group, "input_activations", where=where)
+        fmt = read_str(quantization_config, "format", where=f"{name}: quantization_config")
+        for scheme, what in ((weights, "weights"), (inputs, "input_activations")):
+            read_int(scheme, "num_bits", allowed=(8,), where=f"{where}.{what}")
+            read_str(scheme, "type", where=f"{where}.{what}")
+            read_str(scheme, "strategy", where=f"{where}.{what}")
+        if fmt != "int-quantized" or weights["type"] != "int" or weights["strategy"] != "channel" \
+                or not weights.get("symmetric"):
             raise CheckpointError(f"llmquant reads compressed-tensors int8 per-channel symmetric weights "
                                   f"(format int-quantized); this checkpoint has format {fmt!r}, weights {weights}")
-        if inputs.get("num_bits") != 8 or inputs.get("type") != "int" or not inputs.get("symmetric") \
-                or (inputs.get("strategy"), bool(inputs.get("dynamic"))) not in (("token", True), ("tensor", False)):
+        if inputs["type"] != "int" or not inputs.get("symmetric") \
+                or (inputs["strategy"], bool(inputs.get("dynamic"))) not in (("token", True), ("tensor", False)):
             raise CheckpointError(f"unsupported input_activations scheme {inputs}: llmquant reads int8 symmetric, "
                                   "dynamic per token or static per tensor")
         static = inputs.get("strategy") == "tensor"

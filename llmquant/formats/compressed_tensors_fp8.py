@@ -19,6 +19,7 @@ from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError
 from ..grid.fp8 import FP8_DTYPE, Fp8Weight
 from ..nn.fp8_linear import Fp8Linear
+from .base import CheckpointFormat, read_int, read_mapping
 
 TENSOR_SUFFIXES = ("weight", "weight_scale")
 FLOAT_FORMATS = ("float-quantized", "naive-quantized")  # llm-compressor names weight-only FP8 naive-quantized
@@ -31,16 +32,21 @@ def _scheme(strategy: str, dynamic: bool, block: int = 0) -> dict:
 
 
 def _weights_and_inputs(quantization_config: dict) -> tuple[dict, dict | None]:
-    groups = quantization_config.get("config_groups") or {}
+    groups = read_mapping(quantization_config, "config_groups")
     if len(groups) != 1:
         raise CheckpointError(f"llmquant reads compressed-tensors FP8 with one config group, found {len(groups)}")
     group = next(iter(groups.values()))
-    return group.get("weights") or {}, group.get("input_activations")
+    if not isinstance(group, dict):
+        raise CheckpointError(f"quantization_config.config_groups holds {group!r}, not a mapping")
+    inputs = group.get("input_activations")
+    if inputs is not None and not isinstance(inputs, dict):
+        raise CheckpointError(f"config_groups.input_activations must be a mapping, got {inputs!r}")
+    return read_mapping(group, "weights", where="config_groups"), inputs
 
 
-class CompressedTensorsFp8Format:
+class CompressedTensorsFp8Format(CheckpointFormat):
     name = "compressed-tensors-fp8"
-    linear_class = Fp8Linear
+    bits = (8,)
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "weight_scale"
     holds_activation_quantization = False  # the int8 W8A8 methods' question; FP8 has its own methods
@@ -55,9 +61,11 @@ class CompressedTensorsFp8Format:
     def reads_config(quantization_config: dict) -> bool:
         if str(quantization_config.get("quant_method", "")).lower() != "compressed-tensors":
             return False
-        groups = quantization_config.get("config_groups") or {}
-        return any((group.get("weights") or {}).get("type") == "float" for group in groups.values()) \
-            and quantization_config.get("format") in FLOAT_FORMATS
+        groups = quantization_config.get("config_groups")
+        # a malformed config_groups is left to the compressed-tensors format to name
+        return isinstance(groups, dict) and quantization_config.get("format") in FLOAT_FORMATS and any(
+            isinstance(group, dict) and isinstance(group.get("weights"), dict) and group["weights"].get("type") == "float"
+            for group in groups.values())
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
@@ -73,10 +81,11 @@ class CompressedTensorsFp8Format:
         pass  # e4m3 values need no packing; partial blocks at the edges are allowed
 
     @staticmethod
-    def pack(qw: Fp8Weight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
-        if not isinstance(qw, Fp8Weight):
+    def pack(quantized: Fp8Weight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        if not isinstance(quantized, Fp8Weight):
             raise ValueError("the compressed-tensors FP8 format stores weights quantized on the FP8 grid")
-        return {"weight": qw.codes.to(FP8_DTYPE).contiguous(), "weight_scale": qw.scale.to(torch.float32).contiguous()}
+        return {"weight": quantized.codes.to(FP8_DTYPE).contiguous(),
+                "weight_scale": quantized.scale.to(torch.float32).contiguous()}
 
     @staticmethod
     def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
@@ -108,15 +117,18 @@ class CompressedTensorsFp8Format:
                      in_features: int, out_features: int, dtype: torch.dtype) -> Fp8Linear:
         weights, inputs = _weights_and_inputs(quantization_config)
         strategy = weights.get("strategy")
-        if weights.get("num_bits") != 8 or weights.get("type") != "float" or not weights.get("symmetric") \
+        read_int(weights, "num_bits", allowed=(8,), where="weights")
+        if weights.get("type") != "float" or not weights.get("symmetric") \
                 or strategy not in ("channel", "block"):
             raise CheckpointError(f"llmquant reads FP8 weights per channel or per block; this checkpoint has {weights}")
         if strategy == "block":
             structure = weights.get("block_structure") or []
-            if len(structure) != 2 or structure[0] != structure[1] or inputs:
+            if not isinstance(structure, (list, tuple)) or len(structure) != 2 or structure[0] != structure[1] or inputs:
                 raise CheckpointError(f"llmquant reads FP8 block weights with square blocks and unquantized "
                                       f"activations; found block_structure {structure}, input_activations {inputs}")
-            block = int(structure[0])
+            block = read_int({"block_structure": structure[0]}, "block_structure", where="weights")
+            if block < 1:
+                raise CheckpointError(f"weights.block_structure must be positive, got {structure}")
             scale_shape = (-(-out_features // block), -(-in_features // block))
         else:
             if not inputs or (inputs.get("type"), inputs.get("num_bits"), inputs.get("strategy"),

@@ -18,19 +18,21 @@ import torch
 from .. import bitpack
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError, ConfigError
-from ..grid import QuantizedWeight
 from ..nn.gptq_linear import GPTQLinear
+from .base import CheckpointFormat, RoundedWeight, read_group_size, read_int, read_str
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-# Bit widths that transformers / vLLM GPTQ kernels load; others load only through llmquant.
-ECOSYSTEM_BITS = (2, 3, 4, 8)
+# Bit widths llmquant writes: those transformers / vLLM GPTQ kernels load. 5- to 7-bit checkpoints
+# of earlier llmquant versions are still read (the packing is generic).
+BITS = (2, 3, 4, 8)
+READ_BITS = range(2, 9)
 # checkpoint_format -> what is added to a stored zero point to get the real one.
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 
 
-class GPTQFormat:
+class GPTQFormat(CheckpointFormat):
     name = "gptq"
-    linear_class = GPTQLinear
+    bits = BITS
     tensor_suffixes = TENSOR_SUFFIXES
     marker_suffix = "qweight"
     holds_activation_quantization = False
@@ -42,8 +44,7 @@ class GPTQFormat:
 
     @staticmethod
     def check_config(config: QuantConfig) -> None:
-        if config.bits not in range(2, 9):
-            raise ConfigError(f"the gptq format stores 2- to 8-bit weights, got {config.bits}")
+        pass  # bits: QuantConfig checks them against `bits`
 
     @staticmethod
     def grid_min_zero(config: QuantConfig) -> int:
@@ -63,15 +64,15 @@ class GPTQFormat:
                 )
 
     @staticmethod
-    def pack(qw: QuantizedWeight, config: QuantConfig | None = None) -> dict[str, torch.Tensor]:
-        stored_zero = qw.zero - ZERO_OFFSETS["gptq"]
+    def pack(quantized: RoundedWeight, config: QuantConfig) -> dict[str, torch.Tensor]:
+        stored_zero = quantized.zero - ZERO_OFFSETS["gptq"]
         if (stored_zero < 0).any():
             raise ValueError("gptq v1 cannot store a zero point of 0 (it stores zero - 1); use min_zero=1")
         return {
-            "qweight": bitpack.pack(qw.codes.t().to(torch.int32), qw.bits, dim=0),
-            "qzeros": bitpack.pack(stored_zero.t().to(torch.int32), qw.bits, dim=1),
-            "scales": qw.scale.t().to(torch.float16).contiguous(),
-            "g_idx": qw.group_index.to(torch.int32).contiguous(),
+            "qweight": bitpack.pack(quantized.codes.t().to(torch.int32), quantized.bits, dim=0),
+            "qzeros": bitpack.pack(stored_zero.t().to(torch.int32), quantized.bits, dim=1),
+            "scales": quantized.scale.t().to(torch.float16).contiguous(),
+            "g_idx": quantized.group_index.to(torch.int32).contiguous(),
         }
 
     @staticmethod
@@ -104,13 +105,10 @@ class GPTQFormat:
     def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
                      in_features: int, out_features: int, dtype: torch.dtype) -> GPTQLinear:
         """An empty GPTQLinear for the tensors `shapes` (suffix -> shape) found in the checkpoint."""
-        bits = quantization_config.get("bits")
-        group_size = quantization_config.get("group_size", PER_CHANNEL)
-        checkpoint_format = quantization_config.get("checkpoint_format", "gptq")
-        if bits not in range(2, 9):
-            raise CheckpointError(f"quantization_config.bits must be 2..8, got {bits!r}")
-        if not isinstance(group_size, int) or (group_size < 1 and group_size != PER_CHANNEL):
-            raise CheckpointError(f"quantization_config.group_size must be > 0 or -1, got {group_size!r}")
+        where = f"{name}: quantization_config"
+        bits = read_int(quantization_config, "bits", allowed=READ_BITS, where=where)
+        group_size = read_group_size(quantization_config, where=where)
+        checkpoint_format = read_str(quantization_config, "checkpoint_format", default="gptq", where=where)
         if checkpoint_format not in ZERO_OFFSETS:
             raise CheckpointError(
                 f"unsupported checkpoint_format {checkpoint_format!r}; llmquant reads {sorted(ZERO_OFFSETS)}"

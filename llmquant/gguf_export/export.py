@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import check_output_file, write_file_atomically
 from ..errors import ConfigError, UnsupportedArchitectureError
 from .blocks32 import quantize_q4_0, quantize_q4_1, quantize_q5_0
 from .gemma3 import Gemma3GGUF
@@ -63,10 +64,16 @@ def quantize_tensor(array: np.ndarray, qtype, importance: np.ndarray | None) -> 
     return gguf.quants.quantize(array, qtype)
 
 
+def is_gguf_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_type_name: str = "q8_0",
-                calib=None) -> Path:
+                calib=None, overwrite: bool = False) -> Path:
     """Write `out` (a .gguf file) from a model folder or built-in name. calib: a Calibration (or corpus
-    name) whose activations give the importance matrix that weights the 4-bit block fits."""
+    name) whose activations give the importance matrix that weights the 4-bit block fits. overwrite:
+    replace an existing GGUF file at `out` (never any other file)."""
     import gguf
     from transformers import AutoConfig
 
@@ -84,7 +91,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_ty
     if architecture is None:
         raise UnsupportedArchitectureError(
             f"GGUF export writes {', '.join(ARCHITECTURES)} models, not {config.model_type}")
-    target = Path(out).expanduser()
+    target = check_output_file(out, overwrite, is_gguf_file, "a GGUF file")
     if not target.parent.is_dir():
         raise ConfigError(f"output folder {target.parent} does not exist")
     model, tokenizer = load_fp_model(str(model_path))
@@ -94,8 +101,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_ty
         bos = tokenizer.bos_token_id if arch_for(config).bos_per_window else None
         importance = importance_matrix(model, calib.windows(tokenizer, bos))
 
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), architecture.name)
         writer.add_name(Path(str(getattr(config, "_name_or_path", "") or folder)).name)
         writer.add_block_count(config.num_hidden_layers)
@@ -126,8 +132,6 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_ty
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_file_atomically(target, write)
     return target

@@ -1,4 +1,4 @@
-"""The affine (scale / zero-point) integer grid, per tensor, per output channel or per input group.
+"""The affine (scale / zero-point) integer grid, per output channel or per input group.
 
 Conventions follow IST-DASLab's GPTQ quantizer so results compare with the literature:
 - the range always includes 0 (xmin <= 0 <= xmax);
@@ -41,6 +41,17 @@ class QuantizedWeight:
     input_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        groups = self.scale.shape[1]
+        width = in_features if groups == 1 or self.group_size == PER_CHANNEL else self.group_size
+        if groups == 1 or (in_features == groups * width and torch.equal(
+                self.group_index, torch.arange(in_features, dtype=self.group_index.dtype,
+                                               device=self.group_index.device) // width)):
+            # contiguous groups: one scale per [out, group] broadcast over the group's columns, the
+            # same arithmetic as the gather below without materializing [out, in] scales and zeros
+            codes = self.codes.to(dtype).reshape(out_features, groups, width)
+            zero, scale = self.zero.to(dtype)[..., None], self.scale.to(dtype)[..., None]
+            return ((codes - zero) * scale).view(out_features, in_features)
         g = self.group_index.long()
         return ((self.codes.to(dtype) - self.zero[:, g].to(dtype)) * self.scale[:, g].to(dtype)).contiguous()
 
@@ -53,7 +64,6 @@ class QuantizedWeight:
 @dataclass(frozen=True)
 class AffineGrid:
     """bits: 2..8. group_size: columns per group, or -1 for one group per output channel.
-    per_tensor: one scale for the whole tensor (group_size is then ignored).
     min_zero: smallest zero point allowed for asymmetric grids; formats that store
     zero - 1 in unsigned bits (GPTQ v1) cannot represent zero 0 and ask for 1.
     clip_search: shrink each group's range where that lowers sum |w - w_hat|^2.4 (the MSE option
@@ -63,7 +73,6 @@ class AffineGrid:
     bits: int
     symmetric: bool = True
     group_size: int = PER_CHANNEL
-    per_tensor: bool = False
     min_zero: int = 0
     clip_search: bool = False
 
@@ -72,13 +81,11 @@ class AffineGrid:
         return 2**self.bits - 1
 
     def num_groups(self, in_features: int) -> int:
-        if self.per_tensor or self.group_size == PER_CHANNEL:
+        if self.group_size == PER_CHANNEL:
             return 1
         return -(-in_features // self.group_size)
 
     def group_index(self, in_features: int, device=None) -> torch.Tensor:
-        if self.per_tensor:
-            return torch.zeros(in_features, dtype=torch.int32, device=device)
         return torch.arange(in_features, dtype=torch.int32, device=device) // self.group_width(in_features)
 
     def qparams_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +114,15 @@ class AffineGrid:
 
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of shape [out, n_groups] for a [out, in] weight."""
-        w = weight.detach().float()
-        if self.per_tensor:
-            scale, zero = self._range_qparams(w.reshape(1, 1, -1), torch.ones(1, 1, w.numel(), dtype=torch.bool))
-            return scale.expand(w.shape[0], 1).clone(), zero.expand(w.shape[0], 1).clone()
-        return self._range_qparams(*self.grouped(w))
+        return self._range_qparams(*self._groups(weight.detach().float()))
+
+    def _groups(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """grouped(), with valid None (and no copy) when the groups divide the row."""
+        out_features, in_features = weight.shape
+        width = self.group_width(in_features)
+        if in_features % width == 0:
+            return weight.view(out_features, in_features // width, width), None
+        return self.grouped(weight)
 
     def group_width(self, in_features: int) -> int:
         """Columns per group (the whole row per channel); the last group may be partial."""
@@ -129,12 +140,15 @@ class AffineGrid:
         return torch.nn.functional.pad(weight, (0, pad)).view(out_features, groups, width), valid
 
     @staticmethod
-    def group_ranges(w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(min, max) over the last dim of w, counting only `valid` entries."""
+    def group_ranges(w: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) over the last dim of w, counting only `valid` entries (None: all)."""
+        if valid is None:
+            return w.amin(dim=-1), w.amax(dim=-1)
         return torch.where(valid, w, torch.inf).amin(dim=-1), torch.where(valid, w, -torch.inf).amax(dim=-1)
 
-    def _range_qparams(self, w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """qparams over the last dim of w, counting only `valid` entries (a partial last group is padded)."""
+    def _range_qparams(self, w: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """qparams over the last dim of w, counting only `valid` entries (a partial last group is
+        padded; None: no padding)."""
         xmin, xmax = self.group_ranges(w, valid)
         scale, zero = self.qparams_from_range(xmin, xmax)
         if not self.clip_search:
@@ -143,7 +157,9 @@ class AffineGrid:
         for step in range(80):
             shrink = 1 - step / 100
             s, z = self.qparams_from_range(shrink * xmin, shrink * xmax)
-            error = torch.where(valid, (self.fake_quantize_values(w, s[..., None], z[..., None]) - w).abs() ** 2.4, 0)
+            error = (self.fake_quantize_values(w, s[..., None], z[..., None]) - w).abs() ** 2.4
+            if valid is not None:
+                error = torch.where(valid, error, 0)
             error = error.sum(dim=-1)
             better = error < best
             best = torch.where(better, error, best)
@@ -164,10 +180,12 @@ class AffineGrid:
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """Round-to-nearest codes of a [out, in] weight on this grid."""
-        scale, zero = self.qparams(weight)
-        group_index = self.group_index(weight.shape[1], weight.device)
-        g = group_index.long()
-        codes = self.quantize_values(weight, scale[:, g], zero[:, g])
+        out_features, in_features = weight.shape
+        groups, valid = self._groups(weight.detach().float())
+        scale, zero = self._range_qparams(groups, valid)
+        # each group's codes under its own scale / zero, broadcast (a partial last group is padded)
+        codes = self.quantize_values(groups, scale[..., None], zero[..., None]).view(out_features, -1)[:, :in_features]
+        group_index = self.group_index(in_features, weight.device)
         return QuantizedWeight(
             codes=codes.to(torch.uint8),
             scale=scale,

@@ -69,26 +69,31 @@ def percentile_threshold(histogram: AbsHistogram, percentile: float = 99.99, qma
 POINTS_PER_BIN = 16
 
 
-def expected_squared_error(histogram: AbsHistogram, threshold: float, qmax: int = INT8_QMAX) -> float:
+def expected_squared_errors(histogram: AbsHistogram, thresholds: torch.Tensor, qmax: int = INT8_QMAX) -> torch.Tensor:
     """Mean squared error of quantizing the histogram's values on a grid of step threshold / qmax
-    that saturates at +-threshold (values spread evenly within each bin, capped at absmax)."""
+    that saturates at +-threshold (values spread evenly within each bin, capped at absmax), for
+    each of `thresholds` at once."""
     offsets = (torch.arange(POINTS_PER_BIN, dtype=torch.float64) + 0.5) / POINTS_PER_BIN
     points = ((torch.arange(histogram.bins, dtype=torch.float64)[:, None] + offsets) * histogram.bin_width)
     points = points.clamp(max=histogram.absmax)
-    step = threshold / qmax
-    reconstructed = torch.clamp(torch.round(points / step), max=qmax) * step
-    per_bin = ((points - reconstructed) ** 2).mean(dim=1)
-    return float((histogram.counts * per_bin).sum() / histogram.counts.sum())
+    errors = []
+    for chunk in thresholds.to(torch.float64).split(32):  # [32, bins, points] at a time, in place
+        step = (chunk / qmax)[:, None, None]
+        error = torch.div(points, step).round_().clamp_(max=qmax).mul_(step).sub_(points).square_()
+        errors.append((histogram.counts * error.mean(dim=2)).sum(dim=1) / histogram.counts.sum())
+    return torch.cat(errors)
+
+
+def expected_squared_error(histogram: AbsHistogram, threshold: float, qmax: int = INT8_QMAX) -> float:
+    return float(expected_squared_errors(histogram, torch.tensor([threshold], dtype=torch.float64), qmax)[0])
 
 
 def mse_threshold(histogram: AbsHistogram, qmax: int = INT8_QMAX, candidates: int = 200) -> float:
-    best, best_error = histogram.absmax, math.inf
-    for i in range(candidates, 0, -1):
-        threshold = histogram.absmax * i / candidates
-        error = expected_squared_error(histogram, threshold, qmax)
-        if error < best_error:
-            best, best_error = threshold, error
-    return best
+    """The threshold among absmax * i / candidates (i = candidates .. 1) with the least expected
+    error; the largest of equal ones."""
+    thresholds = [histogram.absmax * i / candidates for i in range(candidates, 0, -1)]
+    errors = expected_squared_errors(histogram, torch.tensor(thresholds, dtype=torch.float64), qmax)
+    return thresholds[int(torch.argmin(errors))]  # argmin: the first of equal minima
 
 
 def kl_threshold(histogram: AbsHistogram, qmax: int = INT8_QMAX) -> float:

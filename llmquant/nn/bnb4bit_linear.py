@@ -119,13 +119,14 @@ class BnB4bitLinear(nn.Module):
         if shape != [self.out_features, self.in_features]:
             raise CheckpointError(f"{name}: quant_state shape {shape} is not the model's "
                                   f"[{self.out_features}, {self.in_features}]")
-        if blocksize not in BLOCKSIZES or -(-self.in_features * self.out_features // blocksize) != self.absmax.numel():
+        if type(blocksize) is not int or blocksize not in BLOCKSIZES or -(-self.in_features * self.out_features // blocksize) != self.absmax.numel():
             raise CheckpointError(f"{name}: quant_state blocksize {blocksize!r} disagrees with "
                                   f"{self.absmax.numel()} absmax values")
         self.blocksize = blocksize
         if self.nested:
             offset, nested_blocksize = state.get("nested_offset"), state.get("nested_blocksize")
-            if not isinstance(offset, (int, float)) or nested_blocksize not in BLOCKSIZES \
+            if not isinstance(offset, (int, float)) or type(nested_blocksize) is not int \
+                    or nested_blocksize not in BLOCKSIZES \
                     or -(-self.absmax.numel() // nested_blocksize) != self.nested_absmax.numel():
                 raise CheckpointError(f"{name}: quant_state nested_offset {offset!r} / nested_blocksize "
                                       f"{nested_blocksize!r} do not describe the nested absmax tensors")
