@@ -40,6 +40,13 @@ def with_our_weights(reference_model, ours):
     return model
 
 
+def switch_activation_quantization(model, enabled: bool) -> None:
+    """compressed-tensors' own switch (read by its quantized forward; absent means on)."""
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            module.quantization_enabled = enabled
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_w8a8_checkpoint_loads_in_transformers_compressed_tensors(reference, checkpoints, case):
     import llmquant
@@ -65,14 +72,10 @@ def test_w8a8_checkpoint_loads_in_transformers_compressed_tensors(reference, che
         if config.act_quant == "static":
             assert torch.equal(their_module.input_scale.data.reshape(1), our_module.input_scale), name
 
-    for _, module in theirs.named_modules():
-        if hasattr(module, "quantization_enabled"):
-            module.quantization_enabled = False
+    switch_activation_quantization(theirs, False)
     weights_only = max_abs_difference(logits_of(theirs, reference.batch),
                                       logits_of(with_our_weights(reference.model, ours), reference.batch))
-    for _, module in theirs.named_modules():
-        if hasattr(module, "quantization_enabled"):
-            module.quantization_enabled = True
+    switch_activation_quantization(theirs, True)
 
     difference = max_abs_difference(our_logits, their_logits)
     ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
