@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_llama_cpp.sh
-exec "${LLMQUANT_VENV:-.venv}/bin/python" -m pytest -m "interop and llama_cpp" tests/interop "$@"
+# Each perplexity test runs llama.cpp and transformers on the real model: minutes each on 2 cores.
+exec "${LLMQUANT_VENV:-.venv}/bin/python" -m pytest --timeout 2400 -m "interop and llama_cpp" tests/interop "$@"

@@ -4,6 +4,7 @@ LLMQUANT_INTEROP_REPORT names a file, one JSON line per comparison (eval/interop
 them into eval/INTEROP.md)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -80,6 +81,27 @@ def max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def relative(a: float, b: float) -> float:
     return a / b - 1
+
+
+def with_our_weights(reference_model, ours):
+    """The full-precision model carrying our checkpoint's weights: every quantized linear's weight
+    dequantized, and every other tensor as stored (embeddings and norms in the checkpoint's fp16)."""
+    model = copy.deepcopy(reference_model)
+    quantized = {name for name, module in ours.named_modules() if hasattr(module, "dequantized_weight")}
+    for name in quantized:
+        model.get_submodule(name).weight.data = ours.get_submodule(name).dequantized_weight()
+    targets = dict(model.named_parameters())
+    for name, tensor in ours.named_parameters():
+        if name.rsplit(".", 1)[0] not in quantized and name in targets:
+            targets[name].data = tensor.data.to(targets[name].dtype)
+    return model
+
+
+def switch_activation_quantization(model, enabled: bool) -> None:
+    """compressed-tensors' own switch (read by its quantized forward; absent means on)."""
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            module.quantization_enabled = enabled
 
 
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k")

@@ -9,7 +9,8 @@ and evaluated by llmquant, with logits equal to their own loaders' within roundi
 import pytest
 import torch
 
-from .interop_common import logits_of, max_abs_difference, perplexity_of, record, relative, versions
+from .interop_common import (logits_of, max_abs_difference, perplexity_of, record, relative,
+                             switch_activation_quantization, versions, with_our_weights)
 from llmquant import Calibration
 
 pytestmark = pytest.mark.interop
@@ -42,23 +43,6 @@ def llm_compressor_checkpoint(folder, recipe):
     model.save_pretrained(folder, save_compressed=True)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def compare_with_transformers(reference, folder, what: str, loader: str, bound: float, packages):
-    import llmquant
-    from transformers import AutoModelForCausalLM
-
-    ours = llmquant.load(folder)
-    theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu").eval()
-    their_logits, our_logits = logits_of(theirs, reference.batch), logits_of(ours, reference.batch)
-    difference = max_abs_difference(our_logits, their_logits)
-    ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
-    record(format=what, loader=loader, loads=True, max_logit_difference=difference,
-           max_logit=float(our_logits.abs().max()), perplexity_ours=ours_ppl, perplexity_theirs=theirs_ppl,
-           perplexity_fp=reference.perplexity, versions=versions(*packages))
-    assert difference < bound, difference
-    assert abs(relative(ours_ppl, theirs_ppl)) < MAX_PERPLEXITY_RATIO, (ours_ppl, theirs_ppl)
-    return ours, theirs
 
 
 @pytest.mark.parametrize("case", W4A16_GROUPS)
@@ -122,8 +106,12 @@ def test_llmquant_reads_llm_compressor_w4a16(reference, checkpoints, case):
 
 def test_llmquant_reads_llm_compressor_smoothquant_w8a8(reference, checkpoints):
     """Both sides quantize activations per token at run time, with different divisors (see
-    test_transformers_compressed_tensors): weights equal, perplexity within 1%."""
+    test_transformers_compressed_tensors): weights equal, logits with activation quantization off
+    equal, perplexity within 1%."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    import llmquant
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
     from llmquant.nn import W8A8Linear
@@ -132,14 +120,27 @@ def test_llmquant_reads_llm_compressor_smoothquant_w8a8(reference, checkpoints):
     recipe = [SmoothQuantModifier(smoothing_strength=0.5),
               QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
     llm_compressor_checkpoint(folder, recipe)
-    ours, theirs = compare_with_transformers(
-        reference, folder, "llm-compressor SmoothQuant W8A8 (int-quantized, dynamic)",
-        "llmquant.load vs transformers + compressed-tensors", float("inf"),
-        ("llmcompressor", "compressed-tensors", "transformers"))
+    ours = llmquant.load(folder)
+    theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu").eval()
+    their_logits, our_logits = logits_of(theirs, reference.batch), logits_of(ours, reference.batch)
     layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, W8A8Linear)]
     assert len(layers) == 30 * 7
-    for name, module in layers:
+    for name, module in layers:  # their first forward decompressed the weights
         assert torch.equal(theirs.get_submodule(name).weight.data, module.dequantized_weight()), name
+
+    switch_activation_quantization(theirs, False)
+    weights_only = max_abs_difference(logits_of(theirs, reference.batch),
+                                      logits_of(with_our_weights(reference.model, ours), reference.batch))
+    switch_activation_quantization(theirs, True)
+    difference = max_abs_difference(our_logits, their_logits)
+    ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
+    record(format="llm-compressor SmoothQuant W8A8 (int-quantized, dynamic)",
+           loader="llmquant.load vs transformers + compressed-tensors", loads=True, max_logit_difference=difference,
+           max_logit_difference_weights_only=weights_only, max_logit=float(our_logits.abs().max()),
+           perplexity_ours=ours_ppl, perplexity_theirs=theirs_ppl, perplexity_fp=reference.perplexity,
+           versions=versions("llmcompressor", "compressed-tensors", "transformers"))
+    assert weights_only < MAX_WEIGHT_ONLY_LOGIT_DIFFERENCE, weights_only
+    assert abs(relative(ours_ppl, theirs_ppl)) < MAX_PERPLEXITY_RATIO, (ours_ppl, theirs_ppl)
 
 
 def test_llmquant_reads_a_gptqmodel_checkpoint(reference, checkpoints):

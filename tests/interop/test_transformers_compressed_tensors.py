@@ -8,12 +8,11 @@ the activations at run time. So the weights and, for static checkpoints, the sto
 must be equal, logits with activation quantization switched off must be equal, and full W8A8
 perplexity must agree within 1%.
 """
-import copy
-
 import pytest
 import torch
 
-from .interop_common import logits_of, max_abs_difference, perplexity_of, record, relative, versions
+from .interop_common import (logits_of, max_abs_difference, perplexity_of, record, relative,
+                             switch_activation_quantization, versions, with_our_weights)
 from llmquant import Calibration, QuantConfig
 
 pytestmark = pytest.mark.interop
@@ -29,22 +28,6 @@ MAX_WEIGHT_ONLY_LOGIT_DIFFERENCE = 1e-3
 # static checkpoints round activations with the same stored scale on both sides: only the int32
 # accumulation (ours) vs fp32 accumulation (theirs) differs
 MAX_STATIC_LOGIT_DIFFERENCE = 0.05
-
-
-def with_our_weights(reference_model, ours):
-    """The full-precision model with every quantized linear's weight replaced by our dequantized one."""
-    model = copy.deepcopy(reference_model)
-    for name, module in ours.named_modules():
-        if hasattr(module, "dequantized_weight"):
-            model.get_submodule(name).weight.data = module.dequantized_weight()
-    return model
-
-
-def switch_activation_quantization(model, enabled: bool) -> None:
-    """compressed-tensors' own switch (read by its quantized forward; absent means on)."""
-    for module in model.modules():
-        if getattr(module, "quantization_scheme", None) is not None:
-            module.quantization_enabled = enabled
 
 
 @pytest.mark.parametrize("case", CASES)
