@@ -37,6 +37,8 @@ def test_file_holds_the_metadata_and_tensors_llama_cpp_expects(q8_file, smollm2)
     assert fields["general.architecture"] == "llama" and fields["GGUF.version"] == 3
     assert fields["llama.block_count"] == 30 and fields["llama.attention.head_count_kv"] == 3
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    # what llama.cpp's converter names SmolLM's splitting, and the original SmolLM2 GGUF says
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 + 30 * 9  # embedding, final norm, nine per block (head tied)
@@ -76,6 +78,26 @@ def test_unsupported_types_architectures_and_paths_are_refused(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="not opt"):
         export_gguf(str(opt), tmp_path / "x.gguf", "q8_0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["opt"]  # nothing half-written
+
+
+def test_a_byte_level_tokenizer_llama_cpp_cannot_name_is_refused(tiny_folder, tmp_path):
+    """A byte-level BPE whose check-text ids hash to no entry of llama.cpp's table (here SmolLM2's
+    tokenizer made to add a prefix space) is refused rather than written with a guessed name."""
+    import json
+
+    from llmquant.gguf_export.pretokenizer import KNOWN_PRE_TOKENIZERS, check_hash
+    from transformers import AutoTokenizer
+
+    path = tiny_folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["pre_tokenizer"]["add_prefix_space"] = True
+    path.write_text(json.dumps(data))
+    assert check_hash(AutoTokenizer.from_pretrained(tiny_folder)) not in KNOWN_PRE_TOKENIZERS
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UnsupportedArchitectureError, match="pre-tokenizer"):
+        export_gguf(str(tiny_folder), out / "x.gguf", "q8_0")
+    assert list(out.iterdir()) == []
 
 
 def test_a_failure_mid_write_leaves_no_file(tmp_path, monkeypatch):
@@ -143,6 +165,7 @@ def test_gemma3_exports_load_in_transformers_with_the_same_tokens_and_perplexity
     path = export_gguf("gemma3-270m", tmp_path / "gemma-q8_0.gguf", "q8_0")
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "default"  # as llama.cpp writes every sentencepiece vocab
     assert reader.fields["gemma3.attention.key_length"].contents() == 256
     norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
     model, tokenizer = load_fp_model("gemma3-270m")

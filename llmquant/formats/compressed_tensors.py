@@ -1,6 +1,7 @@
-"""The compressed-tensors int8 W8A8 format (llm-compressor's "int-quantized"), as vLLM serves it.
+"""The compressed-tensors formats, as llm-compressor writes them and vLLM serves them: llmquant writes
+the int8 W8A8 one ("int-quantized") and also reads llm-compressor's weight-only "pack-quantized".
 
-Per quantized linear `<name>`:
+int-quantized, per quantized linear `<name>`:
 - `<name>.weight`       int8 [out, in]: symmetric codes, w = weight * weight_scale;
 - `<name>.weight_scale` fp32 [out, 1]: one scale per output channel;
 - `<name>.input_scale`  fp32 [1]: static activation scale (only with static activations);
@@ -8,17 +9,32 @@ Per quantized linear `<name>`:
 config: quant_method "compressed-tensors", format "int-quantized", one config group targeting
 Linear with weights {int, 8 bits, symmetric, strategy channel} and input_activations
 {int, 8 bits, symmetric, strategy token, dynamic true} or {strategy tensor, dynamic false}.
+
+pack-quantized (read only; weight-only, 2..8 bits, no input_activations), per linear:
+- `<name>.weight_packed`     int32 [out, in * bits / 32]: signed codes + 2^(bits-1), one little-endian
+                             bit stream per row (low bits first);
+- `<name>.weight_scale`      [out, G] in the model's dtype, G = ceil(in / group_size) (1 for strategy channel);
+- `<name>.weight_zero_point` int32 [out * bits / 32, G]: signed zero points + 2^(bits-1) packed along
+                             the output dim (asymmetric only);
+- `<name>.weight_g_idx`      int32 [in]: group of each input column (activation order "group" only);
+- `<name>.weight_shape`      int64 [2]: (out, in).
+Dequantization: w = (q - z) * s with q, z the signed codes (z = 0 when symmetric).
 """
 from __future__ import annotations
 
 import torch
 
+from .. import bitpack
 from ..config import PER_CHANNEL, QuantConfig
 from ..errors import CheckpointError
+from ..grid import QuantizedWeight
+from ..nn.pack_quantized_linear import PackQuantizedLinear
 from ..nn.w8a8_linear import W8A8Linear
 from .base import CheckpointFormat, RoundedWeight, read_int, read_mapping, read_str
 
-TENSOR_SUFFIXES = ("weight", "weight_scale", "input_scale")
+TENSOR_SUFFIXES = ("weight", "weight_scale", "input_scale", "weight_packed", "weight_zero_point", "weight_g_idx",
+                   "weight_shape")
+PACKED_STRATEGIES = ("group", "channel")
 SYMMETRIC_INT8_ZERO = 128  # the affine grid's zero point for symmetric 8-bit codes 0..255
 
 
@@ -91,17 +107,19 @@ class CompressedTensorsFormat(CheckpointFormat):
 
     @classmethod
     def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
-                     in_features: int, out_features: int, dtype: torch.dtype) -> W8A8Linear:
+                     in_features: int, out_features: int, dtype: torch.dtype) -> W8A8Linear | PackQuantizedLinear:
         where = f"{name}: quantization_config"
         groups = read_mapping(quantization_config, "config_groups", where=where)
         if len(groups) != 1:
             raise CheckpointError(f"llmquant reads compressed-tensors with one config group, found {len(groups)}")
-        group_name, group = next(iter(groups.items()))
+        group_name = next(iter(groups))
         group = read_mapping(groups, group_name, where=f"{where}.config_groups")
+        fmt = group.get("format") or read_str(quantization_config, "format", where=where)
         where = f"{where}.config_groups.{group_name}"
+        if fmt == "pack-quantized":
+            return _pack_quantized_linear(name, group, shapes, has_bias, in_features, out_features, dtype)
         weights = read_mapping(group, "weights", where=where)
         inputs = read_mapping(group, "input_activations", where=where)
-        fmt = read_str(quantization_config, "format", where=f"{name}: quantization_config")
         for scheme, what in ((weights, "weights"), (inputs, "input_activations")):
             read_int(scheme, "num_bits", allowed=(8,), where=f"{where}.{what}")
             read_str(scheme, "type", where=f"{where}.{what}")
@@ -109,7 +127,8 @@ class CompressedTensorsFormat(CheckpointFormat):
         if fmt != "int-quantized" or weights["type"] != "int" or weights["strategy"] != "channel" \
                 or not weights.get("symmetric"):
             raise CheckpointError(f"llmquant reads compressed-tensors int8 per-channel symmetric weights "
-                                  f"(format int-quantized); this checkpoint has format {fmt!r}, weights {weights}")
+                                  f"(format int-quantized) or weight-only pack-quantized ones; this checkpoint has "
+                                  f"format {fmt!r}, weights {weights}")
         if inputs["type"] != "int" or not inputs.get("symmetric") \
                 or (inputs["strategy"], bool(inputs.get("dynamic"))) not in (("token", True), ("tensor", False)):
             raise CheckpointError(f"unsupported input_activations scheme {inputs}: llmquant reads int8 symmetric, "
@@ -118,11 +137,49 @@ class CompressedTensorsFormat(CheckpointFormat):
         expected = {"weight": (out_features, in_features), "weight_scale": (out_features, 1)}
         if static:
             expected["input_scale"] = (1,)
-        for suffix, shape in expected.items():
-            if suffix not in shapes:
-                raise CheckpointError(f"{name}: missing tensor {name}.{suffix}")
-            if tuple(shapes[suffix]) != shape:
-                raise CheckpointError(f"{name}.{suffix} has shape {tuple(shapes[suffix])}, expected {shape}")
+        _check_shapes(name, shapes, expected)
         if not static and "input_scale" in shapes:
             raise CheckpointError(f"{name}.input_scale present, but the config says dynamic activations")
         return W8A8Linear(in_features, out_features, static=static, bias=has_bias, dtype=dtype)
+
+
+def _check_shapes(name: str, shapes: dict[str, tuple], expected: dict[str, tuple]) -> None:
+    for suffix, shape in expected.items():
+        if suffix not in shapes:
+            raise CheckpointError(f"{name}: missing tensor {name}.{suffix}")
+        if tuple(shapes[suffix]) != shape:
+            raise CheckpointError(f"{name}.{suffix} has shape {tuple(shapes[suffix])}, expected {shape}")
+
+
+def _pack_quantized_linear(name: str, group: dict, shapes: dict[str, tuple], has_bias: bool, in_features: int,
+                           out_features: int, dtype: torch.dtype) -> PackQuantizedLinear:
+    where = f"{name}: config_groups.weights"
+    weights = read_mapping(group, "weights", where=f"{name}: config_groups")
+    bits = read_int(weights, "num_bits", allowed=tuple(range(2, 9)), where=where)
+    strategy = read_str(weights, "strategy", where=where)
+    if group.get("input_activations"):
+        raise CheckpointError(f"pack-quantized with quantized input activations ({group['input_activations']}) "
+                              "is not read by llmquant; it reads weight-only pack-quantized checkpoints")
+    if weights.get("type") != "int" or strategy not in PACKED_STRATEGIES:
+        raise CheckpointError(f"llmquant reads pack-quantized int weights of 2..8 bits with strategy "
+                              f"{' or '.join(PACKED_STRATEGIES)}; this checkpoint has {weights}")
+    if weights.get("actorder") not in (None, "group", "weight", "static", "dynamic"):
+        raise CheckpointError(f"unknown actorder {weights.get('actorder')!r} in {weights}")
+    values_per_run, _ = bitpack.run_shape(bits)
+    if in_features % values_per_run or out_features % values_per_run:
+        raise CheckpointError(f"{name}: a {in_features}->{out_features} linear does not fill whole int32 words "
+                              f"at {bits} bits, which llmquant's packing needs")
+    group_size = in_features if strategy == "channel" else read_int(weights, "group_size", where=where)
+    if group_size < 1:
+        raise CheckpointError(f"{name}: pack-quantized strategy group needs a positive group_size, got {group_size!r}")
+    groups = -(-in_features // group_size)
+    symmetric = bool(weights.get("symmetric", True))
+    expected = {"weight_packed": (out_features, in_features * bits // 32), "weight_scale": (out_features, groups),
+                "weight_shape": (2,)}
+    if not symmetric:
+        expected["weight_zero_point"] = (out_features * bits // 32, groups)
+    if "weight_g_idx" in shapes:
+        expected["weight_g_idx"] = (in_features,)
+    _check_shapes(name, shapes, expected)
+    return PackQuantizedLinear(in_features, out_features, bits, group_size, symmetric, g_idx="weight_g_idx" in shapes,
+                               scale_dtype=dtype, bias=has_bias, dtype=dtype)

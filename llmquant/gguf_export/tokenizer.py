@@ -4,7 +4,8 @@ Two kinds are written: byte-level BPE (GPT-2 style, tokenizer model "gpt2", with
 sentencepiece-style BPE with byte fallback (model "llama": tokens, scores, token types; the merges
 are written too so that readers that rebuild a BPE, like transformers, need not guess them). For the
 latter, scores follow sentencepiece's convention as llama.cpp's converter writes it: the n-th normal
-piece scores -n, byte pieces 0, control and user-defined pieces -1000.
+piece scores -n, byte pieces 0, control and user-defined pieces -1000. `tokenizer.ggml.pre` names
+llama.cpp's pre-tokenizer (pretokenizer.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import UnsupportedArchitectureError
+from .pretokenizer import pre_tokenizer_name
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -37,6 +39,7 @@ def add_tokenizer(writer, folder: Path, tokenizer) -> None:
     if not byte_level and not model.get("byte_fallback"):
         raise UnsupportedArchitectureError("GGUF export writes byte-level BPE or BPE with byte fallback "
                                            "(sentencepiece style); this tokenizer is neither")
+    pre = pre_tokenizer_name(tokenizer, byte_level)
     tokens = [None] * len(tokenizer)
     for token, index in model["vocab"].items():
         if index < len(tokens):
@@ -63,7 +66,7 @@ def add_tokenizer(writer, folder: Path, tokenizer) -> None:
         scores.append(score)
 
     writer.add_tokenizer_model("gpt2" if byte_level else "llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if not byte_level:

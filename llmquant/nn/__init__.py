@@ -3,8 +3,10 @@ from .awq_linear import AWQLinear
 from .bnb4bit_linear import BnB4bitLinear
 from .fp8_linear import Fp8Linear
 from .gptq_linear import GPTQLinear
+from .pack_quantized_linear import PackQuantizedLinear
 from .w8a8_linear import W8A8Linear
 
-QUANTIZED_LINEARS = (GPTQLinear, AWQLinear, W8A8Linear, BnB4bitLinear, Fp8Linear)
+QUANTIZED_LINEARS = (GPTQLinear, AWQLinear, W8A8Linear, BnB4bitLinear, Fp8Linear, PackQuantizedLinear)
 
-__all__ = ["AWQLinear", "BnB4bitLinear", "Fp8Linear", "GPTQLinear", "QUANTIZED_LINEARS", "W8A8Linear"]
+__all__ = ["AWQLinear", "BnB4bitLinear", "Fp8Linear", "GPTQLinear", "PackQuantizedLinear", "QUANTIZED_LINEARS",
+           "W8A8Linear"]

@@ -1,0 +1,1 @@
+"""Interop suite (see conftest.py)."""
