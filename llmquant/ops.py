@@ -5,6 +5,8 @@ as bitsandbytes registers per device: "reference" (torch, any device, differenti
 "triton" (llmquant_kernels) in triton_ops.py. CUDA tensors get the Triton kernels, CPU tensors the
 reference, unless LLMQUANT_KERNELS (or `use_backend`) says "reference" or "triton"; Triton on a
 CPU needs the interpreter (TRITON_INTERPRET=1 before triton is imported), as the tests use it.
+Under "auto" a quantized linear on the CPU runs the converted fast path of llmquant.cpu before it
+reaches these ops; "reference" keeps it on the reference here.
 Quantized-linear modules call these ops, never a kernel directly.
 """
 from __future__ import annotations
@@ -48,10 +50,16 @@ def use_backend(backend: str):
         _override.pop()
 
 
-def backend_for(device_type: str) -> str:
+def requested_backend() -> str:
+    """The backend asked for: the innermost `use_backend` block, else LLMQUANT_KERNELS, else "auto"."""
     wanted = _override[-1] if _override else os.environ.get("LLMQUANT_KERNELS", "auto")
     if wanted not in BACKENDS:
         raise ConfigError(f"LLMQUANT_KERNELS must be one of {', '.join(BACKENDS)}, got {wanted!r}")
+    return wanted
+
+
+def backend_for(device_type: str) -> str:
+    wanted = requested_backend()
     if wanted == "auto":
         return TRITON if device_type == "cuda" else REFERENCE
     if wanted == TRITON and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
