@@ -195,3 +195,57 @@ def test_gradients_through_x_take_the_reference():
     x = torch.randn(2, 128, requires_grad=True)
     module(x).sum().backward()
     assert x.grad is not None and selection._KERNEL_ATTRIBUTE not in module.__dict__
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, smollm2_path):
+    """A tiny random llama quantized to 4 bits (int4pack), one down_proj at 8 bits per channel (int8pack)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import llmquant
+    from conftest import tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer)  # so that the borrowed tokenizer's ids fit
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    quant = QuantConfig(method="rtn", bits=4, group_size=32, dtype="float32",
+                        layer_overrides={"model.layers.1.mlp.down_proj": {"bits": 8, "group_size": -1}})
+    qmodel = llmquant.quantize(model, quant, progress=False)
+    qmodel.tokenizer = tokenizer
+    return qmodel.save(tmp_path / "ckpt")
+
+
+def test_info_and_load_log_report_each_layer_path(tiny_checkpoint, capsys, caplog):
+    import logging
+
+    import llmquant
+    from llmquant.cli import main
+
+    with caplog.at_level(logging.DEBUG, logger="llmquant.cpu"):
+        llmquant.load(tiny_checkpoint)
+    assert "CPU paths: 13 int4pack, 1 int8pack" in caplog.text
+    assert "model.layers.1.mlp.down_proj: int8pack" in caplog.text
+    assert main(["info", str(tiny_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "paths: 13 int4pack, 1 int8pack" in out
+    lines = [line for line in out.splitlines() if line.startswith("model.layers.")]
+    assert len(lines) == 14 and all(" int4pack " in line for line in lines if "1.mlp.down_proj" not in line)
+    assert "not int4pack: 8-bit codes do not fit 4 bits" in next(line for line in lines if "1.mlp.down_proj" in line)
+
+
+def test_generate_streams_takes_threads_and_prints_speeds(tiny_checkpoint, capsys):
+    from llmquant.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["generate", str(tiny_checkpoint), "--prompt", "The capital of France is",
+                     "--max-new-tokens", "6", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The capital of France is")
+    assert "prefill" in captured.err and "decode" in captured.err and "tok/s (1 threads)" in captured.err
+    assert main(["generate", str(tiny_checkpoint), "--prompt", "x", "--threads", "0"]) == 2
