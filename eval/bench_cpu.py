@@ -177,6 +177,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOTES_MARKER = "<!-- eval/bench_cpu.py writes everything above this line; the notes below are kept -->"
+
+
+def write_keeping_notes(path: Path, table: str) -> None:
+    """Write the measured part of the file, keeping the hand-written notes after NOTES_MARKER."""
+    notes = ""
+    if path.is_file() and NOTES_MARKER in path.read_text():
+        notes = path.read_text().split(NOTES_MARKER, 1)[1]
+    path.write_text(f"{table}\n{NOTES_MARKER}{notes}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -238,7 +249,7 @@ def main() -> None:
     text = markdown(rows, meta)
     print(text)
     if args.md:
-        Path(args.md).write_text(text)
+        write_keeping_notes(Path(args.md), text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

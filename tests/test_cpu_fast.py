@@ -103,6 +103,29 @@ def test_int4pack_in_the_fast_dtype_is_within_bf16_rounding(case):
         assert relative_error(module(x), reference_output(module, x)) < BF16_TOLERANCE
 
 
+@pytest.fixture
+def dense_from_128_rows(monkeypatch):
+    """Calls of 128 rows or more take the dense bf16 matmul, whether or not this CPU multiplies bf16 natively."""
+    from llmquant.cpu import dequantized
+
+    for path in (int4pack, int8pack, dequantized):
+        monkeypatch.setattr(path, "dense_bf16_for", lambda rows: rows >= 128)
+
+
+@pytest.mark.parametrize("fmt_name,case", [("gptq", (64, 256, 4, 64, False, True)), ("gptq", (64, 576, 4, 128, True, False)),
+                                           ("gptq", (64, 256, 8, -1, False, False)), ("gptq", (64, 256, 8, 64, False, False)),
+                                           ("awq", (128, 256, 4, 32, False, False))])
+def test_many_rows_run_a_dense_bf16_matmul_within_bf16_rounding(fmt_name, case, dense_from_128_rows):
+    from llmquant.cpu.capability import cpu_capability
+
+    module = quantized_linear(fmt_name, random_quantized(*case))
+    x = torch.randn(2, 100, case[1])  # 200 rows
+    assert relative_error(module(x), reference_output(module, x)) < BF16_TOLERANCE
+    kernel = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel
+    if isinstance(kernel, int4pack.Int4PackKernel) and cpu_capability() == "AVX512":
+        assert kernel.layout_block == 64  # the packed bytes were read back as the codes
+
+
 @pytest.mark.parametrize("group_size,sym", [(32, True), (64, False), (128, False), (-1, True)])
 def test_awq_runs_int4pack(group_size, sym, fp32_packed_ops):
     qw = random_quantized(64, 256, 4, group_size, sym, act_order=False, seed=group_size)

@@ -7,13 +7,19 @@ codes as they are. The op wants runs of 32 / 64 / 128 / 256 columns sharing one 
 group of 128 on 576 columns (a partial last group) runs as 64-column runs with repeated scales, a
 per-channel weight as runs of the largest size dividing in_features, and act-order (g_idx not
 sorted) by permuting the input columns of x and W so each group's columns are contiguous.
+
+Calls of many rows (prefill) run faster as a dense bfloat16 matmul where the CPU has one
+(capability.dense_bf16_for): the weight is then dequantized for the call from the packed bytes, whose
+layout (torch's, per ISA) is checked against the codes once at conversion; if it is not the one
+expected, every call stays on the packed op.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .affine import affine_weight
-from .capability import packed_compute_dtype
+from .capability import dense_bf16_for, packed_compute_dtype
 
 NAME = "int4pack"
 ACCEPTS = ("GPTQ / AWQ affine weights of 2-4 bits; out_features % 16 == 0; input columns, after sorting "
@@ -21,6 +27,7 @@ ACCEPTS = ("GPTQ / AWQ affine weights of 2-4 bits; out_features % 16 == 0; input
            "and divides in_features after the partial last group, per channel, act-order)")
 RUN_SIZES = (32, 64, 128, 256)
 OUT_MULTIPLE = 16
+LAYOUT_BLOCKS = (64, 32)  # output columns per block of torch's packed layout: AVX-512, AVX2
 
 
 def refusal(module) -> str | None:
@@ -37,6 +44,22 @@ def refusal(module) -> str | None:
     return None
 
 
+def unpack_packed(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
+    """uint8 codes [out, in] from torch's CPU int4 layout: [out / block, in, block / 2] bytes, byte j of a
+    row holding column j of its block in the low nibble and column j + block / 2 in the high one."""
+    rows = packed.view(out_features // block, in_features, block // 2)
+    return torch.cat([rows & 15, rows >> 4], dim=2).permute(0, 2, 1).reshape(out_features, in_features)
+
+
+def _layout_block(packed: torch.Tensor, codes: torch.Tensor) -> int | None:
+    out_features, in_features = codes.shape
+    for block in LAYOUT_BLOCKS:
+        if out_features % block == 0 and packed.numel() * 2 == codes.numel() \
+                and torch.equal(unpack_packed(packed, out_features, in_features, block), codes.to(torch.uint8)):
+            return block
+    return None
+
+
 class Int4PackKernel:
     def __init__(self, module, activation_dtype: torch.dtype):
         weight = affine_weight(module)
@@ -47,11 +70,15 @@ class Int4PackKernel:
         if order is not None:
             codes, groups = codes[order], groups[order]
         self.compute_dtype = packed_compute_dtype(activation_dtype)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
+        codes = codes.t().contiguous()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         group_of_run = groups[::run]
         scales = weight.scales[group_of_run].float()
         shift = (8 - zeros[group_of_run]).float() * scales
         self.scales_and_zeros = torch.stack([scales, shift], dim=-1).to(self.compute_dtype).contiguous()
+        self.layout_block = _layout_block(self.packed, codes)
+        # [out, runs, 1] fp32, for dequantizing the packed weight in dense calls
+        self.run_scales, self.run_shifts = (t.t().contiguous()[:, :, None] for t in (scales, shift))
         self.run = run
         self.column_order = order
         self.bias = module.bias
@@ -61,15 +88,26 @@ class Int4PackKernel:
 
     @property
     def nbytes(self) -> int:
-        extra = [self.packed, self.scales_and_zeros] + ([self.column_order] if self.column_order is not None else [])
+        extra = [self.packed, self.scales_and_zeros, self.run_scales, self.run_shifts]
+        if self.column_order is not None:
+            extra.append(self.column_order)
         return sum(t.numel() * t.element_size() for t in extra)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight (columns in the kernel's order) in bfloat16, dequantized from the packed bytes."""
+        codes = unpack_packed(self.packed, self.out_features, self.packed.shape[1] * 2, self.layout_block)
+        grouped = codes.view(self.out_features, -1, self.run).float() - 8
+        return torch.addcmul(self.run_shifts, grouped, self.run_scales).view(self.out_features, -1).to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if self.column_order is not None:
             rows = rows.index_select(1, self.column_order)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.compute_dtype).contiguous(), self.packed,
-                                                         self.run, self.scales_and_zeros).to(x.dtype)
+        if self.layout_block is not None and dense_bf16_for(rows.shape[0]):
+            out = F.linear(rows.to(torch.bfloat16), self.dense_weight()).to(x.dtype)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.compute_dtype).contiguous(), self.packed,
+                                                             self.run, self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)

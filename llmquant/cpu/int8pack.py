@@ -5,14 +5,16 @@ output channel. A b-bit code q with zero point z is stored as w8 = q - 2^(b-1) (
 and (q - z) * s = w8 * s + (2^(b-1) - z) * s: symmetric grids have z = 2^(b-1) and need nothing
 more; asymmetric ones add sum_i(x_i) * (2^(b-1) - z) * s per output. Grouped weights (several
 scales per row) are not what the op takes; per channel, the order of input columns does not matter,
-so act-order needs no permutation here.
+so act-order needs no permutation here. Calls of many rows run as a dense bfloat16 matmul of the int8
+codes (exact in bf16) where the CPU has a fast one, the scales applied after.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .affine import affine_weight
-from .capability import packed_compute_dtype
+from .capability import dense_bf16_for, packed_compute_dtype
 
 NAME = "int8pack"
 ACCEPTS = "GPTQ / AWQ affine weights of 2-8 bits with one scale per output channel (group_size -1)"
@@ -35,6 +37,7 @@ class Int8PackKernel:
         self.compute_dtype = packed_compute_dtype(activation_dtype)
         self.weight = (codes.t() - center).to(torch.int8).contiguous()
         scales = weight.scales[0].float()
+        self.float_scales = scales
         self.scales = scales.to(self.compute_dtype)
         offset = (center - zeros[0]).float() * scales
         self.row_sum_scale = offset if bool((offset != 0).any()) else None
@@ -45,13 +48,17 @@ class Int8PackKernel:
 
     @property
     def nbytes(self) -> int:
-        extra = [self.weight, self.scales] + ([self.row_sum_scale] if self.row_sum_scale is not None else [])
+        extra = [self.weight, self.scales, self.float_scales] + ([self.row_sum_scale] if self.row_sum_scale is not None else [])
         return sum(t.numel() * t.element_size() for t in extra)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.aten._weight_int8pack_mm(rows.to(self.compute_dtype).contiguous(), self.weight,
-                                                 self.scales).to(x.dtype)
+        if dense_bf16_for(rows.shape[0]):
+            out = (F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float() * self.float_scales)
+            out = out.to(x.dtype)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows.to(self.compute_dtype).contiguous(), self.weight,
+                                                     self.scales).to(x.dtype)
         if self.row_sum_scale is not None:
             out = out + (rows.float().sum(dim=1, keepdim=True) * self.row_sum_scale).to(x.dtype)
         if self.bias is not None:
