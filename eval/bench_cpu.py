@@ -19,6 +19,7 @@ static W8A8, which needs calibrated activation scales (8 windows).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -27,7 +28,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ class Checkpoint:
     name: str  # row label
     folder: str  # under --work
     quantize_args: tuple[str, ...]  # `llmquant quantize MODEL ...`
+    environment: dict = field(default_factory=dict)  # set while it loads (a CPU path variant)
 
 
 CALIBRATION = ("--calib", "wiki", "--nsamples", "8", "--seqlen", "512")
@@ -61,11 +63,27 @@ CHECKPOINTS = [
     Checkpoint("AWQ w4 g64", "awq-w4g64", ("--method", "rtn", "--bits", "4", "--group-size", "64", "--asym",
                                             "--format", "awq")),
     Checkpoint("W8A8 dynamic", "w8a8-dynamic", ("--method", "w8a8", "--act-quant", "dynamic")),
+    Checkpoint("W8A8 dynamic, int8pack variant", "w8a8-dynamic", ("--method", "w8a8", "--act-quant", "dynamic"),
+               {"LLMQUANT_CPU_W8A8": "int8pack"}),
     Checkpoint("W8A8 static", "w8a8-static", ("--method", "w8a8", "--act-quant", "static", *CALIBRATION)),
     Checkpoint("NF4 (double quant)", "nf4-dq", ("--method", "nf4", "--double-quant")),
     Checkpoint("FP4", "fp4", ("--method", "fp4",)),
 ]
 GGUF_TYPES = ("q8_0", "q4_0", "q4_k")
+
+
+@contextlib.contextmanager
+def environment(variables: dict):
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 def run_cli(args: list[str]) -> None:
@@ -203,7 +221,7 @@ def main() -> None:
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     selected = [c for c in CHECKPOINTS if args.only is None or c.name in args.only]
-    folders = {c.name: ensure_checkpoint(work, c) for c in selected}
+    folders = {c.name: ensure_checkpoint(work, c) for c in selected}  # (two rows may share a folder)
     ggufs = {k: ensure_gguf(work, k) for k in GGUF_TYPES if args.llama_cpp and (args.only is None or k in args.only)}
 
     load_before = loadavg()
@@ -225,7 +243,8 @@ def main() -> None:
         del model
         gc.collect()
     for checkpoint in selected:
-        model = load(folders[checkpoint.name])
+        with environment(checkpoint.environment):
+            model = load(folders[checkpoint.name])
         paths = summary(prepare_for_cpu(model)).split(";")[0]
         record(checkpoint.name, paths, size_mib(folders[checkpoint.name]),
                torch_speeds(model, prompt_ids, window, args.repeats))

@@ -194,6 +194,19 @@ def test_w8a8_int_mm_keeps_reference_numerics_and_int8pack_is_within_bf16(static
     assert relative_error(module(x), expected) < BF16_TOLERANCE  # the one this CPU chose
 
 
+def test_w8a8_variant_can_be_chosen_and_a_bad_one_is_refused(monkeypatch):
+    from llmquant.cpu import w8a8
+    from llmquant.errors import ConfigError
+
+    module = w8a8_module(False)
+    for variant, use_int_mm in (("int_mm", True), ("int8pack", False)):
+        monkeypatch.setenv(w8a8.VARIANT_ENV, variant)
+        assert W8A8Kernel(module, torch.float32).use_int_mm is use_int_mm
+    monkeypatch.setenv(w8a8.VARIANT_ENV, "vnni")
+    with pytest.raises(ConfigError, match="LLMQUANT_CPU_W8A8 must be one of"):
+        module(torch.randn(2, 96))
+
+
 def test_selection_report_state_dict_and_reconversion():
     qw = random_quantized(64, 256, 4, 64, False, act_order=True)
     fast, grouped8 = quantized_linear("gptq", qw), quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False))

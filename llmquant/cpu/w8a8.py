@@ -8,17 +8,31 @@ does, then multiplied with the int8 weight in one of two ways, chosen by what th
 - "int8pack" elsewhere: the int8 codes (exact in bfloat16) through `_weight_int8pack_mm` with the
   weight scales, then the activation scales: one bfloat16 rounding of the output more than the
   reference, instead of an int8 GEMM that is ~30x slower than fp32 without VNNI.
+
+LLMQUANT_CPU_W8A8=int_mm | int8pack overrides the choice (eval/bench_cpu.py measures both).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ..errors import ConfigError
 from ..grid.activations import quantize_per_tensor, quantize_per_token
 from ..nn import W8A8Linear
 from .capability import has_int8_dot_product, packed_compute_dtype
 
 NAME = "w8a8"
+VARIANT_ENV = "LLMQUANT_CPU_W8A8"
+VARIANTS = ("auto", "int_mm", "int8pack")
 ACCEPTS = "W8A8 (compressed-tensors int8) linears, dynamic per-token or static per-tensor activations"
+
+
+def use_int_mm_here() -> bool:
+    variant = os.environ.get(VARIANT_ENV, "auto")
+    if variant not in VARIANTS:
+        raise ConfigError(f"{VARIANT_ENV} must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return has_int8_dot_product() if variant == "auto" else variant == "int_mm"
 
 
 def refusal(module) -> str | None:
@@ -27,7 +41,7 @@ def refusal(module) -> str | None:
 
 class W8A8Kernel:
     def __init__(self, module, activation_dtype: torch.dtype, use_int_mm: bool | None = None):
-        self.use_int_mm = has_int8_dot_product() if use_int_mm is None else use_int_mm
+        self.use_int_mm = use_int_mm_here() if use_int_mm is None else use_int_mm
         self.weight = module.weight
         self.input_scale = module.input_scale
         self.weight_scale = module.weight_scale.float().reshape(1, -1)
