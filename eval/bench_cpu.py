@@ -144,7 +144,7 @@ def llama_cpp_speeds(path: Path, prompt_ids: list[int], window: list[int], threa
             if len(times) == NEW_TOKENS:
                 break
         decode.append((len(times) - 1) / (times[-1] - times[0]))
-    del llm
+    llm.close()
     return best(prefill[1:]), best(decode[1:])
 
 
