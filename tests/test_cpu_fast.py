@@ -148,11 +148,18 @@ def test_awq_runs_int4pack(group_size, sym, fp32_packed_ops):
 ])
 def test_fallbacks_equal_reference(out_features, in_features, bits, group_size, sym, path, fp32_packed_ops):
     module = quantized_linear("gptq", random_quantized(out_features, in_features, bits, group_size, sym, False))
-    chosen, refusals = choose_path(module)
-    assert chosen is path
-    assert list(refusals) == [p.NAME for p in selection.PATHS[:selection.PATHS.index(path)]]
+    [layer] = prepare_for_cpu(nn.Sequential(module))
+    assert layer.path == path.NAME
+    assert list(layer.refusals) == [p.NAME for p in selection.PATHS[:selection.PATHS.index(path)]]
     x = torch.randn(3, 2, in_features)
     assert relative_error(module(x), reference_output(module, x)) < FP32_TOLERANCE
+
+
+def test_a_layer_never_prepared_gets_no_dequantized_cache():
+    module = quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False))
+    x = torch.randn(3, 256)
+    assert torch.equal(module(x), reference_output(module, x))
+    assert module.__dict__[selection._KERNEL_ATTRIBUTE].path == "reference"
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])

@@ -90,7 +90,9 @@ def _convert(module: nn.Module, dtype: torch.dtype) -> _Converted:
 def kernel_for(module: nn.Module, x: torch.Tensor):
     """The converted CPU kernel to run `module` on x, or None for the op the module calls otherwise:
     off the CPU, under a kernel backend other than "auto" (use_backend / LLMQUANT_KERNELS), and when
-    autograd needs a gradient through x (the packed ops have no backward)."""
+    autograd needs a gradient through x (the packed ops have no backward). A layer converted here
+    without having been through prepare_for_cpu gets no dequantized weight (the memory bound is kept
+    there): it runs the reference op if no packed path takes it."""
     if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto":
         return None
     converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
