@@ -2,8 +2,12 @@
 
 `_weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)` computes x @ W^T with
 W = (q - 8) * s + zero per run of `group` input columns. A code q with zero point z gives
-(q - z) * s = (q - 8) * s + (8 - z) * s, so zero = (8 - z) * s, and 2- and 3-bit codes are 4-bit
-codes as they are. The op wants runs of 32 / 64 / 128 / 256 columns sharing one scale: a checkpoint
+(q - z) * s = (q - 8) * s + (8 - z) * s, and 2- and 3-bit codes are 4-bit codes as they are. The op
+holds s and zero in the activations' dtype (bf16 on x86), and a bf16 zero (8 - z) * s is off by up
+to 7 * 2^-9 * s for the whole run, an error that adds up over the run's inputs instead of averaging
+out (SmolLM2 w4 g128 asym: perplexity +0.15% with it in the op); so the op gets zero 0 and the
+term (8 - z) * s is added in fp32 as (sum of x over each run) @ shifts, K / run times fewer
+multiply-adds than the matmul. The op wants runs of 32 / 64 / 128 / 256 columns sharing one scale: a checkpoint
 group of 128 on 576 columns (a partial last group) runs as 64-column runs with repeated scales, a
 per-channel weight as runs of the largest size dividing in_features, and act-order (g_idx not
 sorted) by permuting the input columns of x and W so each group's columns are contiguous.
@@ -75,10 +79,11 @@ class Int4PackKernel:
         group_of_run = groups[::run]
         scales = weight.scales[group_of_run].float()
         shift = (8 - zeros[group_of_run]).float() * scales
-        self.scales_and_zeros = torch.stack([scales, shift], dim=-1).to(self.compute_dtype).contiguous()
+        self.scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(self.compute_dtype)
+        self.run_shifts = shift.contiguous() if bool((shift != 0).any()) else None  # [runs, out] fp32
         self.layout_block = _layout_block(self.packed, codes)
         # [out, runs, 1] fp32, for dequantizing the packed weight in dense calls
-        self.run_scales, self.run_shifts = (t.t().contiguous()[:, :, None] for t in (scales, shift))
+        self.dense_scales, self.dense_shifts = (t.t().contiguous()[:, :, None] for t in (scales, shift))
         self.run = run
         self.column_order = order
         self.bias = module.bias
@@ -88,7 +93,9 @@ class Int4PackKernel:
 
     @property
     def nbytes(self) -> int:
-        extra = [self.packed, self.scales_and_zeros, self.run_scales, self.run_shifts]
+        extra = [self.packed, self.scales_and_zeros, self.dense_scales, self.dense_shifts]
+        if self.run_shifts is not None:
+            extra.append(self.run_shifts)
         if self.column_order is not None:
             extra.append(self.column_order)
         return sum(t.numel() * t.element_size() for t in extra)
@@ -97,7 +104,7 @@ class Int4PackKernel:
         """The weight (columns in the kernel's order) in bfloat16, dequantized from the packed bytes."""
         codes = unpack_packed(self.packed, self.out_features, self.packed.shape[1] * 2, self.layout_block)
         grouped = codes.view(self.out_features, -1, self.run).float() - 8
-        return torch.addcmul(self.run_shifts, grouped, self.run_scales).view(self.out_features, -1).to(torch.bfloat16)
+        return torch.addcmul(self.dense_shifts, grouped, self.dense_scales).view(self.out_features, -1).to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -107,7 +114,10 @@ class Int4PackKernel:
             out = F.linear(rows.to(torch.bfloat16), self.dense_weight()).to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.compute_dtype).contiguous(), self.packed,
-                                                             self.run, self.scales_and_zeros).to(x.dtype)
+                                                             self.run, self.scales_and_zeros).float()
+            if self.run_shifts is not None:
+                out = out.addmm_(rows.float().view(rows.shape[0], -1, self.run).sum(dim=2), self.run_shifts)
+            out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -6,7 +6,9 @@ and (q - z) * s = w8 * s + (2^(b-1) - z) * s: symmetric grids have z = 2^(b-1) a
 more; asymmetric ones add sum_i(x_i) * (2^(b-1) - z) * s per output. Grouped weights (several
 scales per row) are not what the op takes; per channel, the order of input columns does not matter,
 so act-order needs no permutation here. Calls of many rows run as a dense bfloat16 matmul of the int8
-codes (exact in bf16) where the CPU has a fast one, the scales applied after.
+codes (exact in bf16) where the CPU has a fast one, the scales applied after. The op's own scale
+would be in the activations' dtype (bf16 on x86), off by up to 2^-9 for a whole output channel, so it
+gets ones and the fp32 scales multiply its output.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class Int8PackKernel:
         self.weight = (codes.t() - center).to(torch.int8).contiguous()
         scales = weight.scales[0].float()
         self.float_scales = scales
-        self.scales = scales.to(self.compute_dtype)
+        self.unit_scales = torch.ones_like(scales, dtype=self.compute_dtype)
         offset = (center - zeros[0]).float() * scales
         self.row_sum_scale = offset if bool((offset != 0).any()) else None
         self.bias = module.bias
@@ -48,17 +50,17 @@ class Int8PackKernel:
 
     @property
     def nbytes(self) -> int:
-        extra = [self.weight, self.scales, self.float_scales] + ([self.row_sum_scale] if self.row_sum_scale is not None else [])
+        extra = [self.weight, self.unit_scales, self.float_scales] + ([self.row_sum_scale] if self.row_sum_scale is not None else [])
         return sum(t.numel() * t.element_size() for t in extra)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if dense_bf16_for(rows.shape[0]):
-            out = (F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float() * self.float_scales)
-            out = out.to(x.dtype)
+            products = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16))
         else:
-            out = torch.ops.aten._weight_int8pack_mm(rows.to(self.compute_dtype).contiguous(), self.weight,
-                                                     self.scales).to(x.dtype)
+            products = torch.ops.aten._weight_int8pack_mm(rows.to(self.compute_dtype).contiguous(), self.weight,
+                                                          self.unit_scales)
+        out = (products.float() * self.float_scales).to(x.dtype)
         if self.row_sum_scale is not None:
             out = out + (rows.float().sum(dim=1, keepdim=True) * self.row_sum_scale).to(x.dtype)
         if self.bias is not None:

@@ -5,9 +5,10 @@ does, then multiplied with the int8 weight in one of two ways, chosen by what th
 - "int_mm" where it has an int8 dot-product instruction (VNNI / AMX): `torch._int_mm` of the int8
   codes, exact int32 accumulation, the scales applied after, as the reference computes; the weight
   is read through a transposed view (the reference copies a transposed weight on every call).
-- "int8pack" elsewhere: the int8 codes (exact in bfloat16) through `_weight_int8pack_mm` with the
-  weight scales, then the activation scales: one bfloat16 rounding of the output more than the
-  reference, instead of an int8 GEMM that is ~30x slower than fp32 without VNNI.
+- "int8pack" elsewhere: the int8 codes (exact in bfloat16) through `_weight_int8pack_mm` with unit
+  scales (a bf16 weight scale would be off by up to 2^-9 for a whole output channel), then both
+  scales in fp32: one bfloat16 rounding of the integer products more than the reference, instead
+  of an int8 GEMM that is ~30x slower than fp32 without VNNI.
 
 LLMQUANT_CPU_W8A8=int_mm | int8pack overrides the choice (eval/bench_cpu.py measures both).
 """
@@ -48,17 +49,17 @@ class W8A8Kernel:
         self.bias = module.bias
         self.out_features = module.out_features
         if self.use_int_mm:
-            self.weight_scale_packed = None
+            self.unit_scales = None
         else:
             self.compute_dtype = packed_compute_dtype(activation_dtype)
-            self.weight_scale_packed = module.weight_scale.reshape(-1).to(self.compute_dtype)
+            self.unit_scales = torch.ones(self.out_features, dtype=self.compute_dtype)
         activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
         self.detail = f"{activations} activations, " + ("int8 x int8 torch._int_mm" if self.use_int_mm else
                                                         "int8 codes through _weight_int8pack_mm")
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.weight_scale_packed is None else self.weight_scale_packed.numel() * 2
+        return 0 if self.unit_scales is None else self.unit_scales.numel() * self.unit_scales.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -67,10 +68,10 @@ class W8A8Kernel:
         else:
             codes, x_scale = quantize_per_tensor(rows, self.input_scale), self.input_scale.float().reshape(1, 1)
         if self.use_int_mm:
-            out = torch._int_mm(codes, self.weight.t()).to(torch.float32) * x_scale * self.weight_scale
+            products = torch._int_mm(codes, self.weight.t())
         else:
-            out = torch.ops.aten._weight_int8pack_mm(codes.to(self.compute_dtype), self.weight,
-                                                     self.weight_scale_packed).to(torch.float32) * x_scale
+            products = torch.ops.aten._weight_int8pack_mm(codes.to(self.compute_dtype), self.weight, self.unit_scales)
+        out = products.to(torch.float32) * x_scale * self.weight_scale
         if self.bias is not None:
             out = out + self.bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
