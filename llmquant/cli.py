@@ -1,4 +1,4 @@
-"""Command line: `llmquant quantize | eval | generate | finetune | qat | models`."""
+"""Command line: `llmquant quantize | eval | generate | info | finetune | qat | models | ...`."""
 from __future__ import annotations
 
 import argparse
@@ -169,6 +169,12 @@ def _add_generate(sub):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
     _add_device_options(p)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default torch's)")
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="what a checkpoint holds and which CPU path each quantized linear takes")
+    p.add_argument("checkpoint", help="checkpoint folder")
 
 
 def _add_finetune(sub):
@@ -399,10 +405,17 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     import torch
+    from transformers import TextStreamer
 
     from .api import load_with_tokenizer
+    from .errors import ConfigError
+    from .generation import timed_generate
 
     _placement_checked(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     model, tokenizer = (_model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
                         or load_with_tokenizer(args.model, args.device, args.compute_dtype))
     if args.chat:
@@ -411,10 +424,34 @@ def cmd_generate(args) -> int:
     else:
         inputs = tokenizer(args.prompt, return_tensors="pt")
     inputs = {key: value.to(next(model.parameters()).device) for key, value in inputs.items()}
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-          if args.chat else tokenizer.decode(output[0], skip_special_tokens=True))
+    # tokens are printed as they come (the prompt too, unless it is a chat template)
+    printer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
+    _, speed = timed_generate(model, inputs, args.max_new_tokens, printer)
+    print(f"{speed.describe()} ({torch.get_num_threads()} threads)", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .api import REPORT_FILE
+    from .cpu import describe_cpu, path_table, prepare_for_cpu, summary
+    from .loading import load
+
+    folder = Path(args.checkpoint).expanduser()
+    model = load(folder, device="cpu")  # the paths listed are the CPU's
+    qc = getattr(model.config, "quantization_config", None)
+    print(f"{folder}: {model.config.model_type}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M floating-point parameters")
+    if qc is None:
+        print("not quantized")
+        return 0
+    keys = ("quant_method", "bits", "group_size", "sym", "desc_act", "zero_point", "version", "format",
+            "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
+    print("quantization_config: " + ", ".join(f"{k}={qc[k]}" for k in keys if k in qc))
+    if (folder / REPORT_FILE).is_file():
+        print(f"quantized by llmquant ({REPORT_FILE} beside it)")
+    layers = prepare_for_cpu(model)  # already converted at load: this only collects the paths
+    print(f"CPU: {describe_cpu()}; paths: {summary(layers)}")
+    print(path_table(layers))
     return 0
 
 
@@ -516,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_info(sub)
     _add_finetune(sub)
     _add_qat(sub)
     _add_export_gguf(sub)
@@ -523,12 +561,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"quantize": cmd_quantize, "sensitivity": cmd_sensitivity, "report": cmd_report, "eval": cmd_eval, "generate": cmd_generate, "finetune": cmd_finetune,
+COMMANDS = {"quantize": cmd_quantize, "sensitivity": cmd_sensitivity, "report": cmd_report, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info, "finetune": cmd_finetune,
             "qat": cmd_qat, "export-gguf": cmd_export_gguf, "models": cmd_models}
 
 
+def _log_to_stderr(level: int) -> None:
+    """llmquant's own log lines (e.g. the CPU path of each layer at load) on stderr, whatever sys.stderr
+    is when they are written."""
+    import logging
+
+    class StderrHandler(logging.StreamHandler):
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    logger = logging.getLogger("llmquant")
+    if not any(isinstance(h, logging.StreamHandler) and type(h).__name__ == "StderrHandler" for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     args = build_parser().parse_args(argv)
+    _log_to_stderr(logging.WARNING if args.command == "info" else logging.INFO)  # info prints the paths itself
     try:
         return COMMANDS[args.command](args)
     except LlmquantError as exc:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import SAFETENSORS_INDEX, LazyTensors
+from .cpu import prepare_for_cpu
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .formats import format_for_quantization_config
 from .formats.gptq import dynamic_override
@@ -183,6 +184,7 @@ def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool):
     still_empty = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if still_empty:
         raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(still_empty[:5])}")
+    prepare_for_cpu(model)  # converts the linears on the CPU to their fast paths; logs which
     return model.eval()
 
 

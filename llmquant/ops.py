@@ -10,6 +10,8 @@ interpreter (TRITON_INTERPRET=1 before triton is imported), as the tests use it.
 have no backward, so a call that needs a gradient through x (QLoRA training) runs the
 differentiable reference directly instead of the custom op. Quantized-linear modules call the
 functions here, never a kernel.
+Under "auto" a quantized linear on the CPU runs the converted fast path of llmquant.cpu before it
+reaches these ops; "reference" keeps it on the reference here.
 """
 from __future__ import annotations
 
@@ -52,10 +54,16 @@ def use_backend(backend: str):
         _override.pop()
 
 
-def backend_for(device_type: str) -> str:
+def requested_backend() -> str:
+    """The backend asked for: the innermost `use_backend` block, else LLMQUANT_KERNELS, else "auto"."""
     wanted = _override[-1] if _override else os.environ.get("LLMQUANT_KERNELS", "auto")
     if wanted not in BACKENDS:
         raise ConfigError(f"LLMQUANT_KERNELS must be one of {', '.join(BACKENDS)}, got {wanted!r}")
+    return wanted
+
+
+def backend_for(device_type: str) -> str:
+    wanted = requested_backend()
     if wanted == "auto":
         return TRITON if device_type == "cuda" else REFERENCE
     if wanted == TRITON and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

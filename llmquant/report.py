@@ -79,12 +79,14 @@ def recompute_layer_errors(checkpoint: str | Path, source_model: str, windows: t
     pipeline reports for weight-only methods without scaling (RTN, GPTQ, NF4)."""
     from .loading import load
     from .models import load_fp_model
+    from .ops import use_backend
 
     reference, _ = load_fp_model(source_model)
     quantized = load(checkpoint)
     layers = {name: module for name, module in quantized.named_modules() if hasattr(module, "dequantized_weight")}
     grams = {name: InputGram(module.in_features) for name, module in layers.items()}
-    run_with_input_hooks(quantized, {module: grams[name].add_batch for name, module in layers.items()}, windows)
+    with use_backend("reference"):  # the pipeline's fp32 numerics, not the CPU fast paths' bf16 rounding
+        run_with_input_hooks(quantized, {module: grams[name].add_batch for name, module in layers.items()}, windows)
     errors = {}
     for name, module in layers.items():
         original = reference.get_submodule(name).weight.float()

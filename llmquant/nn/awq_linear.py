@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._cpu_hook import cpu_kernel_for
 
 
 class AWQLinear(nn.Module):
@@ -30,6 +31,9 @@ class AWQLinear(nn.Module):
         return ops.dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = cpu_kernel_for(self, x)
+        if kernel is not None:
+            return kernel(x)
         return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.group_size)
 
     def extra_repr(self) -> str:

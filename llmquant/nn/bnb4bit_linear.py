@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._cpu_hook import cpu_kernel_for
 from ..errors import CheckpointError
 from ..grid.codebook import BLOCKSIZES, dequantize_nested_absmax
 
@@ -66,6 +67,9 @@ class BnB4bitLinear(nn.Module):
                                    (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = cpu_kernel_for(self, x)
+        if kernel is not None:
+            return kernel(x)
         nested = (self.nested_absmax, self.nested_quant_map, self.nested_offset, self.nested_blocksize) \
             if self.nested else None
         return ops.codebook4_linear(x, self.weight, self.absmax, self.quant_map, nested, self.blocksize,

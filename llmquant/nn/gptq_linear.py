@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._cpu_hook import cpu_kernel_for
 
 
 class GPTQLinear(nn.Module):
@@ -30,6 +31,9 @@ class GPTQLinear(nn.Module):
                                    self.bits, self.zero_offset, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = cpu_kernel_for(self, x)
+        if kernel is not None:
+            return kernel(x)
         return ops.gptq_linear(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
                                self.bits, self.zero_offset)
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._cpu_hook import cpu_kernel_for
 
 
 class W8A8Linear(nn.Module):
@@ -32,6 +33,9 @@ class W8A8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.weight_scale.float()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = cpu_kernel_for(self, x)
+        if kernel is not None:
+            return kernel(x)
         return ops.w8a8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,278 @@
+"""CPU inference speed of every checkpoint format llmquant writes, against fp32 and llama.cpp, in one run.
+
+    bash scripts/setup_llama_cpp.sh      # llama-cpp-python, from a local wheel or PyPI's sdist
+    OMP_NUM_THREADS=2 python eval/bench_cpu.py --threads 2 --md eval/CPU.md --json eval/runs/cpu-bench.json
+
+For SmolLM2-135M: fp32 and bf16 (transformers' own model), then each quantized checkpoint loaded by
+llmquant (which converts its linears to the CPU fast paths of llmquant.cpu), then llama.cpp
+(llama-cpp-python) on our own GGUF exports of the same model (q8_0, q4_0, q4_k). Per model, on the same
+token ids: prefill tok/s of a 512-token window of the wiki test split (one forward, best of --repeats)
+and decode tok/s at batch 1 (greedy, 64 new tokens after a short prompt, the tokens after the first over
+the time they took, best of --repeats). Ratios are to fp32 in the same run; the load average of the
+machine before and after goes beside the table.
+
+Checkpoints are quantized on first use into --work (kept for later runs). The speed of a format does
+not depend on how its codes were chosen, so round-to-nearest makes them, except GPTQ act-order, which
+needs a real GPTQ run to write a permuted g_idx (a short calibration: 8 windows x 512 tokens), and
+static W8A8, which needs calibrated activation scales (8 windows).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmquant.cpu import describe_cpu, prepare_for_cpu, summary
+from llmquant.data import tokenize_corpus
+from llmquant.generation import timed_generate
+from llmquant.loading import load
+from llmquant.models import builtin_model_path, cache_dir, load_fp_model
+
+MODEL = "smollm2-135m"
+PROMPT = "The history of the printing press begins"
+PREFILL_TOKENS = 512
+NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str  # row label
+    folder: str  # under --work
+    quantize_args: tuple[str, ...]  # `llmquant quantize MODEL ...`
+    environment: dict = field(default_factory=dict)  # set while it loads (a CPU path variant)
+
+
+CALIBRATION = ("--calib", "wiki", "--nsamples", "8", "--seqlen", "512")
+CHECKPOINTS = [
+    Checkpoint("GPTQ w4 g128 sym", "gptq-w4g128-sym", ("--method", "rtn", "--bits", "4", "--group-size", "128", "--sym")),
+    Checkpoint("GPTQ w4 g128 asym", "gptq-w4g128-asym", ("--method", "rtn", "--bits", "4", "--group-size", "128", "--asym")),
+    Checkpoint("GPTQ w4 g128 act-order", "gptq-w4g128-actorder",
+               ("--method", "gptq", "--bits", "4", "--group-size", "128", "--act-order", *CALIBRATION)),
+    Checkpoint("GPTQ w8 per-channel", "gptq-w8pc", ("--method", "rtn", "--bits", "8", "--group-size", "-1", "--sym")),
+    Checkpoint("AWQ w4 g64", "awq-w4g64", ("--method", "rtn", "--bits", "4", "--group-size", "64", "--asym",
+                                            "--format", "awq")),
+    Checkpoint("W8A8 dynamic", "w8a8-dynamic", ("--method", "w8a8", "--act-quant", "dynamic")),
+    Checkpoint("W8A8 dynamic, int8pack variant", "w8a8-dynamic", ("--method", "w8a8", "--act-quant", "dynamic"),
+               {"LLMQUANT_CPU_W8A8": "int8pack"}),
+    Checkpoint("W8A8 static", "w8a8-static", ("--method", "w8a8", "--act-quant", "static", *CALIBRATION)),
+    Checkpoint("NF4 (double quant)", "nf4-dq", ("--method", "nf4", "--double-quant")),
+    Checkpoint("FP4", "fp4", ("--method", "fp4",)),
+]
+GGUF_TYPES = ("q8_0", "q4_0", "q4_k")
+
+
+@contextlib.contextmanager
+def environment(variables: dict):
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+
+
+def run_cli(args: list[str]) -> None:
+    command = [sys.executable, "-m", "llmquant.cli", *args]
+    print("$", shlex.join(["llmquant", *args]), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+
+
+def ensure_checkpoint(work: Path, checkpoint: Checkpoint) -> Path:
+    folder = work / checkpoint.folder
+    if not (folder / "config.json").is_file():
+        run_cli(["quantize", MODEL, *checkpoint.quantize_args, "--out", str(folder), "--overwrite"])
+    return folder
+
+
+def ensure_gguf(work: Path, kind: str) -> Path:
+    path = work / f"smollm2-{kind}.gguf"
+    if not path.is_file():
+        run_cli(["export-gguf", MODEL, "--type", kind, "--out", str(path), "--overwrite"])
+    return path
+
+
+def best(values: list[float]) -> float:
+    return max(values)
+
+
+def torch_speeds(model, prompt_ids: torch.Tensor, window: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(prefill tok/s of `window`, decode tok/s after `prompt_ids`), best of `repeats` each."""
+    inputs = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
+    timed_generate(model, inputs, 4, exact_length=True)  # warm-up: first-call allocations, oneDNN primitives
+    prefill = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=window, use_cache=True, logits_to_keep=1)
+            prefill.append(window.shape[1] / (time.perf_counter() - start))
+    decode = [timed_generate(model, inputs, NEW_TOKENS, exact_length=True)[1].decode_tokens_per_second
+              for _ in range(repeats)]
+    return best(prefill), best(decode)
+
+
+def llama_cpp_speeds(path: Path, prompt_ids: list[int], window: list[int], threads: int,
+                     repeats: int) -> tuple[float, float]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=2 * PREFILL_TOKENS, n_batch=PREFILL_TOKENS, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    prefill, decode = [], []
+    for _ in range(repeats + 1):  # the first pass warms up
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(window)
+        prefill.append(len(window) / (time.perf_counter() - start))
+        llm.reset()
+        times = []
+        for _token in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == NEW_TOKENS:
+                break
+        decode.append((len(times) - 1) / (times[-1] - times[0]))
+    llm.close()
+    return best(prefill[1:]), best(decode[1:])
+
+
+def size_mib(path: Path) -> float:
+    files = [path] if path.is_file() else list(path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    fp32 = next(r for r in rows if r["model"] == "fp32")
+    lines = [
+        "# CPU inference speed",
+        "",
+        f"SmolLM2-135M on a {meta['cores']}-core {meta['cpu']} ({platform.machine()}; torch capability "
+        f"{meta['capability']}), {meta['threads']} threads, torch {meta['torch']}, llama-cpp-python "
+        f"{meta['llama_cpp']}; {meta['date']}. Load average (1/5/15 min) before the run {meta['load_before']}, "
+        f"after {meta['load_after']} (other work shared the cores: read the ratios, which come from the same run).",
+        "",
+        "    " + meta["command"],
+        "",
+        f"Prefill: one forward of a {PREFILL_TOKENS}-token window of the wiki test split. Decode: batch 1, greedy, "
+        f"{NEW_TOKENS} new tokens after a {meta['prompt_tokens']}-token prompt. Best of {meta['repeats']} each. "
+        "Size: the checkpoint's safetensors (or GGUF) file(s), embeddings included.",
+        "",
+        "| model | runs as | size MiB | prefill tok/s | × fp32 | decode tok/s | × fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['runs_as']} | {r['size_mib']:.0f} | {r['prefill']:.1f} | "
+                     f"{r['prefill'] / fp32['prefill']:.2f} | {r['decode']:.1f} | {r['decode'] / fp32['decode']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+NOTES_MARKER = "<!-- eval/bench_cpu.py writes everything above this line; the notes below are kept -->"
+
+
+def write_keeping_notes(path: Path, table: str) -> None:
+    """Write the measured part of the file, keeping the hand-written notes after NOTES_MARKER."""
+    notes = ""
+    if path.is_file() and NOTES_MARKER in path.read_text():
+        notes = path.read_text().split(NOTES_MARKER, 1)[1]
+    path.write_text(f"{table}\n{NOTES_MARKER}{notes}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--work", default=str(cache_dir() / "bench-cpu"), help="where checkpoints are kept")
+    parser.add_argument("--only", nargs="*", default=None, help="row names to run (fp32 always runs)")
+    parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    parser.add_argument("--md", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    selected = [c for c in CHECKPOINTS if args.only is None or c.name in args.only]
+    folders = {c.name: ensure_checkpoint(work, c) for c in selected}  # (two rows may share a folder)
+    ggufs = {k: ensure_gguf(work, k) for k in GGUF_TYPES if args.llama_cpp and (args.only is None or k in args.only)}
+
+    load_before = loadavg()
+    _, tokenizer = load_fp_model(MODEL)
+    prompt_ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    window = tokenize_corpus(tokenizer, "wiki", "test")[:PREFILL_TOKENS][None]
+    fp_size = size_mib(builtin_model_path(MODEL))
+    rows = []
+
+    def record(name, runs_as, size, speeds):
+        rows.append({"model": name, "runs_as": runs_as, "size_mib": size, "prefill": speeds[0], "decode": speeds[1]})
+        print(rows[-1], flush=True)
+
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and args.only is not None and name not in args.only:
+            continue
+        model, _ = load_fp_model(MODEL, dtype=dtype)
+        record(name, f"transformers, {name} weights", fp_size, torch_speeds(model, prompt_ids, window, args.repeats))
+        del model
+        gc.collect()
+    for checkpoint in selected:
+        with environment(checkpoint.environment):
+            model = load(folders[checkpoint.name])
+        paths = summary(prepare_for_cpu(model)).split(";")[0]
+        record(checkpoint.name, paths, size_mib(folders[checkpoint.name]),
+               torch_speeds(model, prompt_ids, window, args.repeats))
+        del model
+        gc.collect()
+    llama_version = "not run"
+    if ggufs:
+        import llama_cpp
+
+        llama_version = llama_cpp.__version__
+        for kind, path in ggufs.items():
+            record(f"llama.cpp {kind} (our GGUF export)", "llama.cpp", size_mib(path),
+                   llama_cpp_speeds(path, prompt_ids[0].tolist(), window[0].tolist(), args.threads, args.repeats))
+
+    meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "capability": describe_cpu(), "threads": args.threads,
+            "torch": torch.__version__, "llama_cpp": llama_version, "date": time.strftime("%Y-%m-%d"),
+            "load_before": load_before, "load_after": loadavg(), "repeats": args.repeats,
+            "prompt_tokens": prompt_ids.shape[1],
+            "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python eval/bench_cpu.py "
+                       + shlex.join(sys.argv[1:])}
+    text = markdown(rows, meta)
+    print(text)
+    if args.md:
+        write_keeping_notes(Path(args.md), text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Fast quantized matmuls on the CPU: conversions applied after loading (as HQQ / torchao do).
+
+The checkpoint and the modules' state_dict stay as they are; on the CPU each quantized linear is
+converted once into the layout of the fastest torch op that takes it, one file per path, each
+declaring what it accepts:
+
+- int4pack.py: 2-4-bit GPTQ / AWQ through `_weight_int4pack_mm_for_cpu` (act-order permuted);
+- int8pack.py: per-channel weights up to 8 bits through `_weight_int8pack_mm`;
+- w8a8.py: W8A8 through `torch._int_mm` (CPUs with VNNI / AMX) or `_weight_int8pack_mm`;
+- dequantized.py: anything else through a dequantized weight, bounded in memory.
+
+selection.py chooses the path per layer and holds the hook the modules' forward calls; capability.py
+says what this CPU runs fast.
+"""
+from .capability import describe as describe_cpu
+from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, kernel_for, path_table,
+                        prepare_for_cpu, summary)
+
+__all__ = ["CACHE_MIB_ENV", "PATHS", "REFERENCE", "LayerPath", "choose_path", "describe_cpu", "kernel_for",
+           "path_table", "prepare_for_cpu", "summary"]

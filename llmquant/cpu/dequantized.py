@@ -1,0 +1,47 @@
+"""Any quantized linear through a dequantized weight kept in memory: the path for what no packed op
+takes (NF4 / FP4 codebooks, grouped 5-8-bit weights, shapes the packed ops refuse).
+
+The weight is dequantized once, exactly as the reference op dequantizes it on every call, in the
+activations' dtype, and the matmul is torch's own dense one: exact against the reference, as fast as
+the unquantized model, at the unquantized weight's size in memory (fp32: 8x a 4-bit weight). The
+total such memory is bounded (prepare_for_cpu's max_cache_mib, $LLMQUANT_CPU_CACHE_MIB); layers past
+the bound stay on the reference. Calls of many rows run as a dense bfloat16 matmul of the cached
+weight where the CPU has a fast one (bf16 rounding, as the packed paths).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .capability import dense_bf16_for
+
+NAME = "dequantized"
+ACCEPTS = "any quantized linear with dequantized_weight(); costs out * in * dtype size of memory"
+
+
+def refusal(module) -> str | None:
+    return None if hasattr(module, "dequantized_weight") else "no dequantized_weight()"
+
+
+def cache_bytes(module, activation_dtype: torch.dtype) -> int:
+    return module.out_features * module.in_features * torch.empty(0, dtype=activation_dtype).element_size()
+
+
+class DequantizedKernel:
+    def __init__(self, module, activation_dtype: torch.dtype):
+        self.weight = module.dequantized_weight(activation_dtype).contiguous()
+        self.bias = None if module.bias is None else module.bias.to(activation_dtype)
+        self.detail = f"{str(activation_dtype).removeprefix('torch.')} weight cached"
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != torch.bfloat16 and dense_bf16_for(x.numel() // x.shape[-1]):
+            out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+build = DequantizedKernel

@@ -1,0 +1,126 @@
+"""4-bit (and 2- / 3-bit) affine weights through torch's int4 weight-packed CPU matmul.
+
+`_weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)` computes x @ W^T with
+W = (q - 8) * s + zero per run of `group` input columns. A code q with zero point z gives
+(q - z) * s = (q - 8) * s + (8 - z) * s, and 2- and 3-bit codes are 4-bit codes as they are. The op
+holds s and zero in the activations' dtype (bf16 on x86), and a bf16 zero (8 - z) * s is off by up
+to 7 * 2^-9 * s for the whole run, an error that adds up over the run's inputs instead of averaging
+out (SmolLM2 w4 g128 asym: perplexity +0.15% with it in the op); so the op gets zero 0 and the
+term (8 - z) * s is added in fp32 as (sum of x over each run) @ shifts, K / run times fewer
+multiply-adds than the matmul. The op wants runs of 32 / 64 / 128 / 256 columns sharing one scale: a checkpoint
+group of 128 on 576 columns (a partial last group) runs as 64-column runs with repeated scales, a
+per-channel weight as runs of the largest size dividing in_features, and act-order (g_idx not
+sorted) by permuting the input columns of x and W so each group's columns are contiguous.
+
+Calls of many rows (prefill) run faster as a dense bfloat16 matmul where the CPU has one
+(capability.dense_bf16_for): the weight is then dequantized for the call from the packed bytes, whose
+layout (torch's, per ISA) is checked against the codes once at conversion; if it is not the one
+expected, every call stays on the packed op.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .affine import affine_weight
+from .capability import dense_bf16_for, packed_compute_dtype
+
+NAME = "int4pack"
+ACCEPTS = ("GPTQ / AWQ affine weights of 2-4 bits; out_features % 16 == 0; input columns, after sorting "
+           "by group, in runs of 32/64/128/256 that share a scale (any group size that is a multiple of 32 "
+           "and divides in_features after the partial last group, per channel, act-order)")
+RUN_SIZES = (32, 64, 128, 256)
+OUT_MULTIPLE = 16
+LAYOUT_BLOCKS = (64, 32)  # output columns per block of torch's packed layout: AVX-512, AVX2
+
+
+def refusal(module) -> str | None:
+    weight = affine_weight(module)
+    if weight is None:
+        return "not an affine (GPTQ / AWQ) weight"
+    if weight.bits > 4:
+        return f"{weight.bits}-bit codes do not fit 4 bits"
+    if weight.out_features % OUT_MULTIPLE:
+        return f"out_features {weight.out_features} is not a multiple of {OUT_MULTIPLE}"
+    if weight.contiguous_group(RUN_SIZES, weight.column_order()) is None:
+        return (f"no run of {'/'.join(map(str, RUN_SIZES))} columns divides in_features {weight.in_features} "
+                "within the groups")
+    return None
+
+
+def unpack_packed(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
+    """uint8 codes [out, in] from torch's CPU int4 layout: [out / block, in, block / 2] bytes, byte j of a
+    row holding column j of its block in the low nibble and column j + block / 2 in the high one."""
+    rows = packed.view(out_features // block, in_features, block // 2)
+    return torch.cat([rows & 15, rows >> 4], dim=2).permute(0, 2, 1).reshape(out_features, in_features)
+
+
+def _layout_block(packed: torch.Tensor, codes: torch.Tensor) -> int | None:
+    out_features, in_features = codes.shape
+    for block in LAYOUT_BLOCKS:
+        if out_features % block == 0 and packed.numel() * 2 == codes.numel() \
+                and torch.equal(unpack_packed(packed, out_features, in_features, block), codes.to(torch.uint8)):
+            return block
+    return None
+
+
+class Int4PackKernel:
+    def __init__(self, module, activation_dtype: torch.dtype):
+        weight = affine_weight(module)
+        order = weight.column_order()
+        run = weight.contiguous_group(RUN_SIZES, order)
+        codes, zeros = weight.unpack()
+        groups = weight.group_of_column
+        if order is not None:
+            codes, groups = codes[order], groups[order]
+        self.compute_dtype = packed_compute_dtype(activation_dtype)
+        codes = codes.t().contiguous()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        group_of_run = groups[::run]
+        scales = weight.scales[group_of_run].float()
+        shift = (8 - zeros[group_of_run]).float() * scales
+        self.scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(self.compute_dtype)
+        self.run_shifts = shift.contiguous() if bool((shift != 0).any()) else None  # [runs, out] fp32
+        self.layout_block = _layout_block(self.packed, codes)
+        # [out, runs, 1] fp32, for dequantizing the packed weight in dense calls
+        self.dense_scales, self.dense_shifts = (t.t().contiguous()[:, :, None] for t in (scales, shift))
+        self.run = run
+        self.column_order = order
+        self.bias = module.bias
+        self.out_features = weight.out_features
+        self.detail = (f"runs of {run}" + (", act-order columns permuted" if order is not None else "")
+                       + f", {str(self.compute_dtype).removeprefix('torch.')} activations")
+
+    @property
+    def nbytes(self) -> int:
+        extra = [self.packed, self.scales_and_zeros, self.dense_scales, self.dense_shifts]
+        if self.run_shifts is not None:
+            extra.append(self.run_shifts)
+        if self.column_order is not None:
+            extra.append(self.column_order)
+        return sum(t.numel() * t.element_size() for t in extra)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight (columns in the kernel's order) in bfloat16, dequantized from the packed bytes."""
+        codes = unpack_packed(self.packed, self.out_features, self.packed.shape[1] * 2, self.layout_block)
+        grouped = codes.view(self.out_features, -1, self.run).float() - 8
+        return torch.addcmul(self.dense_shifts, grouped, self.dense_scales).view(self.out_features, -1).to(torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.column_order is not None:
+            rows = rows.index_select(1, self.column_order)
+        if self.layout_block is not None and dense_bf16_for(rows.shape[0]):
+            out = F.linear(rows.to(torch.bfloat16), self.dense_weight()).to(x.dtype)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.compute_dtype).contiguous(), self.packed,
+                                                             self.run, self.scales_and_zeros).float()
+            if self.run_shifts is not None:
+                out = out.addmm_(rows.float().view(rows.shape[0], -1, self.run).sum(dim=2), self.run_shifts)
+            out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+build = Int4PackKernel

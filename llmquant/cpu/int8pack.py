@@ -1,0 +1,71 @@
+"""Per-channel affine weights of up to 8 bits through torch's int8 weight-packed CPU matmul.
+
+`_weight_int8pack_mm(x, w8, s)` computes x @ (w8 * s)^T with int8 w8 [out, in] and one scale per
+output channel. A b-bit code q with zero point z is stored as w8 = q - 2^(b-1) (in int8 for b <= 8),
+and (q - z) * s = w8 * s + (2^(b-1) - z) * s: symmetric grids have z = 2^(b-1) and need nothing
+more; asymmetric ones add sum_i(x_i) * (2^(b-1) - z) * s per output. Grouped weights (several
+scales per row) are not what the op takes; per channel, the order of input columns does not matter,
+so act-order needs no permutation here. Calls of many rows run as a dense bfloat16 matmul of the int8
+codes (exact in bf16) where the CPU has a fast one, the scales applied after. The op's own scale
+would be in the activations' dtype (bf16 on x86), off by up to 2^-9 for a whole output channel, so it
+gets ones and the fp32 scales multiply its output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .affine import affine_weight
+from .capability import dense_bf16_for, packed_compute_dtype
+
+NAME = "int8pack"
+ACCEPTS = "GPTQ / AWQ affine weights of 2-8 bits with one scale per output channel (group_size -1)"
+
+
+def refusal(module) -> str | None:
+    weight = affine_weight(module)
+    if weight is None:
+        return "not an affine (GPTQ / AWQ) weight"
+    if not weight.per_channel:
+        return f"{weight.scales.shape[0]} groups per row, the op takes one scale per output channel"
+    return None
+
+
+class Int8PackKernel:
+    def __init__(self, module, activation_dtype: torch.dtype):
+        weight = affine_weight(module)
+        codes, zeros = weight.unpack()
+        center = 2 ** (weight.bits - 1)
+        self.compute_dtype = packed_compute_dtype(activation_dtype)
+        self.weight = (codes.t() - center).to(torch.int8).contiguous()
+        scales = weight.scales[0].float()
+        self.float_scales = scales
+        self.unit_scales = torch.ones_like(scales, dtype=self.compute_dtype)
+        offset = (center - zeros[0]).float() * scales
+        self.row_sum_scale = offset if bool((offset != 0).any()) else None
+        self.bias = module.bias
+        self.out_features = weight.out_features
+        self.detail = (("asymmetric (row-sum correction), " if self.row_sum_scale is not None else "")
+                       + f"{str(self.compute_dtype).removeprefix('torch.')} activations")
+
+    @property
+    def nbytes(self) -> int:
+        extra = [self.weight, self.unit_scales, self.float_scales] + ([self.row_sum_scale] if self.row_sum_scale is not None else [])
+        return sum(t.numel() * t.element_size() for t in extra)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if dense_bf16_for(rows.shape[0]):
+            products = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16))
+        else:
+            products = torch.ops.aten._weight_int8pack_mm(rows.to(self.compute_dtype).contiguous(), self.weight,
+                                                          self.unit_scales)
+        out = (products.float() * self.float_scales).to(x.dtype)
+        if self.row_sum_scale is not None:
+            out = out + (rows.float().sum(dim=1, keepdim=True) * self.row_sum_scale).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+build = Int8PackKernel

@@ -1,0 +1,162 @@
+"""Which CPU path each quantized linear takes, the conversion into it, and the hook the modules call.
+
+Paths are tried in order of speed (int4pack, int8pack, w8a8, dequantized); the first that accepts a
+layer takes it. A layer no path takes, or whose dequantized cache would pass the memory bound, runs
+the reference op (dequantize on every call). Converted tensors live in a plain attribute of the
+module, not in buffers: state_dict() and saving see only the checkpoint's tensors, and moving the
+module to another device or dtype does not carry CPU-only layouts along; a conversion is redone
+when its source tensors change (a move back to the CPU, a load_state_dict), at the next CPU forward.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import ConfigError
+from ..nn import QUANTIZED_LINEARS
+from . import dequantized, int4pack, int8pack, w8a8
+
+PATHS = (int4pack, int8pack, w8a8, dequantized)
+REFERENCE = "reference"
+CACHE_MIB_ENV = "LLMQUANT_CPU_CACHE_MIB"
+DEFAULT_MAX_CACHE_MIB = 4096.0
+_KERNEL_ATTRIBUTE = "_llmquant_cpu_kernel"
+_CACHE_ALLOWED_ATTRIBUTE = "_llmquant_cpu_cache_allowed"
+
+logger = logging.getLogger("llmquant.cpu")
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    name: str
+    path: str
+    detail: str
+    extra_bytes: int
+    refusals: dict[str, str] = field(default_factory=dict)  # faster path -> why it did not take the layer
+
+
+@dataclass
+class _Converted:
+    key: tuple
+    path: str
+    kernel: object | None  # None: the reference op
+
+
+def max_cache_mib_from_env() -> float:
+    text = os.environ.get(CACHE_MIB_ENV)
+    if text is None:
+        return DEFAULT_MAX_CACHE_MIB
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{CACHE_MIB_ENV} must be a number of MiB, got {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"{CACHE_MIB_ENV} must be >= 0, got {value}")
+    return value
+
+
+def choose_path(module: nn.Module, cache_allowed: bool = True) -> tuple[object | None, dict[str, str]]:
+    """(the path module that takes `module`, or None for the reference; why each faster path refused)."""
+    refusals = {}
+    for path in PATHS:
+        reason = path.refusal(module)
+        if reason is None and path is dequantized and not cache_allowed:
+            reason = "the dequantized-weight memory bound is reached"
+        if reason is None:
+            return path, refusals
+        refusals[path.NAME] = reason
+    return None, refusals
+
+
+def _source_key(module: nn.Module, dtype: torch.dtype) -> tuple:
+    return (dtype,) + tuple((b.data_ptr(), b._version) for b in module._buffers.values() if b is not None)
+
+
+def _convert(module: nn.Module, dtype: torch.dtype) -> _Converted:
+    path, _ = choose_path(module, module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE, False))
+    with torch.no_grad():
+        kernel = path.build(module, dtype) if path is not None else None
+    converted = _Converted(_source_key(module, dtype), path.NAME if path is not None else REFERENCE, kernel)
+    module.__dict__[_KERNEL_ATTRIBUTE] = converted
+    return converted
+
+
+def kernel_for(module: nn.Module, x: torch.Tensor):
+    """The converted CPU kernel to run `module` on x, or None for the op the module calls otherwise:
+    off the CPU, under a kernel backend other than "auto" (use_backend / LLMQUANT_KERNELS), and when
+    autograd needs a gradient through x (the packed ops have no backward). A layer converted here
+    without having been through prepare_for_cpu gets no dequantized weight (the memory bound is kept
+    there): it runs the reference op if no packed path takes it."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto":
+        return None
+    converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
+    if converted is None or converted.key != _source_key(module, x.dtype):
+        converted = _convert(module, x.dtype)
+    return converted.kernel
+
+
+def _quantized_linears(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LINEARS)]
+
+
+def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
+                    dtype: torch.dtype | None = None) -> list[LayerPath]:
+    """Convert every quantized linear of `model` that sits on the CPU into its fastest CPU path, once
+    (the forward would do it lazily; doing it here spends the memory up front and applies the bound on
+    dequantized weights, `max_cache_mib`, default $LLMQUANT_CPU_CACHE_MIB or 4096, in module order).
+    Logs a count per path and, at debug level, each layer's path. Returns each layer's path."""
+    budget = (max_cache_mib_from_env() if max_cache_mib is None else max_cache_mib) * 2**20
+    layers = []
+    for name, module in _quantized_linears(model):
+        buffers = [b for b in module._buffers.values() if b is not None]
+        if not buffers or buffers[0].device.type != "cpu":
+            continue
+        activation_dtype = dtype or (module.bias.dtype if module.bias is not None else _model_dtype(model))
+        path, _ = choose_path(module)
+        allowed = path is not dequantized or dequantized.cache_bytes(module, activation_dtype) <= budget
+        if path is dequantized and allowed:
+            budget -= dequantized.cache_bytes(module, activation_dtype)
+        converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
+        if (converted is None or converted.key != _source_key(module, activation_dtype)
+                or module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE) != allowed):
+            module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = allowed
+            converted = _convert(module, activation_dtype)
+        _, refusals = choose_path(module, allowed)
+        kernel = converted.kernel
+        layers.append(LayerPath(name, converted.path, kernel.detail if kernel is not None else "dequantized per call",
+                                kernel.nbytes if kernel is not None else 0, refusals))
+    if layers:
+        logger.info("CPU paths: %s", summary(layers))
+        for layer in layers:
+            logger.debug("  %s: %s (%s)", layer.name, layer.path, layer.detail)
+    return layers
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def summary(layers: list[LayerPath]) -> str:
+    counts = Counter(layer.path for layer in layers)
+    extra = sum(layer.extra_bytes for layer in layers) / 2**20
+    order = [p.NAME for p in PATHS] + [REFERENCE]
+    return ", ".join(f"{counts[p]} {p}" for p in order if counts[p]) + f"; {extra:.1f} MiB converted tensors"
+
+
+def path_table(layers: list[LayerPath]) -> str:
+    """One line per layer: name, path, detail, and why the faster paths did not take it."""
+    width = max((len(layer.name) for layer in layers), default=0)
+    lines = []
+    for layer in layers:
+        why = "; ".join(f"not {p}: {reason}" for p, reason in layer.refusals.items())
+        lines.append(f"{layer.name:<{width}}  {layer.path:<11}  {layer.detail}" + (f"  [{why}]" if why else ""))
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""W8A8 (int8 weights and activations) on the CPU, keeping the activation-quantization numerics:
+x is quantized per token (dynamic) or with the static per-tensor scale exactly as the reference op
+does, then multiplied with the int8 weight in one of two ways, chosen by what the CPU has:
+
+- "int_mm" where it has an int8 dot-product instruction (VNNI / AMX): `torch._int_mm` of the int8
+  codes, exact int32 accumulation, the scales applied after, as the reference computes; the weight
+  is read through a transposed view (the reference copies a transposed weight on every call).
+- "int8pack" elsewhere: the int8 codes (exact in bfloat16) through `_weight_int8pack_mm` with unit
+  scales (a bf16 weight scale would be off by up to 2^-9 for a whole output channel), then both
+  scales in fp32: one bfloat16 rounding of the integer products more than the reference, instead
+  of an int8 GEMM that is ~30x slower than fp32 without VNNI.
+
+LLMQUANT_CPU_W8A8=int_mm | int8pack overrides the choice (eval/bench_cpu.py measures both).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import ConfigError
+from ..grid.activations import quantize_per_tensor, quantize_per_token
+from ..nn import W8A8Linear
+from .capability import has_int8_dot_product, packed_compute_dtype
+
+NAME = "w8a8"
+VARIANT_ENV = "LLMQUANT_CPU_W8A8"
+VARIANTS = ("auto", "int_mm", "int8pack")
+ACCEPTS = "W8A8 (compressed-tensors int8) linears, dynamic per-token or static per-tensor activations"
+
+
+def use_int_mm_here() -> bool:
+    variant = os.environ.get(VARIANT_ENV, "auto")
+    if variant not in VARIANTS:
+        raise ConfigError(f"{VARIANT_ENV} must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return has_int8_dot_product() if variant == "auto" else variant == "int_mm"
+
+
+def refusal(module) -> str | None:
+    return None if isinstance(module, W8A8Linear) else "not a W8A8 linear"
+
+
+class W8A8Kernel:
+    def __init__(self, module, activation_dtype: torch.dtype, use_int_mm: bool | None = None):
+        self.use_int_mm = use_int_mm_here() if use_int_mm is None else use_int_mm
+        self.weight = module.weight
+        self.input_scale = module.input_scale
+        self.weight_scale = module.weight_scale.float().reshape(1, -1)
+        self.bias = module.bias
+        self.out_features = module.out_features
+        if self.use_int_mm:
+            self.unit_scales = None
+        else:
+            self.compute_dtype = packed_compute_dtype(activation_dtype)
+            self.unit_scales = torch.ones(self.out_features, dtype=self.compute_dtype)
+        activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
+        self.detail = f"{activations} activations, " + ("int8 x int8 torch._int_mm" if self.use_int_mm else
+                                                        "int8 codes through _weight_int8pack_mm")
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.unit_scales is None else self.unit_scales.numel() * self.unit_scales.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.input_scale is None:
+            codes, x_scale = quantize_per_token(rows)
+        else:
+            codes, x_scale = quantize_per_tensor(rows, self.input_scale), self.input_scale.float().reshape(1, 1)
+        if self.use_int_mm:
+            products = torch._int_mm(codes, self.weight.t())
+        else:
+            products = torch.ops.aten._weight_int8pack_mm(codes.to(self.compute_dtype), self.weight, self.unit_scales)
+        out = products.to(torch.float32) * x_scale * self.weight_scale
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+build = W8A8Kernel

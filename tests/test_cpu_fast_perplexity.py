@@ -1,0 +1,52 @@
+"""Real checkpoints of SmolLM2: perplexity through the CPU fast paths equals the reference path's,
+both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops alone
+(as decode runs them), and for W8A8 in both of its variants."""
+import pytest
+
+import llmquant
+from llmquant import Calibration, QuantConfig, ops
+from llmquant.api import evaluate
+from llmquant.cpu import dequantized, int4pack, int8pack, prepare_for_cpu, w8a8
+
+pytestmark = pytest.mark.slow
+WINDOWS = 3
+CALIBRATION = Calibration("wiki", nsamples=4, seqlen=256)
+
+
+@pytest.mark.parametrize("config,expected_path", [
+    (QuantConfig(method="rtn", bits=4, group_size=128, sym=True), "int4pack"),
+    (QuantConfig(method="rtn", bits=4, group_size=64, sym=False), "int4pack"),
+    (QuantConfig(method="gptq", bits=4, group_size=128, act_order=True), "int4pack"),
+    (QuantConfig(method="rtn", bits=4, group_size=64, sym=False, format="awq"), "int4pack"),
+    (QuantConfig(method="rtn", bits=8, group_size=-1), "int8pack"),
+    (QuantConfig(method="w8a8", act_quant="dynamic"), "w8a8"),
+    (QuantConfig(method="w8a8", act_quant="static"), "w8a8"),
+    (QuantConfig(method="nf4", double_quant=True), "dequantized"),
+    (QuantConfig(method="fp4"), "dequantized"),
+], ids=["gptq-sym-g128", "gptq-asym-g64", "gptq-actorder-g128", "awq-g64", "gptq-w8", "w8a8-dynamic",
+        "w8a8-static", "nf4", "fp4"])
+def test_fast_path_perplexity_equals_reference_within_a_tenth_of_a_percent(config, expected_path, tmp_path,
+                                                                           monkeypatch):
+    calib = CALIBRATION if config.method == "gptq" or config.act_quant == "static" else None
+    qmodel = llmquant.quantize("smollm2-135m", config, calib, progress=False)
+    folder = qmodel.save(tmp_path / "ckpt")
+
+    def perplexity(model):
+        return evaluate(model, max_windows=WINDOWS, progress=False, tokenizer=qmodel.tokenizer)["perplexity"]
+
+    model = llmquant.load(folder)
+    assert {layer.path for layer in prepare_for_cpu(model)} == {expected_path}
+    with ops.use_backend("reference"):
+        reference = perplexity(model)
+    fast = {"as loaded": perplexity(model)}
+    with monkeypatch.context() as patch:
+        for path in (int4pack, int8pack, dequantized):
+            patch.setattr(path, "dense_bf16_for", lambda rows: False)
+        fast["packed ops only"] = perplexity(model)
+    if expected_path == "w8a8":
+        for variant in ("int_mm", "int8pack"):
+            with monkeypatch.context() as patch:
+                patch.setenv(w8a8.VARIANT_ENV, variant)
+                fast[variant] = perplexity(llmquant.load(folder))
+    for name, value in fast.items():
+        assert abs(value / reference - 1) < 1e-3, (name, value, reference)
