@@ -19,18 +19,20 @@ import torch
 from torch import nn
 
 from .arch import arch_for, declared_arch_for
-from .checkpoint import check_output_path, checkpoint_tensors, tensors_sha256, without_tied_copies, \
-    write_folder_atomically, write_model_files
+from .checkpoint import (check_output_path, checkpoint_tensors, tensors_sha256, without_tied_copies,
+                         write_folder_atomically, write_model_files)
 from .config import QuantConfig
-from .data import Calibration
+from .data import Calibration, default_split, evaluation_windows, tokenize_corpus
 from .errors import ConfigError, UnsupportedArchitectureError
 from .formats import FORMATS
 from .loading import load
-from .models import cache_dir
+from .models import cache_dir, resolve_model
 from .moe import set_calibrate_all_experts
+from .perplexity import perplexity
 from .pipeline import PipelineResult, Placement, quantize_blocks
 from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
+from .streaming import quantize_to_disk
 
 
 @dataclass
@@ -150,8 +152,6 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     the CPU, bfloat16 / float16 on a GPU) or a dtype name; offload_activations: auto | never | always
     (calibration activations in CPU memory instead of on the GPU).
     keep_quantized: (a model you hold) also keep each layer's format-neutral result."""
-    from .streaming import quantize_to_disk
-
     config = config or QuantConfig()
     if isinstance(model, (str, os.PathLike)):
         if keep_quantized:
@@ -202,8 +202,6 @@ def load_with_tokenizer(model_or_path, device="auto", dtype="auto"):
     """(model, tokenizer) for a built-in name, a hub id, or a folder (quantized or not), on `device`."""
     from transformers import AutoTokenizer
 
-    from .models import resolve_model
-
     folder = resolve_model(str(model_or_path))
     return load(folder, device=device, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 
@@ -218,9 +216,6 @@ def evaluate(model_or_path, corpus: str = "wiki", split: str | None = None, seql
     (data.default_split); the result names the split used.
     device / dtype: where a model given by name or folder is loaded and computes.
     """
-    from .data import default_split, evaluation_windows, tokenize_corpus
-    from .perplexity import perplexity
-
     if isinstance(model_or_path, nn.Module):
         # a peft model (QLoRA adapters) is evaluated through the transformers model it wraps
         model = model_or_path.get_base_model() if hasattr(model_or_path, "get_base_model") else model_or_path

@@ -16,7 +16,9 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
-from .errors import OutputExistsError, OutputWriteError
+from .errors import CheckpointError, OutputExistsError, OutputWriteError
+from .nn import QUANTIZED_LINEARS
+from .safetensors_file import SafetensorsFile
 
 DEFAULT_MAX_SHARD_SIZE = "4GB"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -174,9 +176,6 @@ class LazyTensors:
     """The tensors of several safetensors files (one checkpoint), each read only when asked for."""
 
     def __init__(self, files: list[Path]):
-        from .errors import CheckpointError
-        from .safetensors_file import SafetensorsFile
-
         self._files = {}
         for f in files:
             reader = SafetensorsFile(f)
@@ -234,8 +233,6 @@ def save_loaded_model(model, tokenizer, path: str | os.PathLike, overwrite: bool
     """Write a loaded (quantized) model as a checkpoint folder: its quantized linears' tensors as they
     are, every other floating-point tensor in `storage_dtype`; config (with its quantization_config),
     generation config and tokenizer beside them."""
-    from .nn import QUANTIZED_LINEARS
-
     quantized = tuple(name + "." for name, module in model.named_modules() if isinstance(module, QUANTIZED_LINEARS))
     tensors = {}
     for key, tensor in without_tied_copies(model.state_dict()).items():

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from .algorithms import ACTIVATION_METHODS, ALGORITHMS, CODEBOOK_METHODS, FP8_METHODS, GPTQ_ROUNDING
+from .algorithms.w8a8 import ACTIVATION_MODES
 from .errors import ConfigError
+from .formats import FORMATS
+from .grid import PER_CHANNEL
+from .grid.codebook import BLOCKSIZES
+from .grid.observers import OBSERVERS
 
-PER_CHANNEL = -1
 SUPPORTED_BITS = range(2, 9)
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -78,8 +83,6 @@ class QuantConfig:
     layer_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from .algorithms import ACTIVATION_METHODS, CODEBOOK_METHODS, FP8_METHODS
-
         quantizes_activations = self.method in ACTIVATION_METHODS
         codebook = self.method in CODEBOOK_METHODS
         fp8 = self.method in FP8_METHODS
@@ -110,9 +113,6 @@ class QuantConfig:
         if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
             raise ConfigError(f"gptq_block_size must be a positive integer, got {self.gptq_block_size!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
-        # Imported here: the registries import modules that import this one.
-        from .algorithms import ALGORITHMS, GPTQ_ROUNDING
-        from .formats import FORMATS
 
         if (self.act_order or self.static_groups) and self.method not in GPTQ_ROUNDING:
             raise ConfigError(f"act_order and static_groups apply to methods {', '.join(GPTQ_ROUNDING)}, "
@@ -173,9 +173,6 @@ class QuantConfig:
                        layer_overrides={})
 
     def _check_activation_options(self, quantizes_activations: bool) -> None:
-        from .algorithms.w8a8 import ACTIVATION_MODES
-        from .grid.observers import OBSERVERS
-
         if self.act_quant not in ACTIVATION_MODES:
             raise ConfigError(f"act_quant must be one of {', '.join(ACTIVATION_MODES)}, got {self.act_quant!r}")
         if self.observer not in OBSERVERS:
@@ -206,8 +203,6 @@ class QuantConfig:
                               f"(128 as DeepSeek-V3); got {self.group_size}")
 
     def _check_codebook_options(self, codebook: bool) -> None:
-        from .grid.codebook import BLOCKSIZES
-
         if self.double_quant and not codebook:
             raise ConfigError(f"double_quant applies to the NF4 / FP4 methods, not {self.method!r}")
         if not codebook:

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .arch import declared_arch_for
 from .checkpoint import SAFETENSORS_INDEX, LazyTensors
 from .cpu import prepare_for_cpu
+from .device import resolve_compute_dtype, resolve_device
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .formats import format_for_quantization_config
 from .formats.gptq import dynamic_override
-from .arch import declared_arch_for
 from .moe import unfuse_experts
 
 
@@ -95,8 +96,6 @@ def load(path: str | os.PathLike, dtype="auto", trust_remote_code: bool = False,
     on a GPU). device_map: instead of one device, an accelerate device map ("auto", "balanced", or
     a dict of module name -> device) that spreads the blocks over GPUs and CPU memory.
     """
-    from .device import resolve_compute_dtype, resolve_device
-
     target = resolve_device(device)
     dtype = resolve_compute_dtype(dtype, target)
     model = _load_on_cpu(path, dtype, trust_remote_code)

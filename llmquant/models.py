@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .device import resolve_device
 from .errors import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -152,8 +153,6 @@ def load_fp_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, d
     """(model, tokenizer) in floating point, in eval mode, on `device` (for runs that need the whole
     model at once: sensitivity, QAT, reports; quantization itself streams)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .device import resolve_device
 
     target = resolve_device(device)
     location = resolve_model(spec)

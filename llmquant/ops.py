@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import bitpack
 from .errors import ConfigError
+from .grid.activations import quantize_per_tensor, quantize_per_token
 from .grid.codebook import dequantize_nested_absmax, scale_blocks
 
 REFERENCE = "reference"
@@ -174,8 +175,6 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 @reference("w8a8_linear")
 def _w8a8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                            input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    from .grid.activations import quantize_per_tensor, quantize_per_token
-
     rows = x.reshape(-1, x.shape[-1])
     if input_scale is None:
         codes, x_scale = quantize_per_token(rows)

@@ -21,6 +21,7 @@ from .formats import FORMATS
 from .grid import AffineGrid
 from .grid.codebook import CodebookGrid
 from .grid.fp8 import Fp8Grid
+from .moe import unfuse_experts
 from .pipeline import Placement
 
 STORAGE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -92,8 +93,6 @@ def prepare_model(model, arch: ArchMap, config: QuantConfig) -> QuantConfig:
     linear per projection (moe.py). Returns the config as its checkpoint is written: the linears the
     map keeps in full precision listed as not converted, so that loaders leave them alone."""
     from dataclasses import replace
-
-    from .moe import unfuse_experts
 
     unfuse_experts(model, arch, config.moe_calibrate_all_experts)
     kept = [name for name in arch.full_precision_names(model) if name not in config.modules_to_not_convert]

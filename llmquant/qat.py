@@ -25,12 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .api import quantize, QuantizedModel
+from .arch import arch_for
 from .checkpoint import REPORT_FILES
 from .config import QuantConfig
+from .device import resolve_compute_dtype, resolve_device
 from .errors import ConfigError
+from .formats import FORMATS
 from .grid import AffineGrid, QuantizedWeight
 from .grid.activations import fake_quantize as fake_quantize_activations
-from .training import TrainingSettings, heldout_loss, run_report, train, training_windows
+from .models import load_fp_model
+from .pipeline import LayerResult, PipelineResult
+from .planning import linears_to_quantize
+from .training import heldout_loss, run_report, train, training_windows, TrainingSettings
 
 SCALE_LEARNING = (None, "lsq")
 ACTIVATION_GRIDS = (None, "per-token", "per-tensor")
@@ -199,10 +206,6 @@ class QATModel:
     def export(self, seconds: float = 0.0):
         """The QuantizedModel of the trained weights and scales (linears back to nn.Linear holding the
         dequantized weights; packed tensors in config.format); the fake-quantized layers are consumed."""
-        from .api import QuantizedModel
-        from .formats import FORMATS
-        from .pipeline import LayerResult, PipelineResult
-
         fmt = FORMATS[self.config.format]
         packed, results = {}, []
         for name, layer in self.layers.items():
@@ -226,12 +229,6 @@ def prepare(model, config: QuantConfig | None = None, settings: QATSettings | No
     """Load `model` (a name or folder) on `device`, quantize it with the PTQ starting point
     (settings.init) and replace its quantized linears by FakeQuantLinear layers; everything else is
     frozen."""
-    from .api import quantize
-    from .arch import arch_for
-    from .device import resolve_device
-    from .models import load_fp_model
-    from .planning import linears_to_quantize
-
     config = config or QuantConfig(bits=4, group_size=-1)
     settings = settings or QATSettings()
     if config.method != "rtn":
@@ -268,8 +265,6 @@ def qat(model, config: QuantConfig | None = None, settings: QATSettings | None =
     """Fine-tune `model` (a name or folder) through fake-quantized weights on `device` (forward passes
     in `compute_dtype` by autocast, latent weights in float32) and export the result as a packed
     checkpoint in config.format."""
-    from .device import resolve_compute_dtype, resolve_device
-
     start = time.time()
     settings, training = settings or QATSettings(), training or TrainingSettings(lr=1e-5)
     target = resolve_device(device)

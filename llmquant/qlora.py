@@ -18,10 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import REPORT_FILES, write_folder_atomically
+from .api import load_with_tokenizer
+from .checkpoint import REPORT_FILES, save_loaded_model, write_folder_atomically
+from .config import QuantConfig
 from .errors import ConfigError, LlmquantError
+from .formats import FORMATS
+from .grid.codebook import CodebookGrid
 from .nn import AWQLinear, BnB4bitLinear, GPTQLinear
-from .training import TrainingSettings, heldout_loss, run_report, train, training_windows
+from .training import heldout_loss, run_report, train, training_windows, TrainingSettings
 
 # Quantized linears whose forward is differentiable in its input (W8A8 rounds activations: it is not).
 TRAINABLE_BASES = (BnB4bitLinear, GPTQLinear, AWQLinear)
@@ -149,8 +153,6 @@ def finetune(checkpoint: str | os.PathLike, lora: LoraSettings | None = None,
              compute_dtype="auto") -> FinetuneResult:
     """Train LoRA adapters over a quantized checkpoint folder on real text, on `device` (the base
     loaded in `compute_dtype`; the adapters train in float32)."""
-    from .api import load_with_tokenizer
-
     lora, training = lora or LoraSettings(), training or TrainingSettings()
     start = time.time()
     model, tokenizer = load_with_tokenizer(checkpoint, device, compute_dtype)
@@ -174,11 +176,6 @@ def merge_into_checkpoint(peft_model, tokenizer, path: str | os.PathLike, overwr
     """Fold the adapters into an NF4 / FP4 base: W' = dequant(W) + (alpha / r) B A, re-quantized on the
     base's grid (quant type, block size, double quantization), written as a new bitsandbytes checkpoint."""
     from peft.tuners.lora import LoraLayer
-
-    from .checkpoint import save_loaded_model
-    from .config import QuantConfig
-    from .formats import FORMATS
-    from .grid.codebook import CodebookGrid
 
     fmt = FORMATS["bitsandbytes"]
     model = peft_model.get_base_model()

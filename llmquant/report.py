@@ -18,9 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import REPORT_FILES
+from ._version import __version__
+from .arch import arch_for
+from .checkpoint import REPORT_FILES, LazyTensors
+from .data import Calibration
 from .device import peak_device_mib
+from .loading import checkpoint_files, load, load_quantized_linear
+from .models import load_fp_model, resolve_model
 from .moe import expert_coverage
+from .ops import use_backend
 from .statistics import InputGram, run_with_input_hooks
 
 REPORT_FILE = REPORT_FILES["quantize"]
@@ -35,8 +41,6 @@ def build_report(config, source, calibration, seconds, peak_rss, pipeline, packe
                  placement=None) -> dict:
     """quantize_report.json: what was run (with the llmquant version), where, and what it gave.
     Peak GPU memory is reported only for a run that computed on a GPU."""
-    from . import __version__
-
     quantized = sum(r.shape[0] * r.shape[1] for r in pipeline.layers)
     report = {
         "llmquant_version": __version__,
@@ -77,10 +81,6 @@ def recompute_layer_errors(checkpoint: str | Path, source_model: str, windows: t
     """{layer: (relative output error, relative weight error)} recomputed from the checkpoint (its
     dequantized weights, fed the calibration windows) and the source model's weights: what the
     pipeline reports for weight-only methods without scaling (RTN, GPTQ, NF4)."""
-    from .loading import load
-    from .models import load_fp_model
-    from .ops import use_backend
-
     reference, _ = load_fp_model(source_model)
     quantized = load(checkpoint)
     layers = {name: module for name, module in quantized.named_modules() if hasattr(module, "dequantized_weight")}
@@ -166,10 +166,6 @@ def _plot_weight_histogram(checkpoint: Path, source_model: str, layer: dict, out
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import LazyTensors
-    from .loading import checkpoint_files, load_quantized_linear
-    from .models import resolve_model
-
     name = layer["name"]
     out_features, in_features = layer["shape"]
     original = LazyTensors(checkpoint_files(Path(resolve_model(source_model))))[f"{name}.weight"].float().flatten()
@@ -196,9 +192,6 @@ def _plot_activation_outliers(checkpoint: Path, source_model: str, layer: str, w
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .loading import load
-    from .models import load_fp_model
 
     before = _input_absmax(load_fp_model(source_model)[0], layer, windows)
     after = _input_absmax(load(checkpoint), layer, windows)
@@ -264,10 +257,6 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
             figures.append(_plot_weight_histogram(folder, source, worst, folder))
             calibration = report.get("calibration") or {}
             if activations and config["method"] in SCALING_METHODS and "corpus" in calibration:
-                from .arch import arch_for
-                from .data import Calibration
-                from .models import load_fp_model
-
                 model, tokenizer = load_fp_model(source)
                 arch = arch_for(model.config)
                 windows = Calibration(calibration["corpus"], min(4, calibration["nsamples"]), calibration["seqlen"],

@@ -27,10 +27,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchMap
-from .config import PER_CHANNEL
+from .algorithms import ALGORITHMS, GPTQ_ROUNDING, RTN
+from .arch import arch_for, ArchMap
+from .config import PER_CHANNEL, QuantConfig
+from .errors import ConfigError
+from .formats import FORMATS
 from .grid import AffineGrid
-from .pipeline import CPU, Placement, capture_block_inputs, collect_input_statistics, run_block
+from .models import load_fp_model
+from .moe import unfuse_experts
+from .pipeline import CPU, capture_block_inputs, collect_input_statistics, Placement, run_block
+from .planning import calibration_windows_for, placement_for
 
 DEFAULT_BITS = (3, 4, 8)
 DEFAULT_GROUP_SIZES = (64, 128, PER_CHANNEL)
@@ -55,8 +61,6 @@ class SensitivityTable:
 
     @classmethod
     def is_table(cls, path: str | Path) -> bool:
-        from .errors import ConfigError
-
         try:
             cls.load(path)
         except ConfigError:
@@ -65,8 +69,6 @@ class SensitivityTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "SensitivityTable":
-        from .errors import ConfigError
-
         try:
             data = json.loads(Path(path).read_text())
             return cls(float(data["base_loss"]), bool(data["sym"]), data.get("calibration"), list(data["rows"]),
@@ -126,9 +128,6 @@ def measure_sensitivity(model: nn.Module, arch: ArchMap, windows: torch.Tensor, 
     loss is measured on would fit them better than any text it has not seen, and so look better
     than it will be; give it the quantize run's own, larger calibration set instead.
     placement: where the model (already there) computes and its activations are kept."""
-    from .algorithms import RTN
-    from .errors import ConfigError
-
     algorithm = algorithm or RTN()
     if algorithm.name not in SENSITIVITY_METHODS:
         raise ConfigError(f"sensitivity is measured with {' or '.join(SENSITIVITY_METHODS)} rounding, "
@@ -193,14 +192,10 @@ class _StatisticsInputs:
 def rounding_for(config):
     """The algorithm that rounds the candidates for a run with `config`: GPTQ with the run's options
     when the run rounds with GPTQ (gptq, awq+gptq), else RTN."""
-    from .algorithms import ALGORITHMS, GPTQ_ROUNDING
-
     return ALGORITHMS["gptq" if config.method in GPTQ_ROUNDING else "rtn"](config)
 
 
 def _storable(linears: dict[str, nn.Linear], bits: int, group_size: int, check_layer) -> bool:
-    from .errors import ConfigError
-
     for name, linear in linears.items():
         if group_size != PER_CHANNEL and group_size > linear.in_features:
             return False
@@ -219,13 +214,6 @@ def sensitivity_of(model_spec, calib, bits=DEFAULT_BITS, group_sizes=DEFAULT_GRO
     candidates the checkpoint format can store. config: the run's QuantConfig, whose rounding
     (rounding_for) rounds the candidates (default RTN); statistics_calib: the Calibration that gives
     GPTQ its Hessians (default `calib`); device / compute_dtype: where the whole model computes."""
-    from .arch import arch_for
-    from .config import QuantConfig
-    from .formats import FORMATS
-    from .models import load_fp_model
-    from .moe import unfuse_experts
-    from .planning import calibration_windows_for, placement_for
-
     for b in bits:  # a candidate the format cannot hold is refused, not silently dropped
         QuantConfig(bits=b, sym=sym, format=format_name)
     placement = placement_for(device, compute_dtype, "never")

@@ -29,14 +29,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._version import __version__
 from .arch import arch_for
-from .checkpoint import (SAFETENSORS_INDEX, LazyTensors, check_output_path, checkpoint_tensors,
-                         folder_tensors_sha256, replace_folder, why_not_replaceable, without_tied_copies,
-                         write_file_atomically)
+from .checkpoint import (SAFETENSORS_INDEX, check_output_path, checkpoint_tensors, folder_tensors_sha256,
+                         LazyTensors, replace_folder, why_not_replaceable, without_tied_copies, write_file_atomically)
 from .config import QuantConfig
 from .device import dtype_name, reset_peak_memory
 from .errors import CheckpointError, ConfigError, LlmquantError, OutputExistsError, OutputWriteError
-from .pipeline import BlockStore, LayerResult, Placement, PipelineResult, quantize_blocks
+from .loading import checkpoint_files
+from .models import resolve_model
+from .pipeline import BlockStore, LayerResult, PipelineResult, Placement, quantize_blocks
 from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
 
@@ -177,9 +179,6 @@ def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibrati
     generation_config.json, the tokenizer's files; and where the run computes, which changes its
     numerics (compute dtype, GPU kernels)."""
     import transformers
-
-    from . import __version__
-
     def sha256(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
 
@@ -228,9 +227,6 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     and where calibration activations live (planning.placement_for)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .loading import checkpoint_files
-    from .models import resolve_model
 
     config = config or QuantConfig()
     start = time.time()

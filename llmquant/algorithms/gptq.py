@@ -17,9 +17,8 @@ import warnings
 
 import torch
 
-from ..config import PER_CHANNEL
 from ..errors import LlmquantError
-from ..grid import AffineGrid, QuantizedWeight
+from ..grid import PER_CHANNEL, AffineGrid, QuantizedWeight
 from ..statistics import InputGram
 
 # Damping is multiplied by this factor after each failed factorization, up to MAX_DAMP

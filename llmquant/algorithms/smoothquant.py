@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import PER_CHANNEL
-from ..grid import AffineGrid, QuantizedWeight
+from ..grid import PER_CHANNEL, AffineGrid, QuantizedWeight
 from ..grid.activations import fake_quantize
 from ..scaling import BlockTransform, ScalingGroup
 from ..statistics import InputGram

@@ -9,12 +9,16 @@ declaring what it accepts:
 - w8a8.py: W8A8 through `torch._int_mm` (CPUs with VNNI / AMX) or `_weight_int8pack_mm`;
 - dequantized.py: anything else through a dequantized weight, bounded in memory.
 
-selection.py chooses the path per layer and holds the hook the modules' forward calls; capability.py
+selection.py chooses the path per layer; importing this package registers its chooser with the
+modules' forward (nn/_cpu_hook.py); capability.py
 says what this CPU runs fast.
 """
 from .capability import describe as describe_cpu
 from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, kernel_for, path_table,
                         prepare_for_cpu, summary)
+from ..nn._cpu_hook import register_cpu_kernels
+
+register_cpu_kernels(kernel_for)
 
 __all__ = ["CACHE_MIB_ENV", "PATHS", "REFERENCE", "LayerPath", "choose_path", "describe_cpu", "kernel_for",
            "path_table", "prepare_for_cpu", "summary"]

@@ -12,13 +12,19 @@ Zero points are always stored: a symmetric grid stores 8 everywhere (zero_point 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .. import bitpack, ops
-from ..config import PER_CHANNEL, QuantConfig
+from .._version import __version__
 from ..errors import CheckpointError, ConfigError
+from ..grid import PER_CHANNEL
 from ..nn.awq_linear import AWQLinear
 from .base import CheckpointFormat, RoundedWeight, read_group_size, read_int, read_str
+
+if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
+    from ..config import QuantConfig
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales")
 PACK = 8  # 4-bit values per int32
@@ -70,8 +76,6 @@ class AWQFormat(CheckpointFormat):
 
     @staticmethod
     def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
-        from .. import __version__
-
         qc = {
             "quant_method": "awq",
             "version": "gemm",
@@ -88,7 +92,7 @@ class AWQFormat(CheckpointFormat):
     def build_linear(cls, name: str, quantization_config: dict, shapes: dict[str, tuple], has_bias: bool,
                      in_features: int, out_features: int, dtype: torch.dtype) -> AWQLinear:
         where = f"{name}: quantization_config"
-        bits = read_int(quantization_config, "bits", "w_bit", allowed=(4,), where=where)
+        read_int(quantization_config, "bits", "w_bit", allowed=(4,), where=where)
         group_size = read_group_size(quantization_config, "group_size", "q_group_size", where=where)
         version = read_str(quantization_config, "version", default="gemm", where=where).lower()
         if version != "gemm":

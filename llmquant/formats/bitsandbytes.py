@@ -17,15 +17,20 @@ bnb_4bit_compute_dtype, bnb_4bit_quant_storage "uint8", llm_int8_skip_modules.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 
 import torch
 
-from ..config import QuantConfig
+from .._version import __version__
 from ..errors import CheckpointError
 from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, code_of_zero, dynamic_table
 from ..nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
 from .base import CheckpointFormat, RoundedWeight, read_str
+
+if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
+    from ..config import QuantConfig
 
 TENSOR_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                    *(f"weight.{quant_state_key(t)}" for t in QUANT_TYPES))
@@ -87,8 +92,6 @@ class BitsAndBytesFormat(CheckpointFormat):
 
     @staticmethod
     def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
-        from .. import __version__
-
         qc = {
             "quant_method": "bitsandbytes",
             "_load_in_8bit": False,

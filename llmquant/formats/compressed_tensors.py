@@ -22,15 +22,20 @@ Dequantization: w = (q - z) * s with q, z the signed codes (z = 0 when symmetric
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .. import bitpack
-from ..config import PER_CHANNEL, QuantConfig
+from .._version import __version__
 from ..errors import CheckpointError
-from ..grid import QuantizedWeight
+from ..grid import PER_CHANNEL
 from ..nn.pack_quantized_linear import PackQuantizedLinear
 from ..nn.w8a8_linear import W8A8Linear
 from .base import CheckpointFormat, RoundedWeight, read_int, read_mapping, read_str
+
+if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
+    from ..config import QuantConfig
 
 TENSOR_SUFFIXES = ("weight", "weight_scale", "input_scale", "weight_packed", "weight_zero_point", "weight_g_idx",
                    "weight_shape")
@@ -82,8 +87,6 @@ class CompressedTensorsFormat(CheckpointFormat):
 
     @staticmethod
     def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
-        from .. import __version__
-
         static = config.act_quant == "static"
         qc = {
             "quant_method": "compressed-tensors",

@@ -13,13 +13,18 @@ block, block_structure [B, B]} and no input_activations (FP8 weight-only, DeepSe
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..config import QuantConfig
+from .._version import __version__
 from ..errors import CheckpointError, ConfigError
 from ..grid.fp8 import FP8_DTYPE, Fp8Weight
 from ..nn.fp8_linear import Fp8Linear
 from .base import CheckpointFormat, read_int, read_mapping
+
+if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
+    from ..config import QuantConfig
 
 TENSOR_SUFFIXES = ("weight", "weight_scale")
 FLOAT_FORMATS = ("float-quantized", "naive-quantized")  # llm-compressor names weight-only FP8 naive-quantized
@@ -89,8 +94,6 @@ class CompressedTensorsFp8Format(CheckpointFormat):
 
     @staticmethod
     def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
-        from .. import __version__
-
         block = config.method == "fp8-block"
         qc = {
             "quant_method": "compressed-tensors",

@@ -12,14 +12,19 @@ The stored "zero - 1" cannot hold zero 0, so asymmetric grids are asked for zero
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import bitpack
-from ..config import PER_CHANNEL, QuantConfig
+from .._version import __version__
 from ..errors import CheckpointError, ConfigError
+from ..grid import PER_CHANNEL
 from ..nn.gptq_linear import GPTQLinear
 from .base import CheckpointFormat, RoundedWeight, read_group_size, read_int, read_str
+
+if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
+    from ..config import QuantConfig
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 # Bit widths llmquant writes: those transformers / vLLM GPTQ kernels load. 5- to 7-bit checkpoints
@@ -77,8 +82,6 @@ class GPTQFormat(CheckpointFormat):
 
     @staticmethod
     def quantization_config(config: QuantConfig, extra: dict | None = None) -> dict:
-        from .. import __version__
-
         qc = {
             "quant_method": "gptq",
             "checkpoint_format": "gptq",

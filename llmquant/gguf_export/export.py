@@ -11,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import data
+from ..arch import arch_for
 from ..checkpoint import check_output_file, write_file_atomically
 from ..errors import ConfigError, UnsupportedArchitectureError
+from ..models import load_fp_model, resolve_model
 from .blocks32 import quantize_q4_0, quantize_q4_1, quantize_q5_0
 from .gemma3 import Gemma3GGUF
 from .imatrix import importance_matrix
@@ -76,10 +79,6 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, tensor_ty
     replace an existing GGUF file at `out` (never any other file)."""
     import gguf
     from transformers import AutoConfig
-
-    from .. import data
-    from ..arch import arch_for
-    from ..models import load_fp_model, resolve_model
 
     if tensor_type_name not in TYPES:
         raise ConfigError(f"GGUF type must be one of {', '.join(TYPES)}, got {tensor_type_name!r}")

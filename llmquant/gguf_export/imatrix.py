@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import DataError
 from ..statistics import run_with_input_hooks
 
 
@@ -24,7 +25,5 @@ def importance_matrix(model, windows: torch.Tensor) -> dict[str, np.ndarray]:
     stats = {name: (sums[name] / counts[name]).numpy() for name in sums}
     bad = [name for name, value in stats.items() if not np.isfinite(value).all()]
     if bad:
-        from ..errors import DataError
-
         raise DataError(f"importance matrix: non-finite activations reach {bad[0]}")
     return stats

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import PER_CHANNEL
+# group_size meaning one group per output channel (GPTQ's -1)
+PER_CHANNEL = -1
 
 # Smallest normal fp16: a scale below it would lose precision (or flush to 0) when stored.
 _MIN_SCALE = 2.0**-14
