@@ -6,7 +6,7 @@ import pytest
 import llmquant
 from llmquant import Calibration, QuantConfig, ops
 from llmquant.api import evaluate
-from llmquant.cpu import dequantized, int4pack, int8pack, prepare_for_cpu, w8a8
+from llmquant.cpu import int4pack, int8pack, prepare_for_cpu, w8a8
 
 pytestmark = pytest.mark.slow
 WINDOWS = 3
@@ -40,7 +40,7 @@ def test_fast_path_perplexity_equals_reference_within_a_tenth_of_a_percent(confi
         reference = perplexity(model)
     fast = {"as loaded": perplexity(model)}
     with monkeypatch.context() as patch:
-        for path in (int4pack, int8pack, dequantized):
+        for path in (int4pack, int8pack):
             patch.setattr(path, "dense_bf16_for", lambda rows: False)
         fast["packed ops only"] = perplexity(model)
     if expected_path == "w8a8":
