@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._version import __version__
+from . import _version
 from .arch import arch_for
 from .checkpoint import (SAFETENSORS_INDEX, check_output_path, checkpoint_tensors, folder_tensors_sha256,
                          LazyTensors, replace_folder, why_not_replaceable, without_tied_copies, write_file_atomically)
@@ -184,7 +184,7 @@ def _fingerprint(folder: Path, files: list[Path], config: QuantConfig, calibrati
 
     weights = {f.name for f in files}
     parts = {
-        "llmquant": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "llmquant": _version.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": sha256(json.dumps(config.to_dict(), sort_keys=True).encode()),
         "placement": placement.to_dict(),
         "source folder": str(folder.resolve()),

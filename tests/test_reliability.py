@@ -108,7 +108,7 @@ def _edit_json(path: Path, key, value) -> None:
      "source file tokenizer_config.json changed"),
     (lambda folder, mp: mp.setattr(torch, "__version__", "0.0.1"), "torch"),
     (lambda folder, mp: mp.setattr("transformers.__version__", "0.0.2"), "transformers"),
-    (lambda folder, mp: mp.setattr(llmquant, "__version__", "0.0.3"), "llmquant"),
+    (lambda folder, mp: mp.setattr(llmquant._version, "__version__", "0.0.3"), "llmquant"),
 ])
 def test_a_changed_source_or_version_is_not_resumed(tmp_path, tiny_folder, monkeypatch, capsys, change, named):
     from llmquant import streaming
