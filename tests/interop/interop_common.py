@@ -104,6 +104,16 @@ def switch_activation_quantization(model, enabled: bool) -> None:
             module.quantization_enabled = enabled
 
 
+def weights_only_difference(theirs, ours, reference) -> float:
+    """Max |Δ logit| between their model with activation quantization switched off and the FP model
+    carrying our dequantized weights: the weights alone, apart from activation rounding."""
+    switch_activation_quantization(theirs, False)
+    difference = max_abs_difference(logits_of(theirs, reference.batch),
+                                    logits_of(with_our_weights(reference.model, ours), reference.batch))
+    switch_activation_quantization(theirs, True)
+    return difference
+
+
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k")
 _GGUF_FILES: dict[tuple[str, str], object] = {}
 _GGUF_IN_TRANSFORMERS: dict[str, dict] = {}

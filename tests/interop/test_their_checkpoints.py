@@ -9,8 +9,8 @@ and evaluated by llmquant, with logits equal to their own loaders' within roundi
 import pytest
 import torch
 
-from .interop_common import (logits_of, max_abs_difference, perplexity_of, record, relative,
-                             switch_activation_quantization, versions, with_our_weights)
+from .interop_common import (logits_of, max_abs_difference, perplexity_of, record, relative, versions,
+                             weights_only_difference)
 from llmquant import Calibration
 
 pytestmark = pytest.mark.interop
@@ -128,10 +128,7 @@ def test_llmquant_reads_llm_compressor_smoothquant_w8a8(reference, checkpoints):
     for name, module in layers:  # their first forward decompressed the weights
         assert torch.equal(theirs.get_submodule(name).weight.data, module.dequantized_weight()), name
 
-    switch_activation_quantization(theirs, False)
-    weights_only = max_abs_difference(logits_of(theirs, reference.batch),
-                                      logits_of(with_our_weights(reference.model, ours), reference.batch))
-    switch_activation_quantization(theirs, True)
+    weights_only = weights_only_difference(theirs, ours, reference)
     difference = max_abs_difference(our_logits, their_logits)
     ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
     record(format="llm-compressor SmoothQuant W8A8 (int-quantized, dynamic)",

@@ -11,8 +11,8 @@ perplexity must agree within 1%.
 import pytest
 import torch
 
-from .interop_common import (logits_of, max_abs_difference, perplexity_of, record, relative,
-                             switch_activation_quantization, versions, with_our_weights)
+from .interop_common import (logits_of, max_abs_difference, perplexity_of, record, relative, versions,
+                             weights_only_difference)
 from llmquant import Calibration, QuantConfig
 
 pytestmark = pytest.mark.interop
@@ -55,10 +55,7 @@ def test_w8a8_checkpoint_loads_in_transformers_compressed_tensors(reference, che
         if config.act_quant == "static":
             assert torch.equal(their_module.input_scale.data.reshape(1), our_module.input_scale), name
 
-    switch_activation_quantization(theirs, False)
-    weights_only = max_abs_difference(logits_of(theirs, reference.batch),
-                                      logits_of(with_our_weights(reference.model, ours), reference.batch))
-    switch_activation_quantization(theirs, True)
+    weights_only = weights_only_difference(theirs, ours, reference)
 
     difference = max_abs_difference(our_logits, their_logits)
     ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
