@@ -6,9 +6,11 @@
 For SmolLM2-135M: fp32 and bf16 (transformers' own model), then each quantized checkpoint loaded by
 llmquant (which converts its linears to the CPU fast paths of llmquant.cpu), then llama.cpp
 (llama-cpp-python) on our own GGUF exports of the same model (q8_0, q4_0, q4_k). Per model, on the same
-token ids: prefill tok/s of a 512-token window of the wiki test split (one forward, best of --repeats)
+token ids: prefill tok/s of a 512-token window of the wiki test split (one forward)
 and decode tok/s at batch 1 (greedy, 64 new tokens after a short prompt, the tokens after the first over
-the time they took, best of --repeats). Ratios are to fp32 in the same run; the load average of the
+the time they took). All models are loaded, then measured in --repeats rounds that visit each once
+(best of the rounds per row), so a slow spell of a shared machine falls on every row alike. Ratios are
+to fp32 in the same run; the load average of the
 machine before and after goes beside the table.
 
 Checkpoints are quantized on first use into --work (kept for later runs). The speed of a format does
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ import torch
 from llmquant.cpu import describe_cpu, prepare_for_cpu, summary
 from llmquant.data import tokenize_corpus
 from llmquant.generation import timed_generate
+from llmquant.gguf_export.llama_cpp_runner import extra_buffer_types_note, open_in_llama_cpp
 from llmquant.loading import load
 from llmquant.models import builtin_model_path, cache_dir, load_fp_model
 
@@ -110,42 +112,42 @@ def best(values: list[float]) -> float:
     return max(values)
 
 
-def torch_speeds(model, prompt_ids: torch.Tensor, window: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """(prefill tok/s of `window`, decode tok/s after `prompt_ids`), best of `repeats` each."""
-    inputs = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
-    timed_generate(model, inputs, 4, exact_length=True)  # warm-up: first-call allocations, oneDNN primitives
-    prefill = []
-    with torch.no_grad():
-        for _ in range(repeats):
+class TorchRunner:
+    """One model measured the same way each round: prefill of `window`, decode after `prompt_ids`."""
+
+    def __init__(self, model, prompt_ids: torch.Tensor, window: torch.Tensor):
+        self.model, self.window = model, window
+        self.inputs = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
+        timed_generate(model, self.inputs, 4, exact_length=True)  # warm-up: first-call allocations, oneDNN primitives
+
+    def once(self) -> tuple[float, float]:
+        with torch.no_grad():
             start = time.perf_counter()
-            model(input_ids=window, use_cache=True, logits_to_keep=1)
-            prefill.append(window.shape[1] / (time.perf_counter() - start))
-    decode = [timed_generate(model, inputs, NEW_TOKENS, exact_length=True)[1].decode_tokens_per_second
-              for _ in range(repeats)]
-    return best(prefill), best(decode)
+            self.model(input_ids=self.window, use_cache=True, logits_to_keep=1)
+            prefill = self.window.shape[1] / (time.perf_counter() - start)
+        decode = timed_generate(self.model, self.inputs, NEW_TOKENS, exact_length=True)[1].decode_tokens_per_second
+        return prefill, decode
 
 
-def llama_cpp_speeds(path: Path, prompt_ids: list[int], window: list[int], threads: int,
-                     repeats: int) -> tuple[float, float]:
-    from llama_cpp import Llama
+class LlamaCppRunner:
+    def __init__(self, path: Path, prompt_ids: list[int], window: list[int], threads: int):
+        self.llm = open_in_llama_cpp(path, n_ctx=2 * PREFILL_TOKENS, n_batch=PREFILL_TOKENS, n_threads=threads,
+                                     n_threads_batch=threads)
+        self.prompt_ids, self.window = prompt_ids, window
+        self.once()  # warm-up
 
-    llm = Llama(model_path=str(path), n_ctx=2 * PREFILL_TOKENS, n_batch=PREFILL_TOKENS, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
-    prefill, decode = [], []
-    for _ in range(repeats + 1):  # the first pass warms up
-        llm.reset()
+    def once(self) -> tuple[float, float]:
+        self.llm.reset()
         start = time.perf_counter()
-        llm.eval(window)
-        prefill.append(len(window) / (time.perf_counter() - start))
-        llm.reset()
+        self.llm.eval(self.window)
+        prefill = len(self.window) / (time.perf_counter() - start)
+        self.llm.reset()
         times = []
-        for _token in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+        for _token in self.llm.generate(self.prompt_ids, top_k=1, temp=0.0, reset=True):
             times.append(time.perf_counter())
             if len(times) == NEW_TOKENS:
                 break
-        decode.append((len(times) - 1) / (times[-1] - times[0]))
-    llm.close()
-    return best(prefill[1:]), best(decode[1:])
+        return prefill, (len(times) - 1) / (times[-1] - times[0])
 
 
 def size_mib(path: Path) -> float:
@@ -177,13 +179,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"SmolLM2-135M on a {meta['cores']}-core {meta['cpu']} ({platform.machine()}; torch capability "
         f"{meta['capability']}), {meta['threads']} threads, torch {meta['torch']}, llama-cpp-python "
-        f"{meta['llama_cpp']}; {meta['date']}. Load average (1/5/15 min) before the run {meta['load_before']}, "
+        f"{meta['llama_cpp']} ({meta['llama_cpp_buffers']}); {meta['date']}. Load average (1/5/15 min) before the run {meta['load_before']}, "
         f"after {meta['load_after']} (other work shared the cores: read the ratios, which come from the same run).",
         "",
         "    " + meta["command"],
         "",
         f"Prefill: one forward of a {PREFILL_TOKENS}-token window of the wiki test split. Decode: batch 1, greedy, "
-        f"{NEW_TOKENS} new tokens after a {meta['prompt_tokens']}-token prompt. Best of {meta['repeats']} each. "
+        f"{NEW_TOKENS} new tokens after a {meta['prompt_tokens']}-token prompt, {meta['repeats']} rounds. "
+        "Every model is loaded first, then measured once per round in the same order; best of the rounds. "
         "Size: the checkpoint's safetensors (or GGUF) file(s), embeddings included.",
         "",
         "| model | runs as | size MiB | prefill tok/s | × fp32 | decode tok/s | × fp32 |",
@@ -209,7 +212,7 @@ def write_keeping_notes(path: Path, table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4, help="measurement rounds (best of them per row)")
     parser.add_argument("--work", default=str(cache_dir() / "bench-cpu"), help="where checkpoints are kept")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (fp32 always runs)")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
@@ -229,38 +232,40 @@ def main() -> None:
     prompt_ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     window = tokenize_corpus(tokenizer, "wiki", "test")[:PREFILL_TOKENS][None]
     fp_size = size_mib(builtin_model_path(MODEL))
-    rows = []
-
-    def record(name, runs_as, size, speeds):
-        rows.append({"model": name, "runs_as": runs_as, "size_mib": size, "prefill": speeds[0], "decode": speeds[1]})
-        print(rows[-1], flush=True)
-
+    # Every model is loaded first and then measured in rounds, each round visiting every model once, so
+    # that a slow spell of a shared machine falls on all rows alike rather than on whichever ran then.
+    contenders = []  # (row label, runs as, size MiB, runner)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         if name == "bf16" and args.only is not None and name not in args.only:
             continue
         model, _ = load_fp_model(MODEL, dtype=dtype)
-        record(name, f"transformers, {name} weights", fp_size, torch_speeds(model, prompt_ids, window, args.repeats))
-        del model
-        gc.collect()
+        contenders.append((name, f"transformers, {name} weights", fp_size, TorchRunner(model, prompt_ids, window)))
     for checkpoint in selected:
         with environment(checkpoint.environment):
             model = load(folders[checkpoint.name])
-        paths = summary(prepare_for_cpu(model)).split(";")[0]
-        record(checkpoint.name, paths, size_mib(folders[checkpoint.name]),
-               torch_speeds(model, prompt_ids, window, args.repeats))
-        del model
-        gc.collect()
+            paths = summary(prepare_for_cpu(model)).split(";")[0]
+        contenders.append((checkpoint.name, paths, size_mib(folders[checkpoint.name]),
+                           TorchRunner(model, prompt_ids, window)))
     llama_version = "not run"
     if ggufs:
         import llama_cpp
 
         llama_version = llama_cpp.__version__
         for kind, path in ggufs.items():
-            record(f"llama.cpp {kind} (our GGUF export)", "llama.cpp", size_mib(path),
-                   llama_cpp_speeds(path, prompt_ids[0].tolist(), window[0].tolist(), args.threads, args.repeats))
+            contenders.append((f"llama.cpp {kind} (our GGUF export)", "llama.cpp", size_mib(path),
+                               LlamaCppRunner(path, prompt_ids[0].tolist(), window[0].tolist(), args.threads)))
+    measured = {name: [] for name, *_ in contenders}
+    for round_number in range(args.repeats):
+        for name, _, _, runner in contenders:
+            measured[name].append(runner.once())
+            print(f"round {round_number + 1}: {name}: prefill {measured[name][-1][0]:.1f} tok/s, "
+                  f"decode {measured[name][-1][1]:.1f} tok/s", flush=True)
+    rows = [{"model": name, "runs_as": runs_as, "size_mib": size,
+             "prefill": best([p for p, _ in measured[name]]), "decode": best([d for _, d in measured[name]]),
+             "rounds": measured[name]} for name, runs_as, size, _ in contenders]
 
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "capability": describe_cpu(), "threads": args.threads,
-            "torch": torch.__version__, "llama_cpp": llama_version, "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "llama_cpp": llama_version, "llama_cpp_buffers": extra_buffer_types_note(), "date": time.strftime("%Y-%m-%d"),
             "load_before": load_before, "load_after": loadavg(), "repeats": args.repeats,
             "prompt_tokens": prompt_ids.shape[1],
             "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python eval/bench_cpu.py "

@@ -198,6 +198,20 @@ def test_w8a8_int_mm_keeps_reference_numerics_and_int8pack_is_within_bf16(static
     assert relative_error(module(x), expected) < BF16_TOLERANCE  # the one this CPU chose
 
 
+def test_w8a8_layers_sharing_an_input_reuse_its_codes_only_while_it_is_unchanged():
+    """q/k/v read one tensor: the second layer takes the first one's codes, which must equal its own
+    quantization; a different static scale, or the tensor changed in place, quantizes again."""
+    dynamic_a, dynamic_b, static = w8a8_module(False), w8a8_module(False), w8a8_module(True)
+    dynamic_b.weight.copy_(torch.randint(-128, 128, (48, 96), dtype=torch.int8))
+    x = torch.randn(2, 7, 96) * 3
+    kernels = [W8A8Kernel(m, torch.float32, use_int_mm=True) for m in (dynamic_a, dynamic_b, static)]
+    for kernel, module in zip(kernels, (dynamic_a, dynamic_b, static)):
+        assert torch.equal(kernel(x), reference_output(module, x))
+    x.mul_(0.5)  # same tensor object, new contents
+    for kernel, module in zip(kernels, (dynamic_a, dynamic_b, static)):
+        assert torch.equal(kernel(x), reference_output(module, x))
+
+
 def test_w8a8_variant_can_be_chosen_and_a_bad_one_is_refused(monkeypatch):
     from llmquant.cpu import w8a8
     from llmquant.errors import ConfigError

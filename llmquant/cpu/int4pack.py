@@ -52,7 +52,10 @@ def unpack_packed(packed: torch.Tensor, out_features: int, in_features: int, blo
     """uint8 codes [out, in] from torch's CPU int4 layout: [out / block, in, block / 2] bytes, byte j of a
     row holding column j of its block in the low nibble and column j + block / 2 in the high one."""
     rows = packed.view(out_features // block, in_features, block // 2)
-    return torch.cat([rows & 15, rows >> 4], dim=2).permute(0, 2, 1).reshape(out_features, in_features)
+    codes = torch.empty(out_features // block, 2, block // 2, in_features, dtype=torch.uint8)
+    codes[:, 0].copy_((rows & 15).transpose(1, 2))
+    codes[:, 1].copy_((rows >> 4).transpose(1, 2))
+    return codes.view(out_features, in_features)
 
 
 def _layout_block(packed: torch.Tensor, codes: torch.Tensor) -> int | None:
@@ -82,8 +85,8 @@ class Int4PackKernel:
         self.scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(self.compute_dtype)
         self.run_shifts = shift.contiguous() if bool((shift != 0).any()) else None  # [runs, out] fp32
         self.layout_block = _layout_block(self.packed, codes)
-        # [out, runs, 1] fp32, for dequantizing the packed weight in dense calls
-        self.dense_scales, self.dense_shifts = (t.t().contiguous()[:, :, None] for t in (scales, shift))
+        # [out, runs, 1] fp32, for dequantizing the packed weight in dense calls: W = q * s + (shift - 8 s)
+        self.dense_scales, self.dense_shifts = (t.t().contiguous()[:, :, None] for t in (scales, shift - 8 * scales))
         self.run = run
         self.column_order = order
         self.bias = module.bias
@@ -103,8 +106,10 @@ class Int4PackKernel:
     def dense_weight(self) -> torch.Tensor:
         """The weight (columns in the kernel's order) in bfloat16, dequantized from the packed bytes."""
         codes = unpack_packed(self.packed, self.out_features, self.packed.shape[1] * 2, self.layout_block)
-        grouped = codes.view(self.out_features, -1, self.run).float() - 8
-        return torch.addcmul(self.dense_shifts, grouped, self.dense_scales).view(self.out_features, -1).to(torch.bfloat16)
+        grouped = codes.view(self.out_features, -1, self.run)
+        weight = torch.empty(grouped.shape, dtype=torch.bfloat16)
+        weight.copy_((grouped * self.dense_scales).add_(self.dense_shifts))  # one rounding, fp32 to bf16
+        return weight.view(self.out_features, -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])

@@ -11,6 +11,11 @@ does, then multiplied with the int8 weight in one of two ways, chosen by what th
   products to bf16 moved SmolLM2's W8A8 perplexity by 0.7%, past the 0.1% this path is held to.
 
 LLMQUANT_CPU_W8A8=int_mm | int8pack overrides the choice (eval/bench_cpu.py measures both).
+
+Quantizing the activations costs about as much as the int8 matmul itself at batch-1 decode, and
+q/k/v (and gate/up) read the same input tensor: the last input's codes are kept (one slot, holding
+the tensor so its identity and version cannot be reused) and taken again by the next layer that gets
+the same unchanged tensor under the same activation scheme.
 """
 from __future__ import annotations
 
@@ -40,6 +45,25 @@ def refusal(module) -> str | None:
     return None if isinstance(module, W8A8Linear) else "not a W8A8 linear"
 
 
+class _LastQuantizedInput:
+    """The codes and scales of the most recent activation tensor, for layers that share their input."""
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def codes_of(self, x: torch.Tensor, static_scale: float | None, quantize):
+        key = (x, x._version, static_scale)
+        cached = self.key
+        if cached is not None and cached[0] is x and cached[1:] == key[1:]:
+            return self.value
+        self.key, self.value = key, quantize()
+        return self.value
+
+
+_last_input = _LastQuantizedInput()
+
+
 class W8A8Kernel:
     def __init__(self, module, activation_dtype: torch.dtype, use_int_mm: bool | None = None):
         self.use_int_mm = use_int_mm_here() if use_int_mm is None else use_int_mm
@@ -53,6 +77,7 @@ class W8A8Kernel:
         else:
             self.compute_dtype = activation_dtype
             self.unit_scales = torch.ones(self.out_features, dtype=self.compute_dtype)
+        self.static_scale = None if self.input_scale is None else float(self.input_scale)
         activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
         self.detail = f"{activations} activations, " + ("int8 x int8 torch._int_mm" if self.use_int_mm else
                                                         "int8 codes through _weight_int8pack_mm")
@@ -62,19 +87,21 @@ class W8A8Kernel:
         return 0 if self.unit_scales is None else self.unit_scales.numel() * self.unit_scales.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if self.input_scale is None:
-            codes, x_scale = quantize_per_token(rows)
-        else:
-            codes, x_scale = quantize_per_tensor(rows, self.input_scale), self.input_scale.float().reshape(1, 1)
+        codes, x_scale = _last_input.codes_of(x, self.static_scale, lambda: self._quantize(x))
         if self.use_int_mm:
             products = torch._int_mm(codes, self.weight.t())
         else:
             products = torch.ops.aten._weight_int8pack_mm(codes.to(self.compute_dtype), self.weight, self.unit_scales)
-        out = products.to(torch.float32) * x_scale * self.weight_scale
+        out = products.to(torch.float32).mul_(x_scale).mul_(self.weight_scale)
         if self.bias is not None:
             out = out + self.bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.input_scale is None:
+            return quantize_per_token(rows)
+        return quantize_per_tensor(rows, self.input_scale), self.input_scale.float().reshape(1, 1)
 
 
 build = W8A8Kernel

@@ -20,9 +20,9 @@ MAX_PERPLEXITY_RATIO = 0.01
 
 
 def llama(path, **options):
-    from llama_cpp import Llama
+    from llmquant.gguf_export.llama_cpp_runner import open_in_llama_cpp
 
-    return Llama(model_path=str(path), verbose=False, n_threads=2, **options)
+    return open_in_llama_cpp(path, n_threads=2, **options)
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
