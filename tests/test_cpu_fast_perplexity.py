@@ -1,7 +1,15 @@
 """Real checkpoints of SmolLM2: perplexity through the CPU fast paths equals the reference path's,
 both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops alone
-(as decode runs them), and for W8A8 in both of its variants."""
+(as decode runs them), and for W8A8 in both of its variants.
+
+The packed int4 op on x86 computes in bfloat16 (activations and group scales; an fp32 or fp16 call
+is 30-50x slower), and its per-layer error equals the dense bf16 path's (both ~0.3% relative on
+SmolLM2's linears). On SmolLM2 that arithmetic alone moves perplexity by up to ~0.3% either way
+(measured: -0.27% act-order g128, +0.11% asym g64), so the packed-ops-only figures are held to
+BF16_PACKED_TOLERANCE (0.5%): for scale, making every asym g64 shift 2% too large moves it by 0.5%,
+a missing shift, a wrong nibble layout or column order by far more."""
 import pytest
+import torch
 
 import llmquant
 from llmquant import Calibration, QuantConfig, ops
@@ -10,6 +18,8 @@ from llmquant.cpu import int4pack, int8pack, prepare_for_cpu, w8a8
 
 pytestmark = pytest.mark.slow
 WINDOWS = 3
+TOLERANCE = 1e-3
+BF16_PACKED_TOLERANCE = 5e-3
 CALIBRATION = Calibration("wiki", nsamples=4, seqlen=256)
 
 
@@ -48,5 +58,7 @@ def test_fast_path_perplexity_equals_reference_within_a_tenth_of_a_percent(confi
             with monkeypatch.context() as patch:
                 patch.setenv(w8a8.VARIANT_ENV, variant)
                 fast[variant] = perplexity(llmquant.load(folder))
+    packed_in_bf16 = expected_path == "int4pack" and int4pack.packed_compute_dtype(torch.float32) == torch.bfloat16
     for name, value in fast.items():
-        assert abs(value / reference - 1) < 1e-3, (name, value, reference)
+        tolerance = BF16_PACKED_TOLERANCE if name == "packed ops only" and packed_in_bf16 else TOLERANCE
+        assert abs(value / reference - 1) < tolerance, (name, value, reference)
