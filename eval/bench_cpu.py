@@ -243,7 +243,7 @@ def main() -> None:
     for checkpoint in selected:
         with environment(checkpoint.environment):
             model = load(folders[checkpoint.name])
-            paths = summary(prepare_for_cpu(model)).split(";")[0]
+            paths = "; ".join(summary(prepare_for_cpu(model)).split("; ")[:-1])  # paths, stacked count
         contenders.append((checkpoint.name, paths, size_mib(folders[checkpoint.name]),
                            TorchRunner(model, prompt_ids, window)))
     llama_version = "not run"

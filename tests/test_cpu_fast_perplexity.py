@@ -1,6 +1,6 @@
 """Real checkpoints of SmolLM2: perplexity through the CPU fast paths equals the reference path's,
 both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops alone
-(as decode runs them), and for W8A8 in both of its variants.
+(as decode runs them), and for W8A8 in both of its variants; q/k/v and gate/up run stacked.
 
 The packed int4 op on x86 computes in bfloat16 (activations and group scales; an fp32 or fp16 call
 is 35-53x slower at one row), and its per-layer error equals the dense bf16 path's (both ~0.3% relative on
@@ -45,7 +45,9 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
         return evaluate(model, max_windows=WINDOWS, progress=False, tokenizer=qmodel.tokenizer)["perplexity"]
 
     model = llmquant.load(folder)
-    assert {layer.path for layer in prepare_for_cpu(model)} == {expected_path}
+    layers = prepare_for_cpu(model)
+    assert {layer.path for layer in layers} == {expected_path}
+    assert sum("stacked with" in layer.detail for layer in layers) == 5 * 30  # q/k/v and gate/up of 30 blocks
     with ops.use_backend("reference"):
         reference = perplexity(model)
     fast = {"as loaded": perplexity(model)}

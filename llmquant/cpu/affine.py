@@ -57,3 +57,30 @@ def affine_weight(module) -> AffineWeight | None:
         return AffineWeight(4, module.in_features, module.out_features, columns // module.group_size,
                             module.scales, lambda: (ops.unpack_awq(module.qweight), ops.unpack_awq(module.qzeros)))
     return None
+
+
+def stacking_refusal(weights: list[AffineWeight]) -> str | None:
+    """Why these weights cannot run as one with their output channels end to end, or None."""
+    first = weights[0]
+    if any(w.bits != first.bits for w in weights):
+        return "their bit widths differ"
+    if any(w.in_features != first.in_features for w in weights):
+        return "their input widths differ"
+    if any(w.scales.shape[0] != first.scales.shape[0] or not torch.equal(w.group_of_column, first.group_of_column)
+           for w in weights):
+        return "their input columns are grouped differently (group sizes or act-order orders differ)"
+    return None
+
+
+def stacked(weights: list[AffineWeight]) -> AffineWeight:
+    """One weight whose output channels are those of `weights` in order (see stacking_refusal)."""
+    if len(weights) == 1:
+        return weights[0]
+
+    def unpack():
+        codes, zeros = zip(*(w.unpack() for w in weights))
+        return torch.cat(codes, dim=1), torch.cat(zeros, dim=1)
+
+    first = weights[0]
+    return AffineWeight(first.bits, first.in_features, sum(w.out_features for w in weights), first.group_of_column,
+                        torch.cat([w.scales for w in weights], dim=1), unpack)

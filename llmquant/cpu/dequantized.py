@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused import stacked_bias
+
 NAME = "dequantized"
 ACCEPTS = "any quantized linear with dequantized_weight(); costs out * in * dtype size of memory"
 
@@ -21,14 +23,22 @@ def refusal(module) -> str | None:
     return None if hasattr(module, "dequantized_weight") else "no dequantized_weight()"
 
 
+def fusion_refusal(modules) -> str | None:
+    if any(m.in_features != modules[0].in_features for m in modules):
+        return "their input widths differ"
+    return None
+
+
 def cache_bytes(module, activation_dtype: torch.dtype) -> int:
     return module.out_features * module.in_features * torch.empty(0, dtype=activation_dtype).element_size()
 
 
 class DequantizedKernel:
-    def __init__(self, module, activation_dtype: torch.dtype):
-        self.weight = module.dequantized_weight(activation_dtype).contiguous()
-        self.bias = None if module.bias is None else module.bias.to(activation_dtype)
+    """`modules`: one linear, or several reading one input (fusion_refusal None), output channels end to end."""
+
+    def __init__(self, modules, activation_dtype: torch.dtype):
+        self.weight = torch.cat([m.dequantized_weight(activation_dtype) for m in modules]).contiguous()
+        self.bias = stacked_bias(modules, activation_dtype)
         self.detail = f"{str(activation_dtype).removeprefix('torch.')} weight cached"
 
     @property

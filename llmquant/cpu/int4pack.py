@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .affine import affine_weight
+from .affine import affine_weight, stacked, stacking_refusal
 from .capability import dense_bf16_for, packed_compute_dtype
+from .fused import stacked_bias
 
 NAME = "int4pack"
 ACCEPTS = ("GPTQ / AWQ affine weights of 2-4 bits; out_features % 16 == 0; input columns, after sorting "
@@ -48,6 +49,10 @@ def refusal(module) -> str | None:
     return None
 
 
+def fusion_refusal(modules) -> str | None:
+    return stacking_refusal([affine_weight(m) for m in modules])
+
+
 def unpack_packed(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
     """uint8 codes [out, in] from torch's CPU int4 layout: [out / block, in, block / 2] bytes, byte j of a
     row holding column j of its block in the low nibble and column j + block / 2 in the high one."""
@@ -68,8 +73,10 @@ def _layout_block(packed: torch.Tensor, codes: torch.Tensor) -> int | None:
 
 
 class Int4PackKernel:
-    def __init__(self, module, activation_dtype: torch.dtype):
-        weight = affine_weight(module)
+    """`modules`: one linear, or several reading one input (fusion_refusal None), output channels end to end."""
+
+    def __init__(self, modules, activation_dtype: torch.dtype):
+        weight = stacked([affine_weight(m) for m in modules])
         order = weight.column_order()
         run = weight.contiguous_group(RUN_SIZES, order)
         codes, zeros = weight.unpack()
@@ -89,7 +96,7 @@ class Int4PackKernel:
         self.dense_scales, self.dense_shifts = (t.t().contiguous()[:, :, None] for t in (scales, shift - 8 * scales))
         self.run = run
         self.column_order = order
-        self.bias = module.bias
+        self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = weight.out_features
         self.detail = (f"runs of {run}" + (", act-order columns permuted" if order is not None else "")
                        + f", {str(self.compute_dtype).removeprefix('torch.')} activations")
@@ -112,6 +119,8 @@ class Int4PackKernel:
         return weight.view(self.out_features, -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # At one row the op itself takes ~25 us: every tensor op around it counts, hence no copies
+        # beyond the dtype conversions the op needs and an in-place bias.
         rows = x.reshape(-1, x.shape[-1])
         if self.column_order is not None:
             rows = rows.index_select(1, self.column_order)
@@ -119,13 +128,13 @@ class Int4PackKernel:
             out = F.linear(rows.to(torch.bfloat16), self.dense_weight()).to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.compute_dtype).contiguous(), self.packed,
-                                                             self.run, self.scales_and_zeros).float()
+                                                             self.run, self.scales_and_zeros)
             if self.run_shifts is not None:
-                out = out.addmm_(rows.float().view(rows.shape[0], -1, self.run).sum(dim=2), self.run_shifts)
+                out = out.float().addmm_(rows.float().view(rows.shape[0], -1, self.run).sum(dim=2), self.run_shifts)
             out = out.to(x.dtype)
         if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+            out = out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 build = Int4PackKernel

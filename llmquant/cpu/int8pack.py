@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .affine import affine_weight
+from .affine import affine_weight, stacked, stacking_refusal
 from .capability import dense_bf16_for, packed_compute_dtype
+from .fused import stacked_bias
 
 NAME = "int8pack"
 ACCEPTS = "GPTQ / AWQ affine weights of 2-8 bits with one scale per output channel (group_size -1)"
@@ -31,9 +32,15 @@ def refusal(module) -> str | None:
     return None
 
 
+def fusion_refusal(modules) -> str | None:
+    return stacking_refusal([affine_weight(m) for m in modules])
+
+
 class Int8PackKernel:
-    def __init__(self, module, activation_dtype: torch.dtype):
-        weight = affine_weight(module)
+    """`modules`: one linear, or several reading one input (fusion_refusal None), output channels end to end."""
+
+    def __init__(self, modules, activation_dtype: torch.dtype):
+        weight = stacked([affine_weight(m) for m in modules])
         codes, zeros = weight.unpack()
         center = 2 ** (weight.bits - 1)
         self.compute_dtype = packed_compute_dtype(activation_dtype)
@@ -43,7 +50,7 @@ class Int8PackKernel:
         self.unit_scales = torch.ones_like(scales, dtype=self.compute_dtype)
         offset = (center - zeros[0]).float() * scales
         self.row_sum_scale = offset if bool((offset != 0).any()) else None
-        self.bias = module.bias
+        self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = weight.out_features
         self.detail = (("asymmetric (row-sum correction), " if self.row_sum_scale is not None else "")
                        + f"{str(self.compute_dtype).removeprefix('torch.')} activations")
@@ -60,12 +67,13 @@ class Int8PackKernel:
         else:
             products = torch.ops.aten._weight_int8pack_mm(rows.to(self.compute_dtype).contiguous(), self.weight,
                                                           self.unit_scales)
-        out = (products.float() * self.float_scales).to(x.dtype)
+        out = products.float().mul_(self.float_scales)
         if self.row_sum_scale is not None:
-            out = out + (rows.float().sum(dim=1, keepdim=True) * self.row_sum_scale).to(x.dtype)
+            out = out.addmm_(rows.float().sum(dim=1, keepdim=True), self.row_sum_scale[None])
+        out = out.to(x.dtype)
         if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+            out = out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 build = Int8PackKernel

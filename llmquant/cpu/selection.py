@@ -2,7 +2,9 @@
 
 Paths are tried in order of speed (int4pack, int8pack, w8a8, dequantized); the first that accepts a
 layer takes it. A layer no path takes, or whose dequantized cache would pass the memory bound, runs
-the reference op (dequantize on every call). Converted tensors live in a plain attribute of the
+the reference op (dequantize on every call). Linears that read one input and take the same path
+are converted together and run as one stacked matmul (fused.py), when the model's architecture map
+says which they are. Converted tensors live in a plain attribute of the
 module, not in buffers: state_dict() and saving see only the checkpoint's tensors, and moving the
 module to another device or dtype does not carry CPU-only layouts along; a conversion is redone
 when its source tensors change (a move back to the CPU, a load_state_dict), at the next CPU forward.
@@ -18,9 +20,11 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..errors import ConfigError
+from ..arch import arch_for
+from ..errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS
 from . import dequantized, int4pack, int8pack, w8a8
+from .fused import MemberKernel, SharedInputGroup
 
 PATHS = (int4pack, int8pack, w8a8, dequantized)
 REFERENCE = "reference"
@@ -39,6 +43,7 @@ class LayerPath:
     detail: str
     extra_bytes: int
     refusals: dict[str, str] = field(default_factory=dict)  # faster path -> why it did not take the layer
+    stacked: bool = False  # runs as one matmul with the linears that read its input
 
 
 @dataclass
@@ -81,7 +86,7 @@ def _source_key(module: nn.Module, dtype: torch.dtype) -> tuple:
 def _convert(module: nn.Module, dtype: torch.dtype) -> _Converted:
     path, _ = choose_path(module, module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE, False))
     with torch.no_grad():
-        kernel = path.build(module, dtype) if path is not None else None
+        kernel = path.build([module], dtype) if path is not None else None
     converted = _Converted(_source_key(module, dtype), path.NAME if path is not None else REFERENCE, kernel)
     module.__dict__[_KERNEL_ATTRIBUTE] = converted
     return converted
@@ -105,14 +110,79 @@ def _quantized_linears(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LINEARS)]
 
 
+def shared_input_groups(model: nn.Module) -> list[list[str]]:
+    """Full names of linears that read one tensor, from the model's architecture map: per block, the
+    readers of each scaling pair's `previous` (a norm's output read by q/k/v, by gate/up), routed
+    experts left out (each reads its own tokens). Empty for a model without a config or a map."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    try:
+        arch = arch_for(config, model)
+        blocks = arch.block_list(model)
+    except (UnsupportedArchitectureError, AttributeError):
+        return []
+    experts = f"{arch.experts.path}." if arch.experts is not None else None
+    groups, grouped = [], set()
+    for index, block in enumerate(blocks):
+        for pair in arch.block_scaling_pairs(block):
+            names = [f"{arch.block_prefix(index)}.{n}" for n in pair.linears
+                     if experts is None or not n.startswith(experts)]
+            if len(names) > 1 and not grouped.intersection(names):
+                groups.append(names)
+                grouped.update(names)
+    return groups
+
+
+@dataclass
+class _Plan:
+    module: nn.Module
+    dtype: torch.dtype
+    path: object | None
+    cache_allowed: bool
+
+
+def _is_current(plan: _Plan) -> bool:
+    converted = plan.module.__dict__.get(_KERNEL_ATTRIBUTE)
+    return (converted is not None and converted.key == _source_key(plan.module, plan.dtype)
+            and plan.module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE) == plan.cache_allowed)
+
+
+def _convert_group(names: list[str], plans: dict[str, _Plan]) -> bool:
+    """Convert the linears `names` (one input) into one stacked kernel if they can run as one."""
+    members = [plans[n] for n in names if n in plans]
+    first = members[0] if members else None
+    if (len(members) != len(names) or first.path is None or not first.cache_allowed
+            or any(p.path is not first.path or p.dtype != first.dtype or not p.cache_allowed for p in members)):
+        return False
+    modules = [p.module for p in members]
+    kernels = [p.module.__dict__.get(_KERNEL_ATTRIBUTE) for p in members]
+    if all(_is_current(p) for p in members) and all(isinstance(k.kernel, MemberKernel) for k in kernels) \
+            and len({id(k.kernel.group) for k in kernels}) == 1:
+        return True  # converted together before, sources unchanged
+    reason = first.path.fusion_refusal(modules)
+    if reason is not None:
+        logger.debug("  %s not stacked: %s", ", ".join(names), reason)
+        return False
+    with torch.no_grad():
+        group = SharedInputGroup(first.path.build(modules, first.dtype), [m.out_features for m in modules])
+    short = [n.rsplit(".", 1)[-1] for n in names]
+    for index, plan in enumerate(members):
+        plan.module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = True
+        plan.module.__dict__[_KERNEL_ATTRIBUTE] = _Converted(_source_key(plan.module, plan.dtype), first.path.NAME,
+                                                             MemberKernel(group, index, short))
+    return True
+
+
 def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
                     dtype: torch.dtype | None = None) -> list[LayerPath]:
     """Convert every quantized linear of `model` that sits on the CPU into its fastest CPU path, once
-    (the forward would do it lazily; doing it here spends the memory up front and applies the bound on
-    dequantized weights, `max_cache_mib`, default $LLMQUANT_CPU_CACHE_MIB or 4096, in module order).
-    Logs a count per path and, at debug level, each layer's path. Returns each layer's path."""
+    (the forward would do it lazily; doing it here spends the memory up front, applies the bound on
+    dequantized weights, `max_cache_mib`, default $LLMQUANT_CPU_CACHE_MIB or 4096, in module order,
+    and stacks linears that read one input). Logs a count per path and, at debug level, each layer's
+    path. Returns each layer's path."""
     budget = (max_cache_mib_from_env() if max_cache_mib is None else max_cache_mib) * 2**20
-    layers = []
+    plans = {}
     for name, module in _quantized_linears(model):
         buffers = [b for b in module._buffers.values() if b is not None]
         if not buffers or buffers[0].device.type != "cpu":
@@ -122,15 +192,20 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         allowed = path is not dequantized or dequantized.cache_bytes(module, activation_dtype) <= budget
         if path is dequantized and allowed:
             budget -= dequantized.cache_bytes(module, activation_dtype)
-        converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
-        if (converted is None or converted.key != _source_key(module, activation_dtype)
-                or module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE) != allowed):
-            module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = allowed
-            converted = _convert(module, activation_dtype)
-        _, refusals = choose_path(module, allowed)
+        plans[name] = _Plan(module, activation_dtype, path if allowed else choose_path(module, False)[0], allowed)
+    stacked = {name for names in shared_input_groups(model) if _convert_group(names, plans) for name in names}
+    layers = []
+    for name, plan in plans.items():
+        module = plan.module
+        if name not in stacked and not (_is_current(plan) and not isinstance(module.__dict__[_KERNEL_ATTRIBUTE].kernel,
+                                                                             MemberKernel)):
+            module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = plan.cache_allowed
+            _convert(module, plan.dtype)
+        converted = module.__dict__[_KERNEL_ATTRIBUTE]
+        _, refusals = choose_path(module, plan.cache_allowed)
         kernel = converted.kernel
         layers.append(LayerPath(name, converted.path, kernel.detail if kernel is not None else "dequantized per call",
-                                kernel.nbytes if kernel is not None else 0, refusals))
+                                kernel.nbytes if kernel is not None else 0, refusals, isinstance(kernel, MemberKernel)))
     if layers:
         logger.info("CPU paths: %s", summary(layers))
         for layer in layers:
@@ -149,7 +224,9 @@ def summary(layers: list[LayerPath]) -> str:
     counts = Counter(layer.path for layer in layers)
     extra = sum(layer.extra_bytes for layer in layers) / 2**20
     order = [p.NAME for p in PATHS] + [REFERENCE]
-    return ", ".join(f"{counts[p]} {p}" for p in order if counts[p]) + f"; {extra:.1f} MiB converted tensors"
+    stacked = sum(layer.stacked for layer in layers)
+    return (", ".join(f"{counts[p]} {p}" for p in order if counts[p]) + (f"; {stacked} stacked" if stacked else "")
+            + f"; {extra:.1f} MiB converted tensors")
 
 
 def path_table(layers: list[LayerPath]) -> str:

@@ -12,10 +12,8 @@ does, then multiplied with the int8 weight in one of two ways, chosen by what th
 
 LLMQUANT_CPU_W8A8=int_mm | int8pack overrides the choice (eval/bench_cpu.py measures both).
 
-Quantizing the activations costs about as much as the int8 matmul itself at batch-1 decode, and
-q/k/v (and gate/up) read the same input tensor: the last input's codes are kept (one slot, holding
-the tensor so its identity and version cannot be reused) and taken again by the next layer that gets
-the same unchanged tensor under the same activation scheme.
+Linears reading one input (q/k/v, gate/up) with one activation scheme run as one (fused.py): the
+input is quantized once and multiplied with the stacked int8 weights.
 """
 from __future__ import annotations
 
@@ -27,6 +25,7 @@ from ..errors import ConfigError
 from ..grid.activations import quantize_per_tensor, quantize_per_token
 from ..nn import W8A8Linear
 from .capability import has_int8_dot_product
+from .fused import stacked_bias
 
 NAME = "w8a8"
 VARIANT_ENV = "LLMQUANT_CPU_W8A8"
@@ -45,56 +44,53 @@ def refusal(module) -> str | None:
     return None if isinstance(module, W8A8Linear) else "not a W8A8 linear"
 
 
-class _LastQuantizedInput:
-    """The codes and scales of the most recent activation tensor, for layers that share their input."""
-
-    def __init__(self):
-        self.key = None
-        self.value = None
-
-    def codes_of(self, x: torch.Tensor, static_scale: float | None, quantize):
-        key = (x, x._version, static_scale)
-        cached = self.key
-        if cached is not None and cached[0] is x and cached[1:] == key[1:]:
-            return self.value
-        self.key, self.value = key, quantize()
-        return self.value
-
-
-_last_input = _LastQuantizedInput()
+def fusion_refusal(modules) -> str | None:
+    first = modules[0]
+    if any(m.in_features != first.in_features for m in modules):
+        return "their input widths differ"
+    scales = {None if m.input_scale is None else float(m.input_scale) for m in modules}
+    if len(scales) > 1:
+        return "their activations are quantized differently (static scales differ, or static and dynamic)"
+    return None
 
 
 class W8A8Kernel:
-    def __init__(self, module, activation_dtype: torch.dtype, use_int_mm: bool | None = None):
+    """`modules`: one W8A8 linear, or several reading one input (fusion_refusal None), outputs end to end."""
+
+    def __init__(self, modules, activation_dtype: torch.dtype, use_int_mm: bool | None = None):
         self.use_int_mm = use_int_mm_here() if use_int_mm is None else use_int_mm
-        self.weight = module.weight
-        self.input_scale = module.input_scale
-        self.weight_scale = module.weight_scale.float().reshape(1, -1)
-        self.bias = module.bias
-        self.out_features = module.out_features
+        first = modules[0]
+        self.weight = first.weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
+        self.input_scale = first.input_scale
+        self.weight_scale = torch.cat([m.weight_scale.float().reshape(1, -1) for m in modules], dim=1)
+        self.bias = stacked_bias(modules, torch.float32)
+        self.stacked = len(modules) > 1  # the stacked int8 weight is a copy; a single one is the module's own
+        self.out_features = self.weight.shape[0]
         if self.use_int_mm:
             self.unit_scales = None
         else:
             self.compute_dtype = activation_dtype
             self.unit_scales = torch.ones(self.out_features, dtype=self.compute_dtype)
-        self.static_scale = None if self.input_scale is None else float(self.input_scale)
         activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
         self.detail = f"{activations} activations, " + ("int8 x int8 torch._int_mm" if self.use_int_mm else
                                                         "int8 codes through _weight_int8pack_mm")
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.unit_scales is None else self.unit_scales.numel() * self.unit_scales.element_size()
+        extra = [] if self.unit_scales is None else [self.unit_scales]
+        if self.stacked:
+            extra.append(self.weight)
+        return sum(t.numel() * t.element_size() for t in extra)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        codes, x_scale = _last_input.codes_of(x, self.static_scale, lambda: self._quantize(x))
+        codes, x_scale = self._quantize(x)
         if self.use_int_mm:
             products = torch._int_mm(codes, self.weight.t())
         else:
             products = torch.ops.aten._weight_int8pack_mm(codes.to(self.compute_dtype), self.weight, self.unit_scales)
         out = products.to(torch.float32).mul_(x_scale).mul_(self.weight_scale)
         if self.bias is not None:
-            out = out + self.bias.float()
+            out = out.add_(self.bias)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,177 @@
+"""Linears that read one input (q/k/v, gate/up) run on the CPU as one stacked matmul (llmquant.cpu.fused):
+the model's outputs equal those of the layers run one by one, a member called on another tensor still
+gets its own output, and siblings that cannot run as one are left apart."""
+import gc
+import weakref
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from llmquant import ops
+from llmquant.config import QuantConfig
+from llmquant.cpu import prepare_for_cpu, selection, summary
+from llmquant.cpu.fused import SharedInputGroup
+from llmquant.formats import FORMATS
+from llmquant.grid.codebook import CodebookGrid
+from llmquant.nn import W8A8Linear
+from test_cpu_fast import BF16_TOLERANCE, quantized_linear, random_quantized, relative_error
+
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SIBLINGS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+# A whole random model's logits: bf16 rounding in every linear of two blocks adds up past one layer's
+MODEL_BF16_TOLERANCE = 5e-2
+
+
+def gptq_linear(out_features, in_features, seed, bits=4, group_size=32, act_order=False):
+    return quantized_linear("gptq", random_quantized(out_features, in_features, bits, group_size, False, act_order,
+                                                     seed=seed), bias=False)
+
+
+def w8a8_linear(out_features, in_features, seed, input_scale=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    module = W8A8Linear(in_features, out_features, static=input_scale is not None, dtype=torch.float32)
+    module.weight.copy_(torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, generator=gen))
+    module.weight_scale.copy_(torch.rand(out_features, 1, generator=gen) * 0.01 + 1e-3)
+    if input_scale is not None:
+        module.input_scale.fill_(input_scale)
+    return module
+
+
+def nf4_linear(out_features, in_features, seed):
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    config = QuantConfig(method="nf4", double_quant=True, dtype="float32")
+    fmt = FORMATS["bitsandbytes"]
+    tensors = fmt.pack(CodebookGrid("nf4", 64, True).quantize(weight), config)
+    module = fmt.build_linear("layer", fmt.quantization_config(config), {k: tuple(v.shape) for k, v in tensors.items()},
+                              False, in_features, out_features, torch.float32)
+    module.load_state_dict(tensors, assign=True)
+    return module
+
+
+LINEAR_KINDS = {
+    "gptq w4 g32": (gptq_linear, "int4pack"),
+    "gptq w8 per channel": (lambda o, i, seed: gptq_linear(o, i, seed, bits=8, group_size=-1), "int8pack"),
+    "w8a8 static": (w8a8_linear, "w8a8"),
+    "w8a8 dynamic": (lambda o, i, seed: w8a8_linear(o, i, seed, input_scale=None), "w8a8"),
+    "nf4": (nf4_linear, "dequantized"),
+}
+
+
+def tiny_quantized_llama(make_linear):
+    """A tiny random llama whose block linears are `make_linear(out, in, seed)`."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    for index, block in enumerate(model.model.layers):
+        for number, name in enumerate(BLOCK_LINEARS):
+            linear = block.get_submodule(name)
+            block.set_submodule(name, make_linear(linear.out_features, linear.in_features, 10 * index + number))
+    return model
+
+
+def kernels(model):
+    return {name: m.__dict__[selection._KERNEL_ATTRIBUTE].kernel for name, m in model.named_modules()
+            if selection._KERNEL_ATTRIBUTE in m.__dict__}
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_KINDS))
+def test_stacked_siblings_equal_the_layers_run_apart(kind, monkeypatch):
+    make_linear, path = LINEAR_KINDS[kind]
+    model = tiny_quantized_llama(make_linear)
+    ids = torch.randint(0, 128, (3, 9))
+    layers = prepare_for_cpu(model)
+    assert {layer.path for layer in layers} == {path}
+    stacked = {layer.name.rsplit(".", 1)[-1] for layer in layers if "stacked with" in layer.detail}
+    assert stacked == set(SIBLINGS)
+    assert f"{len(layers)} {path}; 10 stacked;" in summary(layers)
+    with torch.no_grad():
+        together = model(ids).logits
+        with ops.use_backend("reference"):
+            reference = model(ids).logits
+        monkeypatch.setattr(selection, "shared_input_groups", lambda model: [])
+        layers = prepare_for_cpu(model)  # converted again, one kernel per layer
+        assert not any("stacked" in layer.detail for layer in layers)
+        apart = model(ids).logits
+    assert relative_error(together, apart) < 1e-5
+    assert relative_error(together, reference) < MODEL_BF16_TOLERANCE
+
+
+class CountingKernel:
+    nbytes, detail = 0, "counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return torch.cat([x, 2 * x, 3 * x], dim=-1)
+
+
+def test_a_shared_input_group_computes_once_per_input_and_then_lets_it_go():
+    kernel = CountingKernel()
+    group = SharedInputGroup(kernel, [4, 4, 4])
+    x = torch.randn(2, 4)
+    outputs = [group.output(i, x) for i in (1, 0, 2)]  # any order
+    assert kernel.calls == 1
+    assert all(torch.equal(out, (i + 1) * x) for out, i in zip(outputs, (1, 0, 2)))
+    alive = weakref.ref(x)
+    del x, outputs
+    gc.collect()
+    assert alive() is None  # every member took its output: the group holds no input
+    x = torch.randn(2, 4)
+    group.output(0, x)
+    assert kernel.calls == 2
+    x.mul_(2)  # the same tensor, changed in place: computed again
+    assert torch.equal(group.output(1, x), 2 * x) and kernel.calls == 3
+    assert torch.equal(group.output(1, x), 2 * x) and kernel.calls == 4  # taken twice: computed again
+    other = x.clone()  # equal values, another tensor
+    assert torch.equal(group.output(2, other), 3 * other) and kernel.calls == 5
+
+
+def test_siblings_that_cannot_run_as_one_stay_apart(caplog):
+    import logging
+
+    def make_linear(out_features, in_features, seed):  # act-order: each sibling its own column order
+        if seed % 10 in (0, 1):  # q and k: act-order with different orders
+            return gptq_linear(out_features, in_features, seed, act_order=True)
+        return gptq_linear(out_features, in_features, seed)
+
+    model = tiny_quantized_llama(make_linear)
+    with caplog.at_level(logging.DEBUG, logger="llmquant.cpu"):
+        layers = prepare_for_cpu(model)
+    details = {layer.name: layer.detail for layer in layers}
+    assert "stacked" not in details["model.layers.0.self_attn.q_proj"]
+    assert "stacked with up_proj" in details["model.layers.0.mlp.gate_proj"]
+    assert "grouped differently" in caplog.text
+    ids = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        fast = model(ids).logits
+        with ops.use_backend("reference"):
+            assert relative_error(fast, model(ids).logits) < MODEL_BF16_TOLERANCE
+
+    scales = iter([0.05, 0.07, 0.05, 0.05, 0.05, 0.05, 0.05] * 2)  # k_proj's static scale differs
+    model = tiny_quantized_llama(lambda o, i, seed: w8a8_linear(o, i, seed, input_scale=next(scales)))
+    details = {layer.name: layer.detail for layer in prepare_for_cpu(model)}
+    assert "stacked" not in details["model.layers.1.self_attn.q_proj"]
+    assert "stacked with up_proj" in details["model.layers.1.mlp.gate_proj"]
+
+
+def test_preparing_again_keeps_the_stacks_and_a_changed_member_is_converted_alone():
+    model = tiny_quantized_llama(gptq_linear)
+    prepare_for_cpu(model)
+    before = kernels(model)
+    prepare_for_cpu(model)
+    after = kernels(model)
+    assert all(after[name] is before[name] for name in before)
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 64)
+    k_before = attention.k_proj(x)
+    attention.q_proj.load_state_dict({k: v * 0 if k == "scales" else v
+                                      for k, v in attention.q_proj.state_dict().items()}, assign=True)
+    assert torch.all(attention.q_proj(x) == 0)  # q's new weights
+    assert torch.equal(attention.k_proj(x), k_before)  # k's own slice, unchanged
+    with ops.use_backend("reference"):
+        v_reference = attention.v_proj(x)
+    assert relative_error(attention.v_proj(x), v_reference) < BF16_TOLERANCE
