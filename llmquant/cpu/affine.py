@@ -64,8 +64,6 @@ def stacking_refusal(weights: list[AffineWeight]) -> str | None:
     first = weights[0]
     if any(w.bits != first.bits for w in weights):
         return "their bit widths differ"
-    if any(w.in_features != first.in_features for w in weights):
-        return "their input widths differ"
     if any(w.scales.shape[0] != first.scales.shape[0] or not torch.equal(w.group_of_column, first.group_of_column)
            for w in weights):
         return "their input columns are grouped differently (group sizes or act-order orders differ)"

@@ -150,17 +150,20 @@ def _is_current(plan: _Plan) -> bool:
 
 def _convert_group(names: list[str], plans: dict[str, _Plan]) -> bool:
     """Convert the linears `names` (one input) into one stacked kernel if they can run as one."""
-    members = [plans[n] for n in names if n in plans]
-    first = members[0] if members else None
-    if (len(members) != len(names) or first.path is None or not first.cache_allowed
-            or any(p.path is not first.path or p.dtype != first.dtype or not p.cache_allowed for p in members)):
+    if any(n not in plans for n in names):
+        return False
+    members = [plans[n] for n in names]
+    first = members[0]
+    if first.path is None or any(p.path is not first.path or p.dtype != first.dtype or not p.cache_allowed
+                                 for p in members):
         return False
     modules = [p.module for p in members]
     kernels = [p.module.__dict__.get(_KERNEL_ATTRIBUTE) for p in members]
     if all(_is_current(p) for p in members) and all(isinstance(k.kernel, MemberKernel) for k in kernels) \
             and len({id(k.kernel.group) for k in kernels}) == 1:
         return True  # converted together before, sources unchanged
-    reason = first.path.fusion_refusal(modules)
+    reason = ("their input widths differ" if any(m.in_features != modules[0].in_features for m in modules)
+              else first.path.fusion_refusal(modules))
     if reason is not None:
         logger.debug("  %s not stacked: %s", ", ".join(names), reason)
         return False
@@ -197,8 +200,8 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
     layers = []
     for name, plan in plans.items():
         module = plan.module
-        if name not in stacked and not (_is_current(plan) and not isinstance(module.__dict__[_KERNEL_ATTRIBUTE].kernel,
-                                                                             MemberKernel)):
+        if name not in stacked and (not _is_current(plan)
+                                    or isinstance(module.__dict__[_KERNEL_ATTRIBUTE].kernel, MemberKernel)):
             module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = plan.cache_allowed
             _convert(module, plan.dtype)
         converted = module.__dict__[_KERNEL_ATTRIBUTE]

@@ -45,9 +45,6 @@ def refusal(module) -> str | None:
 
 
 def fusion_refusal(modules) -> str | None:
-    first = modules[0]
-    if any(m.in_features != first.in_features for m in modules):
-        return "their input widths differ"
     scales = {None if m.input_scale is None else float(m.input_scale) for m in modules}
     if len(scales) > 1:
         return "their activations are quantized differently (static scales differ, or static and dynamic)"
