@@ -42,6 +42,9 @@ def table(rows: list[dict]) -> str:
             delta = f"{figure(row['max_logit_difference'])} ({figure(row.get('max_logit'), 1)})"
             if "max_logit_difference_weights_only" in row:
                 delta += f"; activations unquantized: {figure(row['max_logit_difference_weights_only'])}"
+            if "max_layer_difference" in row:
+                delta += (f"; per layer on our inputs: {row['max_layer_difference']:.1e} of max |output|"
+                          f"; our PPL under a 1e-6 nudge: {100 * row['perplexity_shift_under_nudge']:+.2f}%")
         elif "max_logit_difference_vs_fp" in row:
             delta = f"vs FP: {figure(row['max_logit_difference_vs_fp'])}"
         else:

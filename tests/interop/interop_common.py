@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+from llmquant import ops
 from llmquant.api import evaluate
 from llmquant.data import tokenize_corpus
 
@@ -36,6 +37,21 @@ def logits_of(model, batch: torch.Tensor) -> torch.Tensor:
 
 def perplexity_of(model, tokenizer) -> float:
     return evaluate(model, seqlen=SEQLEN, max_windows=WINDOWS, progress=False, tokenizer=tokenizer)["perplexity"]
+
+
+# What the checkpoint means is what llmquant's reference ops compute (dequantize, then an fp32 matmul).
+# llmquant.load runs the CPU fast paths by default, and the int4 one rounds activations to bf16: a
+# deliberate speed trade-off (eval/CPU.md, perplexity within 0.1%), not the file's semantics, and on
+# a sensitive model (2 bits, per channel) it moves logits by more than any loader difference. So an
+# outside loader is compared with the reference ops.
+def logits_of_ours(model, batch: torch.Tensor) -> torch.Tensor:
+    with ops.use_backend("reference"):
+        return logits_of(model, batch)
+
+
+def perplexity_of_ours(model, tokenizer) -> float:
+    with ops.use_backend("reference"):
+        return perplexity_of(model, tokenizer)
 
 
 @dataclass
@@ -83,18 +99,64 @@ def relative(a: float, b: float) -> float:
     return a / b - 1
 
 
-def with_our_weights(reference_model, ours):
+def with_our_weights(reference_model, ours, weight_dtype: torch.dtype = torch.float32):
     """The full-precision model carrying our checkpoint's weights: every quantized linear's weight
-    dequantized, and every other tensor as stored (embeddings and norms in the checkpoint's fp16)."""
+    dequantized (then rounded to weight_dtype and back, as a loader that dequantizes into it holds
+    them), and every other tensor as stored (embeddings and norms in the checkpoint's fp16)."""
     model = copy.deepcopy(reference_model)
     quantized = {name for name, module in ours.named_modules() if hasattr(module, "dequantized_weight")}
     for name in quantized:
-        model.get_submodule(name).weight.data = ours.get_submodule(name).dequantized_weight()
+        weight = ours.get_submodule(name).dequantized_weight()
+        model.get_submodule(name).weight.data = weight.to(weight_dtype).float()
     targets = dict(model.named_parameters())
     for name, tensor in ours.named_parameters():
         if name.rsplit(".", 1)[0] not in quantized and name in targets:
             targets[name].data = tensor.data.to(targets[name].dtype)
     return model
+
+
+def assert_gptq_torch_weights_are_ours_in_fp16(theirs, ours) -> None:
+    """gptqmodel's TorchLinear dequantizes (q - z) * s in the scales' fp16, one rounding of llmquant's
+    exact fp32 product: every linear's weight must be ours rounded to fp16, bit for bit."""
+    quantized = [(name, m) for name, m in ours.named_modules() if hasattr(m, "dequantized_weight")]
+    assert quantized
+    with torch.no_grad():
+        for name, our_module in quantized:
+            their_weight = theirs.get_submodule(name).dequantize_weight().t().float()
+            assert torch.equal(their_weight, our_module.dequantized_weight().half().float()), name
+
+
+def worst_layer_difference(theirs, ours, batch: torch.Tensor) -> tuple[float, str]:
+    """(max |Δ| / max |output|, layer) over every quantized linear: each of their linears run on the
+    input our linear got in our forward on `batch`, against our linear's output. Unlike whole-model
+    logits, no difference upstream reaches a layer, so rounding-boundary flips cannot cascade."""
+    seen = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (args[0], out)))
+             for name, module in ours.named_modules() if hasattr(module, "dequantized_weight")]
+    try:
+        logits_of_ours(ours, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    worst = (0.0, "")
+    with torch.no_grad():
+        for name, (x, our_out) in seen.items():
+            their_out = theirs.get_submodule(name)(x)
+            worst = max(worst, (max_abs_difference(their_out, our_out) / float(our_out.abs().max()), name))
+    return worst
+
+
+def perplexity_shift_under_nudge(ours, tokenizer, nudge: float = 1e-6) -> float:
+    """Relative perplexity change of our model when its input embeddings are scaled by (1 + nudge): how
+    far fp32 noise alone moves this checkpoint's perplexity on the measured windows. Static per-tensor
+    activation scales put many inputs near a rounding boundary of a wide step, so a 1e-6 nudge flips
+    codes that then cascade through the blocks (SmolLM2 W8A8 static: several %)."""
+    baseline = perplexity_of_ours(ours, tokenizer)
+    hook = ours.get_input_embeddings().register_forward_hook(lambda m, args, out: out * (1 + nudge))
+    try:
+        return relative(perplexity_of_ours(ours, tokenizer), baseline)
+    finally:
+        hook.remove()
 
 
 def switch_activation_quantization(model, enabled: bool) -> None:

@@ -9,8 +9,9 @@ and evaluated by llmquant, with logits equal to their own loaders' within roundi
 import pytest
 import torch
 
-from .interop_common import (logits_of, max_abs_difference, perplexity_of, record, relative, versions,
-                             weights_only_difference)
+from .interop_common import (logits_of, logits_of_ours, max_abs_difference, perplexity_of, perplexity_of_ours,
+                             record, relative, versions, weights_only_difference,
+                             assert_gptq_torch_weights_are_ours_in_fp16)
 from llmquant import Calibration
 
 pytestmark = pytest.mark.interop
@@ -78,9 +79,9 @@ def test_llmquant_reads_llm_compressor_w4a16(reference, checkpoints, case):
         weight = PackedQuantizationCompressor.decompress(own, scheme)["weight"]
         assert torch.equal(weight, module.dequantized_weight()), name
         on_their_weights.get_submodule(name).weight.data = weight
-    our_logits = logits_of(ours, reference.batch)
+    our_logits = logits_of_ours(ours, reference.batch)
     difference = max_abs_difference(our_logits, logits_of(on_their_weights, reference.batch))
-    ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(on_their_weights, reference.tokenizer)
+    ours_ppl, theirs_ppl = perplexity_of_ours(ours, reference.tokenizer), perplexity_of(on_their_weights, reference.tokenizer)
     packages = ("llmcompressor", "compressed-tensors", "transformers")
     record(format=f"llm-compressor {case} (pack-quantized)", loader="llmquant.load vs compressed-tensors decompress",
            loads=True, max_logit_difference=difference, max_logit=float(our_logits.abs().max()),
@@ -122,7 +123,7 @@ def test_llmquant_reads_llm_compressor_smoothquant_w8a8(reference, checkpoints):
     llm_compressor_checkpoint(folder, recipe)
     ours = llmquant.load(folder)
     theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu").eval()
-    their_logits, our_logits = logits_of(theirs, reference.batch), logits_of(ours, reference.batch)
+    their_logits, our_logits = logits_of(theirs, reference.batch), logits_of_ours(ours, reference.batch)
     layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, W8A8Linear)]
     assert len(layers) == 30 * 7
     for name, module in layers:  # their first forward decompressed the weights
@@ -130,7 +131,7 @@ def test_llmquant_reads_llm_compressor_smoothquant_w8a8(reference, checkpoints):
 
     weights_only = weights_only_difference(theirs, ours, reference)
     difference = max_abs_difference(our_logits, their_logits)
-    ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
+    ours_ppl, theirs_ppl = perplexity_of_ours(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
     record(format="llm-compressor SmoothQuant W8A8 (int-quantized, dynamic)",
            loader="llmquant.load vs transformers + compressed-tensors", loads=True, max_logit_difference=difference,
            max_logit_difference_weights_only=weights_only, max_logit=float(our_logits.abs().max()),
@@ -160,16 +161,13 @@ def test_llmquant_reads_a_gptqmodel_checkpoint(reference, checkpoints):
 
     theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu",
                                                   quantization_config=GPTQConfig(bits=4, backend="gptq_torch")).eval()
-    our_logits, their_logits = logits_of(ours, reference.batch), logits_of(theirs, reference.batch)
+    our_logits, their_logits = logits_of_ours(ours, reference.batch), logits_of(theirs, reference.batch)
     difference = max_abs_difference(our_logits, their_logits)
-    ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
+    ours_ppl, theirs_ppl = perplexity_of_ours(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
     record(format="gptqmodel GPTQ w4 g64 act-order", loader="llmquant.load vs transformers + gptqmodel (gptq_torch)",
            loads=True, max_logit_difference=difference, max_logit=float(our_logits.abs().max()),
            perplexity_ours=ours_ppl, perplexity_theirs=theirs_ppl, perplexity_fp=reference.perplexity,
            versions=versions("gptqmodel", "transformers", "optimum"))
     assert difference < MAX_FP16_KERNEL_LOGIT_DIFFERENCE, difference
     assert abs(relative(ours_ppl, theirs_ppl)) < MAX_PERPLEXITY_RATIO, (ours_ppl, theirs_ppl)
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
-        with torch.no_grad():
-            their_weight = theirs.get_submodule(name).dequantize_weight().t().float()
-        assert torch.allclose(their_weight, ours.get_submodule(name).dequantized_weight(), rtol=2**-10, atol=1e-6)
+    assert_gptq_torch_weights_are_ours_in_fp16(theirs, ours)

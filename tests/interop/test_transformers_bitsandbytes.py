@@ -7,7 +7,8 @@ fp32, so its weights equal ours up to fp16 rounding and logits differ by that ro
 import pytest
 import torch
 
-from .interop_common import logits_of, max_abs_difference, perplexity_of, record, relative, versions
+from .interop_common import (logits_of, logits_of_ours, max_abs_difference, perplexity_of, perplexity_of_ours,
+                             record, relative, versions)
 from llmquant import QuantConfig
 
 pytestmark = pytest.mark.interop
@@ -44,9 +45,9 @@ def test_4bit_checkpoint_loads_in_transformers_bitsandbytes(reference, checkpoin
         their_weight = bnb.functional.dequantize_4bit(their_module.weight.data, state).float()
         assert torch.allclose(their_weight, our_module.dequantized_weight(), rtol=2**-10, atol=1e-6), name
 
-    our_logits, their_logits = logits_of(ours, reference.batch), logits_of(theirs, reference.batch)
+    our_logits, their_logits = logits_of_ours(ours, reference.batch), logits_of(theirs, reference.batch)
     difference = max_abs_difference(our_logits, their_logits)
-    ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
+    ours_ppl, theirs_ppl = perplexity_of_ours(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
     record(format=f"bitsandbytes {case}", loader="transformers + bitsandbytes (CPU)", loads=True,
            max_logit_difference=difference, max_logit=float(our_logits.abs().max()), perplexity_ours=ours_ppl,
            perplexity_theirs=theirs_ppl, perplexity_fp=reference.perplexity,

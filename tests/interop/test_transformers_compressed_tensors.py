@@ -6,13 +6,18 @@ compressed-tensors decompresses the int8 weights to float and fake-quantizes eac
 llmquant's (as vLLM's int8 kernels) is max|x| / 127: the same checkpoint, a different rounding of
 the activations at run time. So the weights and, for static checkpoints, the stored input scales
 must be equal, logits with activation quantization switched off must be equal, and full W8A8
-perplexity must agree within 1%.
+perplexity must agree within 1%. Static checkpoints also run each of their linears on the input ours
+got: equal up to accumulation order. Their whole-model figures are not a loader comparison on their
+own: SmolLM2's static per-tensor input steps are wide (down_proj: 25, for inputs up to 2e4), and
+fp32 noise that flips one code cascades (our own model under a 1e-6 nudge of its embeddings: logits
+by ~10, perplexity by a few %), so their perplexity bound widens to twice that measured shift.
 """
 import pytest
 import torch
 
-from .interop_common import (logits_of, max_abs_difference, perplexity_of, record, relative, versions,
-                             weights_only_difference)
+from .interop_common import (logits_of, logits_of_ours, max_abs_difference, perplexity_of, perplexity_of_ours,
+                             perplexity_shift_under_nudge, record, relative, versions,
+                             weights_only_difference, worst_layer_difference)
 from llmquant import Calibration, QuantConfig
 
 pytestmark = pytest.mark.interop
@@ -25,9 +30,9 @@ SMALL_CALIBRATION = Calibration(nsamples=4, seqlen=256)
 MAX_PERPLEXITY_RATIO = 0.01
 # fp32 logits of the same fp32 weights computed by two matmul paths
 MAX_WEIGHT_ONLY_LOGIT_DIFFERENCE = 1e-3
-# static checkpoints round activations with the same stored scale on both sides: only the int32
-# accumulation (ours) vs fp32 accumulation (theirs) differs
-MAX_STATIC_LOGIT_DIFFERENCE = 0.05
+# static checkpoints round activations with the same stored scale on both sides: each linear on the
+# same input differs by the int32 accumulation (ours) vs fp32 accumulation (theirs) only
+MAX_STATIC_LAYER_DIFFERENCE = 1e-5  # relative to the layer's max |output|
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -43,27 +48,31 @@ def test_w8a8_checkpoint_loads_in_transformers_compressed_tensors(reference, che
     ours = llmquant.load(folder)
     theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu").eval()
     their_logits = logits_of(theirs, reference.batch)  # the first forward decompresses the weights
-    our_logits = logits_of(ours, reference.batch)
+    our_logits = logits_of_ours(ours, reference.batch)
 
+    static = config.act_quant == "static"
     quantized = [(name, m) for name, m in ours.named_modules() if hasattr(m, "dequantized_weight")]
     assert len(quantized) == 30 * 7
-    strategy = "tensor" if config.act_quant == "static" else "token"
+    strategy = "tensor" if static else "token"
     for name, our_module in quantized:
         their_module = theirs.get_submodule(name)
         assert their_module.quantization_scheme.input_activations.strategy == strategy, name
         assert torch.equal(their_module.weight.data, our_module.dequantized_weight()), name
-        if config.act_quant == "static":
+        if static:
             assert torch.equal(their_module.input_scale.data.reshape(1), our_module.input_scale), name
 
     weights_only = weights_only_difference(theirs, ours, reference)
+    noise = abs(perplexity_shift_under_nudge(ours, reference.tokenizer)) if static else 0.0
+    layer_difference, worst_layer = worst_layer_difference(theirs, ours, reference.batch) if static else (0.0, "")
 
     difference = max_abs_difference(our_logits, their_logits)
-    ours_ppl, theirs_ppl = perplexity_of(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
+    ours_ppl, theirs_ppl = perplexity_of_ours(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
     record(format=f"W8A8 {case} (compressed-tensors int-quantized)", loader="transformers + compressed-tensors",
            loads=True, max_logit_difference=difference, max_logit_difference_weights_only=weights_only,
            max_logit=float(our_logits.abs().max()), perplexity_ours=ours_ppl, perplexity_theirs=theirs_ppl,
-           perplexity_fp=reference.perplexity, versions=versions("transformers", "compressed-tensors", "torch"))
+           perplexity_fp=reference.perplexity, versions=versions("transformers", "compressed-tensors", "torch"),
+           **({"max_layer_difference": layer_difference, "perplexity_shift_under_nudge": noise} if static else {}))
     assert weights_only < MAX_WEIGHT_ONLY_LOGIT_DIFFERENCE, weights_only
-    if config.act_quant == "static":
-        assert difference < MAX_STATIC_LOGIT_DIFFERENCE, difference
-    assert abs(relative(theirs_ppl, ours_ppl)) < MAX_PERPLEXITY_RATIO, (ours_ppl, theirs_ppl)
+    if static:
+        assert layer_difference < MAX_STATIC_LAYER_DIFFERENCE, (layer_difference, worst_layer)
+    assert abs(relative(theirs_ppl, ours_ppl)) < max(MAX_PERPLEXITY_RATIO, 2 * noise), (ours_ppl, theirs_ppl, noise)

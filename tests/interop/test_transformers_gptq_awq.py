@@ -8,7 +8,9 @@ without asking) is run too where it can load the checkpoint, and records which k
 import pytest
 import torch
 
-from .interop_common import logits_of, max_abs_difference, perplexity_of, record, relative, versions
+from .interop_common import (logits_of, logits_of_ours, max_abs_difference, perplexity_of, perplexity_of_ours,
+                             record, relative, versions, with_our_weights,
+                             assert_gptq_torch_weights_are_ours_in_fp16)
 from llmquant import Calibration, QuantConfig
 
 pytestmark = pytest.mark.interop
@@ -27,12 +29,14 @@ AWQ_CASES = {
     "w4 g64 sym": QuantConfig(method="rtn", bits=4, group_size=64, format="awq"),
 }
 SMALL_CALIBRATION = Calibration(nsamples=4, seqlen=256)
-# Their torch kernels compute in the checkpoint's fp16 (scales, and for AWQ activations too) where
-# llmquant dequantizes into fp32: logits then differ by rounding only. A layout error (a zero point
+# Their torch kernels compute in the checkpoint's fp16 (the dequantized weights; for AWQ the
+# activations too) where llmquant's reference ops dequantize into fp32: logits then differ by rounding only. A layout error (a zero point
 # off by one, a wrong group or nibble order) moves logits by whole units and perplexity by far more
 # than these bounds.
 MAX_LOGIT_DIFFERENCE = 2.0
 MAX_PERPLEXITY_RATIO = 0.01
+# two fp32 matmul paths over the same fp32 weights: summation order only
+MAX_SAME_WEIGHTS_LOGIT_DIFFERENCE = 1e-3
 LOADERS = "transformers", "gptqmodel", "optimum", "torch"
 
 
@@ -69,9 +73,9 @@ def compare(reference, folder, kind: str, case: str, backend: str, expect_kernel
     assert len(kernels) == 1 and "Linear" != next(iter(kernels)), kernels
     if expect_kernel is not None:
         assert kernels == {expect_kernel}, kernels
-    our_logits, their_logits = logits_of(ours, reference.batch), logits_of(theirs, reference.batch)
+    our_logits, their_logits = logits_of_ours(ours, reference.batch), logits_of(theirs, reference.batch)
     difference = max_abs_difference(our_logits, their_logits)
-    ours_ppl = perplexity_of(ours, reference.tokenizer)
+    ours_ppl = perplexity_of_ours(ours, reference.tokenizer)
     theirs_ppl = perplexity_of(theirs, reference.tokenizer)
     record(format=f"{kind.upper()} {case}", loader=f"transformers + gptqmodel ({backend}: {next(iter(kernels))})",
            loads=True, max_logit_difference=difference, max_logit=float(our_logits.abs().max()),
@@ -86,12 +90,12 @@ def compare(reference, folder, kind: str, case: str, backend: str, expect_kernel
 def test_gptq_checkpoint_loads_in_transformers_with_our_logits_and_perplexity(reference, checkpoints, case):
     folder = write(checkpoints, f"gptq {case}", GPTQ_CASES[case])
     ours, theirs = compare(reference, folder, "gptq", case, "gptq_torch", "TorchLinear")
-    # their dequantization of one block's weights equals ours up to their fp16 arithmetic
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
-        our_weight = ours.get_submodule(name).dequantized_weight()
-        with torch.no_grad():
-            their_weight = theirs.get_submodule(name).dequantize_weight().t().float()
-        assert torch.allclose(their_weight, our_weight, rtol=2**-10, atol=1e-6), name
+    # TorchLinear multiplies its fp16-dequantized weights in fp32: its logits are those of the FP
+    # model carrying our weights rounded to fp16, whatever the bits, group size or act-order
+    assert_gptq_torch_weights_are_ours_in_fp16(theirs, ours)
+    same_weights = with_our_weights(reference.model, ours, weight_dtype=torch.float16)
+    difference = max_abs_difference(logits_of(theirs, reference.batch), logits_of(same_weights, reference.batch))
+    assert difference < MAX_SAME_WEIGHTS_LOGIT_DIFFERENCE, difference
 
 
 @pytest.mark.parametrize("case", AWQ_CASES)
