@@ -146,12 +146,12 @@ def worst_layer_difference(theirs, ours, batch: torch.Tensor) -> tuple[float, st
     return worst
 
 
-def perplexity_shift_under_nudge(ours, tokenizer, nudge: float = 1e-6) -> float:
-    """Relative perplexity change of our model when its input embeddings are scaled by (1 + nudge): how
+def perplexity_shift_under_nudge(ours, tokenizer, baseline: float, nudge: float = 1e-6) -> float:
+    """Relative change from `baseline` (our model's perplexity_of_ours) when its input embeddings are
+    scaled by (1 + nudge): how
     far fp32 noise alone moves this checkpoint's perplexity on the measured windows. Static per-tensor
     activation scales put many inputs near a rounding boundary of a wide step, so a 1e-6 nudge flips
     codes that then cascade through the blocks (SmolLM2 W8A8 static: several %)."""
-    baseline = perplexity_of_ours(ours, tokenizer)
     hook = ours.get_input_embeddings().register_forward_hook(lambda m, args, out: out * (1 + nudge))
     try:
         return relative(perplexity_of_ours(ours, tokenizer), baseline)

@@ -62,11 +62,10 @@ def test_w8a8_checkpoint_loads_in_transformers_compressed_tensors(reference, che
             assert torch.equal(their_module.input_scale.data.reshape(1), our_module.input_scale), name
 
     weights_only = weights_only_difference(theirs, ours, reference)
-    noise = abs(perplexity_shift_under_nudge(ours, reference.tokenizer)) if static else 0.0
-    layer_difference, worst_layer = worst_layer_difference(theirs, ours, reference.batch) if static else (0.0, "")
-
     difference = max_abs_difference(our_logits, their_logits)
     ours_ppl, theirs_ppl = perplexity_of_ours(ours, reference.tokenizer), perplexity_of(theirs, reference.tokenizer)
+    noise = abs(perplexity_shift_under_nudge(ours, reference.tokenizer, ours_ppl)) if static else 0.0
+    layer_difference, worst_layer = worst_layer_difference(theirs, ours, reference.batch) if static else (0.0, "")
     record(format=f"W8A8 {case} (compressed-tensors int-quantized)", loader="transformers + compressed-tensors",
            loads=True, max_logit_difference=difference, max_logit_difference_weights_only=weights_only,
            max_logit=float(our_logits.abs().max()), perplexity_ours=ours_ppl, perplexity_theirs=theirs_ppl,

@@ -30,9 +30,9 @@ AWQ_CASES = {
 }
 SMALL_CALIBRATION = Calibration(nsamples=4, seqlen=256)
 # Their torch kernels compute in the checkpoint's fp16 (the dequantized weights; for AWQ the
-# activations too) where llmquant's reference ops dequantize into fp32: logits then differ by rounding only. A layout error (a zero point
-# off by one, a wrong group or nibble order) moves logits by whole units and perplexity by far more
-# than these bounds.
+# activations too) where llmquant's reference ops dequantize into fp32: logits then differ by
+# rounding only. A layout error (a zero point off by one, a wrong group or nibble order) moves logits
+# by whole units and perplexity by far more than these bounds.
 MAX_LOGIT_DIFFERENCE = 2.0
 MAX_PERPLEXITY_RATIO = 0.01
 # two fp32 matmul paths over the same fp32 weights: summation order only
@@ -83,18 +83,18 @@ def compare(reference, folder, kind: str, case: str, backend: str, expect_kernel
            versions=versions(*LOADERS))
     assert difference < MAX_LOGIT_DIFFERENCE, difference
     assert abs(relative(theirs_ppl, ours_ppl)) < MAX_PERPLEXITY_RATIO, (ours_ppl, theirs_ppl)
-    return ours, theirs
+    return ours, theirs, their_logits
 
 
 @pytest.mark.parametrize("case", GPTQ_CASES)
 def test_gptq_checkpoint_loads_in_transformers_with_our_logits_and_perplexity(reference, checkpoints, case):
     folder = write(checkpoints, f"gptq {case}", GPTQ_CASES[case])
-    ours, theirs = compare(reference, folder, "gptq", case, "gptq_torch", "TorchLinear")
+    ours, theirs, their_logits = compare(reference, folder, "gptq", case, "gptq_torch", "TorchLinear")
     # TorchLinear multiplies its fp16-dequantized weights in fp32: its logits are those of the FP
     # model carrying our weights rounded to fp16, whatever the bits, group size or act-order
     assert_gptq_torch_weights_are_ours_in_fp16(theirs, ours)
     same_weights = with_our_weights(reference.model, ours, weight_dtype=torch.float16)
-    difference = max_abs_difference(logits_of(theirs, reference.batch), logits_of(same_weights, reference.batch))
+    difference = max_abs_difference(their_logits, logits_of(same_weights, reference.batch))
     assert difference < MAX_SAME_WEIGHTS_LOGIT_DIFFERENCE, difference
 
 
