@@ -1,6 +1,6 @@
 """Real checkpoints of SmolLM2: perplexity through the CPU fast paths equals the reference path's,
-both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops alone
-(as decode runs them), and for W8A8 in both of its variants; q/k/v and gate/up run stacked.
+both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops or the
+float16 dequantized cache alone (as decode runs them), and for W8A8 in both of its variants; q/k/v and gate/up run stacked.
 
 The packed int4 op on x86 computes in bfloat16 (activations and group scales; an fp32 or fp16 call
 is 35-53x slower at one row), and its per-layer error equals the dense bf16 path's (both ~0.3% relative on
@@ -8,13 +8,15 @@ SmolLM2's linears). On SmolLM2 that arithmetic alone moves perplexity by up to ~
 (measured: -0.27% act-order g128, +0.11% asym g64), so the packed-ops-only figures are held to
 BF16_PACKED_TOLERANCE (0.5%): for scale, making every asym g64 shift 2% too large moves it by 0.5%,
 a missing shift, a wrong nibble layout or column order by far more."""
+import sys
+
 import pytest
 import torch
 
 import llmquant
 from llmquant import Calibration, QuantConfig, ops
 from llmquant.api import evaluate
-from llmquant.cpu import int4pack, int8pack, prepare_for_cpu, w8a8
+from llmquant.cpu import dequantized, int4pack, int8pack, prepare_for_cpu, w8a8
 
 pytestmark = pytest.mark.slow
 WINDOWS = 3
@@ -54,6 +56,7 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
     with monkeypatch.context() as patch:
         for path in (int4pack, int8pack):
             patch.setattr(path, "dense_bf16_for", lambda rows: False)
+        patch.setattr(dequantized, "HALF_GEMV_MAX_ROWS", sys.maxsize)  # every call in the float16 cache
         fast["packed ops only"] = perplexity(model)
     if expected_path == "w8a8":
         for variant in ("int_mm", "int8pack"):

@@ -7,7 +7,7 @@ declaring what it accepts:
 - int4pack.py: 2-4-bit GPTQ / AWQ through `_weight_int4pack_mm_for_cpu` (act-order permuted);
 - int8pack.py: per-channel weights up to 8 bits through `_weight_int8pack_mm`;
 - w8a8.py: W8A8 through `torch._int_mm` (CPUs with VNNI / AMX) or `_weight_int8pack_mm`;
-- dequantized.py: anything else through a dequantized weight, bounded in memory.
+- dequantized.py: anything else through a dequantized weight (float16 under fp32), bounded in memory.
 
 selection.py chooses the path per layer; importing this package registers its chooser with the
 modules' forward (nn/_cpu_hook.py); capability.py
