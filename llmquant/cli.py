@@ -433,7 +433,7 @@ def cmd_generate(args) -> int:
 
 def cmd_info(args) -> int:
     from .api import REPORT_FILE
-    from .cpu import describe_cpu, path_table, prepare_for_cpu, summary
+    from .cpu import describe_cpu, describe_head, path_table, prepare_for_cpu, prepare_output_head, summary
     from .loading import load
 
     folder = Path(args.checkpoint).expanduser()
@@ -452,6 +452,7 @@ def cmd_info(args) -> int:
     layers = prepare_for_cpu(model)  # already converted at load: this only collects the paths
     print(f"CPU: {describe_cpu()}; paths: {summary(layers)}")
     print(path_table(layers))
+    print(f"output head: {describe_head(prepare_output_head(model))}")
     return 0
 
 

@@ -274,9 +274,11 @@ def test_info_and_load_log_report_each_layer_path(tiny_checkpoint, capsys, caplo
         llmquant.load(tiny_checkpoint)
     assert "CPU paths: 13 int4pack, 1 int8pack" in caplog.text
     assert "model.layers.1.mlp.down_proj: int8pack" in caplog.text
+    assert "CPU output head: its own forward" in caplog.text  # dtype="float32": no float16 numbers
     assert main(["info", str(tiny_checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "paths: 13 int4pack, 1 int8pack" in out
+    assert "output head: its own forward" in out
     lines = [line for line in out.splitlines() if line.startswith("model.layers.")]
     assert len(lines) == 14 and all(" int4pack " in line for line in lines if "1.mlp.down_proj" not in line)
     assert "not int4pack: 8-bit codes do not fit 4 bits" in next(line for line in lines if "1.mlp.down_proj" in line)

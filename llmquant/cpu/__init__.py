@@ -7,6 +7,7 @@ declaring what it accepts:
 - int4pack.py: 2-4-bit GPTQ / AWQ through `_weight_int4pack_mm_for_cpu` (act-order permuted);
 - int8pack.py: per-channel weights up to 8 bits through `_weight_int8pack_mm`;
 - w8a8.py: W8A8 through `torch._int_mm` (CPUs with VNNI / AMX) or `_weight_int8pack_mm`;
+- head.py: the unquantized output head at batch-1 decode through a float16 gemv;
 - dequantized.py: anything else through a dequantized weight (float16 under fp32), bounded in memory.
 
 selection.py chooses the path per layer; importing this package registers its chooser with the
@@ -14,11 +15,12 @@ modules' forward (nn/_cpu_hook.py); capability.py
 says what this CPU runs fast.
 """
 from .capability import describe as describe_cpu
-from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, kernel_for, path_table,
-                        prepare_for_cpu, summary)
+from .head import prepare_output_head
+from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, describe_head, kernel_for,
+                        path_table, prepare_for_cpu, summary)
 from ..nn._cpu_hook import register_cpu_kernels
 
 register_cpu_kernels(kernel_for)
 
-__all__ = ["CACHE_MIB_ENV", "PATHS", "REFERENCE", "LayerPath", "choose_path", "describe_cpu", "kernel_for",
-           "path_table", "prepare_for_cpu", "summary"]
+__all__ = ["CACHE_MIB_ENV", "PATHS", "REFERENCE", "LayerPath", "choose_path", "describe_cpu", "describe_head",
+           "kernel_for", "path_table", "prepare_for_cpu", "prepare_output_head", "summary"]

@@ -2,7 +2,8 @@
 
 Paths are tried in order of speed (int4pack, int8pack, w8a8, dequantized); the first that accepts a
 layer takes it. A layer no path takes, or whose dequantized cache would pass the memory bound, runs
-the reference op (dequantize on every call). Linears that read one input and take the same path
+the reference op (dequantize on every call); the unquantized output head gets its own decode path
+(head.py). Linears that read one input and take the same path
 are converted together and run as one stacked matmul (fused.py), when the model's architecture map
 says which they are. Converted tensors live in a plain attribute of the
 module, not in buffers: state_dict() and saving see only the checkpoint's tensors, and moving the
@@ -25,6 +26,7 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS
 from . import dequantized, int4pack, int8pack, w8a8
 from .fused import MemberKernel, SharedInputGroup
+from .head import HalfGemvHead, prepare_output_head
 
 PATHS = (int4pack, int8pack, w8a8, dequantized)
 REFERENCE = "reference"
@@ -213,7 +215,15 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         logger.info("CPU paths: %s", summary(layers))
         for layer in layers:
             logger.debug("  %s: %s (%s)", layer.name, layer.path, layer.detail)
+        logger.info("CPU output head: %s", describe_head(prepare_output_head(model)))
     return layers
+
+
+def describe_head(gemv: HalfGemvHead | None) -> str:
+    if gemv is None:
+        return "its own forward (no plain linear head of float16 numbers)"
+    return f"float16 gemv at one row ({gemv.nbytes / 2**20:.1f} MiB float16 copy)"
+
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

@@ -1,0 +1,72 @@
+"""The output head (lm_head: an unquantized linear, often the tied embeddings) at batch-1 decode.
+
+At one row the head is a matrix-vector product over the whole vocabulary, and with the block linears
+4-bit it is the largest read of a decode step: SmolLM2's fp32 head (49152 x 576) took half of a
+4-bit checkpoint's step on a 2-core AVX-512 CPU. Where every weight of the head is exactly a float16
+number (a checkpoint stored in float16, as llmquant and the GPTQ / AWQ tools write them, or bfloat16
+within float16's range), torch's float16 gemv (fp32 accumulation) computes the product from half the
+bytes and rounds only the input row and the logits to float16 (~2^-11 relative). The float16 copy
+(vocab x hidden x 2 bytes) is made once beside the weight and again if the weight changes; calls of
+more rows, in another dtype, off the CPU, with gradients, or under a kernel backend other than "auto"
+run the module's own forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+class HalfGemvHead:
+    """Stands in as `linear.forward` (an instance attribute, so state_dict and tied weights are untouched)."""
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        self._key = None
+        self._half = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._half is None else self._half.numel() * self._half.element_size()
+
+    def half_weight(self) -> torch.Tensor | None:
+        """The weight in float16, or None if it is not exactly float16 numbers."""
+        weight = self.linear.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if key != self._key:
+            with torch.no_grad():
+                half = weight.detach().to(torch.float16)
+                exact = weight.device.type == "cpu" and torch.equal(half.to(weight.dtype), weight.detach())
+            self._key, self._half = key, half if exact else None
+        return self._half
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() != x.shape[-1]
+                or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
+                or ops.requested_backend() != "auto"):
+            return type(linear).forward(linear, x)
+        half = self.half_weight()
+        if half is None:
+            return type(linear).forward(linear, x)
+        out = F.linear(x.reshape(1, -1).to(torch.float16), half).to(x.dtype)
+        if linear.bias is not None:
+            out = out.add_(linear.bias)
+        return out.view(*x.shape[:-1], linear.out_features)
+
+
+def prepare_output_head(model: nn.Module) -> HalfGemvHead | None:
+    """Give the model's output head (get_output_embeddings()) the float16 decode gemv where it applies;
+    returns it, or None where the model has no plain linear head or its weights are not float16 numbers."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not nn.Linear or head.weight.device.type != "cpu":
+        return None
+    installed = head.__dict__.get("forward")
+    gemv = installed if isinstance(installed, HalfGemvHead) else HalfGemvHead(head)
+    if gemv.half_weight() is None:
+        return None
+    head.forward = gemv
+    return gemv
