@@ -1,6 +1,7 @@
 """Real checkpoints of SmolLM2: perplexity through the CPU fast paths equals the reference path's,
 both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops or the
-float16 dequantized cache alone (as decode runs them), and for W8A8 in both of its variants; q/k/v and gate/up run stacked.
+float16 dequantized cache alone (as decode runs them), and for W8A8 in both of its variants; q/k/v and
+gate/up run stacked.
 
 The packed int4 op on x86 computes in bfloat16 (activations and group scales; an fp32 or fp16 call
 is 35-53x slower at one row), and its per-layer error equals the dense bf16 path's (both ~0.3% relative on

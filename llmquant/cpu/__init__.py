@@ -15,9 +15,9 @@ modules' forward (nn/_cpu_hook.py); capability.py
 says what this CPU runs fast.
 """
 from .capability import describe as describe_cpu
-from .head import prepare_output_head
-from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, describe_head, kernel_for,
-                        path_table, prepare_for_cpu, summary)
+from .head import describe_head, prepare_output_head
+from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, kernel_for, path_table,
+                        prepare_for_cpu, summary)
 from ..nn._cpu_hook import register_cpu_kernels
 
 register_cpu_kernels(kernel_for)

@@ -38,7 +38,7 @@ def cache_dtype(activation_dtype: torch.dtype) -> torch.dtype:
 
 
 def cache_bytes(module, activation_dtype: torch.dtype) -> int:
-    return module.out_features * module.in_features * torch.empty(0, dtype=cache_dtype(activation_dtype)).element_size()
+    return module.out_features * module.in_features * cache_dtype(activation_dtype).itemsize
 
 
 class DequantizedKernel:

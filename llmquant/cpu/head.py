@@ -44,11 +44,10 @@ class HalfGemvHead:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() != x.shape[-1]
-                or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
-                or ops.requested_backend() != "auto"):
-            return type(linear).forward(linear, x)
-        half = self.half_weight()
+        applies = (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() == x.shape[-1]
+                   and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
+                   and ops.requested_backend() == "auto")
+        half = self.half_weight() if applies else None
         if half is None:
             return type(linear).forward(linear, x)
         out = F.linear(x.reshape(1, -1).to(torch.float16), half).to(x.dtype)
@@ -70,3 +69,10 @@ def prepare_output_head(model: nn.Module) -> HalfGemvHead | None:
         return None
     head.forward = gemv
     return gemv
+
+
+def describe_head(gemv: HalfGemvHead | None) -> str:
+    """For the load log and `llmquant info`: what prepare_output_head gave the head."""
+    if gemv is None:
+        return "its own forward (no plain linear head of float16 numbers)"
+    return f"float16 gemv at one row ({gemv.nbytes / 2**20:.1f} MiB float16 copy)"

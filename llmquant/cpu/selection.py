@@ -26,7 +26,7 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS
 from . import dequantized, int4pack, int8pack, w8a8
 from .fused import MemberKernel, SharedInputGroup
-from .head import HalfGemvHead, prepare_output_head
+from .head import describe_head, prepare_output_head
 
 PATHS = (int4pack, int8pack, w8a8, dequantized)
 REFERENCE = "reference"
@@ -217,13 +217,6 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
             logger.debug("  %s: %s (%s)", layer.name, layer.path, layer.detail)
         logger.info("CPU output head: %s", describe_head(prepare_output_head(model)))
     return layers
-
-
-def describe_head(gemv: HalfGemvHead | None) -> str:
-    if gemv is None:
-        return "its own forward (no plain linear head of float16 numbers)"
-    return f"float16 gemv at one row ({gemv.nbytes / 2**20:.1f} MiB float16 copy)"
-
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
