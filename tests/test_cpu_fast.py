@@ -8,7 +8,7 @@ from torch import nn
 from llmquant import ops
 from llmquant.config import QuantConfig
 from llmquant.cpu import choose_path, path_table, prepare_for_cpu, summary
-from llmquant.cpu import int4pack, int8pack, selection
+from llmquant.cpu import dequantized, int4pack, int8pack, selection
 from llmquant.cpu.w8a8 import W8A8Kernel
 from llmquant.formats import FORMATS
 from llmquant.grid import QuantizedWeight
@@ -177,10 +177,29 @@ def test_codebook_weights_run_the_dequantized_cache_in_float16(quant_type, doubl
     assert layers[0].extra_bytes == 96 * 160 * 2
     kernel = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel
     assert torch.equal(kernel.weight.float(), module.dequantized_weight().half().float())  # rounded once
-    for x in (torch.randn(1, 1, 160), torch.randn(2, 7, 160), torch.randn(2, 100, 160)):  # a decode step; more rows
+    for x in (torch.randn(1, 1, 160), torch.randn(2, 7, 160)):  # a decode step; a few rows
         assert relative_error(module(x), reference_output(module, x)) < HALF_TOLERANCE
-    x = torch.randn(2, 7, 160)  # many rows: the float16 weight upcast, the rest as the reference computes
+    x = torch.randn(2, 7, 160)  # a few rows: the float16 weight upcast, the rest as the reference computes
     assert torch.allclose(module(x), F.linear(x, kernel.weight.float()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_many_rows_on_the_dequantized_cache_run_bf16_where_the_cpu_multiplies_it(dense, monkeypatch):
+    """Prefill-sized calls: a dense bf16 matmul of the cached weight where the CPU has native bf16
+    (within bf16 rounding of the reference), else the float16 weight upcast to the activations' dtype."""
+    monkeypatch.setattr(dequantized, "dense_bf16_for", lambda rows: dense and rows >= 128)
+    module = quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False), bias=False)  # grouped 8-bit
+    [layer] = prepare_for_cpu(nn.Sequential(module))
+    assert layer.path == "dequantized"
+    weight = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel.weight
+    x = torch.randn(2, 100, 256)  # 200 rows
+    out = module(x)
+    if dense:
+        assert torch.equal(out, F.linear(x.bfloat16(), weight.bfloat16()).float())
+        assert relative_error(out, reference_output(module, x)) < BF16_TOLERANCE
+    else:
+        assert torch.equal(out, F.linear(x, weight.float()))
+        assert relative_error(out, reference_output(module, x)) < HALF_TOLERANCE
 
 
 def w8a8_module(static):

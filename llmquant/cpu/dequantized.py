@@ -7,17 +7,20 @@ copy (still 4x a 4-bit weight), and at one row (batch-1 decode) torch's float16 
 (fp32 accumulation) reads half the bytes of an fp32 one, which is what a decode step waits on
 (SmolLM2 NF4 on a 2-core AVX-512 CPU: 1.67x the fp32 cache's decode speed). Rounding the dequantized
 weight and the one-row input to float16 costs ~2^-11 relative; the float16 range (65504) is the one
-GPU inference runs these models in. Calls of more rows upcast the weight for the call and run the
-activations' dtype, since torch's float16 matmul of many rows is slower than fp32 on CPUs without
-native float16 (a bfloat16 prefill matmul moved SmolLM2's NF4 perplexity by 0.11%, past the 0.1%
-this path is held to). The total such memory is bounded (prepare_for_cpu's max_cache_mib,
-$LLMQUANT_CPU_CACHE_MIB); layers past the bound stay on the reference.
+GPU inference runs these models in. Calls of many rows (prefill) on a CPU that multiplies bfloat16
+natively (capability.dense_bf16_for, as the packed paths decide) run a dense bfloat16 matmul of the
+cached weight, ~1.8x an fp32 one at SmolLM2's shapes (SmolLM2 perplexity over 20 wiki test windows,
+2-core AVX-512 CPU: NF4 +0.059%, FP4 -0.021% against the reference). Other calls of more rows upcast
+the weight for the call and run the activations' dtype, since torch's float16 matmul of many rows is
+slower than fp32 on CPUs without native float16. The total such memory is bounded
+(prepare_for_cpu's max_cache_mib, $LLMQUANT_CPU_CACHE_MIB); layers past the bound stay on the reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .capability import dense_bf16_for
 from .fused import stacked_bias
 
 NAME = "dequantized"
@@ -61,6 +64,8 @@ class DequantizedKernel:
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] <= HALF_GEMV_MAX_ROWS:
             out = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
+        elif dense_bf16_for(rows.shape[0]):
+            out = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16)).to(x.dtype)
         else:
             out = F.linear(rows, self.weight.to(x.dtype))
         if self.bias is not None:
