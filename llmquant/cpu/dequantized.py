@@ -9,8 +9,8 @@ copy (still 4x a 4-bit weight), and at one row (batch-1 decode) torch's float16 
 weight and the one-row input to float16 costs ~2^-11 relative; the float16 range (65504) is the one
 GPU inference runs these models in. Calls of many rows (prefill) on a CPU that multiplies bfloat16
 natively (capability.dense_bf16_for, as the packed paths decide) run a dense bfloat16 matmul of the
-cached weight, ~1.8x an fp32 one at SmolLM2's shapes (SmolLM2 perplexity over 20 wiki test windows,
-2-core AVX-512 CPU: NF4 +0.059%, FP4 -0.021% against the reference). Other calls of more rows upcast
+cached weight (SmolLM2 NF4 prefill 1.55x fp32, eval/CPU.md; perplexity over 20 wiki test windows on
+the same 2-core AVX-512 CPU: NF4 +0.059%, FP4 -0.021% against the reference). Other calls of more rows upcast
 the weight for the call and run the activations' dtype, since torch's float16 matmul of many rows is
 slower than fp32 on CPUs without native float16. The total such memory is bounded
 (prepare_for_cpu's max_cache_mib, $LLMQUANT_CPU_CACHE_MIB); layers past the bound stay on the reference.
