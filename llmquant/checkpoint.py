@@ -8,14 +8,17 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from . import _version
 from .errors import CheckpointError, OutputExistsError, OutputWriteError
 from .nn import QUANTIZED_LINEARS
 from .safetensors_file import SafetensorsFile
@@ -25,40 +28,83 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 # The report each command writes beside its output: what marks a folder as one llmquant wrote.
-REPORT_FILES = {"quantize": "quantize_report.json", "qat": "qat_report.json", "finetune": "finetune_report.json"}
+REPORT_FILES = {"quantize": "quantize_report.json", "qat": "qat_report.json", "finetune": "finetune_report.json",
+                "save": "save_report.json"}
+# What write_file_atomically's temporary files end in (a killed run can leave one behind).
+TEMPORARY_SUFFIX = ".tmp"
+# The report's entry naming the folder's tensor files and their sha256.
+TENSOR_FILES_KEY = "tensor_files"
 
 
-def _quantized_by_llmquant(quantization_config) -> bool:
-    """Whether a config.json's quantization_config carries llmquant's mark (gptq / awq:
-    meta.quantizer "llmquant:VERSION"; compressed-tensors / bitsandbytes: an "llmquant" entry)."""
-    if not isinstance(quantization_config, dict):
+def _regular_file(path: Path) -> bool:
+    """A plain file, never reached through a symbolic link."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
         return False
-    if isinstance(quantization_config.get("llmquant"), dict):
-        return True
-    meta = quantization_config.get("meta")
-    quantizer = meta.get("quantizer") if isinstance(meta, dict) else None
-    return isinstance(quantizer, list) and any(str(q).startswith("llmquant:") for q in quantizer)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensor_file_hashes(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of the folder's safetensors files: what a report names as its own."""
+    return {f.name: file_sha256(f) for f in sorted(Path(folder).glob("*.safetensors"))}
+
+
+def write_report_file(folder: Path, name: str, report: dict) -> Path:
+    """Write one of REPORT_FILES into a finished folder, naming its tensor files and their hashes:
+    what later marks the folder, by its content, as one llmquant wrote (why_not_replaceable)."""
+    report = {**report, TENSOR_FILES_KEY: tensor_file_hashes(folder)}
+    return write_file_atomically(Path(folder) / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+
+
+def _names_its_own_tensors(folder: Path, report_path: Path) -> bool:
+    """Whether a report (a plain file) parses and names exactly the folder's tensor files, each a plain
+    file with the hash it gives. Reports written before TENSOR_FILES_KEY existed are matched by their
+    checkpoint_sha256 (name, dtype, shape and bytes of every tensor) instead."""
+    if not _regular_file(report_path):
+        return False
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(report, dict):
+        return False
+    tensor_files = sorted(folder.glob("*.safetensors"))
+    if not all(_regular_file(f) for f in tensor_files):
+        return False
+    listed = report.get(TENSOR_FILES_KEY)
+    if isinstance(listed, dict):
+        return (sorted(listed) == [f.name for f in tensor_files]
+                and all(listed[f.name] == file_sha256(f) for f in tensor_files))
+    recorded = report.get("checkpoint_sha256")
+    if not isinstance(recorded, str) or not tensor_files:
+        return False
+    try:
+        return recorded == folder_tensors_sha256(folder)
+    except (CheckpointError, OSError):
+        return False
 
 
 def why_not_replaceable(folder: Path) -> str | None:
-    """None when llmquant may replace `folder` (an empty folder, or a checkpoint / adapter folder
-    llmquant wrote); otherwise what makes it someone else's."""
+    """None when llmquant may replace `folder` (an empty folder, or a folder whose report, written by
+    llmquant, names its tensor files and their hashes); otherwise what makes it someone else's."""
     if folder.is_symlink():
         return "is a symbolic link"
     if not folder.is_dir():
         return "exists and is not a folder"
     if not any(folder.iterdir()):
         return None
-    if any((folder / name).is_file() for name in REPORT_FILES.values()):
+    if any(_names_its_own_tensors(folder, folder / name) for name in REPORT_FILES.values()):
         return None
-    try:
-        quantization_config = json.loads((folder / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        quantization_config = None
-    if _quantized_by_llmquant(quantization_config):
-        return None
-    return (f"is not empty and is not a checkpoint llmquant wrote (no {' / '.join(REPORT_FILES.values())}, "
-            "no quantization_config from llmquant)")
+    return (f"is not empty and is not a folder llmquant wrote (no {' / '.join(REPORT_FILES.values())} that "
+            "names its tensor files and their hashes; were they changed since?)")
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -92,15 +138,23 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, is_ours: Callabl
 
 def replace_folder(new: Path, target: Path) -> None:
     """Move the finished folder `new` to `target`, replacing what is there only if llmquant may
-    (checked again: the output can have changed during a long run)."""
+    (checked again: the output can have changed during a long run). The old folder is renamed aside
+    first and deleted only once the new one is in place; if that move fails, the old one is put back,
+    so an interruption at any point leaves the old or the new checkpoint at `target`, never neither
+    (at worst the old one under a hidden `.NAME.old-*` name beside it)."""
     if not os.path.lexists(target):
         os.replace(new, target)
         return
     check_output_path(target, overwrite=True)
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, aside / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside / target.name, target)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> list[str]:
@@ -128,15 +182,24 @@ def _apply_umask(folder: Path) -> None:
 
 
 def write_file_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """write(tmp) to a fresh temporary file beside `path` (mkstemp: a name no one else holds), then
-    rename it to `path`; on any error the temporary file is removed."""
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """write(tmp) to a fresh temporary file beside `path` (mkstemp: a name no one else holds), flush it
+    to disk, then rename it to `path`; on any error the temporary file is removed. A failed write (a
+    full disk: safetensors reports it as its own SafetensorError, not an OSError) is an
+    OutputWriteError naming the file."""
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.close(descriptor)
     tmp = Path(name)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the result gets the usual permissions
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the result gets the usual permissions
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the rename must never publish a file whose bytes are not on disk yet
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as exc:
+            if isinstance(exc, OutputWriteError):
+                raise
+            raise OutputWriteError(f"writing {path} failed: {exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -151,7 +214,9 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], Non
     try:
         try:
             write(tmp)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
+            if isinstance(exc, OutputWriteError):
+                raise
             raise OutputWriteError(f"writing {target} failed: {exc}") from exc
         _apply_umask(tmp)
         replace_folder(tmp, target)
@@ -239,9 +304,12 @@ def save_loaded_model(model, tokenizer, path: str | os.PathLike, overwrite: bool
         exact = key.startswith(quantized) and not key.endswith(".bias")
         tensors[key] = tensor.to(storage_dtype) if tensor.is_floating_point() and not exact else tensor
 
-    return write_folder_atomically(
-        path, lambda folder: write_model_files(folder, model, tensors, tokenizer, storage_dtype, max_shard_size),
-        overwrite)
+    def write(folder: Path) -> None:
+        write_model_files(folder, model, tensors, tokenizer, storage_dtype, max_shard_size)
+        write_report_file(folder, REPORT_FILES["save"], {"llmquant_version": _version.__version__,
+                                                         "saved_from": getattr(model.config, "_name_or_path", None)})
+
+    return write_folder_atomically(path, write, overwrite)
 
 
 def write_model_files(folder: Path, model, tensors: dict[str, torch.Tensor], tokenizer, storage_dtype: torch.dtype,

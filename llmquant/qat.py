@@ -14,7 +14,6 @@ because the checkpoint stores them in fp16: the exported model computes what tra
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -178,9 +177,7 @@ class QATResult:
                              self.seconds)}
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        out = self.qmodel.save(path, overwrite=overwrite)
-        (out / REPORT_FILE).write_text(json.dumps(self.report(), indent=2) + "\n")
-        return out
+        return self.qmodel.save(path, overwrite=overwrite, more_reports={REPORT_FILE: self.report()})
 
 
 @dataclass

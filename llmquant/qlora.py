@@ -9,7 +9,6 @@ re-quantizes them on the base's NF4 / FP4 grid, giving a new checkpoint without 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .api import load_with_tokenizer
-from .checkpoint import REPORT_FILES, save_loaded_model, write_folder_atomically
+from .checkpoint import REPORT_FILES, save_loaded_model, write_folder_atomically, write_report_file
 from .config import QuantConfig
 from .errors import ConfigError, LlmquantError
 from .formats import FORMATS
@@ -78,7 +77,7 @@ class FinetuneResult:
     def save_adapter(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         def write(folder: Path) -> None:
             self.model.save_pretrained(str(folder))
-            (folder / REPORT_FILE).write_text(json.dumps(self.report(), indent=2) + "\n")
+            write_report_file(folder, REPORT_FILE, self.report())
 
         return write_folder_atomically(path, write, overwrite)
 
