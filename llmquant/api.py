@@ -6,9 +6,12 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import weakref
@@ -19,11 +22,11 @@ import torch
 from torch import nn
 
 from .arch import arch_for, declared_arch_for
-from .checkpoint import (check_output_path, checkpoint_tensors, tensors_sha256, without_tied_copies,
-                         write_folder_atomically, write_model_files)
+from .checkpoint import (check_output_path, checkpoint_tensors, replace_folder, tensors_sha256, without_tied_copies,
+                         write_folder_atomically, write_model_files, write_report_file)
 from .config import QuantConfig
 from .data import Calibration, default_split, evaluation_windows, tokenize_corpus
-from .errors import ConfigError, UnsupportedArchitectureError
+from .errors import ConfigError, OutputWriteError, UnsupportedArchitectureError
 from .formats import FORMATS
 from .loading import load
 from .models import cache_dir, resolve_model
@@ -68,7 +71,10 @@ class QuantizedModel:
         return build_report(self.config, self.source, self.calibration, self.seconds, self.peak_rss_mib,
                             self.pipeline, packed_bytes, self.placement)
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False, max_shard_size: str = "4GB") -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False, max_shard_size: str = "4GB",
+             more_reports: dict[str, dict] | None = None) -> Path:
+        """Write the checkpoint folder (atomically). more_reports: {file name: report} written beside
+        quantize_report.json (QAT's), each naming the folder's tensor files as every report does."""
         fmt = FORMATS[self.config.format]
         storage = STORAGE_TORCH_DTYPES[self.config.dtype]
 
@@ -78,7 +84,9 @@ class QuantizedModel:
                               fmt.quantization_config(self.config))
             report = self.report()
             report["checkpoint_sha256"] = tensors_sha256(tensors)
-            (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+            write_report_file(folder, REPORT_FILE, report)
+            for name, more in (more_reports or {}).items():
+                write_report_file(folder, name, more)
             write_report(folder, plots=False)  # `llmquant report DIR` draws the figures
 
         return write_folder_atomically(path, write, overwrite)
@@ -105,10 +113,11 @@ class QuantizedCheckpoint:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            shutil.copytree(self.path, staging / "checkpoint")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging / "checkpoint", target)
+            try:
+                shutil.copytree(self.path, staging / "checkpoint")
+            except OSError as exc:
+                raise OutputWriteError(f"writing {target} failed: {exc}") from exc
+            replace_folder(staging / "checkpoint", target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if self._cleanup is not None:
@@ -136,6 +145,45 @@ class QuantizedCheckpoint:
         return self._tokenizer
 
 
+# Unsaved runs' folders under the cache that no call has touched for this long are removed.
+STALE_RUN_SECONDS = 7 * 24 * 3600
+
+
+def run_folder(model, config: QuantConfig, calib, device, compute_dtype, offload_activations) -> Path:
+    """The folder under the cache where `quantize(model, ...)` without `out` works: the same for the same
+    call (model folder, settings, calibration, placement), so that a call stopped by Ctrl-C, an error
+    or a kill resumes when made again (streaming.quantize_to_disk checks the finer fingerprint)."""
+    if isinstance(calib, torch.Tensor):
+        calibration = hashlib.sha256(calib.cpu().contiguous().numpy().tobytes()).hexdigest()
+    elif dataclasses.is_dataclass(calib):
+        calibration = dataclasses.asdict(calib)
+    else:
+        calibration = calib
+    call = {"model": str(Path(resolve_model(str(model))).resolve()), "config": config.to_dict(),
+            "calibration": calibration, "device": str(device), "compute_dtype": str(compute_dtype),
+            "offload_activations": offload_activations}
+    key = hashlib.sha256(json.dumps(call, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    runs = cache_dir() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    _remove_stale_runs(runs, keep=key)
+    folder = runs / f"quantize-{key}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _remove_stale_runs(runs: Path, keep: str) -> None:
+    """Unsaved runs nobody resumed within STALE_RUN_SECONDS (a killed process leaves its folder behind)."""
+    now = time.time()
+    for folder in runs.iterdir():
+        if keep in folder.name or folder.is_symlink() or not folder.is_dir():
+            continue
+        touched = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
+        if now - touched > STALE_RUN_SECONDS:
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"removed {folder}: an unsaved quantization run untouched for {(now - touched) / 86400:.0f} days",
+                  file=sys.stderr)
+
+
 def quantize(model, config: QuantConfig | None = None, calib: Calibration | str | torch.Tensor | None = None,
              *, out: str | os.PathLike | None = None, overwrite: bool = False, tokenizer=None,
              device="auto", compute_dtype="auto", offload_activations: str = "auto", progress: bool = True,
@@ -143,8 +191,9 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     """Quantize a model.
 
     model: a built-in name, a local folder or a hub id (resolved to its local snapshot) is streamed
-    from disk one decoder block at a time into the checkpoint folder `out` (a temporary folder when
-    None, moved by `.save(path)`) and gives a QuantizedCheckpoint; a transformers model you already
+    from disk one decoder block at a time into the checkpoint folder `out` (when None, a folder under
+    the cache named after the call, so that the same call resumes after a stop; `.save(path)` moves
+    it) and gives a QuantizedCheckpoint; a transformers model you already
     hold is quantized in memory, in place, and gives a QuantizedModel (`.save(path)` writes it).
     calib: a Calibration, a corpus name, or token windows [n, seqlen]; data-free methods take none
     (and then report no per-layer output error); methods that need data default to Calibration().
@@ -158,16 +207,15 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
             raise ConfigError("keep_quantized needs a model held in memory; load it first")
         temporary = out is None
         if temporary:
-            runs = cache_dir() / "runs"
-            runs.mkdir(parents=True, exist_ok=True)
-            out = Path(tempfile.mkdtemp(prefix="quantize-", dir=runs)) / "checkpoint"
+            out = run_folder(model, config, calib, device, compute_dtype, offload_activations) / "checkpoint"
+            overwrite = True  # a finished checkpoint left there by the same call, never saved: made again
         try:
             folder, report = quantize_to_disk(model, config, calib, out, overwrite=overwrite, progress=progress,
                                               plots=False, device=device, compute_dtype=compute_dtype,
                                               offload_activations=offload_activations)
         except BaseException:
-            if temporary:
-                shutil.rmtree(Path(out).parent, ignore_errors=True)
+            if temporary and not any(Path(out).parent.iterdir()):
+                Path(out).parent.rmdir()  # nothing kept to resume from
             raise
         return QuantizedCheckpoint(folder, report, temporary)
 

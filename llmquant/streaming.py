@@ -5,14 +5,20 @@ read from the safetensors shards (plain reads, safetensors_file.py) at the start
 its turn comes. A finished block is written at once as its own shard of the output checkpoint and
 released, so memory holds the embeddings, one block and the calibration activations.
 
-Progress lives in a hidden folder beside the output, `.NAME.partial`: the finished blocks' shards,
-the next block's calibration inputs (safetensors) and progress.json, each file written to a temp
-name and renamed. A run killed at any point and restarted with the same command (same source files,
+Progress lives in a hidden folder beside the output, `.NAME.partial`: `checkpoint/` (the output as it
+grows: the finished blocks' shards), each block's calibration inputs under the block's own index
+(`block-0000k-inputs.safetensors`), and progress.json, the only record of what is finished. Every
+file is written to a temporary name, flushed and renamed; a block is committed by rewriting
+progress.json last, and the inputs it no longer needs are deleted only after that, so a kill at any
+instant resumes from a consistent state. A run restarted with the same command (same source files,
 settings, calibration windows and llmquant / torch / transformers versions: their fingerprint is
-checked) continues after the last finished block and writes the same checkpoint, bit for bit, as an
-uninterrupted run; when any of them changed, it says what and starts afresh. Only the finished
-folder is ever renamed to the output path. A run that fails with an error removes its progress;
-one interrupted by a signal or Ctrl-C keeps it for the rerun.
+checked) continues after the last committed block and writes the same checkpoint, byte for byte, as
+an uninterrupted run; when any of them changed, it says what and starts afresh. One run at a time
+holds the folder (an advisory lock). Only the finished folder is ever renamed to the output path.
+
+A run that stops once a block is committed keeps its progress and says how to resume, whatever
+stopped it (a kill, Ctrl-C, a full disk, out of memory, any other error), except for errors that
+make the progress useless: a broken source or a bad setting, whose fix changes the fingerprint.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -31,11 +38,13 @@ from torch import nn
 
 from . import _version
 from .arch import arch_for
-from .checkpoint import (SAFETENSORS_INDEX, check_output_path, checkpoint_tensors, folder_tensors_sha256,
-                         LazyTensors, replace_folder, why_not_replaceable, without_tied_copies, write_file_atomically)
+from .checkpoint import (SAFETENSORS_INDEX, TEMPORARY_SUFFIX, check_output_path, checkpoint_tensors,
+                         folder_tensors_sha256, LazyTensors, replace_folder, without_tied_copies, write_file_atomically,
+                         write_report_file)
 from .config import QuantConfig
 from .device import dtype_name, reset_peak_memory
-from .errors import CheckpointError, ConfigError, LlmquantError, OutputExistsError, OutputWriteError
+from .errors import (CheckpointError, ConfigError, DataError, LlmquantError, OutputExistsError, OutputWriteError,
+                     UnsupportedArchitectureError)
 from .loading import checkpoint_files
 from .models import resolve_model
 from .pipeline import BlockStore, LayerResult, PipelineResult, Placement, quantize_blocks
@@ -43,14 +52,27 @@ from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_mod
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
 
 PROGRESS_FILE = "progress.json"
-NEXT_INPUTS_FILE = "next-block-inputs.safetensors"
+CHECKPOINT_FOLDER = "checkpoint"  # inside the progress folder: the output as it grows
+# Errors whose fix changes the run's fingerprint (a broken or changed source, a bad setting), so
+# that its progress could never be resumed: it is removed. Any other stop keeps it.
+USELESS_PROGRESS_ERRORS = (ConfigError, CheckpointError, DataError, UnsupportedArchitectureError)
 
 
-def _write_atomically(path: Path, write) -> None:
+def inputs_name(index: int) -> str:
+    """The calibration inputs of block `index` (the outputs of the block before it)."""
+    return f"block-{index:05d}-inputs.safetensors"
+
+
+def _read_progress(staging: Path):
+    """progress.json as written by a run (a plain file holding a JSON object), or None."""
+    path = staging / PROGRESS_FILE
+    if path.is_symlink() or not path.is_file():
+        return None
     try:
-        write_file_atomically(path, write)
-    except OSError as exc:
-        raise OutputWriteError(f"writing {path} failed: {exc}") from exc
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) else None
 
 
 def _check_staging(staging: Path) -> None:
@@ -61,10 +83,61 @@ def _check_staging(staging: Path) -> None:
     if staging.is_symlink() or not staging.is_dir():
         raise OutputExistsError(f"{staging}, where this run keeps its progress, is a symbolic link or not a folder; "
                                 "remove it or choose another output path (nothing was changed)")
-    if (staging / PROGRESS_FILE).is_file() or why_not_replaceable(staging) is None:
+    if _read_progress(staging) is not None or all(_is_first_progress_write(item) for item in staging.iterdir()):
         return
     raise OutputExistsError(f"{staging}, where this run keeps its progress, holds files llmquant did not write "
                             f"(no {PROGRESS_FILE}); remove it or choose another output path (nothing was changed)")
+
+
+def _is_first_progress_write(item: Path) -> bool:
+    """A temporary file of the first progress.json (a run killed before it was renamed)."""
+    return item.name.startswith(f".{PROGRESS_FILE}.") and item.name.endswith(TEMPORARY_SUFFIX) and item.is_file()
+
+
+def _remove_finished_leftover(staging: Path, target: Path) -> None:
+    """A run killed between moving its checkpoint to the output and deleting its progress folder
+    leaves that folder behind, finished (or emptied) and without the checkpoint: remove it."""
+    if not os.path.lexists(target) or staging.is_symlink() or not staging.is_dir():
+        return
+    progress = _read_progress(staging)
+    finished = progress.get("finished") if progress is not None else not any(staging.iterdir())
+    if finished and not os.path.lexists(staging / CHECKPOINT_FOLDER):
+        _remove_progress_folder(staging)
+        print(f"removed {staging}, the progress of the finished run that wrote {target}", file=sys.stderr)
+
+
+def _remove_progress_folder(staging: Path) -> None:
+    """Delete progress.json last, so that a kill part-way leaves a folder a later run still recognises."""
+    for item in staging.iterdir():
+        if item.name != PROGRESS_FILE:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    (staging / PROGRESS_FILE).unlink(missing_ok=True)
+    staging.rmdir()
+
+
+class _FolderLock:
+    """An exclusive advisory lock on the progress folder, so that two runs of the same command never
+    write into it at once (fcntl; where it does not exist, as on Windows, no lock is taken)."""
+
+    def __init__(self, folder: Path):
+        self.descriptor = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        self.descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.descriptor)
+            self.descriptor = None
+            raise OutputExistsError(f"another llmquant run is writing {folder} right now; wait for it to end or "
+                                    "choose another output path") from None
+
+    def release(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
 
 
 def shard_name(index: int, total: int) -> str:
@@ -85,45 +158,85 @@ def materialize(module: nn.Module, prefix: str, source: LazyTensors, stored_name
                                   f"but the config makes it {list(param.shape)}")
         value = source[full].to(torch.float32)
         if not all(torch.isfinite(chunk).all() for chunk in value.view(-1).split(2**22)):
-            raise LlmquantError(f"{full} contains NaN or Inf; refusing to quantize it")
+            raise CheckpointError(f"{full} contains NaN or Inf; refusing to quantize it")
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
 class StreamingStore(BlockStore):
-    """Blocks from the source checkpoint, finished blocks to shards in the staging folder."""
+    """Blocks from the source checkpoint, finished blocks to shards in the progress folder."""
 
     def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: dict, packed: dict,
-                 storage: torch.dtype, total_shards: int, stored_name=None):
+                 storage: torch.dtype, total_shards: int, stored_name=None, needs_inputs: bool = True):
         self.prefix_of, self.source, self.staging = prefix_of, source, staging
+        self.folder = staging / CHECKPOINT_FOLDER
         self.stored_name = stored_name or (lambda key: key)
         self.fingerprint, self.packed, self.storage, self.total_shards = fingerprint, packed, storage, total_shards
-        self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0}
+        self.needs_inputs = needs_inputs  # whether blocks run on calibration inputs
+        self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0, "shards": {},
+                         "finished": False}
         self.started = time.time()
         self.earlier_seconds = 0.0  # time the killed runs before this one spent
         self.layers_seen = self.scaling_seen = 0
         self.not_resumed_because: str | None = None  # why another run's progress was set aside
 
-    def resume_point(self):
-        path = self.staging / PROGRESS_FILE
-        if not path.exists():
-            return 0, None
-        progress = json.loads(path.read_text())
-        done = progress["done"]
-        missing = [i for i in range(done) if not (self.staging / shard_name(i, self.total_shards)).exists()]
-        if progress.get("fingerprint") != self.fingerprint or missing:
-            # another run's leftovers: start over
-            self.not_resumed_because = (f"{len(missing)} finished block shards are missing" if missing
-                                        else _what_changed(progress.get("fingerprint"), self.fingerprint))
-            return 0, None
+    @property
+    def done(self) -> int:
+        return self.progress["done"]
+
+    def start(self) -> int:
+        """Take up the progress folder's record (progress.json, read as the only truth): resume after its
+        last committed block, or clear what cannot be reused and start afresh. Returns the first block."""
+        progress = _read_progress(self.staging)
+        reason = self._why_not_resumable(progress) if progress is not None else "fresh"
+        if reason is not None:
+            if reason != "fresh":
+                self.not_resumed_because = reason
+            for item in list(self.staging.iterdir()):
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+            self.save_progress()  # marks the folder as this run's progress before anything else is written
+            self.folder.mkdir()
+            return 0
         self.progress = progress
         self.earlier_seconds = progress["seconds"]
-        inputs = self.staging / NEXT_INPUTS_FILE
-        if not inputs.exists():
-            return done, None
-        saved = load_file(str(inputs))
-        return done, [saved[str(i)] for i in range(len(saved))]
+        # what a killed run wrote after its last commit: temporary files, the shard of the block it
+        # was finishing, inputs no longer needed; the finishing steps write the rest again
+        keep_inputs = inputs_name(self.done)
+        self.folder.mkdir(exist_ok=True)
+        for item in self.staging.iterdir():
+            if item.name not in (PROGRESS_FILE, CHECKPOINT_FOLDER, keep_inputs):
+                item.unlink()
+        for item in self.folder.iterdir():
+            if item.name not in progress["shards"]:
+                item.unlink()
+        return self.done
+
+    def _why_not_resumable(self, progress: dict) -> str | None:
+        if progress.get("fingerprint") != self.fingerprint:
+            return _what_changed(progress.get("fingerprint"), self.fingerprint)
+        done, shards = progress.get("done"), progress.get("shards")
+        if not isinstance(done, int) or not isinstance(shards, dict) or not 0 <= done < self.total_shards:
+            return f"its {PROGRESS_FILE} is not one this version writes"
+        for index in range(done):
+            name = shard_name(index, self.total_shards)
+            path = self.folder / name
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != shards.get(name):
+                return f"the shard of finished block {index} is missing or has changed"
+        if self._reads_saved_inputs(done) and not (self.staging / inputs_name(done)).is_file():
+            return f"the calibration inputs of block {done} are missing"
+        return None
+
+    def _reads_saved_inputs(self, first: int) -> bool:
+        """Whether a run starting at block `first` reads its inputs from the progress folder (block 0's
+        come from the embeddings, and a run whose blocks are all done needs none)."""
+        return self.needs_inputs and 0 < first < self.total_shards - 1
+
+    def resume_point(self):
+        if not self._reads_saved_inputs(self.done):
+            return self.done, None
+        saved = load_file(str(self.staging / inputs_name(self.done)))
+        return self.done, [saved[str(i)] for i in range(len(saved))]
 
     def load(self, index, block):
         self.block_started = time.time()
@@ -134,13 +247,13 @@ class StreamingStore(BlockStore):
         state = {prefix + key: value.cpu() for key, value in block.state_dict().items()}
         packed = {name: self.packed.pop(name) for name in list(self.packed) if name.startswith(prefix)}
         tensors = {self.stored_name(k): v for k, v in checkpoint_tensors(state, packed, self.storage).items()}
-        _write_atomically(self.staging / shard_name(index, self.total_shards),
-                          lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                                metadata={"format": "pt"}))
-        if next_hidden is not None:
-            _write_atomically(self.staging / NEXT_INPUTS_FILE,
-                              lambda tmp: save_file({str(i): h.cpu().contiguous() for i, h in enumerate(next_hidden)},
-                                                    str(tmp)))
+        shard = self.folder / shard_name(index, self.total_shards)
+        write_file_atomically(shard, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                           metadata={"format": "pt"}))
+        if next_hidden is not None and self._reads_saved_inputs(index + 1):
+            write_file_atomically(self.staging / inputs_name(index + 1),
+                                  lambda tmp: save_file({str(i): h.cpu().contiguous() for i, h in enumerate(next_hidden)},
+                                                        str(tmp)))
         # the records this block added to the run's result
         self.progress["blocks"].append({
             "layers": [dataclasses.asdict(r) for r in result.layers[self.layers_seen:]],
@@ -149,14 +262,16 @@ class StreamingStore(BlockStore):
             "seconds": round(time.time() - self.block_started, 3),
         })
         self.layers_seen, self.scaling_seen = len(result.layers), len(result.scaling)
+        self.progress["shards"][shard.name] = shard.stat().st_size
         self.progress["done"] = index + 1
         self.progress["seconds"] += time.time() - self.started
         self.started = time.time()
-        self.save_progress()
+        self.save_progress()  # the block's commit: until this rename, a resumed run redoes the block
+        (self.staging / inputs_name(index)).unlink(missing_ok=True)
         block.to("meta")  # release the block's memory
 
     def save_progress(self) -> None:
-        _write_atomically(self.staging / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(self.progress)))
+        write_file_atomically(self.staging / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(self.progress)))
 
     def pipeline_result(self) -> PipelineResult:
         result = PipelineResult()
@@ -230,9 +345,11 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
 
     config = config or QuantConfig()
     start = time.time()
-    target = check_output_path(out, overwrite)
-    placement_for(device, compute_dtype, offload_activations)  # refuses an absent device first
+    target = Path(out).expanduser()
     staging = target.with_name(f".{target.name}.partial")
+    _remove_finished_leftover(staging, target)
+    check_output_path(target, overwrite)
+    placement_for(device, compute_dtype, offload_activations)  # refuses an absent device first
     _check_staging(staging)
     folder = Path(resolve_model(str(model)))
     if not folder.is_dir():
@@ -267,28 +384,17 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     packed: dict[str, dict[str, torch.Tensor]] = {}
     store = StreamingStore(arch.block_prefix, source, staging,
                            _fingerprint(folder, files, config, plan.calibration, plan.placement),
-                           packed, storage, n_blocks + 1, arch.stored_name)
-    _check_staging(staging)
-    if not os.path.lexists(staging):
-        try:
-            staging.parent.mkdir(parents=True, exist_ok=True)
-            staging.mkdir()  # not exist_ok: a symbolic link put there since the check is refused
-        except OSError as exc:
-            raise OutputWriteError(f"cannot create {staging}: {exc}") from exc
+                           packed, storage, n_blocks + 1, arch.stored_name, needs_inputs=plan.calibration is not None)
+    lock = _take_progress_folder(staging)
     try:
-        first, _ = store.resume_point()
-        if first == 0 and any(staging.iterdir()):
-            shutil.rmtree(staging)  # leftovers of a different run (ours: checked above)
-            staging.mkdir()
-        if first == 0:
-            store.save_progress()  # marks the folder as this run's progress before anything else is written
+        first = store.start()
         if store.not_resumed_because:
             print(f"not resuming {staging.name}: {store.not_resumed_because}; starting a fresh run")
         if first and progress:
             print(f"resuming {target.name} after block {first - 1} ({first} of {n_blocks} done)")
         # the embeddings, final norm and head do not change: their shard is written first, so that
         # their storage-dtype copy is gone before any block is loaded
-        _write_rest_shard(staging, skeleton, blocks_prefix, storage, n_blocks, arch.stored_name)
+        _write_rest_shard(store.folder, skeleton, blocks_prefix, storage, n_blocks, arch.stored_name)
 
         def pack(name, quantized, linear):
             packed[name] = plan.fmt.pack(quantized, config.for_layer(name))
@@ -300,30 +406,55 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
                         calibration=plan.calibration, true_sequential=config.true_sequential, progress=progress,
                         store=store, placement=plan.placement)
         skeleton.to("meta")  # the embeddings are written already; free them before hashing the shards
-        _finish_folder(staging, n_blocks, model_config, plan.fmt, config, folder, tokenizer)
+        _finish_folder(store.folder, n_blocks, model_config, plan.fmt, config, folder, tokenizer)
         result = store.pipeline_result()
         report = build_report(config, str(model), plan.calibration_info, store.earlier_seconds + time.time() - start,
                               peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]),
                               plan.placement)
-        (staging / NEXT_INPUTS_FILE).unlink(missing_ok=True)
         report["resumed_after_blocks"] = first
         # each block's read, statistics, rounding, forward pass and write
         report["block_seconds"] = [b.get("seconds") for b in store.progress["blocks"]]
-        report["checkpoint_sha256"] = folder_tensors_sha256(staging)
+        report["checkpoint_sha256"] = folder_tensors_sha256(store.folder)
         report.update(report_extra or {})
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        (staging / PROGRESS_FILE).unlink()  # after the report, which marks the folder as ours from here on
-        write_report(staging, plots=plots, name=target.name)
-        _move_into_place(staging, target)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, LlmquantError):
-            raise
-        raise OutputWriteError(f"writing {target} failed: {exc}") from exc
-    except Exception:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_report_file(store.folder, REPORT_FILE, report)
+        write_report(store.folder, plots=plots, name=target.name)
+        store.progress["finished"] = True
+        store.save_progress()
+        replace_folder(store.folder, target)
+        _remove_progress_folder(staging)
+    except BaseException as exc:
+        _after_failure(exc, staging, store.done, n_blocks)
         raise
+    finally:
+        lock.release()
     return target, report
+
+
+def _take_progress_folder(staging: Path) -> _FolderLock:
+    """Create the progress folder if needed (never through a symbolic link put there since it was
+    checked) and lock it for this run."""
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create {staging}: {exc}") from exc
+    _check_staging(staging)
+    return _FolderLock(staging)
+
+
+def _after_failure(exc: BaseException, staging: Path, done: int, n_blocks: int) -> None:
+    """Keep the progress of a run that committed a block, unless the error makes it useless; say how to
+    resume. The exception itself is re-raised by the caller (an LlmquantError's message gains the hint)."""
+    if done == 0 or isinstance(exc, USELESS_PROGRESS_ERRORS):
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    hint = (f"{done} of {n_blocks} blocks are finished and kept in {staging}: run the same command again to resume "
+            "after them (delete that folder to discard them)")
+    if isinstance(exc, LlmquantError) and exc.args:
+        exc.args = (f"{exc.args[0]}; {hint}",) + exc.args[1:]
+    elif hasattr(exc, "add_note"):
+        exc.add_note(hint)
+    print(f"llmquant: {hint}", file=sys.stderr)
 
 
 def _tokenizer_of(folder: Path, calib):
@@ -343,7 +474,7 @@ def _write_rest_shard(staging: Path, skeleton, blocks_prefix: str, storage, n_bl
     """The last shard: everything outside the blocks (embeddings, final norm, head)."""
     rest = {k: v for k, v in without_tied_copies(skeleton.state_dict()).items() if not k.startswith(blocks_prefix)}
     rest = {stored_name(k): v for k, v in checkpoint_tensors(rest, {}, storage).items()}
-    _write_atomically(staging / shard_name(n_blocks, n_blocks + 1),
+    write_file_atomically(staging / shard_name(n_blocks, n_blocks + 1),
                       lambda tmp: save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp), metadata={"format": "pt"}))
 
 
@@ -369,6 +500,3 @@ def _finish_folder(staging: Path, n_blocks: int, model_config, fmt, config: Quan
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
 
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    replace_folder(staging, target)
