@@ -91,6 +91,20 @@ def _local_file_documents(path: Path) -> list[str]:
     return [t for t in rows["text"] if t and t.strip()]
 
 
+def _hub_unavailable() -> tuple[type[BaseException], ...]:
+    """What load_dataset raises for a dataset that is missing, private, offline, script-based or has
+    no such config / split; anything else (a TypeError, an AttributeError) is a fault and propagates."""
+    from datasets.exceptions import DatasetsError
+
+    kinds = [DatasetsError, OSError, ValueError]  # hub HTTP errors and missing files are OSErrors
+    try:
+        import httpx  # huggingface_hub >= 1.0: its network errors are httpx's, which are not OSErrors
+        kinds.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
 def _hub_text(spec: str, split: str) -> str:
     from datasets import load_dataset
 
@@ -98,8 +112,10 @@ def _hub_text(spec: str, split: str) -> str:
     name, config = parts[0], (parts[1] if len(parts) > 1 else None)
     try:
         rows = load_dataset(name, config, split=split)
-    except Exception as exc:  # datasets raises many types; all mean "not available here"
+    except _hub_unavailable() as exc:
         raise DataError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {exc}") from exc
+    if "text" not in rows.column_names:
+        raise DataError(f"dataset {name!r}: no 'text' column (columns: {', '.join(rows.column_names)})")
     # WikiText keeps its own line structure; GPTQ's convention joins rows with "\n\n".
     return "\n\n".join(rows["text"])
 

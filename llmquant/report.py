@@ -17,12 +17,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ._version import __version__
 from .arch import arch_for
 from .checkpoint import REPORT_FILES, LazyTensors
 from .data import Calibration
 from .device import peak_device_mib
+from .errors import CheckpointError, LlmquantError
 from .loading import checkpoint_files, load, load_quantized_linear
 from .models import load_fp_model, resolve_model
 from .moe import expert_coverage
@@ -168,7 +170,10 @@ def _plot_weight_histogram(checkpoint: Path, source_model: str, layer: dict, out
 
     name = layer["name"]
     out_features, in_features = layer["shape"]
-    original = LazyTensors(checkpoint_files(Path(resolve_model(source_model))))[f"{name}.weight"].float().flatten()
+    source = LazyTensors(checkpoint_files(Path(resolve_model(source_model))))
+    if f"{name}.weight" not in source:
+        raise CheckpointError(f"the source model {source_model} has no tensor {name}.weight")
+    original = source[f"{name}.weight"].float().flatten()
     restored = load_quantized_linear(checkpoint, name, in_features, out_features).dequantized_weight(torch.float32).flatten()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     low, high = float(original.min()), float(original.max())
@@ -263,8 +268,11 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
                                       calibration["seed"], calibration.get("split")).windows(
                     tokenizer, tokenizer.bos_token_id if arch.bos_per_window else None)
                 figures.append(_plot_activation_outliers(folder, source, layers[0]["name"], windows, folder))
-        except Exception as exc:  # the source model may be gone; the rest of the report stands
-            header += [f"(plots needing the source model were skipped: {exc})", ""]
+        # The source model may be gone, moved, unreadable (transformers' safetensors reader raises its
+        # own error type) or its calibration corpus uninstalled: the rest of the report stands. Anything
+        # else is a fault in the plotting and propagates.
+        except (LlmquantError, OSError, SafetensorError) as exc:
+            header += [f"(plots needing the source model were skipped: {type(exc).__name__}: {exc})", ""]
     lines = header + [f"![{f}]({f})" for f in figures] + [""] + lines
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
