@@ -267,6 +267,7 @@ def cmd_quantize(args) -> int:
     from .checkpoint import check_output_path
     from .config import QuantConfig
     from .data import Calibration
+    from .report import describe_mib
     from .streaming import quantize_to_disk
 
     # Everything that can be refused is refused before the model loads.
@@ -300,7 +301,7 @@ def cmd_quantize(args) -> int:
     print(f"wrote {out}: {len(report['layers'])} layers, {report['bits_per_weight']:.3f} bits per quantized weight, "
           f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
           f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB fp16, {report['seconds']:.1f} s, "
-          f"peak RSS {report['peak_rss_mib']:.0f} MiB{gpu}")
+          f"peak RSS {describe_mib(report['peak_rss_mib'])}{gpu}")
     errors = sorted((layer["relative_output_error"], layer["name"]) for layer in report["layers"]
                     if layer["relative_output_error"] is not None)
     if errors:

@@ -85,7 +85,8 @@ def _local_file_documents(path: Path) -> list[str]:
         return [p.strip() for p in text.split("\n\n") if p.strip()]
     from datasets import load_dataset
 
-    rows = load_dataset(kind, data_files=str(path), split="train")
+    # a packaged builder (json / parquet), never a script; said explicitly all the same
+    rows = load_dataset(kind, data_files=str(path), split="train", trust_remote_code=False)
     if "text" not in rows.column_names:
         raise DataError(f"{path}: no 'text' column (columns: {', '.join(rows.column_names)})")
     return [t for t in rows["text"] if t and t.strip()]
@@ -111,7 +112,9 @@ def _hub_text(spec: str, split: str) -> str:
     parts = spec[len("hf:"):].split(":")
     name, config = parts[0], (parts[1] if len(parts) > 1 else None)
     try:
-        rows = load_dataset(name, config, split=split)
+        # datasets 2.20 to 3.x still run a dataset's loading script when HF_DATASETS_TRUST_REMOTE_CODE
+        # says so; False here overrides it. datasets >= 4 has no scripts and drops a False silently.
+        rows = load_dataset(name, config, split=split, trust_remote_code=False)
     except _hub_unavailable() as exc:
         raise DataError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {exc}") from exc
     if "text" not in rows.column_names:

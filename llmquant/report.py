@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,8 +35,19 @@ REPORT_FILE = REPORT_FILES["quantize"]
 SCALING_METHODS = ("awq", "awq+gptq", "smoothquant")
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process in MiB, or None where the platform does not say (Windows
+    has no `resource` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
+
+
+def describe_mib(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.0f} MiB"
 
 
 def build_report(config, source, calibration, seconds, peak_rss, pipeline, packed_bytes: int,
@@ -228,7 +239,7 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
              f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB in fp16; checkpoint on disk "
              f"{sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 2**20:.1f} MiB",
              f"- calibration: {report.get('calibration')}; {report.get('seconds')} s, peak RSS "
-             f"{report.get('peak_rss_mib') or 0:.0f} MiB; checkpoint sha256 `{report.get('checkpoint_sha256')}`", ""]
+             f"{describe_mib(report.get('peak_rss_mib'))}; checkpoint sha256 `{report.get('checkpoint_sha256')}`", ""]
     if mixed:
         lines += [f"Mixed precision: target {mixed['target_bits_per_weight']} bits per weight, allocated "
                   f"{mixed['allocated_bits_per_weight']:.3f}; predicted rise {mixed['predicted_delta_loss']:.4f} "

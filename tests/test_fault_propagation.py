@@ -1,9 +1,15 @@
 """Errors are caught only where they mean what the handler says: the expected failure (a source
 model gone, a tile that does not fit, a dataset not on the hub) is handled as before; anything else
-(a programming error, a sticky CUDA error) propagates instead of being reported as the expected one."""
+(a programming error, a sticky CUDA error) propagates instead of being reported as the expected one.
+Also the platform and dependency guards: llmquant imports without the `resource` module, and hub
+datasets are loaded with trust_remote_code=False."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,8 @@ import torch
 from llmquant.errors import DataError, ModelNotFoundError
 
 from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- report plots -------------------------------------------------------------------------------
@@ -129,6 +137,23 @@ def hub(monkeypatch):
     return calls, state
 
 
+def test_hub_datasets_are_loaded_without_running_their_scripts(hub):
+    from llmquant.data import corpus_text
+
+    calls, _ = hub
+    assert corpus_text("hf:someone/texts:config", "train") == "one\n\ntwo"
+    assert calls == [(("someone/texts", "config"), {"split": "train", "trust_remote_code": False})]
+
+
+def test_local_data_files_are_loaded_without_scripts_either(hub, tmp_path):
+    from llmquant.data import corpus_text
+
+    calls, _ = hub
+    (tmp_path / "t.jsonl").write_text('{"text": "one"}\n')
+    corpus_text(str(tmp_path / "t.jsonl"), "all")
+    assert calls[0][1]["trust_remote_code"] is False
+
+
 def test_hub_dataset_errors(hub):
     import datasets
     from datasets.exceptions import DatasetNotFoundError
@@ -189,3 +214,24 @@ def test_survey_reports_unbuildable_families_but_not_its_own_faults(monkeypatch)
     monkeypatch.setattr(derived, "derive_arch", bug)
     with pytest.raises(AttributeError, match="a bug in derive_arch"):
         derived.survey(("llama",))
+
+
+# --- platforms ----------------------------------------------------------------------------------
+
+def test_llmquant_imports_without_the_resource_module():
+    """Windows has no `resource`: llmquant imports, and the peak RSS is reported as unknown."""
+    code = ("import sys; sys.modules['resource'] = None\n"
+            "import llmquant, llmquant.cli\n"
+            "from llmquant.report import describe_mib, peak_rss_mib\n"
+            "print(peak_rss_mib(), describe_mib(peak_rss_mib()))\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'kernels'}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "unknown"]
+
+
+def test_peak_rss_where_the_platform_reports_it():
+    from llmquant.report import describe_mib, peak_rss_mib
+
+    peak = peak_rss_mib()
+    assert peak is not None and 10 < peak < 1e6 and describe_mib(peak).endswith(" MiB")
