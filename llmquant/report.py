@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ._version import __version__
 from .arch import arch_for
 from .checkpoint import REPORT_FILES, LazyTensors
 from .data import Calibration
 from .device import peak_device_mib
+from .errors import CheckpointError, LlmquantError
 from .loading import checkpoint_files, load, load_quantized_linear
 from .models import load_fp_model, resolve_model
 from .moe import expert_coverage
@@ -33,8 +35,19 @@ REPORT_FILE = REPORT_FILES["quantize"]
 SCALING_METHODS = ("awq", "awq+gptq", "smoothquant")
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process in MiB, or None where the platform does not say (Windows
+    has no `resource` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
+
+
+def describe_mib(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.0f} MiB"
 
 
 def build_report(config, source, calibration, seconds, peak_rss, pipeline, packed_bytes: int,
@@ -168,7 +181,10 @@ def _plot_weight_histogram(checkpoint: Path, source_model: str, layer: dict, out
 
     name = layer["name"]
     out_features, in_features = layer["shape"]
-    original = LazyTensors(checkpoint_files(Path(resolve_model(source_model))))[f"{name}.weight"].float().flatten()
+    source = LazyTensors(checkpoint_files(Path(resolve_model(source_model))))
+    if f"{name}.weight" not in source:
+        raise CheckpointError(f"the source model {source_model} has no tensor {name}.weight")
+    original = source[f"{name}.weight"].float().flatten()
     restored = load_quantized_linear(checkpoint, name, in_features, out_features).dequantized_weight(torch.float32).flatten()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     low, high = float(original.min()), float(original.max())
@@ -223,7 +239,7 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
              f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB in fp16; checkpoint on disk "
              f"{sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 2**20:.1f} MiB",
              f"- calibration: {report.get('calibration')}; {report.get('seconds')} s, peak RSS "
-             f"{report.get('peak_rss_mib') or 0:.0f} MiB; checkpoint sha256 `{report.get('checkpoint_sha256')}`", ""]
+             f"{describe_mib(report.get('peak_rss_mib'))}; checkpoint sha256 `{report.get('checkpoint_sha256')}`", ""]
     if mixed:
         lines += [f"Mixed precision: target {mixed['target_bits_per_weight']} bits per weight, allocated "
                   f"{mixed['allocated_bits_per_weight']:.3f}; predicted rise {mixed['predicted_delta_loss']:.4f} "
@@ -263,8 +279,11 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
                                       calibration["seed"], calibration.get("split")).windows(
                     tokenizer, tokenizer.bos_token_id if arch.bos_per_window else None)
                 figures.append(_plot_activation_outliers(folder, source, layers[0]["name"], windows, folder))
-        except Exception as exc:  # the source model may be gone; the rest of the report stands
-            header += [f"(plots needing the source model were skipped: {exc})", ""]
+        # The source model may be gone, moved, unreadable (transformers' safetensors reader raises its
+        # own error type) or its calibration corpus uninstalled: the rest of the report stands. Anything
+        # else is a fault in the plotting and propagates.
+        except (LlmquantError, OSError, SafetensorError) as exc:
+            header += [f"(plots needing the source model were skipped: {type(exc).__name__}: {exc})", ""]
     lines = header + [f"![{f}]({f})" for f in figures] + [""] + lines
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -9,12 +9,14 @@ launcher, which zeroes its own output, so repeated trials cannot accumulate.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")
+log = logging.getLogger("llmquant.kernels")
 
 
 def _config(block_m, block_n, block_k, split_k=1, num_warps=4, num_stages=3) -> dict:
@@ -47,6 +49,23 @@ def interpreter_config(m: int, n: int, k: int) -> dict:
     return _config(16, 32, 32, split, num_warps=1, num_stages=1)
 
 
+def candidate_does_not_fit() -> tuple[type[BaseException], ...]:
+    """The errors that mean "this tile configuration does not fit this GPU" (too much shared memory or
+    too many registers, a compile-time assertion on the tile sizes, ptxas refusing it), as Triton's
+    own autotuner skips them. Anything else, above all a CUDA error such as an illegal memory access
+    (sticky: every later launch in the process fails), is a fault and must not be tuned past."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    kinds = [OutOfResources, CompilationError]  # CompilationError includes CompileTimeAssertionFailure
+    try:
+        from triton.runtime.errors import PTXASError  # not in every Triton release
+        kinds.append(PTXASError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
 def pick_config(kernel, m: int, n: int, k: int, x: torch.Tensor, launch) -> dict:
     """The launch configuration for this shape: fixed under the interpreter, tuned once per shape on a GPU."""
     if INTERPRETING or x.device.type != "cuda":
@@ -56,14 +75,16 @@ def pick_config(kernel, m: int, n: int, k: int, x: torch.Tensor, launch) -> dict
     if key not in _TUNED:
         import triton.testing
 
-        timings = []
+        timings, refused = [], None
         for candidate in GPU_CANDIDATES[shape_class(m)]:
             try:
                 timings.append((triton.testing.do_bench(lambda: launch(candidate), warmup=5, rep=20), candidate))
-            except Exception:  # a candidate that does not fit (shared memory, registers) is skipped
-                continue
+            except candidate_does_not_fit() as exc:
+                refused = exc
+                log.debug("%s M=%d N=%d K=%d: candidate %s skipped: %s", kernel.__name__, m, n, k, candidate, exc)
         if not timings:
-            raise RuntimeError(f"no launch configuration of {kernel.__name__} runs for M={m} N={n} K={k}")
+            raise RuntimeError(f"no launch configuration of {kernel.__name__} runs for M={m} N={n} K={k}: "
+                               f"{type(refused).__name__}: {refused}") from refused
         _TUNED[key] = min(timings, key=lambda t: t[0])[1]
     return _TUNED[key]
 

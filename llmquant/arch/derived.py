@@ -168,9 +168,14 @@ def survey(model_types=SURVEYED) -> list[tuple[str, ArchMap | None, str]]:
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 model = AutoModelForCausalLM.from_config(config).eval()
+        # Any error here means only that this transformers version has no such family or builds it
+        # from other settings than the tiny ones above: that family is listed as refused, with why.
+        except Exception as exc:
+            first_line = (str(exc).splitlines() or [""])[0][:160]
+            results.append((model_type, None, f"no tiny model could be built ({type(exc).__name__}: {first_line})"))
+            continue
+        try:  # our own code: only a refusal is an answer, anything else a fault that propagates
             results.append((model_type, derive_arch(model), ""))
         except UnsupportedArchitectureError as exc:
             results.append((model_type, None, str(exc).split(": ", 2)[-1].split("; declared maps")[0]))
-        except Exception as exc:  # a family this transformers version builds differently
-            results.append((model_type, None, f"no tiny model could be built ({type(exc).__name__})"))
     return results
