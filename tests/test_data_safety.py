@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 import llmquant
 from conftest import tiny_config
 from llmquant import QuantConfig
-from llmquant.checkpoint import folder_tensors_sha256, replace_folder, why_not_replaceable
+from llmquant.checkpoint import replace_folder, why_not_replaceable
 from llmquant.errors import CheckpointError, OutputExistsError, OutputWriteError
 from llmquant.streaming import PROGRESS_FILE, quantize_to_disk
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = QuantConfig(method="gptq", bits=4, group_size=32)
 
 
@@ -81,23 +81,18 @@ def fail_at_block(monkeypatch, block: int, error: BaseException):
 # ---- kills ----
 
 def test_sigkill_at_every_write_step_then_resume_gives_the_uninterrupted_checkpoint(tmp_path):
-    """tests/kill_every_write_step.py: a real SIGKILL before each file created, written, renamed or
-    deleted by a streamed GPTQ run (2 blocks with calibration inputs), then a resume, in turn."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    folder = tmp_path / "model"
-    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(folder)
-    work = tmp_path / "work"
-    work.mkdir()
-    run = subprocess.run([sys.executable, str(HERE / "kill_every_write_step.py"), str(folder), str(work)],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
+    """eval/fault_injection.py --only kill-every-step: a real SIGKILL before each file created, written,
+    renamed or deleted by a streamed GPTQ run of 4 blocks with calibration inputs, then a resume, in turn."""
+    run = subprocess.run([sys.executable, str(ROOT / "eval" / "fault_injection.py"), "--only", "kill-every-step",
+                          "--work", str(tmp_path), "--json", "-"],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == results[0]["steps"] >= 30  # every step of the run was a kill point
+    assert run.returncode == 0, [r for r in results if r["problem"]] or run.stderr[-3000:]
+    assert len(results) >= 60 and all(r["status"] == "killed" for r in results)
     assert [r for r in results if r["problem"] is not None] == []
-    # kills landed before, between and after the blocks' commits
-    assert {r["done_at_kill"] for r in results} >= {None, 0, 1, 2}
+    # kills landed before, between and after every block's commit, and after the final rename
+    assert {r["blocks_done"] for r in results} >= {None, 0, 1, 2, 3, 4}
+    assert any(r["output_after_stop"] for r in results)
 
 
 # ---- exceptions ----
