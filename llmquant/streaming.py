@@ -38,7 +38,7 @@ from torch import nn
 
 from . import _version
 from .arch import arch_for
-from .checkpoint import (SAFETENSORS_INDEX, TEMPORARY_SUFFIX, check_output_path, checkpoint_tensors,
+from .checkpoint import (SAFETENSORS_INDEX, TEMPORARY_SUFFIX, check_output_path, checkpoint_tensors, file_sha256,
                          folder_tensors_sha256, LazyTensors, replace_folder, without_tied_copies, write_file_atomically,
                          write_report_file)
 from .config import QuantConfig
@@ -106,11 +106,20 @@ def _remove_finished_leftover(staging: Path, target: Path) -> None:
         print(f"removed {staging}, the progress of the finished run that wrote {target}", file=sys.stderr)
 
 
+def _remove(item: Path) -> None:
+    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+
+
+def _unchanged(path: Path, hashes: dict) -> bool:
+    """Whether a file a committed block wrote is still there, a plain file with the hash recorded."""
+    return not path.is_symlink() and path.is_file() and hashes.get(path.name) == file_sha256(path)
+
+
 def _remove_progress_folder(staging: Path) -> None:
     """Delete progress.json last, so that a kill part-way leaves a folder a later run still recognises."""
     for item in staging.iterdir():
         if item.name != PROGRESS_FILE:
-            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+            _remove(item)
     (staging / PROGRESS_FILE).unlink(missing_ok=True)
     staging.rmdir()
 
@@ -174,7 +183,8 @@ class StreamingStore(BlockStore):
         self.stored_name = stored_name or (lambda key: key)
         self.fingerprint, self.packed, self.storage, self.total_shards = fingerprint, packed, storage, total_shards
         self.needs_inputs = needs_inputs  # whether blocks run on calibration inputs
-        self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0, "shards": {},
+        # hashes: sha256 of each finished shard and of the inputs the next block reads, checked on resume
+        self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0, "hashes": {},
                          "finished": False}
         self.started = time.time()
         self.earlier_seconds = 0.0  # time the killed runs before this one spent
@@ -194,7 +204,7 @@ class StreamingStore(BlockStore):
             if reason != "fresh":
                 self.not_resumed_because = reason
             for item in list(self.staging.iterdir()):
-                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+                _remove(item)
             self.save_progress()  # marks the folder as this run's progress before anything else is written
             self.folder.mkdir()
             return 0
@@ -206,25 +216,23 @@ class StreamingStore(BlockStore):
         self.folder.mkdir(exist_ok=True)
         for item in self.staging.iterdir():
             if item.name not in (PROGRESS_FILE, CHECKPOINT_FOLDER, keep_inputs):
-                item.unlink()
+                _remove(item)
         for item in self.folder.iterdir():
-            if item.name not in progress["shards"]:
-                item.unlink()
+            if item.name not in progress["hashes"]:
+                _remove(item)
         return self.done
 
     def _why_not_resumable(self, progress: dict) -> str | None:
         if progress.get("fingerprint") != self.fingerprint:
             return _what_changed(progress.get("fingerprint"), self.fingerprint)
-        done, shards = progress.get("done"), progress.get("shards")
-        if not isinstance(done, int) or not isinstance(shards, dict) or not 0 <= done < self.total_shards:
+        done, hashes = progress.get("done"), progress.get("hashes")
+        if not isinstance(done, int) or not isinstance(hashes, dict) or not 0 <= done < self.total_shards:
             return f"its {PROGRESS_FILE} is not one this version writes"
         for index in range(done):
-            name = shard_name(index, self.total_shards)
-            path = self.folder / name
-            if path.is_symlink() or not path.is_file() or path.stat().st_size != shards.get(name):
+            if not _unchanged(self.folder / shard_name(index, self.total_shards), hashes):
                 return f"the shard of finished block {index} is missing or has changed"
-        if self._reads_saved_inputs(done) and not (self.staging / inputs_name(done)).is_file():
-            return f"the calibration inputs of block {done} are missing"
+        if self._reads_saved_inputs(done) and not _unchanged(self.staging / inputs_name(done), hashes):
+            return f"the calibration inputs of block {done} are missing or have changed"
         return None
 
     def _reads_saved_inputs(self, first: int) -> bool:
@@ -250,10 +258,12 @@ class StreamingStore(BlockStore):
         shard = self.folder / shard_name(index, self.total_shards)
         write_file_atomically(shard, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                                                            metadata={"format": "pt"}))
+        self.progress["hashes"][shard.name] = file_sha256(shard)
         if next_hidden is not None and self._reads_saved_inputs(index + 1):
-            write_file_atomically(self.staging / inputs_name(index + 1),
-                                  lambda tmp: save_file({str(i): h.cpu().contiguous() for i, h in enumerate(next_hidden)},
-                                                        str(tmp)))
+            inputs = self.staging / inputs_name(index + 1)
+            write_file_atomically(inputs, lambda tmp: save_file({str(i): h.cpu().contiguous()
+                                                                 for i, h in enumerate(next_hidden)}, str(tmp)))
+            self.progress["hashes"][inputs.name] = file_sha256(inputs)
         # the records this block added to the run's result
         self.progress["blocks"].append({
             "layers": [dataclasses.asdict(r) for r in result.layers[self.layers_seen:]],
@@ -262,10 +272,10 @@ class StreamingStore(BlockStore):
             "seconds": round(time.time() - self.block_started, 3),
         })
         self.layers_seen, self.scaling_seen = len(result.layers), len(result.scaling)
-        self.progress["shards"][shard.name] = shard.stat().st_size
         self.progress["done"] = index + 1
         self.progress["seconds"] += time.time() - self.started
         self.started = time.time()
+        self.progress["hashes"].pop(inputs_name(index), None)
         self.save_progress()  # the block's commit: until this rename, a resumed run redoes the block
         (self.staging / inputs_name(index)).unlink(missing_ok=True)
         block.to("meta")  # release the block's memory

@@ -135,6 +135,26 @@ def test_an_error_that_makes_progress_useless_removes_it(tmp_path, model_folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.parametrize("damaged,named", [("checkpoint/model-00002-of-00005.safetensors", "shard of finished block 1"),
+                                           ("block-00003-inputs.safetensors", "calibration inputs of block 3")])
+def test_progress_whose_files_changed_since_is_not_resumed(tmp_path, model_folder, reference, monkeypatch, capsys,
+                                                           damaged, named):
+    """A finished shard or the saved inputs altered in place, same size: resuming on them would be wrong."""
+    fail_at_block(monkeypatch, 3, RuntimeError("stop"))
+    with pytest.raises(RuntimeError):
+        quantize(model_folder, tmp_path / "out")
+    monkeypatch.undo()
+    path = tmp_path / ".out.partial" / damaged
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    _, report = quantize(model_folder, tmp_path / "out")
+    assert report["resumed_after_blocks"] == 0
+    assert named in capsys.readouterr().out
+    assert shards(tmp_path / "out") == shards(reference)
+
+
 # ---- a full disk ----
 
 def capped_save_file(monkeypatch, capacity: int) -> list[int]:
