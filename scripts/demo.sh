@@ -11,3 +11,5 @@ WINDOWS="${WINDOWS:-40}"
 "$LQ" eval smollm2-135m --corpus wiki --split test --seqlen 512 --max-windows "$WINDOWS" --json "$OUT.fp.ppl.json"
 "$LQ" eval "$OUT" --corpus wiki --split test --seqlen 512 --max-windows "$WINDOWS" --json "$OUT.ppl.json"
 "$LQ" generate "$OUT" --chat --prompt "Explain in two sentences why the sky is blue." --max-new-tokens 60
+echo
+"${LLMQUANT_VENV:-.venv}/bin/python" scripts/demo_summary.py "$OUT.fp.ppl.json" "$OUT.ppl.json" "$OUT"

