@@ -3,15 +3,15 @@
 Paths are tried in order of speed (int4pack, int8pack, w8a8, dequantized); the first that accepts a
 layer takes it. A layer no path takes, or whose dequantized cache would pass the memory bound, runs
 the reference op (dequantize on every call); the unquantized output head gets its own decode path
-(head.py). Linears that read one input and take the same path
-are converted together and run as one stacked matmul (fused.py), when the model's architecture map
-says which they are. Converted tensors live in a plain attribute of the
+(head.py). Linears that read one input and take the same path are converted together and run as one stacked matmul (fused.py), when the
+model's architecture map says which they are. Converted tensors live in a plain attribute of the
 module, not in buffers: state_dict() and saving see only the checkpoint's tensors, and moving the
-module to another device or dtype does not carry CPU-only layouts along; a conversion is redone
-when its source tensors change (a move back to the CPU, a load_state_dict), at the next CPU forward.
+module to another device or dtype does not carry CPU-only layouts along. A conversion is dropped at
+a load_state_dict and redone when its source tensors change (freshness.py), at the next CPU call.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -25,7 +25,8 @@ from ..arch import arch_for
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS
 from . import dequantized, int4pack, int8pack, w8a8
-from .fused import MemberKernel, SharedInputGroup
+from .freshness import Stamp
+from .fused import MemberKernel, SharedInputGroup, open_scopes_around
 from .head import describe_head, prepare_output_head
 
 PATHS = (int4pack, int8pack, w8a8, dequantized)
@@ -34,6 +35,7 @@ CACHE_MIB_ENV = "LLMQUANT_CPU_CACHE_MIB"
 DEFAULT_MAX_CACHE_MIB = 4096.0
 _KERNEL_ATTRIBUTE = "_llmquant_cpu_kernel"
 _CACHE_ALLOWED_ATTRIBUTE = "_llmquant_cpu_cache_allowed"
+_LOAD_HOOK_ATTRIBUTE = "_llmquant_cpu_load_hook"
 
 logger = logging.getLogger("llmquant.cpu")
 
@@ -50,9 +52,13 @@ class LayerPath:
 
 @dataclass
 class _Converted:
-    key: tuple
+    stamp: Stamp  # the module's buffers converted
+    dtype: torch.dtype  # the activations' dtype converted for
     path: str
     kernel: object | None  # None: the reference op
+
+    def current(self, module: nn.Module, dtype: torch.dtype) -> bool:
+        return dtype == self.dtype and self.stamp.matches(_sources(module))
 
 
 def max_cache_mib_from_env() -> float:
@@ -81,19 +87,44 @@ def choose_path(module: nn.Module, cache_allowed: bool = True) -> tuple[object |
     return None, refusals
 
 
-def _source_key(module: nn.Module, dtype: torch.dtype) -> tuple:
-    return (dtype,) + tuple((b.data_ptr(), b._version) for b in module._buffers.values() if b is not None)
+@contextlib.contextmanager
+def _building():
+    # A conversion outlives the call that made it: made under torch.inference_mode() its tensors
+    # would be inference tensors, which later calls outside that mode could not use everywhere.
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _sources(module: nn.Module) -> list[torch.Tensor]:
+    return [b for b in module._buffers.values() if b is not None]
+
+
+def _forget_after_load(module: nn.Module, incompatible_keys) -> None:
+    # A load_state_dict may write in place into tensors whose writes no stamp sees (inference
+    # tensors), or change plain attributes the conversion read (a 4-bit layer's block size).
+    module.__dict__.pop(_KERNEL_ATTRIBUTE, None)
+
+
+def _install(module: nn.Module, converted: _Converted) -> None:
+    if not module.__dict__.get(_LOAD_HOOK_ATTRIBUTE):
+        module.register_load_state_dict_post_hook(_forget_after_load)
+        module.__dict__[_LOAD_HOOK_ATTRIBUTE] = True
+    module.__dict__[_KERNEL_ATTRIBUTE] = converted  # one assignment: a concurrent call sees old or new
 
 
 def _convert(module: nn.Module, dtype: torch.dtype) -> _Converted:
     path, _ = choose_path(module, module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE, False))
-    with torch.no_grad():
+    stamp = Stamp(_sources(module))
+    with _building():
         kernel = path.build([module], dtype) if path is not None else None
-    converted = _Converted(_source_key(module, dtype), path.NAME if path is not None else REFERENCE, kernel)
-    module.__dict__[_KERNEL_ATTRIBUTE] = converted
+    converted = _Converted(stamp, dtype, path.NAME if path is not None else REFERENCE, kernel)
+    _install(module, converted)
     return converted
 
 
+# torch.compile runs this bookkeeping on Python objects (weak references) as it is and traces the
+# kernel it returns (Dynamo fails on the weak-reference calls).
+@torch.compiler.disable
 def kernel_for(module: nn.Module, x: torch.Tensor):
     """The converted CPU kernel to run `module` on x, or None for the op the module calls otherwise:
     off the CPU, under a kernel backend other than "auto" (use_backend / LLMQUANT_KERNELS), and when
@@ -103,7 +134,7 @@ def kernel_for(module: nn.Module, x: torch.Tensor):
     if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto":
         return None
     converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
-    if converted is None or converted.key != _source_key(module, x.dtype):
+    if converted is None or not converted.current(module, x.dtype):
         converted = _convert(module, x.dtype)
     return converted.kernel
 
@@ -146,11 +177,22 @@ class _Plan:
 
 def _is_current(plan: _Plan) -> bool:
     converted = plan.module.__dict__.get(_KERNEL_ATTRIBUTE)
-    return (converted is not None and converted.key == _source_key(plan.module, plan.dtype)
+    return (converted is not None and converted.current(plan.module, plan.dtype)
             and plan.module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE) == plan.cache_allowed)
 
 
-def _convert_group(names: list[str], plans: dict[str, _Plan]) -> bool:
+def _common_parent(model: nn.Module, names: list[str]) -> nn.Module:
+    """The closest module holding all of `names` (self_attn for q/k/v): its calls scope the hand-over."""
+    parents = [name.split(".")[:-1] for name in names]
+    common = []
+    for parts in zip(*parents):
+        if any(part != parts[0] for part in parts):
+            break
+        common.append(parts[0])
+    return model.get_submodule(".".join(common))
+
+
+def _convert_group(model: nn.Module, names: list[str], plans: dict[str, _Plan]) -> bool:
     """Convert the linears `names` (one input) into one stacked kernel if they can run as one."""
     if any(n not in plans for n in names):
         return False
@@ -169,13 +211,15 @@ def _convert_group(names: list[str], plans: dict[str, _Plan]) -> bool:
     if reason is not None:
         logger.debug("  %s not stacked: %s", ", ".join(names), reason)
         return False
-    with torch.no_grad():
-        group = SharedInputGroup(first.path.build(modules, first.dtype), [m.out_features for m in modules])
+    owner = _common_parent(model, names)
+    stamps = [Stamp(_sources(m)) for m in modules]
+    with _building():
+        group = SharedInputGroup(first.path.build(modules, first.dtype), [m.out_features for m in modules], owner)
+    open_scopes_around(owner)
     short = [n.rsplit(".", 1)[-1] for n in names]
     for index, plan in enumerate(members):
         plan.module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = True
-        plan.module.__dict__[_KERNEL_ATTRIBUTE] = _Converted(_source_key(plan.module, plan.dtype), first.path.NAME,
-                                                             MemberKernel(group, index, short))
+        _install(plan.module, _Converted(stamps[index], first.dtype, first.path.NAME, MemberKernel(group, index, short)))
     return True
 
 
@@ -198,7 +242,7 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         if path is dequantized and allowed:
             budget -= dequantized.cache_bytes(module, activation_dtype)
         plans[name] = _Plan(module, activation_dtype, path if allowed else choose_path(module, False)[0], allowed)
-    stacked = {name for names in shared_input_groups(model) if _convert_group(names, plans) for name in names}
+    stacked = {name for names in shared_input_groups(model) if _convert_group(model, names, plans) for name in names}
     layers = []
     for name, plan in plans.items():
         module = plan.module
