@@ -1,7 +1,9 @@
 """The CPU fast paths (llmquant.cpu) at run time: the same tokens under torch.inference_mode(), no_grad
 and autograd; one model generating in several threads at once gives each thread its own tokens; a
-conversion follows its weights however they are replaced; W8A8's int8pack variant does not overflow
-under float16 activations."""
+conversion follows its weights however they are replaced; nothing is converted for layers that will
+not use it (off the CPU, a base training adapters, FP8 and pack-quantized layers); W8A8's int8pack
+variant does not overflow under float16 activations."""
+import logging
 import sys
 import threading
 
@@ -12,7 +14,8 @@ import torch
 import llmquant
 from conftest import tiny_model
 from llmquant import QuantConfig, ops
-from llmquant.cpu import prepare_for_cpu
+from llmquant.cpu import prepare_for_cpu, selection
+from llmquant.cpu.head import HalfGemvHead
 from llmquant.cpu.w8a8 import W8A8Kernel
 from llmquant.nn import W8A8Linear
 from test_cpu_fast import quantized_linear, random_quantized, reference_output, relative_error
@@ -40,6 +43,11 @@ def gptq_model(gptq_folder):
 def generate(model, prompt):
     return model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                           pad_token_id=0)[0, len(prompt):].tolist()
+
+
+def converted(model):
+    return [name for name, m in model.named_modules() if selection._KERNEL_ATTRIBUTE in m.__dict__] + \
+        [name for name, m in model.named_modules() if isinstance(m.__dict__.get("forward"), HalfGemvHead)]
 
 
 def test_generate_gives_the_same_tokens_under_inference_mode_no_grad_and_plain(gptq_model):
@@ -155,6 +163,112 @@ def test_a_stacked_member_with_a_new_tensor_at_the_same_address_leaves_the_stack
         attention.k_proj.scales = new
         assert torch.all(attention.k_proj(x) == 0)
         assert torch.equal(attention.q_proj(x), q_before)
+
+
+# --- memory: nothing converted for layers that will not use it --------------------------------------
+
+def test_a_model_placed_off_the_cpu_gets_no_cpu_conversion(gptq_folder, monkeypatch, caplog):
+    """No GPU here: "meta" stands for one (what counts is that the layers are not on the CPU)."""
+    from llmquant import loading
+
+    monkeypatch.setattr(loading, "resolve_device", lambda device: torch.device("meta"))
+    monkeypatch.setattr(loading, "resolve_compute_dtype", lambda dtype, target: torch.float32)
+    with caplog.at_level(logging.INFO, logger="llmquant.cpu"):
+        model = loading.load(gptq_folder, device="cuda")
+    assert next(model.parameters()).is_meta
+    assert converted(model) == []
+    assert "14 quantized linears on meta: their own ops there, nothing converted for the CPU" in caplog.text
+    assert "CPU paths" not in caplog.text
+
+
+def test_a_layer_moved_off_the_cpu_lets_go_of_its_conversion(gptq_folder):
+    from llmquant.cpu import prepare_output_head
+    from test_cpu_head import tiny_llama
+
+    model = llmquant.load(gptq_folder, device="cpu")
+    layer = model.model.layers[0].self_attn.o_proj
+    assert selection._KERNEL_ATTRIBUTE in layer.__dict__
+    layer.to("meta")
+    assert selection.kernel_for(layer, torch.empty(1, 64, device="meta")) is None
+    assert selection._KERNEL_ATTRIBUTE not in layer.__dict__
+    model = tiny_llama()
+    gemv = prepare_output_head(model)
+    assert gemv.nbytes > 0
+    model.lm_head.to("meta")
+    assert model.lm_head(torch.empty(1, 64, device="meta")).is_meta
+    assert gemv.nbytes == 0
+
+
+def converted_bytes(model) -> int:
+    total = 0
+    for module in model.modules():
+        converted = module.__dict__.get(selection._KERNEL_ATTRIBUTE)
+        if converted is not None and converted.kernel is not None:
+            total += converted.kernel.nbytes
+        if isinstance(module.__dict__.get("forward"), HalfGemvHead):
+            total += module.forward.nbytes
+    return total
+
+
+def tensor_bytes(model) -> int:
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_a_base_training_adapters_keeps_no_cpu_conversion(tmp_path):
+    from llmquant.loading import load
+    from llmquant.nn import BnB4bitLinear
+    from llmquant.qlora import LoraSettings, attach_lora
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # float16 numbers: the head would get its float16 copy
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    folder = llmquant.quantize(model, QuantConfig(method="nf4", double_quant=True), progress=False).save(tmp_path / "nf4")
+    loaded = llmquant.load(folder, device="cpu")
+    packed = sum(tensor_bytes(m) for m in loaded.modules() if isinstance(m, BnB4bitLinear))
+    assert converted_bytes(loaded) > 2 * packed  # for inference: float16 caches (tiny layers: absmax weighs)
+    peft_model = attach_lora(loaded, LoraSettings(r=4, dropout=0.0))
+    assert converted(peft_model) == [] and converted_bytes(peft_model) == 0
+
+    # as finetune loads it: nothing converted at load, nor in training steps and evaluations after
+    base = load(folder, device="cpu", cpu_paths=False)
+    assert converted(base) == []
+    before = tensor_bytes(base)
+    peft_model = attach_lora(base, LoraSettings(r=4, dropout=0.0))
+    ids = torch.randint(0, 128, (2, 9))
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    peft_model.eval()
+    with torch.no_grad():
+        peft_model(input_ids=ids)
+    with torch.inference_mode():
+        peft_model(input_ids=ids[:, :1])
+    adapters = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+    assert converted(peft_model) == []
+    assert tensor_bytes(peft_model) + converted_bytes(peft_model) <= before + adapters
+
+
+def test_fp8_and_pack_quantized_layers_are_reported_as_the_op_they_run(tmp_path, caplog, capsys):
+    from llmquant.cli import main
+    from test_pack_quantized import write_pack_quantized
+
+    fp8 = llmquant.quantize(tiny_model("llama"), QuantConfig(method="fp8", dtype="float32"), progress=False)
+    fp8_folder = fp8.save(tmp_path / "fp8")
+    packed_folder = tmp_path / "packed"
+    write_pack_quantized(packed_folder, 4, 32, True)
+    for folder in (fp8_folder, packed_folder):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="llmquant.cpu"):
+            model = llmquant.load(folder, device="cpu")
+        assert "CPU paths: 14 reference; 0.0 MiB converted tensors" in caplog.text
+        assert converted_bytes(model) == 0 and not any(selection._KERNEL_ATTRIBUTE in m.__dict__
+                                                       for m in model.modules())
+        layers = prepare_for_cpu(model)
+        assert all(layer.path == "reference" and "its own op" in layer.detail for layer in layers)
+        assert main(["info", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert "paths: 14 reference; 0.0 MiB converted tensors" in out and "dequantized" not in out
 
 
 # --- numerics: W8A8's int8pack variant ------------------------------------------------------------

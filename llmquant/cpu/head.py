@@ -7,8 +7,9 @@ number (a checkpoint stored in float16, as llmquant and the GPTQ / AWQ tools wri
 within float16's range), torch's float16 gemv (fp32 accumulation) computes the product from half the
 bytes and rounds only the input row and the logits to float16 (~2^-11 relative). The float16 copy
 (vocab x hidden x 2 bytes) is made once beside the weight and again if the weight changes
-(freshness.py says when); calls of more rows, in another dtype, off the CPU, with gradients, or under
-a kernel backend other than "auto" run the module's own forward.
+(freshness.py says when), and let go at the first call off the CPU; calls of more rows, in another
+dtype, off the CPU, with gradients, or under a kernel backend other than "auto" run the module's own
+forward.
 """
 from __future__ import annotations
 
@@ -49,7 +50,10 @@ class HalfGemvHead:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
-        applies = (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() == x.shape[-1]
+        if x.device.type != "cpu":
+            self._copy = None  # moved off the CPU: no CPU copy kept
+            return type(linear).forward(linear, x)
+        applies = (x.dtype == torch.float32 and x.numel() == x.shape[-1]
                    and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
                    and ops.requested_backend() == "auto")
         half = self.half_weight() if applies else None
