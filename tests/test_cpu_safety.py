@@ -286,3 +286,16 @@ def test_w8a8_int8pack_variant_does_not_overflow_under_float16_activations():
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
     assert relative_error(got.float(), expected.float()) < 1e-3
     assert torch.equal(W8A8Kernel([module], torch.float16, use_int_mm=True)(x), expected)
+
+
+def test_torch_compile_runs_the_fast_paths_to_the_same_logits(gptq_model):
+    """Dynamo traces the kernels and runs the bookkeeping around them as Python (graph breaks)."""
+    import torch._dynamo
+
+    ids = torch.tensor([PROMPTS[1]])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            assert torch.equal(torch.compile(gptq_model, backend="eager")(ids).logits, gptq_model(ids).logits)
+    finally:
+        torch._dynamo.reset()
