@@ -164,7 +164,8 @@ def finetune(checkpoint: str | os.PathLike, lora: LoraSettings | None = None,
 
     folder = resolve_model(str(checkpoint))
     # nothing converted for the CPU paths at load: attach_lora takes the base off them before any call
-    model, tokenizer = load(folder, dtype=compute_dtype, device=device, cpu_paths=False), AutoTokenizer.from_pretrained(folder)
+    model = load(folder, dtype=compute_dtype, device=device, cpu_paths=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(model.config, "quantization_config", None) is None:
         raise ConfigError(f"{checkpoint} is not a quantized checkpoint; quantize it first (QLoRA trains over a "
                           "frozen quantized base)")

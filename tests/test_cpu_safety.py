@@ -224,7 +224,8 @@ def test_a_base_training_adapters_keeps_no_cpu_conversion(tmp_path):
     with torch.no_grad():  # float16 numbers: the head would get its float16 copy
         for p in model.parameters():
             p.copy_(p.half().float())
-    folder = llmquant.quantize(model, QuantConfig(method="nf4", double_quant=True), progress=False).save(tmp_path / "nf4")
+    qmodel = llmquant.quantize(model, QuantConfig(method="nf4", double_quant=True), progress=False)
+    folder = qmodel.save(tmp_path / "nf4")
     loaded = llmquant.load(folder, device="cpu")
     packed = sum(tensor_bytes(m) for m in loaded.modules() if isinstance(m, BnB4bitLinear))
     assert converted_bytes(loaded) > 2 * packed  # for inference: float16 caches (tiny layers: absmax weighs)

@@ -41,7 +41,8 @@ class Stamp:
             return False
         for ref, (pointer, version), tensor in zip(self._refs, self._marks, tensors):
             # The same object keeps its inference-ness: a None version means it has no counter.
-            if ref() is not tensor or tensor.data_ptr() != pointer or (version is not None and tensor._version != version):
+            if ref() is not tensor or tensor.data_ptr() != pointer \
+                    or (version is not None and tensor._version != version):
                 return False
         return True
 

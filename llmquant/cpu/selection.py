@@ -263,7 +263,8 @@ def _convert_group(model: nn.Module, names: list[str], plans: dict[str, _Plan]) 
     short = [n.rsplit(".", 1)[-1] for n in names]
     for index, plan in enumerate(members):
         plan.module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = True
-        _install(plan.module, _Converted(stamps[index], first.dtype, first.path.NAME, MemberKernel(group, index, short)))
+        member = MemberKernel(group, index, short)
+        _install(plan.module, _Converted(stamps[index], first.dtype, first.path.NAME, member))
     return True
 
 

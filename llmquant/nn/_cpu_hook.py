@@ -7,7 +7,7 @@ _kernel_for = None
 
 
 def register_cpu_kernels(kernel_for) -> None:
-    """kernel_for(module, x): the converted kernel to run `module` on x (a CPU tensor), or None."""
+    """kernel_for(module, x): the converted kernel to run `module` on x, or None (always off the CPU)."""
     global _kernel_for
     _kernel_for = kernel_for
 
