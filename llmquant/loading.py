@@ -87,7 +87,8 @@ def _module_config(folder: Path, quantization_config: dict, name: str) -> dict:
     return module_config
 
 
-def load(path: str | os.PathLike, dtype="auto", trust_remote_code: bool = False, device="auto", device_map=None):
+def load(path: str | os.PathLike, dtype="auto", trust_remote_code: bool = False, device="auto", device_map=None,
+         cpu_paths: bool = True):
     """A transformers CausalLM from a checkpoint folder (quantized or not), in eval mode.
 
     device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; the quantized linears run the
@@ -95,13 +96,17 @@ def load(path: str | os.PathLike, dtype="auto", trust_remote_code: bool = False,
     dtype: compute dtype of the floating-point parts ("auto": float32 on the CPU, bfloat16 / float16
     on a GPU). device_map: instead of one device, an accelerate device map ("auto", "balanced", or
     a dict of module name -> device) that spreads the blocks over GPUs and CPU memory.
+    cpu_paths: convert the quantized linears left on the CPU to their fast paths now (llmquant.cpu);
+    False leaves it to their first CPU call (a base about to train adapters takes itself off them).
     """
     target = resolve_device(device)
     dtype = resolve_compute_dtype(dtype, target)
     model = _load_on_cpu(path, dtype, trust_remote_code)
-    if device_map is not None:
-        return _dispatch(model, device_map, dtype)
-    return model.to(target)
+    model = _dispatch(model, device_map, dtype) if device_map is not None else model.to(target)
+    if cpu_paths:
+        # after placement: only the layers left on the CPU are converted (and their memory spent)
+        prepare_for_cpu(model)  # logs what runs where
+    return model
 
 
 def _dispatch(model, device_map, dtype):
@@ -183,7 +188,6 @@ def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool):
     still_empty = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if still_empty:
         raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(still_empty[:5])}")
-    prepare_for_cpu(model)  # converts the linears on the CPU to their fast paths; logs which
     return model.eval()
 
 

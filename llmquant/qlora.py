@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import load_with_tokenizer
 from .checkpoint import REPORT_FILES, save_loaded_model, write_folder_atomically, write_report_file
 from .config import QuantConfig
+from .cpu import disable_cpu_paths
 from .errors import ConfigError, LlmquantError
 from .formats import FORMATS
 from .grid.codebook import CodebookGrid
+from .loading import load
+from .models import resolve_model
 from .nn import AWQLinear, BnB4bitLinear, GPTQLinear
 from .training import heldout_loss, run_report, train, training_windows, TrainingSettings
 
@@ -119,7 +121,9 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
 
 
 def attach_lora(model: nn.Module, lora: LoraSettings):
-    """The peft model with fresh LoRA adapters on the quantized linears (the base is frozen)."""
+    """The peft model with fresh LoRA adapters on the quantized linears (the base is frozen, and off
+    the CPU fast paths: their converted copies, a dequantized cache 4x an NF4 weight, would break the
+    memory QLoRA promises, and the training's gradients run the reference op anyway)."""
     from peft import get_peft_model
 
     available = quantized_linear_names(model)
@@ -131,6 +135,7 @@ def attach_lora(model: nn.Module, lora: LoraSettings):
     if unknown:
         raise ConfigError(f"LoRA targets {', '.join(unknown)} are not quantized linears of this model; "
                           f"available: {', '.join(available)}")
+    disable_cpu_paths(model)
     return get_peft_model(model, _peft_config(lora, targets))
 
 
@@ -162,7 +167,12 @@ def finetune(checkpoint: str | os.PathLike, lora: LoraSettings | None = None,
     loaded in `compute_dtype`; the adapters train in float32)."""
     lora, training = lora or LoraSettings(), training or TrainingSettings()
     start = time.time()
-    model, tokenizer = load_with_tokenizer(checkpoint, device, compute_dtype)
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(str(checkpoint))
+    # nothing converted for the CPU paths at load: attach_lora takes the base off them before any call
+    model = load(folder, dtype=compute_dtype, device=device, cpu_paths=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(model.config, "quantization_config", None) is None:
         raise ConfigError(f"{checkpoint} is not a quantized checkpoint; quantize it first (QLoRA trains over a "
                           "frozen quantized base)")

@@ -1,17 +1,19 @@
 """Linears that read one input (q/k/v, gate/up) run on the CPU as one stacked matmul (llmquant.cpu.fused):
-the model's outputs equal those of the layers run one by one, a member called on another tensor still
-gets its own output, and siblings that cannot run as one are left apart."""
+the model's outputs equal those of the layers run one by one, the members share one computation per
+call of their owner and nothing outlives that call, a member called on another tensor still gets its
+own output, and siblings that cannot run as one are left apart."""
 import gc
 import weakref
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
 from llmquant import ops
 from llmquant.config import QuantConfig
-from llmquant.cpu import prepare_for_cpu, selection, summary
+from llmquant.cpu import fused, prepare_for_cpu, selection, summary
 from llmquant.cpu.fused import SharedInputGroup
 from llmquant.formats import FORMATS
 from llmquant.grid.codebook import CodebookGrid
@@ -109,25 +111,89 @@ class CountingKernel:
         return torch.cat([x, 2 * x, 3 * x], dim=-1)
 
 
-def test_a_shared_input_group_computes_once_per_input_and_then_lets_it_go():
+class Owner(nn.Module):
+    """Stands for an attention module: its forward runs `script`, steps that call the members."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.group = SharedInputGroup(kernel, [4, 4, 4], self)
+        fused.open_scopes_around(self)
+
+    def forward(self, script):
+        return [step(self.group) for step in script]
+
+
+def member(index, x):
+    return lambda group: group.output(index, x)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_members_share_one_computation_per_owner_call_and_nothing_is_kept(mode):
     kernel = CountingKernel()
-    group = SharedInputGroup(kernel, [4, 4, 4])
+    owner = Owner(kernel)
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        x = torch.randn(2, 4)
+        outputs = owner([member(i, x) for i in (1, 0, 2)])  # any order
+        assert kernel.calls == 1
+        assert all(torch.equal(out, (i + 1) * x) for out, i in zip(outputs, (1, 0, 2)))
+        assert fused._scopes.get() == ()  # the owner's call is over: no scope, nothing held
+        alive = weakref.ref(x)
+        del x, outputs
+        gc.collect()
+        assert alive() is None
+        x = torch.randn(2, 4)
+        owner([member(0, x), member(1, x)])  # one member never called: let go all the same
+        assert kernel.calls == 2 and fused._scopes.get() == ()
+        assert torch.equal(owner([member(1, x), member(1, x)])[1], 2 * x) and kernel.calls == 4  # taken twice
+        other = x.clone()  # equal values, another tensor
+        assert torch.equal(owner([member(1, x), member(2, other)])[1], 3 * other) and kernel.calls == 6
+        assert torch.equal(owner.group.output(2, x), 3 * x) and kernel.calls == 7  # outside an owner call
+    # the same tensor changed in place between two members (a version counter: not an inference tensor)
     x = torch.randn(2, 4)
-    outputs = [group.output(i, x) for i in (1, 0, 2)]  # any order
-    assert kernel.calls == 1
-    assert all(torch.equal(out, (i + 1) * x) for out, i in zip(outputs, (1, 0, 2)))
-    alive = weakref.ref(x)
-    del x, outputs
-    gc.collect()
-    assert alive() is None  # every member took its output: the group holds no input
-    x = torch.randn(2, 4)
-    group.output(0, x)
+    with torch.no_grad():
+        _, _, second = owner([member(0, x), lambda group: x.mul_(2), member(1, x)])
+    assert torch.equal(second, 2 * x) and kernel.calls == 9
+
+
+def test_owner_calls_in_two_threads_at_once_each_get_their_own_outputs():
+    import threading
+
+    both_computing = threading.Barrier(2, timeout=10)
+
+    class WaitingKernel(CountingKernel):
+        def __call__(self, x):
+            both_computing.wait()  # each thread's first member computes while the other's does
+            return super().__call__(x)
+
+    kernel = WaitingKernel()
+    owner = Owner(kernel)
+    inputs = [torch.randn(2, 4), torch.randn(3, 4)]
+    results = {}
+
+    def run(index):
+        x = inputs[index]
+        results[index] = owner([member(0, x), member(2, x), member(1, x)])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     assert kernel.calls == 2
-    x.mul_(2)  # the same tensor, changed in place: computed again
-    assert torch.equal(group.output(1, x), 2 * x) and kernel.calls == 3
-    assert torch.equal(group.output(1, x), 2 * x) and kernel.calls == 4  # taken twice: computed again
-    other = x.clone()  # equal values, another tensor
-    assert torch.equal(group.output(2, other), 3 * other) and kernel.calls == 5
+    for index, x in enumerate(inputs):
+        assert [torch.equal(out, k * x) for out, k in zip(results[index], (1, 3, 2))] == [True] * 3
+
+
+def test_an_owner_call_that_raises_leaves_no_scope():
+    owner = Owner(CountingKernel())
+
+    def fail(group):
+        raise RuntimeError("out of memory, say")
+
+    x = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        owner([member(0, x), fail])
+    assert fused._scopes.get() == ()
 
 
 def test_siblings_that_cannot_run_as_one_stay_apart(caplog):

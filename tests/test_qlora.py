@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import llmquant
-from llmquant import QuantConfig
+from llmquant import QuantConfig, ops
 from llmquant.errors import ConfigError
 from llmquant.formats import FORMATS
 from llmquant.grid.codebook import CodebookGrid
 from llmquant.qlora import LoraSettings, TrainingSettings, attach_lora, finetune, load_adapter, merge_into_checkpoint
+from test_cpu_fast import HALF_TOLERANCE, relative_error
 
 TRAINING = TrainingSettings(steps=8, batch_size=2, seqlen=64, lr=1e-3, warmup_steps=2, eval_windows=4)
 
@@ -63,9 +64,14 @@ def test_saved_adapter_reloads_with_the_same_outputs(trained, nf4_checkpoint, tm
     ids = trained.tokenizer("Rivers carry water to the sea", return_tensors="pt").input_ids
     trained.model.eval()
     with torch.no_grad():
-        assert torch.allclose(reloaded(input_ids=ids).logits, trained.model(input_ids=ids).logits, atol=1e-4)
+        # the base that trained runs the reference op (it is off the CPU paths, see attach_lora), the
+        # reloaded one for inference its float16 cache: compared on one op, then on their own
+        with ops.use_backend("reference"):
+            assert torch.allclose(reloaded(input_ids=ids).logits, trained.model(input_ids=ids).logits, atol=1e-4)
+        fast = reloaded(input_ids=ids).logits
+        assert relative_error(fast, trained.model(input_ids=ids).logits) < HALF_TOLERANCE
         plain = llmquant.load(nf4_checkpoint)(ids).logits
-        assert not torch.allclose(reloaded(input_ids=ids).logits, plain, atol=1e-3)  # the adapter does something
+        assert not torch.allclose(fast, plain, atol=1e-3)  # the adapter does something
 
 
 def test_merge_requantizes_weight_plus_update(trained, tmp_path):

@@ -16,11 +16,11 @@ says what this CPU runs fast.
 """
 from .capability import describe as describe_cpu
 from .head import describe_head, prepare_output_head
-from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, kernel_for, path_table,
-                        prepare_for_cpu, summary)
+from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, disable_cpu_paths, kernel_for,
+                        path_table, prepare_for_cpu, summary)
 from ..nn._cpu_hook import register_cpu_kernels
 
 register_cpu_kernels(kernel_for)
 
 __all__ = ["CACHE_MIB_ENV", "PATHS", "REFERENCE", "LayerPath", "choose_path", "describe_cpu", "describe_head",
-           "kernel_for", "path_table", "prepare_for_cpu", "prepare_output_head", "summary"]
+           "disable_cpu_paths", "kernel_for", "path_table", "prepare_for_cpu", "prepare_output_head", "summary"]

@@ -6,9 +6,10 @@ At one row the head is a matrix-vector product over the whole vocabulary, and wi
 number (a checkpoint stored in float16, as llmquant and the GPTQ / AWQ tools write them, or bfloat16
 within float16's range), torch's float16 gemv (fp32 accumulation) computes the product from half the
 bytes and rounds only the input row and the logits to float16 (~2^-11 relative). The float16 copy
-(vocab x hidden x 2 bytes) is made once beside the weight and again if the weight changes; calls of
-more rows, in another dtype, off the CPU, with gradients, or under a kernel backend other than "auto"
-run the module's own forward.
+(vocab x hidden x 2 bytes) is made once beside the weight and again if the weight changes
+(freshness.py says when), and let go at the first call off the CPU; calls of more rows, in another
+dtype, off the CPU, with gradients, or under a kernel backend other than "auto" run the module's own
+forward.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .freshness import Stamp
 
 
 class HalfGemvHead:
@@ -24,27 +26,34 @@ class HalfGemvHead:
 
     def __init__(self, linear: nn.Linear):
         self.linear = linear
-        self._key = None
-        self._half = None
+        self._copy: tuple[Stamp, torch.Tensor | None] | None = None  # one attribute: threads see old or new
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._half is None else self._half.numel() * self._half.element_size()
+        half = None if self._copy is None else self._copy[1]
+        return 0 if half is None else half.numel() * half.element_size()
 
     def half_weight(self) -> torch.Tensor | None:
-        """The weight in float16, or None if it is not exactly float16 numbers."""
+        """The weight in float16, or None if it is not exactly float16 numbers (or not on the CPU)."""
         weight = self.linear.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if key != self._key:
-            with torch.no_grad():
-                half = weight.detach().to(torch.float16)
-                exact = weight.device.type == "cpu" and torch.equal(half.to(weight.dtype), weight.detach())
-            self._key, self._half = key, half if exact else None
-        return self._half
+        copy = self._copy
+        if copy is None or not copy[0].matches([weight]):
+            stamp = Stamp([weight])
+            half = None
+            if weight.device.type == "cpu":
+                with torch.inference_mode(False), torch.no_grad():  # a copy made under inference_mode outlives it
+                    half = weight.detach().to(torch.float16)
+                    if not torch.equal(half.to(weight.dtype), weight.detach()):
+                        half = None
+            copy = self._copy = (stamp, half)
+        return copy[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
-        applies = (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() == x.shape[-1]
+        if x.device.type != "cpu":
+            self._copy = None  # moved off the CPU: no CPU copy kept
+            return type(linear).forward(linear, x)
+        applies = (x.dtype == torch.float32 and x.numel() == x.shape[-1]
                    and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
                    and ops.requested_backend() == "auto")
         half = self.half_weight() if applies else None

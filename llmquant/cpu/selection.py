@@ -3,15 +3,19 @@
 Paths are tried in order of speed (int4pack, int8pack, w8a8, dequantized); the first that accepts a
 layer takes it. A layer no path takes, or whose dequantized cache would pass the memory bound, runs
 the reference op (dequantize on every call); the unquantized output head gets its own decode path
-(head.py). Linears that read one input and take the same path
-are converted together and run as one stacked matmul (fused.py), when the model's architecture map
-says which they are. Converted tensors live in a plain attribute of the
+(head.py). Only linears whose forward asks for a converted kernel (cpu_kernel_for) are converted:
+FP8 and pack-quantized linears run their own op and get nothing. Linears that read one input and
+take the same path are converted together and run as one stacked matmul (fused.py), when the
+model's architecture map says which they are. Converted tensors live in a plain attribute of the
 module, not in buffers: state_dict() and saving see only the checkpoint's tensors, and moving the
-module to another device or dtype does not carry CPU-only layouts along; a conversion is redone
-when its source tensors change (a move back to the CPU, a load_state_dict), at the next CPU forward.
+module to another device or dtype does not carry CPU-only layouts along. Only layers on the CPU are
+converted; a conversion is dropped at the layer's first call off the CPU (moved to a GPU it keeps no
+CPU copies) and at a load_state_dict, and redone when its source tensors change (freshness.py) at
+the next CPU call. disable_cpu_paths takes a model off the paths for good (a base training adapters).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -23,10 +27,11 @@ from torch import nn
 from .. import ops
 from ..arch import arch_for
 from ..errors import ConfigError, UnsupportedArchitectureError
-from ..nn import QUANTIZED_LINEARS
+from ..nn import QUANTIZED_LINEARS, AWQLinear, BnB4bitLinear, GPTQLinear, W8A8Linear
 from . import dequantized, int4pack, int8pack, w8a8
-from .fused import MemberKernel, SharedInputGroup
-from .head import describe_head, prepare_output_head
+from .freshness import Stamp
+from .fused import MemberKernel, SharedInputGroup, open_scopes_around
+from .head import HalfGemvHead, describe_head, prepare_output_head
 
 PATHS = (int4pack, int8pack, w8a8, dequantized)
 REFERENCE = "reference"
@@ -34,6 +39,13 @@ CACHE_MIB_ENV = "LLMQUANT_CPU_CACHE_MIB"
 DEFAULT_MAX_CACHE_MIB = 4096.0
 _KERNEL_ATTRIBUTE = "_llmquant_cpu_kernel"
 _CACHE_ALLOWED_ATTRIBUTE = "_llmquant_cpu_cache_allowed"
+_DISABLED_ATTRIBUTE = "_llmquant_cpu_disabled"
+_LOAD_HOOK_ATTRIBUTE = "_llmquant_cpu_load_hook"
+# The quantized linears whose forward calls cpu_kernel_for; the others (FP8, pack-quantized) run their
+# own op whatever is converted for them, so converting them would only cost memory.
+TAKES_CPU_KERNELS = (GPTQLinear, AWQLinear, W8A8Linear, BnB4bitLinear)
+OWN_OP = "its own op on every call (no CPU path takes this layer type)"
+DISABLED = "its own op on every call (CPU paths disabled: a base training adapters)"
 
 logger = logging.getLogger("llmquant.cpu")
 
@@ -50,9 +62,13 @@ class LayerPath:
 
 @dataclass
 class _Converted:
-    key: tuple
+    stamp: Stamp  # the module's buffers converted
+    dtype: torch.dtype  # the activations' dtype converted for
     path: str
     kernel: object | None  # None: the reference op
+
+    def current(self, module: nn.Module, dtype: torch.dtype) -> bool:
+        return dtype == self.dtype and self.stamp.matches(_sources(module))
 
 
 def max_cache_mib_from_env() -> float:
@@ -70,6 +86,8 @@ def max_cache_mib_from_env() -> float:
 
 def choose_path(module: nn.Module, cache_allowed: bool = True) -> tuple[object | None, dict[str, str]]:
     """(the path module that takes `module`, or None for the reference; why each faster path refused)."""
+    if not isinstance(module, TAKES_CPU_KERNELS):
+        return None, {}
     refusals = {}
     for path in PATHS:
         reason = path.refusal(module)
@@ -81,31 +99,88 @@ def choose_path(module: nn.Module, cache_allowed: bool = True) -> tuple[object |
     return None, refusals
 
 
-def _source_key(module: nn.Module, dtype: torch.dtype) -> tuple:
-    return (dtype,) + tuple((b.data_ptr(), b._version) for b in module._buffers.values() if b is not None)
+@contextlib.contextmanager
+def _building():
+    # A conversion outlives the call that made it: made under torch.inference_mode() its tensors
+    # would be inference tensors, which later calls outside that mode could not use everywhere.
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _sources(module: nn.Module) -> list[torch.Tensor]:
+    return [b for b in module._buffers.values() if b is not None]
+
+
+def _on_cpu(module: nn.Module) -> bool:
+    sources = _sources(module)
+    return bool(sources) and all(b.device.type == "cpu" for b in sources)
+
+
+def _forget_after_load(module: nn.Module, incompatible_keys) -> None:
+    # A load_state_dict may write in place into tensors whose writes no stamp sees (inference
+    # tensors), or change plain attributes the conversion read (a 4-bit layer's block size).
+    module.__dict__.pop(_KERNEL_ATTRIBUTE, None)
+
+
+def _install(module: nn.Module, converted: _Converted) -> None:
+    if not module.__dict__.get(_LOAD_HOOK_ATTRIBUTE):
+        module.register_load_state_dict_post_hook(_forget_after_load)
+        module.__dict__[_LOAD_HOOK_ATTRIBUTE] = True
+    module.__dict__[_KERNEL_ATTRIBUTE] = converted  # one assignment: a concurrent call sees old or new
 
 
 def _convert(module: nn.Module, dtype: torch.dtype) -> _Converted:
     path, _ = choose_path(module, module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE, False))
-    with torch.no_grad():
+    stamp = Stamp(_sources(module))
+    with _building():
         kernel = path.build([module], dtype) if path is not None else None
-    converted = _Converted(_source_key(module, dtype), path.NAME if path is not None else REFERENCE, kernel)
-    module.__dict__[_KERNEL_ATTRIBUTE] = converted
+    converted = _Converted(stamp, dtype, path.NAME if path is not None else REFERENCE, kernel)
+    _install(module, converted)
     return converted
 
 
 def kernel_for(module: nn.Module, x: torch.Tensor):
     """The converted CPU kernel to run `module` on x, or None for the op the module calls otherwise:
-    off the CPU, under a kernel backend other than "auto" (use_backend / LLMQUANT_KERNELS), and when
-    autograd needs a gradient through x (the packed ops have no backward). A layer converted here
-    without having been through prepare_for_cpu gets no dequantized weight (the memory bound is kept
-    there): it runs the reference op if no packed path takes it."""
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto":
+    off the CPU (where a conversion the module still holds is dropped), under a kernel backend other
+    than "auto" (use_backend / LLMQUANT_KERNELS), when autograd needs a gradient through x (the packed
+    ops have no backward), and for a model taken off the paths (disable_cpu_paths). A layer converted
+    here without having been through prepare_for_cpu gets no dequantized weight (the memory bound is
+    kept there): it runs the reference op if no packed path takes it."""
+    if torch.compiler.is_compiling():
+        return _kernel_for_compiled(module, x)
+    if x.device.type != "cpu":
+        if _KERNEL_ATTRIBUTE in module.__dict__:
+            module.__dict__.pop(_KERNEL_ATTRIBUTE, None)
+        return None
+    if (x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto" \
+            or module.__dict__.get(_DISABLED_ATTRIBUTE):
         return None
     converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
-    if converted is None or converted.key != _source_key(module, x.dtype):
+    if converted is None or not converted.current(module, x.dtype):
+        if not _on_cpu(module):
+            return None  # the module's own op reports the device mismatch
         converted = _convert(module, x.dtype)
     return converted.kernel
+
+
+# torch.compile runs this bookkeeping on Python objects (weak references) as it is and traces the
+# kernel it returns (Dynamo fails on the weak-reference calls). Not the eager path: the wrapper costs
+# ~0.6 us a call, 210 calls a token for a 135M model.
+_kernel_for_compiled = torch.compiler.disable(kernel_for)
+
+
+def disable_cpu_paths(model: nn.Module) -> None:
+    """Take `model` off the CPU paths for good: its quantized linears drop what was converted for them
+    and run their own op from now on, and the output head its own forward. For a quantized base that
+    trains adapters (QLoRA), whose memory is the packed size: a dequantized cache is 4x an NF4 weight,
+    and the gradients the training needs run the reference op anyway."""
+    for _, module in _quantized_linears(model):
+        module.__dict__[_DISABLED_ATTRIBUTE] = True
+        module.__dict__.pop(_KERNEL_ATTRIBUTE, None)
+        module.__dict__.pop(_CACHE_ALLOWED_ATTRIBUTE, None)
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), HalfGemvHead):
+            del module.forward
 
 
 def _quantized_linears(model: nn.Module):
@@ -146,11 +221,22 @@ class _Plan:
 
 def _is_current(plan: _Plan) -> bool:
     converted = plan.module.__dict__.get(_KERNEL_ATTRIBUTE)
-    return (converted is not None and converted.key == _source_key(plan.module, plan.dtype)
+    return (converted is not None and converted.current(plan.module, plan.dtype)
             and plan.module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE) == plan.cache_allowed)
 
 
-def _convert_group(names: list[str], plans: dict[str, _Plan]) -> bool:
+def _common_parent(model: nn.Module, names: list[str]) -> nn.Module:
+    """The closest module holding all of `names` (self_attn for q/k/v): its calls scope the hand-over."""
+    parents = [name.split(".")[:-1] for name in names]
+    common = []
+    for parts in zip(*parents):
+        if any(part != parts[0] for part in parts):
+            break
+        common.append(parts[0])
+    return model.get_submodule(".".join(common))
+
+
+def _convert_group(model: nn.Module, names: list[str], plans: dict[str, _Plan]) -> bool:
     """Convert the linears `names` (one input) into one stacked kernel if they can run as one."""
     if any(n not in plans for n in names):
         return False
@@ -169,13 +255,16 @@ def _convert_group(names: list[str], plans: dict[str, _Plan]) -> bool:
     if reason is not None:
         logger.debug("  %s not stacked: %s", ", ".join(names), reason)
         return False
-    with torch.no_grad():
-        group = SharedInputGroup(first.path.build(modules, first.dtype), [m.out_features for m in modules])
+    owner = _common_parent(model, names)
+    stamps = [Stamp(_sources(m)) for m in modules]
+    with _building():
+        group = SharedInputGroup(first.path.build(modules, first.dtype), [m.out_features for m in modules], owner)
+    open_scopes_around(owner)
     short = [n.rsplit(".", 1)[-1] for n in names]
     for index, plan in enumerate(members):
         plan.module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = True
-        plan.module.__dict__[_KERNEL_ATTRIBUTE] = _Converted(_source_key(plan.module, plan.dtype), first.path.NAME,
-                                                             MemberKernel(group, index, short))
+        member = MemberKernel(group, index, short)
+        _install(plan.module, _Converted(stamps[index], first.dtype, first.path.NAME, member))
     return True
 
 
@@ -184,13 +273,19 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
     """Convert every quantized linear of `model` that sits on the CPU into its fastest CPU path, once
     (the forward would do it lazily; doing it here spends the memory up front, applies the bound on
     dequantized weights, `max_cache_mib`, default $LLMQUANT_CPU_CACHE_MIB or 4096, in module order,
-    and stacks linears that read one input). Logs a count per path and, at debug level, each layer's
-    path. Returns each layer's path."""
+    and stacks linears that read one input). Layers elsewhere (a GPU, meta), layers whose forward
+    takes no converted kernel and a model taken off the paths get nothing. Logs what runs: a count
+    per path, the layers left to their own ops by device, and at debug level each layer's path.
+    Returns each CPU layer's path."""
     budget = (max_cache_mib_from_env() if max_cache_mib is None else max_cache_mib) * 2**20
-    plans = {}
+    plans, unconverted, elsewhere = {}, {}, Counter()
     for name, module in _quantized_linears(model):
-        buffers = [b for b in module._buffers.values() if b is not None]
-        if not buffers or buffers[0].device.type != "cpu":
+        if not _on_cpu(module):
+            sources = _sources(module)
+            elsewhere[str(sources[0].device) if sources else "no tensors"] += 1
+            continue
+        if module.__dict__.get(_DISABLED_ATTRIBUTE) or not isinstance(module, TAKES_CPU_KERNELS):
+            unconverted[name] = DISABLED if module.__dict__.get(_DISABLED_ATTRIBUTE) else OWN_OP
             continue
         activation_dtype = dtype or (module.bias.dtype if module.bias is not None else _model_dtype(model))
         path, _ = choose_path(module)
@@ -198,10 +293,16 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         if path is dequantized and allowed:
             budget -= dequantized.cache_bytes(module, activation_dtype)
         plans[name] = _Plan(module, activation_dtype, path if allowed else choose_path(module, False)[0], allowed)
-    stacked = {name for names in shared_input_groups(model) if _convert_group(names, plans) for name in names}
+    stacked = {name for names in (shared_input_groups(model) if plans else [])
+               if _convert_group(model, names, plans) for name in names}
     layers = []
-    for name, plan in plans.items():
-        module = plan.module
+    for name, module in _quantized_linears(model):
+        if name in unconverted:
+            layers.append(LayerPath(name, REFERENCE, unconverted[name], 0))
+            continue
+        plan = plans.get(name)
+        if plan is None:
+            continue
         if name not in stacked and (not _is_current(plan)
                                     or isinstance(module.__dict__[_KERNEL_ATTRIBUTE].kernel, MemberKernel)):
             module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = plan.cache_allowed
@@ -211,11 +312,16 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         kernel = converted.kernel
         layers.append(LayerPath(name, converted.path, kernel.detail if kernel is not None else "dequantized per call",
                                 kernel.nbytes if kernel is not None else 0, refusals, isinstance(kernel, MemberKernel)))
+    for device, count in sorted(elsewhere.items()):
+        logger.info("%d quantized linears on %s: their own ops there, nothing converted for the CPU", count, device)
     if layers:
         logger.info("CPU paths: %s", summary(layers))
         for layer in layers:
             logger.debug("  %s: %s (%s)", layer.name, layer.path, layer.detail)
-        logger.info("CPU output head: %s", describe_head(prepare_output_head(model)))
+        if any(reason == DISABLED for reason in unconverted.values()):
+            logger.info("CPU output head: its own forward (CPU paths disabled)")
+        else:
+            logger.info("CPU output head: %s", describe_head(prepare_output_head(model)))
     return layers
 
 

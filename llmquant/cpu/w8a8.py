@@ -5,10 +5,12 @@ does, then multiplied with the int8 weight in one of two ways, chosen by what th
 - "int_mm" where it has an int8 dot-product instruction (VNNI / AMX): `torch._int_mm` of the int8
   codes, exact int32 accumulation, the scales applied after, as the reference computes; the weight
   is read through a transposed view (the reference copies a transposed weight on every call).
-- "int8pack" elsewhere: the int8 codes through `_weight_int8pack_mm` with unit scales, in the
-  activations' dtype, then both scales in fp32, instead of an int8 GEMM that is ~30x slower than
-  fp32 without VNNI. Not in bfloat16, where the packed op is fastest: rounding the integer
-  products to bf16 moved SmolLM2's W8A8 perplexity by 0.7%, past the 0.1% this path is held to.
+- "int8pack" elsewhere: the int8 codes through `_weight_int8pack_mm` with unit scales, in float32,
+  then both scales in fp32, instead of an int8 GEMM that is ~30x slower than fp32 without VNNI.
+  float32 whatever the activations' dtype: the products of two int8 codes sum to up to 16129 * K,
+  past float16's 65504 from K = 5 (inf), and float32 holds these integer sums exactly up to 2^24
+  (K ~ 1000) and within 2^-24 after. Not in bfloat16, where the packed op is fastest: rounding the
+  integer products to bf16 moved SmolLM2's W8A8 perplexity by 0.7%, past the 0.1% this path is held to.
 
 LLMQUANT_CPU_W8A8=int_mm | int8pack overrides the choice (eval/bench_cpu.py measures both).
 
@@ -66,7 +68,7 @@ class W8A8Kernel:
         if self.use_int_mm:
             self.unit_scales = None
         else:
-            self.compute_dtype = activation_dtype
+            self.compute_dtype = torch.float32
             self.unit_scales = torch.ones(self.out_features, dtype=self.compute_dtype)
         activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
         self.detail = f"{activations} activations, " + ("int8 x int8 torch._int_mm" if self.use_int_mm else

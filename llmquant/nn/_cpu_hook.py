@@ -7,12 +7,14 @@ _kernel_for = None
 
 
 def register_cpu_kernels(kernel_for) -> None:
-    """kernel_for(module, x): the converted kernel to run `module` on the CPU tensor x, or None."""
+    """kernel_for(module, x): the converted kernel to run `module` on x, or None (always off the CPU)."""
     global _kernel_for
     _kernel_for = kernel_for
 
 
 def cpu_kernel_for(module, x):
-    if _kernel_for is None or x.device.type != "cpu":
+    """The kernel to run, or None; asked off the CPU too, so that a module moved off it lets go of its
+    CPU conversion."""
+    if _kernel_for is None:
         return None
     return _kernel_for(module, x)
