@@ -41,7 +41,8 @@ from safetensors.torch import save_file  # noqa: E402
 from llmquant import QuantConfig, streaming  # noqa: E402
 from llmquant.streaming import PROGRESS_FILE, quantize_to_disk  # noqa: E402
 
-TIMED_FILES = {"quantize_report.json", "report.md"}  # hold timings; their other content is compared
+# hold timings (and the card, the output path): the report JSON's other content is compared
+TIMED_FILES = {"quantize_report.json", "report.md", "README.md"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 CONFIG = QuantConfig(method="gptq", bits=4, group_size=32)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,6 +86,43 @@ def _module_config(folder: Path, quantization_config: dict, name: str) -> dict:
         raise CheckpointError(f"{folder}: quantization_config.dynamic leaves {name} unquantized, "
                               "but the checkpoint holds quantized tensors for it")
     return module_config
+
+
+@contextmanager
+def _naming(folder: Path):
+    """CheckpointErrors from the formats and the modules name a tensor; this adds the folder it is in."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from exc
+
+
+def _own_tensors(tensors, name: str, suffixes) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors of the quantized linear `name` (suffix -> tensor), bias included."""
+    return {suffix: tensors[f"{name}.{suffix}"] for suffix in (*suffixes, "bias") if f"{name}.{suffix}" in tensors}
+
+
+def _build_checked(fmt, folder: Path, quantization_config: dict, name: str, own: dict[str, torch.Tensor],
+                   in_features: int, out_features: int, dtype: torch.dtype) -> nn.Module:
+    """The empty quantized linear for `own`, its config and shapes checked by build_linear and every
+    tensor's dtype and values by check_tensors, before anything reads them."""
+    shapes = {suffix: tuple(tensor.shape) for suffix, tensor in own.items() if suffix in fmt.tensor_suffixes}
+    module_config = _module_config(folder, quantization_config, name)
+    with _naming(folder):
+        module = fmt.build_linear(name, module_config, shapes, "bias" in own, in_features, out_features, dtype)
+        fmt.check_tensors(name, module, own)
+    return module
+
+
+def _check_unquantized(folder: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The floating-point parts (embeddings, norms, kept linears) fit the model's own tensors: a
+    wrong shape or an integer tensor is named here, not by torch's load_state_dict or a matmul."""
+    for key, tensor in tensors.items():
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(f"{folder}: {key} has shape {tuple(tensor.shape)}, the model's is {tuple(want.shape)}")
+        if tensor.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(f"{folder}: {key} is {tensor.dtype}, the model holds {want.dtype} there")
 
 
 def load(path: str | os.PathLike, dtype="auto", trust_remote_code: bool = False, device="auto", device_map=None,
@@ -168,22 +206,23 @@ def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool):
             raise CheckpointError(f"{folder}: quantized tensors for {name}, which the model has no module for") from None
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{folder}: {name} is a {type(linear).__name__} in the model, not a linear layer")
-        shapes = {suffix: tuple(tensors[f"{name}.{suffix}"].shape)
-                  for suffix in fmt.tensor_suffixes if f"{name}.{suffix}" in tensors}
-        module = fmt.build_linear(name, _module_config(folder, quantization_config, name), shapes, f"{name}.bias" in tensors,
-                                  linear.in_features, linear.out_features, dtype)
-        model.set_submodule(name, module)
+        own = _own_tensors(tensors, name, fmt.tensor_suffixes)
+        model.set_submodule(name, _build_checked(fmt, folder, quantization_config, name, own, linear.in_features,
+                                                 linear.out_features, dtype))
 
     # A quantized linear's own tensors (scales, absmax, ...) keep their stored dtype; bias and the
     # unquantized parts take the compute dtype.
     quantized_tensors = {f"{name}.{suffix}" for name in quantized for suffix in fmt.tensor_suffixes}
+    expected = model.state_dict()
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{folder}: tensors the model has no place for: {', '.join(unexpected[:5])}")
+    _check_unquantized(folder, {k: t for k, t in tensors.items() if k not in quantized_tensors}, expected)
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and key not in quantized_tensors:
             tensors[key] = tensor.to(dtype)
-    unexpected = sorted(set(tensors) - set(model.state_dict()))
-    if unexpected:
-        raise CheckpointError(f"{folder}: tensors the model has no place for: {', '.join(unexpected[:5])}")
-    model.load_state_dict(tensors, strict=False, assign=True)
+    with _naming(folder):  # the bitsandbytes linears read their quant_state JSON here
+        model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     still_empty = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if still_empty:
@@ -203,7 +242,8 @@ def load_quantized_linear(path: str | os.PathLike, name: str, in_features: int, 
     own = {key[len(name) + 1:]: key for key in source.keys() if key.startswith(name + ".")}
     if fmt.marker_suffix not in own:
         raise CheckpointError(f"{folder} holds no quantized tensors for {name}")
-    shapes = {suffix: tuple(source.shape(key)) for suffix, key in own.items() if suffix in fmt.tensor_suffixes}
-    module = fmt.build_linear(name, _module_config(folder, quantization_config, name), shapes, "bias" in own, in_features, out_features, dtype)
-    module.load_state_dict({suffix: source[key] for suffix, key in own.items()}, strict=False, assign=True)
+    own = {suffix: source[key] for suffix, key in own.items()}
+    module = _build_checked(fmt, folder, quantization_config, name, own, in_features, out_features, dtype)
+    with _naming(folder):
+        module.load_state_dict(own, strict=False, assign=True)
     return module.eval()

@@ -16,7 +16,7 @@ def test_every_format_implements_the_protocol_with_its_signatures(name):
     fmt = FORMATS[name]
     assert isinstance(fmt, CheckpointFormat) and fmt.name == name
     for method in ("reads", "check_config", "grid_min_zero", "check_layer", "pack", "quantization_config",
-                   "build_linear"):
+                   "build_linear", "check_tensors"):
         assert _parameters(getattr(fmt, method)) == _parameters(getattr(CheckpointFormat, method)), method
     assert all(isinstance(b, int) for b in fmt.bits) and fmt.marker_suffix in fmt.tensor_suffixes
 

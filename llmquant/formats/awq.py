@@ -21,7 +21,8 @@ from .._version import __version__
 from ..errors import CheckpointError, ConfigError
 from ..grid import PER_CHANNEL
 from ..nn.awq_linear import AWQLinear
-from .base import CheckpointFormat, RoundedWeight, read_group_size, read_int, read_str
+from .base import (FLOAT_DTYPES, CheckpointFormat, RoundedWeight, check_bias, check_dtype, check_finite,
+                   read_group_size, read_int, read_str)
 
 if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
     from ..config import QuantConfig
@@ -118,3 +119,12 @@ class AWQFormat(CheckpointFormat):
                     "(the quantization_config disagrees with the tensors)"
                 )
         return AWQLinear(in_features, out_features, group_size=width, bias=has_bias, dtype=dtype)
+
+    @staticmethod
+    def check_tensors(name: str, module: AWQLinear, tensors: dict[str, torch.Tensor]) -> None:
+        # every nibble is a valid 4-bit code or zero point, so int32 words need no value check
+        for suffix in ("qweight", "qzeros"):
+            check_dtype(f"{name}.{suffix}", tensors[suffix], torch.int32)
+        check_dtype(f"{name}.scales", tensors["scales"], *FLOAT_DTYPES)
+        check_finite(f"{name}.scales", tensors["scales"])
+        check_bias(name, tensors, module.out_features)

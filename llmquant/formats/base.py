@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
+import torch
+
 from ..errors import CheckpointError
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from ..config import QuantConfig
@@ -73,6 +74,13 @@ class CheckpointFormat(Protocol):
         raise CheckpointError when the config or the shapes are not what this format stores."""
         ...
 
+    def check_tensors(self, name: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise CheckpointError naming the tensor when one of `tensors` (suffix -> tensor: the
+        checkpoint's own for the linear `name`, bias included), read into `module` as build_linear
+        built it, has a dtype the format does not store or values no op may be given (indices out of
+        range, NaN / inf scales). Runs before the tensors reach the module, and so any kernel."""
+        ...
+
 
 # ---- reading a checkpoint's quantization_config: a CheckpointError naming the key, never a TypeError ----
 
@@ -122,3 +130,73 @@ def read_mapping(config: dict, key: str, default=REQUIRED, where: str = "quantiz
     if not isinstance(value, dict):
         raise CheckpointError(f"{where}.{key} must be a mapping, got {value!r}")
     return value
+
+
+# ---- the values a checkpoint brings: each format's check_tensors is made of these ----
+
+# Scales and biases: every op reads them in fp32 (or the activations' dtype), so any of these is
+# read exactly. GPTQ / AWQ writers store fp16 scales; llm-compressor stores the model's dtype (bf16
+# on the hub, fp32 from an fp32 model), for int8, FP8 and pack-quantized alike.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0])
+
+
+def check_dtype(where: str, tensor: torch.Tensor, *dtypes: torch.dtype) -> None:
+    if tensor.dtype not in dtypes:
+        raise CheckpointError(f"{where} is {_dtype_name(tensor.dtype)}; the format stores it as "
+                              f"{' or '.join(map(_dtype_name, dtypes))}")
+
+
+def check_finite(where: str, tensor: torch.Tensor, positive: bool = False) -> None:
+    """No NaN or inf, and, with `positive` (a scale that divides), nothing <= 0. Zero and negative
+    multipliers are let through: bitsandbytes stores absmax 0 for an all-zero block, and an fp16
+    scale of a tiny group underflows to 0; neither makes an op misbehave."""
+    bad = ~torch.isfinite(tensor)
+    if positive:
+        bad |= tensor <= 0
+    if not bool(bad.any()):
+        return
+    index = _first(bad)
+    raise CheckpointError(f"{where} holds {tensor[index].item()} at {list(index)} ({int(bad.sum())} such values); "
+                          f"it must be finite{' and > 0 (activations are divided by it)' if positive else ''}")
+
+
+def check_range(where: str, tensor: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Integer values in [low, high], which `what` says the meaning of."""
+    if tensor.numel() == 0:
+        return
+    smallest, largest = torch.aminmax(tensor)
+    if int(smallest) >= low and int(largest) <= high:
+        return
+    index = _first((tensor < low) | (tensor > high))
+    raise CheckpointError(f"{where} holds {tensor[index].item()} at {list(index)}; {what} must lie in {low}..{high}")
+
+
+def check_group_index(where: str, g_idx: torch.Tensor, groups: int, group_size: int) -> None:
+    """A g_idx (the group of each input column, act-order's permuted one included) that indexes the
+    `groups` scale rows, no group holding more than group_size columns: GPTQ and llm-compressor
+    derive it as (position in the quantization order) // group_size, so a fuller group means the
+    group count or size disagrees with the tensors."""
+    check_range(where, g_idx, 0, groups - 1, f"a group index ({groups} groups)")
+    counts = torch.bincount(g_idx.reshape(-1).long(), minlength=groups)
+    fullest = int(counts.argmax())
+    if int(counts[fullest]) > group_size:
+        raise CheckpointError(f"{where} puts {int(counts[fullest])} input columns in group {fullest}, more than "
+                              f"group_size {group_size}: the group count disagrees with the tensors")
+
+
+def check_bias(name: str, tensors: dict[str, torch.Tensor], out_features: int) -> None:
+    bias = tensors.get("bias")
+    if bias is None:
+        return
+    check_dtype(f"{name}.bias", bias, *FLOAT_DTYPES)
+    if tuple(bias.shape) != (out_features,):
+        raise CheckpointError(f"{name}.bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    check_finite(f"{name}.bias", bias)

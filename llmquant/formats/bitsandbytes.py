@@ -27,7 +27,7 @@ from .._version import __version__
 from ..errors import CheckpointError
 from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, code_of_zero, dynamic_table
 from ..nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
-from .base import CheckpointFormat, RoundedWeight, read_str
+from .base import CheckpointFormat, RoundedWeight, check_bias, check_dtype, check_finite, read_str
 
 if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
     from ..config import QuantConfig
@@ -146,3 +146,25 @@ class BitsAndBytesFormat(CheckpointFormat):
         nested_blocks = shapes["weight.nested_absmax"][0] if nested else 0
         return BnB4bitLinear(in_features, out_features, quant_type, blocks=blocks, nested_blocks=nested_blocks,
                              bias=has_bias, dtype=dtype)
+
+    @staticmethod
+    def check_tensors(name: str, module: BnB4bitLinear, tensors: dict[str, torch.Tensor]) -> None:
+        """Every byte of `weight` holds two valid codes of the 16-entry table, and every double-quantized
+        absmax byte indexes the 256-entry nested table: dtypes alone keep lookups in range."""
+        check_dtype(f"{name}.weight", tensors["weight"], torch.uint8)
+        state_key = f"weight.{quant_state_key(module.quant_type)}"
+        check_dtype(f"{name}.{state_key}", tensors[state_key], torch.uint8)
+        if tensors[state_key].dim() != 1:
+            raise CheckpointError(f"{name}.{state_key} has shape {tuple(tensors[state_key].shape)}; "
+                                  "it holds JSON bytes, one dimension")
+        module.read_quant_state(name, tensors[state_key])
+        floats = ["weight.quant_map"]
+        if module.nested:
+            check_dtype(f"{name}.weight.absmax", tensors["weight.absmax"], torch.uint8)
+            floats += ["weight.nested_absmax", "weight.nested_quant_map"]
+        else:
+            floats.append("weight.absmax")
+        for suffix in floats:  # bitsandbytes stores all of these in fp32
+            check_dtype(f"{name}.{suffix}", tensors[suffix], torch.float32)
+            check_finite(f"{name}.{suffix}", tensors[suffix])
+        check_bias(name, tensors, module.out_features)

@@ -32,7 +32,8 @@ from ..errors import CheckpointError
 from ..grid import PER_CHANNEL
 from ..nn.pack_quantized_linear import PackQuantizedLinear
 from ..nn.w8a8_linear import W8A8Linear
-from .base import CheckpointFormat, RoundedWeight, read_int, read_mapping, read_str
+from .base import (FLOAT_DTYPES, CheckpointFormat, RoundedWeight, check_bias, check_dtype, check_finite,
+                   check_group_index, read_int, read_mapping, read_str)
 
 if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
     from ..config import QuantConfig
@@ -145,6 +146,19 @@ class CompressedTensorsFormat(CheckpointFormat):
             raise CheckpointError(f"{name}.input_scale present, but the config says dynamic activations")
         return W8A8Linear(in_features, out_features, static=static, bias=has_bias, dtype=dtype)
 
+    @staticmethod
+    def check_tensors(name: str, module: W8A8Linear | PackQuantizedLinear, tensors: dict[str, torch.Tensor]) -> None:
+        if isinstance(module, PackQuantizedLinear):
+            _check_pack_quantized(name, module, tensors)
+        else:
+            check_dtype(f"{name}.weight", tensors["weight"], torch.int8)  # every int8 is a code
+            if "input_scale" in tensors:
+                check_dtype(f"{name}.input_scale", tensors["input_scale"], *FLOAT_DTYPES)
+                check_finite(f"{name}.input_scale", tensors["input_scale"], positive=True)
+        check_dtype(f"{name}.weight_scale", tensors["weight_scale"], *FLOAT_DTYPES)
+        check_finite(f"{name}.weight_scale", tensors["weight_scale"])
+        check_bias(name, tensors, module.out_features)
+
 
 def _check_shapes(name: str, shapes: dict[str, tuple], expected: dict[str, tuple]) -> None:
     for suffix, shape in expected.items():
@@ -186,3 +200,18 @@ def _pack_quantized_linear(name: str, group: dict, shapes: dict[str, tuple], has
     _check_shapes(name, shapes, expected)
     return PackQuantizedLinear(in_features, out_features, bits, group_size, symmetric, g_idx="weight_g_idx" in shapes,
                                scale_dtype=dtype, bias=has_bias, dtype=dtype)
+
+
+def _check_pack_quantized(name: str, module: PackQuantizedLinear, tensors: dict[str, torch.Tensor]) -> None:
+    # packed codes and zero points: every bits-wide field is a valid (offset) signed value
+    for suffix in ("weight_packed", "weight_zero_point", "weight_g_idx"):
+        if suffix in tensors:
+            check_dtype(f"{name}.{suffix}", tensors[suffix], torch.int32)
+    shape = tensors["weight_shape"]
+    check_dtype(f"{name}.weight_shape", shape, torch.int64)  # compressed-tensors: torch.tensor(weight.shape)
+    if shape.tolist() != [module.out_features, module.in_features]:
+        raise CheckpointError(f"{name}.weight_shape holds {shape.tolist()}, but the linear is "
+                              f"[{module.out_features}, {module.in_features}]")
+    if "weight_g_idx" in tensors:
+        check_group_index(f"{name}.weight_g_idx", tensors["weight_g_idx"], tensors["weight_scale"].shape[1],
+                          module.group_size)

@@ -21,7 +21,7 @@ from .._version import __version__
 from ..errors import CheckpointError, ConfigError
 from ..grid.fp8 import FP8_DTYPE, Fp8Weight
 from ..nn.fp8_linear import Fp8Linear
-from .base import CheckpointFormat, read_int, read_mapping
+from .base import FLOAT_DTYPES, CheckpointFormat, check_bias, check_dtype, check_finite, read_int, read_mapping
 
 if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
     from ..config import QuantConfig
@@ -147,3 +147,18 @@ class CompressedTensorsFp8Format(CheckpointFormat):
                 raise CheckpointError(f"{name}.{suffix} has shape {tuple(shapes[suffix])}, expected {shape}")
         return Fp8Linear(in_features, out_features, block=block, dynamic_activations=not block, bias=has_bias,
                          dtype=dtype)
+
+    @staticmethod
+    def check_tensors(name: str, module: Fp8Linear, tensors: dict[str, torch.Tensor]) -> None:
+        weight = tensors["weight"]
+        check_dtype(f"{name}.weight", weight, FP8_DTYPE)
+        # e4m3fn has no inf; its NaNs are S.1111.111, so as int8 a positive one is the maximum 127 and
+        # as uint8 a negative one the maximum 255: two reductions over the weight, no temporary.
+        if weight.numel() and (int(weight.view(torch.int8).max()) == 127 or int(weight.view(torch.uint8).max()) == 255):
+            codes = weight.view(torch.uint8)
+            nans = (codes & 0x7F) == 0x7F
+            raise CheckpointError(f"{name}.weight holds {int(nans.sum())} NaN codes (the first at "
+                                  f"{[int(i) for i in nans.nonzero()[0]]}); FP8 weights must be finite")
+        check_dtype(f"{name}.weight_scale", tensors["weight_scale"], *FLOAT_DTYPES)
+        check_finite(f"{name}.weight_scale", tensors["weight_scale"])
+        check_bias(name, tensors, module.out_features)

@@ -21,7 +21,8 @@ from .._version import __version__
 from ..errors import CheckpointError, ConfigError
 from ..grid import PER_CHANNEL
 from ..nn.gptq_linear import GPTQLinear
-from .base import CheckpointFormat, RoundedWeight, read_group_size, read_int, read_str
+from .base import (FLOAT_DTYPES, CheckpointFormat, RoundedWeight, check_bias, check_dtype, check_finite,
+                   check_group_index, check_range, read_group_size, read_int, read_str)
 
 if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry
     from ..config import QuantConfig
@@ -137,6 +138,23 @@ class GPTQFormat(CheckpointFormat):
             in_features, out_features, bits=bits, group_size=group_size, num_groups=groups,
             zero_offset=ZERO_OFFSETS[checkpoint_format], bias=has_bias, dtype=dtype,
         )
+
+    @staticmethod
+    def check_tensors(name: str, module: GPTQLinear, tensors: dict[str, torch.Tensor]) -> None:
+        for suffix in ("qweight", "qzeros", "g_idx"):
+            check_dtype(f"{name}.{suffix}", tensors[suffix], torch.int32)
+        check_dtype(f"{name}.scales", tensors["scales"], *FLOAT_DTYPES)
+        check_finite(f"{name}.scales", tensors["scales"])
+        groups = tensors["scales"].shape[0]
+        width = module.in_features if module.group_size == PER_CHANNEL else module.group_size
+        check_group_index(f"{name}.g_idx", tensors["g_idx"], groups, width)
+        if module.zero_offset:
+            # v1 stores zero - 1: an all-ones field would read as 2^bits, off the grid. It is what a
+            # writer that wrapped zero 0 to -1 leaves (AutoGPTQ's asymmetric underflow).
+            zeros = bitpack.unpack(tensors["qzeros"], module.bits, dim=1)
+            check_range(f"{name}.qzeros", zeros, 0, 2 ** module.bits - 1 - module.zero_offset,
+                        f"a stored GPTQ v1 zero point (zero - 1) of {module.bits} bits")
+        check_bias(name, tensors, module.out_features)
 
 
 def dynamic_override(quantization_config: dict, module_name: str) -> dict | None:

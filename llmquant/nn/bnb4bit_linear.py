@@ -8,6 +8,7 @@ offset from the quant_state JSON.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from ..grid.codebook import BLOCKSIZES, dequantize_nested_absmax
 # bitsandbytes state-dict suffix (after "weight.") -> buffer name.
 _BUFFERS = {"absmax": "absmax", "quant_map": "quant_map", "nested_absmax": "nested_absmax",
             "nested_quant_map": "nested_quant_map"}
+
+
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def quant_state_key(quant_type: str) -> str:
@@ -108,12 +112,15 @@ class BnB4bitLinear(nn.Module):
                 with torch.no_grad():
                     current.copy_(value)
         if prefix + f"weight.{quant_state_key(self.quant_type)}" in state_dict:
-            self._read_quant_state(name)
+            self.read_quant_state(name, self.quant_state)
 
-    def _read_quant_state(self, name: str) -> None:
+    def read_quant_state(self, name: str, raw: torch.Tensor) -> None:
+        """Take the block size and double-quantization settings from the quant_state JSON bytes
+        `raw`, checked against this linear's shape and absmax tensors (the format checks a
+        checkpoint's with it before loading, under the linear's full name)."""
         try:
-            state = json.loads(bytes(self.quant_state.tolist()).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+            state = json.loads(bytes(raw.reshape(-1).tolist()).decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; "[[[[..." recurses
             raise CheckpointError(f"{name}: the quant_state tensor is not valid JSON: {exc}") from exc
         if not isinstance(state, dict):
             raise CheckpointError(f"{name}: the quant_state tensor is not a JSON object")
@@ -126,14 +133,21 @@ class BnB4bitLinear(nn.Module):
         if type(blocksize) is not int or blocksize not in BLOCKSIZES or -(-self.in_features * self.out_features // blocksize) != self.absmax.numel():
             raise CheckpointError(f"{name}: quant_state blocksize {blocksize!r} disagrees with "
                                   f"{self.absmax.numel()} absmax values")
+        # bitsandbytes rebuilds the weight in this dtype (getattr(torch, name)); it must be one it quantizes
+        if state.get("dtype") not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{name}: quant_state dtype {state.get('dtype')!r} is not one of {', '.join(WEIGHT_DTYPES)}")
         self.blocksize = blocksize
         if self.nested:
             offset, nested_blocksize = state.get("nested_offset"), state.get("nested_blocksize")
-            if not isinstance(offset, (int, float)) or type(nested_blocksize) is not int \
+            # JSON spells NaN and Infinity too, and the offset is added to every block's absmax
+            if type(offset) not in (int, float) or not math.isfinite(offset) or type(nested_blocksize) is not int \
                     or nested_blocksize not in BLOCKSIZES \
                     or -(-self.absmax.numel() // nested_blocksize) != self.nested_absmax.numel():
                 raise CheckpointError(f"{name}: quant_state nested_offset {offset!r} / nested_blocksize "
                                       f"{nested_blocksize!r} do not describe the nested absmax tensors")
+            if state.get("nested_dtype") != "float32":
+                raise CheckpointError(f"{name}: quant_state nested_dtype {state.get('nested_dtype')!r}; "
+                                      "bitsandbytes stores the nested absmax as float32")
             self.nested_offset, self.nested_blocksize = float(offset), nested_blocksize
 
     def extra_repr(self) -> str:
