@@ -1,9 +1,29 @@
 """llmquant: LLM weight quantization into checkpoints the ecosystem loads."""
+import importlib
+
 from ._version import __version__
-from .api import QuantizedModel, quantize
-from .config import QuantConfig
-from .data import Calibration
 from .errors import LlmquantError
-from .loading import load
+
+# The public names, imported on first use: `llmquant --help` and `llmquant models` start without
+# loading torch (the CLI imports this package first).
+_PUBLIC = {"quantize": "api", "QuantizedModel": "api", "QuantConfig": "config", "Calibration": "data",
+           "load": "loading"}
 
 __all__ = ["quantize", "load", "QuantConfig", "QuantizedModel", "Calibration", "LlmquantError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # llmquant.api, llmquant.streaming, ... as attributes, as after an eager import
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
