@@ -36,6 +36,7 @@ from .perplexity import perplexity
 from .pipeline import PipelineResult, Placement, quantize_blocks
 from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
+from .rotation import rotate_model
 from .streaming import quantize_to_disk
 
 
@@ -58,6 +59,7 @@ class QuantizedModel:
     # Format-neutral results per layer, kept only when asked for (QAT starts from them).
     quantized_weights: dict = field(default_factory=dict)
     placement: Placement | None = None
+    rotation: dict | None = None  # what rotation.py fused into the weights, when asked for
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """All tensors of the checkpoint: packed quantized linears, the rest in the storage dtype, under
@@ -69,8 +71,9 @@ class QuantizedModel:
 
     def report(self) -> dict:
         packed_bytes = sum(t.numel() * t.element_size() for p in self.packed.values() for t in p.values())
-        return build_report(self.config, self.source, self.calibration, self.seconds, self.peak_rss_mib,
-                            self.pipeline, packed_bytes, self.placement)
+        report = build_report(self.config, self.source, self.calibration, self.seconds, self.peak_rss_mib,
+                              self.pipeline, packed_bytes, self.placement)
+        return {**report, "rotation": self.rotation} if self.rotation else report
 
     def save(self, path: str | os.PathLike, overwrite: bool = False, max_shard_size: str = "4GB",
              more_reports: dict[str, dict] | None = None) -> Path:
@@ -228,6 +231,7 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     arch = arch_for(model.config, model)
     placement = placement_for(device, compute_dtype, offload_activations)
     config = prepare_model(model, arch, config)
+    rotation = rotate_model(model, arch, config.rotate_seed) if config.rotate else None
     plan = plan_run(model, arch, config, calib, tokenizer, placement=placement)
     if plan.calibration is not None and offload_activations == "auto":
         block_bytes = sum(p.numel() * 4 for p in arch.block_list(model)[0].parameters())
@@ -247,7 +251,8 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
                              progress=progress, placement=plan.placement)
     set_calibrate_all_experts(model, False)  # from here on the model computes as it is served
     return QuantizedModel(model, tokenizer, config, packed, result, source, time.time() - start,
-                          plan.calibration_info, peak_rss_mib(), kept, plan.placement)
+                          plan.calibration_info, peak_rss_mib(), kept, plan.placement,
+                          rotation.description if rotation is not None else None)
 
 
 def load_with_tokenizer(model_or_path, device="auto", dtype="auto"):

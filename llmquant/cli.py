@@ -104,6 +104,10 @@ def _add_quantize(sub):
     p.add_argument("--moe-calibrate-all-experts", action="store_true",
                    help="mixture-of-experts models: run every calibration token through every expert for its "
                         "statistics (the output still follows the router)")
+    p.add_argument("--rotate", choices=["hadamard"], default=None,
+                   help="fuse randomized Hadamard rotations into the weights before rounding (QuaRot / SpinQuant "
+                        "style: the same function, weights that round better; llama, mistral, qwen2 / qwen3)")
+    p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotations' random signs")
     mixed = p.add_argument_group("mixed precision (gptq format)")
     mixed.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                        help="choose bits and group size per layer from a sensitivity table so that the quantized "
@@ -375,7 +379,8 @@ def cmd_quantize(args) -> int:
                          clip_search=args.clip_search, awq_grid=args.awq_grid, awq_duo_scaling=args.awq_duo,
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
                          observer=args.observer, percentile=args.percentile, double_quant=args.double_quant,
-                         moe_calibrate_all_experts=args.moe_calibrate_all_experts)
+                         moe_calibrate_all_experts=args.moe_calibrate_all_experts, rotate=args.rotate,
+                         rotate_seed=args.rotate_seed)
     corpus = args.calib
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus

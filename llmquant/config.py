@@ -10,6 +10,7 @@ from .formats import FORMATS
 from .grid import PER_CHANNEL
 from .grid.codebook import BLOCKSIZES
 from .grid.observers import OBSERVERS
+from .rotation import ROTATIONS
 
 SUPPORTED_BITS = range(2, 9)
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
@@ -51,6 +52,8 @@ class QuantConfig:
         compressed-tensors float-quantized. fp8: one scale per output channel and activations
         rounded to e4m3 per token at run time (W8A8-FP8); fp8-block: weight-only, one scale per
         group_size x group_size block (128: DeepSeek-V3's blocks).
+    rotate: "hadamard" fuses randomized Hadamard rotations (seeded by rotate_seed) into the weights
+        before rounding (rotation.py): the same function, weights that round better; any method.
     bits / group_size / format default by method: 4 / 128 / gptq for weight-only methods,
         8 / -1 / compressed-tensors for W8A8 methods, 4 / 64 / bitsandbytes for NF4 / FP4,
         8 / -1 (fp8) or 128 (fp8-block) / compressed-tensors-fp8 for FP8.
@@ -78,6 +81,9 @@ class QuantConfig:
     percentile: float = 99.99
     double_quant: bool = False
     moe_calibrate_all_experts: bool = False
+    # Rotations fused into the weights before rounding (rotation.py): None or "hadamard", seeded.
+    rotate: str | None = None
+    rotate_seed: int = 0
     # Mixed precision: module name -> {"bits": b, "group_size": g} replacing the defaults above for
     # that linear (written as GPTQModel's `dynamic` per-module overrides).
     layer_overrides: dict = field(default_factory=dict)
@@ -93,6 +99,8 @@ class QuantConfig:
         for name, default in zip(("bits", "group_size", "format"), defaults):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise ConfigError(f"rotate must be one of {', '.join(ROTATIONS)} or None, got {self.rotate!r}")
         if quantizes_activations and (self.bits != 8 or self.group_size != PER_CHANNEL or not self.sym):
             raise ConfigError(f"{self.method} quantizes weights to symmetric int8 per output channel "
                               f"(bits 8, group_size -1, sym); got bits={self.bits}, group_size={self.group_size}, "

@@ -51,6 +51,7 @@ from .models import resolve_model
 from .pipeline import BlockStore, LayerResult, PipelineResult, Placement, quantize_blocks
 from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
+from .rotation import Rotation, check_rotatable, final_norm_of, rotate_block, rotate_outside
 
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_FOLDER = "checkpoint"  # inside the progress folder: the output as it grows
@@ -178,12 +179,14 @@ class StreamingStore(BlockStore):
     """Blocks from the source checkpoint, finished blocks to shards in the progress folder."""
 
     def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: dict, packed: dict,
-                 storage: torch.dtype, total_shards: int, stored_name=None, needs_inputs: bool = True):
+                 storage: torch.dtype, total_shards: int, stored_name=None, needs_inputs: bool = True,
+                 rotate_block=None):
         self.prefix_of, self.source, self.staging = prefix_of, source, staging
         self.folder = staging / CHECKPOINT_FOLDER
         self.stored_name = stored_name or (lambda key: key)
         self.fingerprint, self.packed, self.storage, self.total_shards = fingerprint, packed, storage, total_shards
         self.needs_inputs = needs_inputs  # whether blocks run on calibration inputs
+        self.rotate_block = rotate_block  # rotation.py's, applied to each block as it is read
         # hashes: sha256 of each finished shard and of the inputs the next block reads, checked on resume
         self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0, "hashes": {},
                          "finished": False}
@@ -250,6 +253,8 @@ class StreamingStore(BlockStore):
     def load(self, index, block):
         self.block_started = time.time()
         materialize(block, self.prefix_of(index) + ".", self.source, self.stored_name)
+        if self.rotate_block is not None:
+            self.rotate_block(block)
 
     def finish(self, index, block, next_hidden, result):
         prefix = self.prefix_of(index) + "."
@@ -382,6 +387,12 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
             continue
         materialize(skeleton.get_submodule(module_name), module_name + ".", source, arch.stored_name)
     skeleton.tie_weights()
+    rotation = None
+    if config.rotate:
+        check_rotatable(arch, model_config)
+        rotation = Rotation.for_model(model_config, config.rotate_seed)
+        rotate_outside(skeleton, rotation, final_norm_of(skeleton, arch))  # unties a tied head
+        model_config.tie_word_embeddings = False
 
     # weight values are checked as each block is read
     plan = plan_run(skeleton, arch, config, calib, tokenizer, check_values=False)
@@ -395,7 +406,9 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     packed: dict[str, dict[str, torch.Tensor]] = {}
     store = StreamingStore(arch.block_prefix, source, staging,
                            _fingerprint(folder, files, config, plan.calibration, plan.placement),
-                           packed, storage, n_blocks + 1, arch.stored_name, needs_inputs=plan.calibration is not None)
+                           packed, storage, n_blocks + 1, arch.stored_name, needs_inputs=plan.calibration is not None,
+                           rotate_block=(lambda block: rotate_block(block, arch, rotation, model_config))
+                           if rotation is not None else None)
     lock = _take_progress_folder(staging)
     try:
         first = store.start()
@@ -423,6 +436,8 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
                               peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]),
                               plan.placement)
         report["resumed_after_blocks"] = first
+        if rotation is not None:
+            report["rotation"] = rotation.description
         # each block's read, statistics, rounding, forward pass and write
         report["block_seconds"] = [b.get("seconds") for b in store.progress["blocks"]]
         report["checkpoint_sha256"] = folder_tensors_sha256(store.folder)

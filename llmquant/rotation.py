@@ -1,0 +1,200 @@
+"""Rotations before rounding (QuaRot / SpinQuant style), fused into the weights: the model that comes
+out is a plain model of the same family, computing the same function, whose weights quantize better.
+
+Pre-norm decoders with RMSNorm (llama, mistral, qwen2 / qwen3): every norm's scale is first folded
+into the linears that read it (the norm's weight becomes 1; the final norm's goes into the head).
+Then the residual stream is rotated by one orthogonal matrix R1: RMSNorm(x R1) = RMSNorm(x) R1 once
+the norms carry no scale, so the embeddings become E R1, every linear that reads the residual
+W R1, every linear that writes it R1^T W (its bias b R1), and the head W R1. R2 rotates each
+attention head's values: v_proj's rows of each kv head become R2^T W, o_proj's columns of each head
+W R2 (attention mixes value vectors linearly, so the rotation passes through it).
+
+R1 and R2 are randomized Hadamard matrices H diag(±1) / sqrt(n) (seeded): outliers spread evenly
+over all channels, so every grid fits better. H exists for orders 1, 2 and multiples of 4; orders
+that are a power of two times a Paley-constructible order (or a product of two) are built as
+Kronecker products (SmolLM2's 576 = 144 x 4, with 144 = 12 x 12); any other order gets a seeded
+random orthogonal matrix, said in the report.
+
+Tied embeddings are untied: the head must carry the final norm's scale and the embeddings must
+not (RMSNorm(x R1) w != (RMSNorm(x) w) R1 unless w is constant), so the checkpoint stores the head
+separately (tie_word_embeddings false); loaders read it unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .arch import ArchMap
+from .errors import UnsupportedArchitectureError
+
+ROTATIONS = ("hadamard",)
+
+
+@lru_cache
+def _paley_orders(limit: int = 1024) -> dict[int, int]:
+    """{order: q} of the Hadamard matrices Paley's first construction gives (q prime, q = 3 mod 4)."""
+    def prime(q):
+        return q > 1 and all(q % d for d in range(2, int(q ** 0.5) + 1))
+    return {q + 1: q for q in range(3, limit) if q % 4 == 3 and prime(q)}
+
+
+def _paley(q: int) -> torch.Tensor:
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if i in residues else -1 for i in range(1, q)], dtype=torch.float64)
+    jacobsthal = torch.stack([chi[(torch.arange(q) - i) % q] for i in range(q)])  # Q[i, j] = chi(j - i)
+    core = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    core[0, 1:] = 1
+    core[1:, 0] = -1
+    core[1:, 1:] = jacobsthal
+    return core + torch.eye(q + 1, dtype=torch.float64)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+@lru_cache
+def hadamard(n: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None where none is built here."""
+    twos = n & -n
+    odd = n // twos
+    if odd == 1:
+        return _sylvester(n)
+    paley = _paley_orders()
+    for order, q in paley.items():  # one Paley factor, the rest a power of two
+        if order % odd == 0 and (order // odd) & (order // odd - 1) == 0 and twos % (order // odd) == 0:
+            return torch.kron(_paley(q), _sylvester(n // order))
+    for a, qa in paley.items():  # two Paley factors
+        for b, qb in paley.items():
+            product = a * b
+            if product % odd == 0 and (product // odd) & (product // odd - 1) == 0 and twos % (product // odd) == 0:
+                return torch.kron(torch.kron(_paley(qa), _paley(qb)), _sylvester(n // product))
+    return None
+
+
+def rotation_matrix(n: int, seed: int) -> tuple[torch.Tensor, str]:
+    """(an orthogonal n x n matrix in float64, what it is): a randomized Hadamard where one exists."""
+    generator = torch.Generator().manual_seed(seed)
+    h = hadamard(n)
+    if h is not None:
+        signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+        return h * signs[None, :] / math.sqrt(n), f"randomized Hadamard ({n})"
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :], f"random orthogonal ({n}: no Hadamard matrix built here)"
+
+
+@dataclass
+class Rotation:
+    residual: torch.Tensor  # R1, hidden x hidden
+    head: torch.Tensor  # R2, head_dim x head_dim
+    description: dict
+
+    @classmethod
+    def for_model(cls, config, seed: int) -> "Rotation":
+        hidden = config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        residual, what_residual = rotation_matrix(hidden, seed)
+        head, what_head = rotation_matrix(head_dim, seed + 1)
+        return cls(residual, head, {"kind": "hadamard", "seed": seed, "R1 (residual)": what_residual,
+                                    "R2 (attention values)": what_head})
+
+
+# Where a family's residual stream is written, and its final norm (the readers are the linears of
+# the scaling pairs whose previous operation is a norm).
+RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+ROTATABLE_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def check_rotatable(arch: ArchMap, model_config) -> None:
+    if arch.name not in ROTATABLE_FAMILIES or arch.derived or arch.experts is not None:
+        raise UnsupportedArchitectureError(
+            f"--rotate needs a pre-norm decoder whose every norm feeds linears only (families "
+            f"{', '.join(ROTATABLE_FAMILIES)}); {arch.name} is not one (Gemma's (1 + w) norms and post-norms, "
+            "OPT's LayerNorm with a bias and mixture-of-experts routers break the algebra)")
+
+
+def _set(parameter: nn.Parameter, value: torch.Tensor) -> None:
+    parameter.data = value.to(parameter.dtype).contiguous()
+
+
+def _rows_times(weight: torch.Tensor, matrix: torch.Tensor, column_scale: torch.Tensor | None = None,
+                rows: int = 8192) -> torch.Tensor:
+    """weight (diag(column_scale)) @ matrix in float64, a slab of rows at a time: a 128k-token
+    vocabulary in float64 at once would need gigabytes beside the float32 copy."""
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    for start in range(0, weight.shape[0], rows):
+        slab = weight[start:start + rows].double()
+        if column_scale is not None:
+            slab = slab * column_scale[None, :]
+        out[start:start + rows] = (slab @ matrix).float()
+    return out
+
+
+def _norm_pairs(arch: ArchMap, block: nn.Module):
+    for pair in arch.block_scaling_pairs(block):
+        previous = block.get_submodule(pair.previous)
+        if not isinstance(previous, nn.Linear):
+            yield previous, [block.get_submodule(name) for name in pair.linears]
+
+
+@torch.no_grad()
+def rotate_block(block: nn.Module, arch: ArchMap, rotation: Rotation, model_config) -> None:
+    """Fold the block's norms into their readers, then rotate its readers, writers and values."""
+    r1 = rotation.residual
+    for norm, readers in _norm_pairs(arch, block):
+        scale = norm.weight.double()
+        for linear in readers:
+            _set(linear.weight, linear.weight.double() * scale[None, :] @ r1)
+        _set(norm.weight, torch.ones_like(scale))
+    for name in RESIDUAL_WRITERS:
+        linear = block.get_submodule(name)
+        _set(linear.weight, r1.T @ linear.weight.double())
+        if linear.bias is not None:
+            _set(linear.bias, linear.bias.double() @ r1)
+    r2 = rotation.head
+    head_dim = r2.shape[0]
+    value, output = block.get_submodule("self_attn.v_proj"), block.get_submodule("self_attn.o_proj")
+    v = value.weight.double().view(-1, head_dim, value.in_features)
+    _set(value.weight, torch.einsum("dk,gdi->gki", r2, v).reshape(value.out_features, value.in_features))
+    if value.bias is not None:
+        _set(value.bias, (value.bias.double().view(-1, head_dim) @ r2).reshape(-1))
+    o = output.weight.double().view(output.out_features, -1, head_dim)
+    _set(output.weight, (o @ r2).reshape(output.out_features, output.in_features))
+
+
+@torch.no_grad()
+def rotate_outside(model: nn.Module, rotation: Rotation, final_norm: nn.Module) -> None:
+    """The embeddings, the final norm (folded into the head) and the head; unties a tied head."""
+    r1 = rotation.residual
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head_weight = head.weight.detach().clone()  # before the embeddings change: tied, they are one tensor
+    _set(embeddings.weight, _rows_times(embeddings.weight, r1))
+    if head.weight is embeddings.weight:
+        head.weight = nn.Parameter(torch.empty_like(embeddings.weight), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    _set(head.weight, _rows_times(head_weight, r1, final_norm.weight.double()))
+    _set(final_norm.weight, torch.ones_like(final_norm.weight))
+
+
+def final_norm_of(model: nn.Module, arch: ArchMap) -> nn.Module:
+    blocks_parent = arch.blocks.rpartition(".")[0]
+    return model.get_submodule(f"{blocks_parent}.norm" if blocks_parent else "norm")
+
+
+def rotate_model(model: nn.Module, arch: ArchMap, seed: int) -> Rotation:
+    """Rotate a whole model in memory (the streamed path calls rotate_outside / rotate_block itself)."""
+    check_rotatable(arch, model.config)
+    rotation = Rotation.for_model(model.config, seed)
+    rotate_outside(model, rotation, final_norm_of(model, arch))
+    for block in arch.block_list(model):
+        rotate_block(block, arch, rotation, model.config)
+    return rotation
