@@ -255,6 +255,10 @@ def recipe_rows(report: dict) -> list[tuple[str, str]]:
                                     f"seed {calibration.get('seed')}"))
     else:
         rows.append(("calibration", str(calibration) if calibration else "none (data-free)"))
+    rotation = report.get("rotation")
+    if rotation:
+        rows.append(("rotation", f"R1 {rotation['R1 (residual)']}, R2 {rotation['R2 (attention values)']}, "
+                                 f"seed {rotation['seed']} (fused into the weights)"))
     mixed = report.get("mixed_precision")
     if mixed:
         rows.append(("mixed precision", f"target {mixed.get('target_bits_per_weight')} bits per weight"))
