@@ -32,14 +32,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
-torch.set_num_threads(1)
-
-from safetensors import SafetensorError  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from llmquant import QuantConfig, streaming  # noqa: E402
-from llmquant.streaming import PROGRESS_FILE, quantize_to_disk  # noqa: E402
+from llmquant import QuantConfig, streaming
+from llmquant.streaming import PROGRESS_FILE, quantize_to_disk
 
 # hold timings (and the card, the output path): the report JSON's other content is compared
 TIMED_FILES = {"quantize_report.json", "report.md", "README.md"}
@@ -76,8 +73,9 @@ def count_write_steps(counter: list, kill_before: int | None = None) -> None:
     io.open = builtins.open  # what pathlib's write_text / write_bytes call
 
 
-def fail_at_block(block: int, error: BaseException) -> None:
-    """Block `block`'s forward raises `error`, as a CUDA out-of-memory error or a fault would."""
+def fail_at_block(block: int, error: BaseException, patch=setattr) -> None:
+    """Block `block`'s forward raises `error`, as a CUDA out-of-memory error or a fault would.
+    patch: how to replace the store's method (a test passes monkeypatch.setattr, to undo it)."""
     load = streaming.StreamingStore.load
 
     def load_then_break(self, index, module):
@@ -87,12 +85,13 @@ def fail_at_block(block: int, error: BaseException) -> None:
                 raise error
             module.register_forward_pre_hook(broken)
 
-    streaming.StreamingStore.load = load_then_break
+    patch(streaming.StreamingStore, "load", load_then_break)
 
 
-def disk_holding(capacity: int, sizes: list | None = None) -> None:
+def disk_holding(capacity: int, sizes: list | None = None, patch=setattr) -> list[int]:
     """safetensors' save_file on a disk that holds `capacity` bytes of the run's files: past that it
-    writes what fits and fails as safetensors does (its own SafetensorError, not an OSError)."""
+    writes what fits and fails as safetensors does (its own SafetensorError, not an OSError).
+    Returns (and fills `sizes` with) the sizes of the files written whole."""
     used = [] if sizes is None else sizes
 
     def save_until_full(tensors, filename, metadata=None):
@@ -103,7 +102,8 @@ def disk_holding(capacity: int, sizes: list | None = None) -> None:
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         used.append(size)
 
-    streaming.save_file = save_until_full
+    patch(streaming, "save_file", save_until_full)
+    return used
 
 
 # ---- runs ----
@@ -307,6 +307,7 @@ def main() -> int:
     parser.add_argument("--md", help="write the markdown table here")
     parser.add_argument("--json", help="write the rows here ('-' for standard output, one per line)")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # every run alike, and a fork never inherits a busy thread pool
     work = Path(args.work or tempfile.mkdtemp(prefix="faults-"))
     model = Path(args.model) if args.model else tiny_model(work / "model")
     runner = Runner(model, work)

@@ -273,6 +273,21 @@ def evaluate(model_or_path, corpus: str = "wiki", split: str | None = None, seql
     (data.default_split); the result names the split used.
     device / dtype: where a model given by name or folder is loaded and computes.
     """
+    model, tokenizer, name, bos = _model_to_evaluate(model_or_path, tokenizer, device, dtype, bos)
+    if bos and tokenizer.bos_token_id is None:
+        raise ConfigError("BOS per window was asked for, but the tokenizer has no BOS token")
+    split = split or default_split(corpus, "evaluation")
+    tokens = tokenize_corpus(tokenizer, corpus, split)
+    windows = evaluation_windows(tokens, seqlen, tokenizer.bos_token_id if bos else None, max_windows)
+    start = time.time()
+    result = perplexity(model, windows, progress=progress)
+    return {**result.to_dict(), **_what_was_evaluated(model, name), "corpus": corpus, "split": split,
+            "seconds": round(time.time() - start, 2)}
+
+
+def _model_to_evaluate(model_or_path, tokenizer, device, dtype, bos):
+    """(model, tokenizer, name, bos) for an evaluation: a loaded model with its tokenizer, or one loaded
+    from a name or folder; bos None: the architecture map decides (Gemma: yes)."""
     if isinstance(model_or_path, nn.Module):
         # a peft model (QLoRA adapters) is evaluated through the transformers model it wraps
         model = model_or_path.get_base_model() if hasattr(model_or_path, "get_base_model") else model_or_path
@@ -287,24 +302,13 @@ def evaluate(model_or_path, corpus: str = "wiki", split: str | None = None, seql
             bos = arch_for(model.config).bos_per_window
         except UnsupportedArchitectureError:
             bos = False
-    if bos and tokenizer.bos_token_id is None:
-        raise ConfigError("BOS per window was asked for, but the tokenizer has no BOS token")
-    split = split or default_split(corpus, "evaluation")
-    tokens = tokenize_corpus(tokenizer, corpus, split)
-    windows = evaluation_windows(tokens, seqlen, tokenizer.bos_token_id if bos else None, max_windows)
-    start = time.time()
-    result = perplexity(model, windows, progress=progress)
+    return model, tokenizer, name, bos
+
+
+def _what_was_evaluated(model, name) -> dict:
     parameter = next(model.parameters())
-    return {
-        **result.to_dict(),
-        "model": name,
-        "quantization_config": getattr(model.config, "quantization_config", None),
-        "corpus": corpus,
-        "split": split,
-        "device": str(parameter.device),
-        "dtype": str(parameter.dtype).removeprefix("torch."),
-        "seconds": round(time.time() - start, 2),
-    }
+    return {"model": name, "quantization_config": getattr(model.config, "quantization_config", None),
+            "device": str(parameter.device), "dtype": str(parameter.dtype).removeprefix("torch.")}
 
 
 def evaluate_tasks(model_or_path, tasks: list[str], limit: int | None = None, batch_size: int = 8,
@@ -316,23 +320,7 @@ def evaluate_tasks(model_or_path, tasks: list[str], limit: int | None = None, ba
     from .task_accuracy import task_accuracy, task_manager
 
     manager = manager or task_manager(tasks, include_path)
-    if isinstance(model_or_path, nn.Module):
-        model = model_or_path
-        name = getattr(getattr(model, "config", None), "_name_or_path", None)
-        if tokenizer is None:
-            raise ConfigError("evaluating a loaded model needs its tokenizer (pass tokenizer=)")
-    else:
-        name = str(model_or_path)
-        model, tokenizer = load_with_tokenizer(model_or_path, device, dtype)
-    if bos is None:
-        try:
-            bos = arch_for(model.config).bos_per_window
-        except UnsupportedArchitectureError:
-            bos = False
+    model, tokenizer, name, bos = _model_to_evaluate(model_or_path, tokenizer, device, dtype, bos)
     start = time.time()
     result = task_accuracy(model, tokenizer, tasks, limit, batch_size, bos, manager=manager)
-    parameter = next(model.parameters())
-    return {**result, "model": name, "bos": bos,
-            "quantization_config": getattr(model.config, "quantization_config", None),
-            "device": str(parameter.device), "dtype": str(parameter.dtype).removeprefix("torch."),
-            "seconds": round(time.time() - start, 2)}
+    return {**result, **_what_was_evaluated(model, name), "bos": bos, "seconds": round(time.time() - start, 2)}

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import llmquant
@@ -23,6 +22,8 @@ from llmquant.errors import CheckpointError, OutputExistsError, OutputWriteError
 from llmquant.streaming import PROGRESS_FILE, quantize_to_disk
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+import fault_injection  # noqa: E402  (the faults eval/FAULTS.md injects, shared with these tests)
 CONFIG = QuantConfig(method="gptq", bits=4, group_size=32)
 
 
@@ -63,19 +64,7 @@ def progress_of(out: Path) -> dict:
 
 
 def fail_at_block(monkeypatch, block: int, error: BaseException):
-    """The block's forward raises `error` (as a CUDA out-of-memory error would) once it is loaded."""
-    from llmquant import streaming
-
-    load = streaming.StreamingStore.load
-
-    def load_then_break(self, index, module):
-        load(self, index, module)
-        if index == block:
-            def broken(*args, **kwargs):
-                raise error
-            module.register_forward_pre_hook(broken)
-
-    monkeypatch.setattr(streaming.StreamingStore, "load", load_then_break)
+    fault_injection.fail_at_block(block, error, monkeypatch.setattr)
 
 
 # ---- kills ----
@@ -158,23 +147,7 @@ def test_progress_whose_files_changed_since_is_not_resumed(tmp_path, model_folde
 # ---- a full disk ----
 
 def capped_save_file(monkeypatch, capacity: int) -> list[int]:
-    """safetensors' save_file on a disk that holds `capacity` bytes of the run's files: past that it
-    writes what fits and fails as safetensors does (its own SafetensorError, not an OSError).
-    Returns the sizes of the files written whole."""
-    from llmquant import streaming
-
-    used = []
-
-    def save_until_full(tensors, filename, metadata=None):
-        save_file(tensors, filename, metadata=metadata)
-        size = os.path.getsize(filename)
-        if sum(used) + size > capacity:
-            os.truncate(filename, max(0, capacity - sum(used)))
-            raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
-        used.append(size)
-
-    monkeypatch.setattr(streaming, "save_file", save_until_full)
-    return used
+    return fault_injection.disk_holding(capacity, patch=monkeypatch.setattr)
 
 
 def test_a_full_disk_after_some_blocks_keeps_them_and_says_how_to_resume(tmp_path, model_folder, reference,
