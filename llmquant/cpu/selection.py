@@ -314,7 +314,7 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         converted = module.__dict__[_KERNEL_ATTRIBUTE]
         _, refusals = choose_path(module, plan.cache_allowed)
         kernel = converted.kernel
-        layers.append(LayerPath(name, converted.path, kernel.detail if kernel is not None else "dequantized per call",
+        layers.append(LayerPath(name, converted.path, _detail(kernel),
                                 kernel.nbytes if kernel is not None else 0, refusals, isinstance(kernel, MemberKernel)))
     for device, count in sorted(elsewhere.items()):
         logger.info("%d quantized linears on %s: their own ops there, nothing converted for the CPU", count, device)
@@ -328,6 +328,17 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         else:
             logger.info("CPU output head: %s", describe_head(prepare_output_head(model)))
     return layers
+
+
+def _detail(kernel) -> str:
+    if kernel is None:
+        return "dequantized per call"
+    inner = kernel.group.kernel if isinstance(kernel, MemberKernel) else kernel
+    dense = getattr(inner, "dense_fp32", None)
+    if dense is None or not (dense_fp32_for(DENSE_FP32_FROM_ROWS) or isinstance(inner, w8a8.W8A8Kernel)):
+        return kernel.detail
+    return kernel.detail + ("; fp32 weight kept for dense calls" if dense.kept is not None
+                            else "; fp32 weight made per dense call (memory bound reached)")
 
 
 def _keep_dense_fp32(model: nn.Module, plans: dict[str, _Plan], budget: float) -> None:
