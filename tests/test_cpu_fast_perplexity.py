@@ -67,6 +67,8 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
                 patch.setenv(w8a8.VARIANT_ENV, variant)
                 fast[variant] = perplexity(llmquant.load(folder))
     packed_in_bf16 = expected_path == "int4pack" and int4pack.packed_compute_dtype(torch.float32) == torch.bfloat16
+    print(f"perplexity {config.method}: reference {reference:.4f}; "
+          + ", ".join(f"{name} {value:.4f} ({value / reference - 1:+.3%})" for name, value in fast.items()))
     for name, value in fast.items():
         tolerance = BF16_PACKED_TOLERANCE if name == "packed ops only" and packed_in_bf16 else TOLERANCE
         assert abs(value / reference - 1) < tolerance, (name, value, reference)

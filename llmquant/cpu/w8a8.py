@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from .. import ops
 from ..errors import ConfigError
 from ..grid.activations import quantize_per_tensor, quantize_per_token
 from ..nn import W8A8Linear
@@ -95,7 +96,10 @@ class W8A8Kernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         codes, x_scale = self._quantize(x)
         if self.use_int_mm:
-            products = torch._int_mm(codes, self.weight.t())
+            # a forced int_mm (LLMQUANT_CPU_W8A8) on a class without an int8 dot product: ops.int8_matmul's
+            # exact sum, since oneDNN's int8 GEMM saturates there
+            products = (torch._int_mm(codes, self.weight.t()) if has_int8_dot_product()
+                        else ops.int8_matmul(codes, self.weight))
         elif codes.shape[0] >= DENSE_FP32_FROM_ROWS or self.dense_fp32.kept is not None:
             products = torch.nn.functional.linear(codes.float(), self.dense_fp32.weight())
         else:
