@@ -123,7 +123,7 @@ def avx2_dense(monkeypatch):
     def dense(rows):
         return rows >= capability.DENSE_FP32_FROM_ROWS
 
-    for module in (int4pack, int8pack, dequantized, selection):
+    for module in (int4pack, int8pack, selection):
         monkeypatch.setattr(module, "dense_fp32_for", dense)
     for module in (int4pack, int8pack, dequantized):
         monkeypatch.setattr(module, "dense_bf16_for", lambda rows: False)
