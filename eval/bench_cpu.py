@@ -2,6 +2,17 @@
 
     bash scripts/setup_llama_cpp.sh      # llama-cpp-python, from a local wheel or PyPI's sdist
     OMP_NUM_THREADS=2 python eval/bench_cpu.py --threads 2 --md eval/CPU.md --json eval/runs/cpu-bench.json
+    OMP_NUM_THREADS=2 python eval/bench_cpu.py --class avx2 --md eval/CPU.md     # the AVX2 class, forced
+    OMP_NUM_THREADS=2 python eval/bench_cpu.py --model llama1b-shape --only "GPTQ w4 g128 sym" --md eval/CPU.md
+
+--model: smollm2 (SmolLM2-135M, the default) or llama1b-shape (a random-init model of Llama-3.2-1B's
+shape: hidden 2048, 16 layers, MLP 8192, vocab 128256, 32 heads / 8 kv heads, tied embeddings, stored
+in bf16 as Llama-3.2-1B is, SmolLM2's tokenizer; made once into --work, then quantized by RTN like the
+others; its prefill and decode lengths are smaller (a 128-token window, 16 new tokens), so a run
+fits on 2 cores; speed does not depend on the values of the weights). --class avx2 re-executes this
+script with ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (torch, oneDNN and llmquant's CPU class
+then plan for an AVX2 CPU: no int8 dot product, no native bf16); --class native without them. With
+--md, the table goes into its own section of the file per model and class (others are kept).
 
 For SmolLM2-135M: fp32 and bf16 (transformers' own model), then each quantized checkpoint loaded by
 llmquant (which converts its linears to the CPU fast paths of llmquant.cpu), then llama.cpp
@@ -41,10 +52,28 @@ from llmquant.gguf_export.llama_cpp_runner import extra_buffer_types_note, open_
 from llmquant.loading import load
 from llmquant.models import builtin_model_path, cache_dir, load_fp_model
 
-MODEL = "smollm2-135m"
 PROMPT = "The history of the printing press begins"
-PREFILL_TOKENS = 512
-NEW_TOKENS = 64
+CLASS_VARIABLES = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "native": {}}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    title: str
+    prefill_tokens: int
+    new_tokens: int
+
+
+MODELS = {
+    "smollm2": ModelSpec("smollm2", "SmolLM2-135M", 512, 64),
+    "llama1b-shape": ModelSpec("llama1b-shape", "random-init Llama-3.2-1B shape (1.24B parameters)", 128, 16),
+}
+LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                      rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5)
+MODEL = "smollm2-135m"  # the model whose tokenizer every spec uses, and --model smollm2 itself
+PREFILL_TOKENS = MODELS["smollm2"].prefill_tokens
+NEW_TOKENS = MODELS["smollm2"].new_tokens
 
 
 @dataclass(frozen=True)
@@ -94,10 +123,29 @@ def run_cli(args: list[str]) -> None:
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
 
 
-def ensure_checkpoint(work: Path, checkpoint: Checkpoint) -> Path:
-    folder = work / checkpoint.folder
+def ensure_llama_1b_shape(work: Path) -> Path:
+    """A random-init model of Llama-3.2-1B's shape in bf16 (with SmolLM2's tokenizer), made once."""
+    folder = work / "llama1b-shape-fp"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    print(f"making {folder} (random init, Llama-3.2-1B shape)", flush=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B_SHAPE, torch_dtype="bfloat16")).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(builtin_model_path(MODEL)).save_pretrained(folder)
+    return folder
+
+
+def source_model(work: Path, spec: ModelSpec) -> str:
+    return MODEL if spec.key == "smollm2" else str(ensure_llama_1b_shape(work))
+
+
+def ensure_checkpoint(work: Path, checkpoint: Checkpoint, spec: ModelSpec) -> Path:
+    folder = work / (checkpoint.folder if spec.key == "smollm2" else f"{spec.key}-{checkpoint.folder}")
     if not (folder / "config.json").is_file():
-        run_cli(["quantize", MODEL, *checkpoint.quantize_args, "--out", str(folder), "--overwrite"])
+        run_cli(["quantize", source_model(work, spec), *checkpoint.quantize_args, "--out", str(folder), "--overwrite"])
     return folder
 
 
@@ -115,8 +163,8 @@ def best(values: list[float]) -> float:
 class TorchRunner:
     """One model measured the same way each round: prefill of `window`, decode after `prompt_ids`."""
 
-    def __init__(self, model, prompt_ids: torch.Tensor, window: torch.Tensor):
-        self.model, self.window = model, window
+    def __init__(self, model, prompt_ids: torch.Tensor, window: torch.Tensor, new_tokens: int = NEW_TOKENS):
+        self.model, self.window, self.new_tokens = model, window, new_tokens
         self.inputs = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
         timed_generate(model, self.inputs, 4, exact_length=True)  # warm-up: first-call allocations, oneDNN primitives
 
@@ -125,7 +173,7 @@ class TorchRunner:
             start = time.perf_counter()
             self.model(input_ids=self.window, use_cache=True, logits_to_keep=1)
             prefill = self.window.shape[1] / (time.perf_counter() - start)
-        decode = timed_generate(self.model, self.inputs, NEW_TOKENS, exact_length=True)[1].decode_tokens_per_second
+        decode = timed_generate(self.model, self.inputs, self.new_tokens, exact_length=True)[1].decode_tokens_per_second
         return prefill, decode
 
 
@@ -175,17 +223,19 @@ def cpu_name() -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     fp32 = next(r for r in rows if r["model"] == "fp32")
     lines = [
-        "# CPU inference speed",
+        f"## {meta['model']}, {meta['cpu_class_title']}",
         "",
-        f"SmolLM2-135M on a {meta['cores']}-core {meta['cpu']} ({platform.machine()}; torch capability "
-        f"{meta['capability']}), {meta['threads']} threads, torch {meta['torch']}, llama-cpp-python "
-        f"{meta['llama_cpp']} ({meta['llama_cpp_buffers']}); {meta['date']}. Load average (1/5/15 min) before the run {meta['load_before']}, "
+        f"{meta['model']} on a {meta['cores']}-core {meta['cpu']} ({platform.machine()}), llmquant's CPU class: "
+        f"{meta['capability']}; {meta['threads']} threads, torch {meta['torch']}, llama-cpp-python "
+        f"{meta['llama_cpp']}" + (f" ({meta['llama_cpp_buffers']})" if meta["llama_cpp"] != "not run" else
+                                  " (not installed here: no llama.cpp rows)")
+        + f"; {meta['date']}. Load average (1/5/15 min) before the run {meta['load_before']}, "
         f"after {meta['load_after']} (other work shared the cores: read the ratios, which come from the same run).",
         "",
         "    " + meta["command"],
         "",
-        f"Prefill: one forward of a {PREFILL_TOKENS}-token window of the wiki test split. Decode: batch 1, greedy, "
-        f"{NEW_TOKENS} new tokens after a {meta['prompt_tokens']}-token prompt, {meta['repeats']} rounds. "
+        f"Prefill: one forward of a {meta['prefill_tokens']}-token window of the wiki test split. Decode: batch 1, greedy, "
+        f"{meta['new_tokens']} new tokens after a {meta['prompt_tokens']}-token prompt, {meta['repeats']} rounds. "
         "Every model is loaded first, then measured once per round in the same order; best of the rounds. "
         "Size: the checkpoint's safetensors (or GGUF) file(s), embeddings included.",
         "",
@@ -201,12 +251,36 @@ def markdown(rows: list[dict], meta: dict) -> str:
 NOTES_MARKER = "<!-- eval/bench_cpu.py writes everything above this line; the notes below are kept -->"
 
 
-def write_keeping_notes(path: Path, table: str) -> None:
-    """Write the measured part of the file, keeping the hand-written notes after NOTES_MARKER."""
-    notes = ""
-    if path.is_file() and NOTES_MARKER in path.read_text():
-        notes = path.read_text().split(NOTES_MARKER, 1)[1]
-    path.write_text(f"{table}\n{NOTES_MARKER}{notes}")
+def section_markers(key: str) -> tuple[str, str]:
+    return f"<!-- bench_cpu.py section {key} -->", f"<!-- end of section {key} -->"
+
+
+def write_keeping_notes(path: Path, table: str, key: str) -> None:
+    """Write this run's table into its section (model and class) of the file; other sections, and the
+    hand-written notes after NOTES_MARKER, are kept."""
+    start, end = section_markers(key)
+    text = path.read_text() if path.is_file() else f"# CPU inference speed\n\n{NOTES_MARKER}\n"
+    if NOTES_MARKER not in text:
+        text += f"\n{NOTES_MARKER}\n"
+    head, notes = text.split(NOTES_MARKER, 1)
+    block = f"{start}\n{table}{end}\n"
+    if start in head and end in head:
+        before, rest = head.split(start, 1)
+        head = before + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        head = head.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(f"{head}{NOTES_MARKER}{notes}")
+
+
+def reexec_for_class(cpu_class: str) -> None:
+    """Run this script again with the class's variables (torch and oneDNN read them once, at import)."""
+    wanted = CLASS_VARIABLES[cpu_class]
+    names = {name for variables in CLASS_VARIABLES.values() for name in variables}
+    if all(os.environ.get(name) == wanted.get(name) for name in names):
+        return
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(wanted)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def main() -> None:
@@ -218,34 +292,50 @@ def main() -> None:
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--md", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    parser.add_argument("--class", dest="cpu_class", choices=sorted(CLASS_VARIABLES), default=None,
+                        help="avx2: force the AVX2 class (re-executes with ATEN_CPU_CAPABILITY=avx2, "
+                             "ONEDNN_MAX_CPU_ISA=AVX2); native: the CPU's own (default: as the environment says)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave the bf16 model out (memory)")
     args = parser.parse_args()
+    if args.cpu_class is not None:
+        reexec_for_class(args.cpu_class)
+    spec = MODELS[args.model]
 
     torch.set_num_threads(args.threads)
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     selected = [c for c in CHECKPOINTS if args.only is None or c.name in args.only]
-    folders = {c.name: ensure_checkpoint(work, c) for c in selected}  # (two rows may share a folder)
-    ggufs = {k: ensure_gguf(work, k) for k in GGUF_TYPES if args.llama_cpp and (args.only is None or k in args.only)}
+    folders = {c.name: ensure_checkpoint(work, c, spec) for c in selected}  # (two rows may share a folder)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        args.llama_cpp = False
+        print("llama-cpp-python is not installed (bash scripts/setup_llama_cpp.sh): no llama.cpp rows", flush=True)
+    ggufs = {k: ensure_gguf(work, k) for k in GGUF_TYPES
+             if args.llama_cpp and spec.key == "smollm2" and (args.only is None or k in args.only)}
 
     load_before = loadavg()
     _, tokenizer = load_fp_model(MODEL)
     prompt_ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    window = tokenize_corpus(tokenizer, "wiki", "test")[:PREFILL_TOKENS][None]
-    fp_size = size_mib(builtin_model_path(MODEL))
+    window = tokenize_corpus(tokenizer, "wiki", "test")[:spec.prefill_tokens][None]
+    source = source_model(work, spec)
+    fp_size = size_mib(builtin_model_path(MODEL) if spec.key == "smollm2" else Path(source))
     # Every model is loaded first and then measured in rounds, each round visiting every model once, so
     # that a slow spell of a shared machine falls on all rows alike rather than on whichever ran then.
     contenders = []  # (row label, runs as, size MiB, runner)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if name == "bf16" and args.only is not None and name not in args.only:
+        if name == "bf16" and ((args.only is not None and name not in args.only) or not args.bf16):
             continue
-        model, _ = load_fp_model(MODEL, dtype=dtype)
-        contenders.append((name, f"transformers, {name} weights", fp_size, TorchRunner(model, prompt_ids, window)))
+        model, _ = load_fp_model(source, dtype=dtype)
+        contenders.append((name, f"transformers, {name} weights", fp_size,
+                           TorchRunner(model, prompt_ids, window, spec.new_tokens)))
     for checkpoint in selected:
         with environment(checkpoint.environment):
             model = load(folders[checkpoint.name])
             paths = "; ".join(summary(prepare_for_cpu(model)).split("; ")[:-1])  # paths, stacked count
         contenders.append((checkpoint.name, paths, size_mib(folders[checkpoint.name]),
-                           TorchRunner(model, prompt_ids, window)))
+                           TorchRunner(model, prompt_ids, window, spec.new_tokens)))
     llama_version = "not run"
     if ggufs:
         import llama_cpp
@@ -267,13 +357,17 @@ def main() -> None:
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "capability": describe_cpu(), "threads": args.threads,
             "torch": torch.__version__, "llama_cpp": llama_version, "llama_cpp_buffers": extra_buffer_types_note(), "date": time.strftime("%Y-%m-%d"),
             "load_before": load_before, "load_after": loadavg(), "repeats": args.repeats,
-            "prompt_tokens": prompt_ids.shape[1],
+            "prompt_tokens": prompt_ids.shape[1], "model": spec.title, "prefill_tokens": spec.prefill_tokens,
+            "new_tokens": spec.new_tokens,
+            "cpu_class_title": ("AVX2 class (forced: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)"
+                                if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" else "native class"),
             "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python eval/bench_cpu.py "
                        + shlex.join(sys.argv[1:])}
     text = markdown(rows, meta)
     print(text)
     if args.md:
-        write_keeping_notes(Path(args.md), text)
+        key = f"{spec.key}-{'avx2' if os.environ.get('ATEN_CPU_CAPABILITY') == 'avx2' else 'native'}"
+        write_keeping_notes(Path(args.md), text, key)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

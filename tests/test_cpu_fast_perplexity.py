@@ -1,7 +1,8 @@
 """Real checkpoints of SmolLM2: perplexity through the CPU fast paths equals the reference path's,
 both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops or the
 float16 dequantized cache alone (as decode runs them), and for W8A8 in both of its variants; q/k/v and
-gate/up run stacked.
+gate/up run stacked. Run with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for the AVX2 class's
+paths (prefill-sized calls on a dense fp32 matmul; W8A8 without an int8 dot product).
 
 The packed int4 op on x86 computes in bfloat16 (activations and group scales; an fp32 or fp16 call
 is 35-53x slower at one row), and its per-layer error equals the dense bf16 path's (both ~0.3% relative on
@@ -57,6 +58,7 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
     with monkeypatch.context() as patch:
         for path in (int4pack, int8pack):
             patch.setattr(path, "dense_bf16_for", lambda rows: False)
+            patch.setattr(path, "dense_fp32_for", lambda rows: False)  # the AVX2 class's prefill path
         patch.setattr(dequantized, "HALF_GEMV_MAX_ROWS", sys.maxsize)  # every call in the float16 cache
         fast["packed ops only"] = perplexity(model)
     if expected_path == "w8a8":
@@ -65,6 +67,8 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
                 patch.setenv(w8a8.VARIANT_ENV, variant)
                 fast[variant] = perplexity(llmquant.load(folder))
     packed_in_bf16 = expected_path == "int4pack" and int4pack.packed_compute_dtype(torch.float32) == torch.bfloat16
+    print(f"perplexity {config.method}: reference {reference:.4f}; "
+          + ", ".join(f"{name} {value:.4f} ({value / reference - 1:+.3%})" for name, value in fast.items()))
     for name, value in fast.items():
         tolerance = BF16_PACKED_TOLERANCE if name == "packed ops only" and packed_in_bf16 else TOLERANCE
         assert abs(value / reference - 1) < tolerance, (name, value, reference)

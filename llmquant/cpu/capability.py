@@ -1,4 +1,4 @@
-"""What this CPU runs fast, asked of torch once.
+"""What this CPU runs fast, asked of torch once: the CPU class llmquant plans its paths for.
 
 On x86 torch's int4 / int8 weight-packed matmuls are vectorized (AVX2 / AVX-512 tinygemm) only for
 bfloat16 activations; float32 and float16 inputs take a scalar loop that is slower than an fp32
@@ -9,22 +9,39 @@ slower than an fp32 matmul. Where the CPU multiplies bfloat16 natively (AVX-512 
 bf16 matmul (oneDNN) of many rows is 2-4x faster than fp32 while the packed ops, which dequantize
 inside for every few rows, are no faster than fp32 there: from DENSE_FROM_ROWS rows on, the paths
 dequantize the weight into bfloat16 for the call instead (measured on a 2-core AVX-512 CPU: at 64
-rows the packed op still wins, at 512 the dense one by 2-4x).
+rows the packed op still wins, at 512 the dense one by 2-4x). Without native bf16 (the AVX2 class)
+the same calls run a dense fp32 matmul instead (capability.dense_fp32_for; the paths say how).
+
+The class follows the overrides torch and oneDNN follow, so that one machine can play a smaller
+class: torch.cpu's private probes (`_is_vnni_supported`, `_is_avx512_bf16_supported`,
+`_is_amx_tile_supported`) ask the CPU itself (CPUID) and ignore both, so they are only the upper
+bound here. `ATEN_CPU_CAPABILITY=avx2` (torch's kernels dispatched to AVX2:
+`torch.backends.cpu.get_cpu_capability()` says so) turns the int8 dot product and native bf16 off,
+as they are on an AVX2 CPU; `ONEDNN_MAX_CPU_ISA` (or `DNNL_MAX_CPU_ISA`) below AVX512_CORE_VNNI turns
+the int8 dot product off (oneDNN runs `_int_mm` and the dense int8 / bf16 GEMMs), below
+AVX512_CORE_BF16 native bf16 (AMX alone needs AVX512_CORE_AMX).
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
 _X86_VECTOR_CAPABILITIES = ("AVX2", "AVX512")
 DENSE_FROM_ROWS = 128
-
-
-@lru_cache
-def cpu_capability() -> str:
-    """torch's name for the vector extension its CPU kernels were dispatched to ("AVX512", "AVX2", ...)."""
-    return torch.backends.cpu.get_cpu_capability()
+# Without native bf16 (the AVX2 class) the packed ops in bf16 were 0.1-0.5x an fp32 matmul from 32 rows on
+# (2-core Xeon forced to AVX2, 576x3072 and 1536x576, best of 12 interleaved), while at 1-8 rows they
+# still win: from here on such calls run a dense fp32 matmul of the weight (DenseFp32 below).
+DENSE_FP32_FROM_ROWS = 32
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# oneDNN's dnnl_cpu_isa names in increasing order (aliases share a rank); ALL is no cap.
+_ONEDNN_ISA_RANK = {name: rank for rank, names in enumerate((
+    ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI",), ("AVX2_VNNI_2",), ("AVX512_CORE",), ("AVX512_CORE_VNNI",),
+    ("AVX512_CORE_BF16",), ("AVX10_1_512", "AVX512_CORE_FP16"), ("AVX10_1_512_AMX", "AVX512_CORE_AMX"),
+    ("AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16"), ("AVX10_2_512",), ("AVX10_2_512_AMX_2",), ("ALL",),
+)) for name in names}
 
 
 def _cpu_flag(name: str) -> bool:
@@ -35,20 +52,113 @@ def _cpu_flag(name: str) -> bool:
         return False
 
 
+def _onednn_cap() -> tuple[str, str] | None:
+    """(variable, value upper-cased) of the oneDNN ISA cap in effect, or None."""
+    for variable in ONEDNN_ISA_VARIABLES:
+        value = os.environ.get(variable)
+        if value:
+            return variable, value.strip().upper()
+    return None
+
+
+def _onednn_allows(cap: tuple[str, str] | None, isa: str) -> bool:
+    if cap is None:
+        return True
+    rank = _ONEDNN_ISA_RANK.get(cap[1])
+    return rank is None or rank >= _ONEDNN_ISA_RANK[isa]  # a name oneDNN does not know caps nothing
+
+
+@dataclass(frozen=True)
+class CpuClass:
+    capability: str  # torch's dispatch ("AVX512", "AVX2", ...)
+    int8_dot_product: bool
+    fast_bf16_matmul: bool
+    cpu_flags: tuple[str, ...]  # what the CPU itself has (CPUID), whatever is overridden
+    reasons: tuple[str, ...] = field(default=())  # why a feature the CPU has is off
+
+    @property
+    def name(self) -> str:
+        if self.capability == "AVX2":
+            return "AVX2"
+        features = [f for f, on in (("int8 dot product", self.int8_dot_product), ("native bf16", self.fast_bf16_matmul))
+                    if on]
+        return f"{self.capability}" + (f" + {' + '.join(features)}" if features else "")
+
+    def describe(self) -> str:
+        missing = [f for f, on in (("no int8 dot product", self.int8_dot_product), ("no native bf16", self.fast_bf16_matmul))
+                   if not on]
+        text = f"{self.name} class"
+        if missing:
+            text += f" ({', '.join(missing)})"
+        text += f"; the CPU has {', '.join(self.cpu_flags) if self.cpu_flags else 'no VNNI / AVX512-BF16 / AMX'}"
+        if self.reasons:
+            text += f"; off because {'; '.join(self.reasons)}"
+        return text
+
+
 @lru_cache
+def cpu_class() -> CpuClass:
+    """The class this process plans for (computed once: the variables are read before torch runs)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    vnni, bf16, amx = (_cpu_flag(n) for n in ("_is_vnni_supported", "_is_avx512_bf16_supported",
+                                              "_is_amx_tile_supported"))
+    flags = tuple(n for n, on in (("VNNI", vnni), ("AVX512-BF16", bf16), ("AMX", amx)) if on)
+    cap = _onednn_cap()
+    reasons = []
+    int8_dot, fast_bf16 = vnni or amx, bf16 or amx
+    if capability in ("AVX2", "DEFAULT") and (int8_dot or fast_bf16):
+        forced = os.environ.get("ATEN_CPU_CAPABILITY")
+        reasons.append(f"torch dispatches {capability} kernels"
+                       + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else ""))
+        int8_dot = fast_bf16 = False
+    if int8_dot and not (_onednn_allows(cap, "AVX512_CORE_VNNI") if vnni else _onednn_allows(cap, "AVX512_CORE_AMX")):
+        reasons.append(f"{cap[0]}={cap[1]} is below {'AVX512_CORE_VNNI' if vnni else 'AVX512_CORE_AMX'}")
+        int8_dot = False
+    if fast_bf16 and not (_onednn_allows(cap, "AVX512_CORE_BF16") if bf16 else _onednn_allows(cap, "AVX512_CORE_AMX")):
+        reasons.append(f"{cap[0]}={cap[1]} is below {'AVX512_CORE_BF16' if bf16 else 'AVX512_CORE_AMX'}")
+        fast_bf16 = False
+    return CpuClass(capability, int8_dot, fast_bf16, flags, tuple(reasons))
+
+
+def cpu_capability() -> str:
+    """torch's name for the vector extension its CPU kernels were dispatched to ("AVX512", "AVX2", ...)."""
+    return cpu_class().capability
+
+
 def has_int8_dot_product() -> bool:
-    """Whether int8 GEMMs run on a dot-product instruction (AVX-512 VNNI / AVX-VNNI / AMX)."""
-    return _cpu_flag("_is_vnni_supported") or _cpu_flag("_is_amx_tile_supported")
+    """Whether int8 GEMMs run on a dot-product instruction (AVX-512 VNNI / AMX), in the class planned for."""
+    return cpu_class().int8_dot_product
 
 
-@lru_cache
 def has_fast_bf16_matmul() -> bool:
-    return _cpu_flag("_is_avx512_bf16_supported") or _cpu_flag("_is_amx_tile_supported")
+    """Whether dense bfloat16 matmuls run natively (AVX-512 BF16 / AMX), in the class planned for."""
+    return cpu_class().fast_bf16_matmul
 
 
 def dense_bf16_for(rows: int) -> bool:
     """Whether a call with this many rows runs faster as a dense bfloat16 matmul."""
     return rows >= DENSE_FROM_ROWS and has_fast_bf16_matmul()
+
+
+def dense_fp32_for(rows: int) -> bool:
+    """Whether a call with this many rows runs faster as a dense fp32 matmul of the dequantized weight than
+    as the packed op (x86 CPUs without native bf16, where the packed ops compute in emulated bf16)."""
+    return rows >= DENSE_FP32_FROM_ROWS and not has_fast_bf16_matmul() and cpu_capability() in _X86_VECTOR_CAPABILITIES
+
+
+class DenseFp32:
+    """A kernel's fp32 weight for dense calls (dense_fp32_for): kept once selection grants it the memory
+    (prepare_for_cpu, within the dequantized-cache bound), else made for each call by `make`."""
+
+    def __init__(self, make, nbytes: int):
+        self.make, self.nbytes, self.kept = make, nbytes, None
+
+    def keep(self) -> None:
+        self.kept = self.make()
+
+    def weight(self) -> torch.Tensor:
+        kept = self.kept
+        return kept if kept is not None else self.make()
 
 
 def packed_compute_dtype(activation_dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +169,4 @@ def packed_compute_dtype(activation_dtype: torch.dtype) -> torch.dtype:
 
 
 def describe() -> str:
-    flags = [name for name, on in (("int8-dot", has_int8_dot_product()),
-                                   ("avx512-bf16", _cpu_flag("_is_avx512_bf16_supported"))) if on]
-    return f"{cpu_capability()}" + (f" ({', '.join(flags)})" if flags else "")
+    return cpu_class().describe()

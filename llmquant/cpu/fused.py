@@ -121,10 +121,13 @@ class MemberKernel:
         self.group = group
         self.index = index
         kernel = group.kernel
-        share = group.widths[index] / sum(group.widths)
-        self.nbytes = round(kernel.nbytes * share)  # the stacked kernel's memory, split by output width
         others = ", ".join(n for i, n in enumerate(names) if i != index)
         self.detail = f"{kernel.detail}; stacked with {others}"
+
+    @property
+    def nbytes(self) -> int:
+        """The stacked kernel's memory (what it keeps now), split by output width."""
+        return round(self.group.kernel.nbytes * self.group.widths[self.index] / sum(self.group.widths))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(self.index, x)

@@ -15,7 +15,11 @@ sorted) by permuting the input columns of x and W so each group's columns are co
 Calls of many rows (prefill) run faster as a dense bfloat16 matmul where the CPU has one
 (capability.dense_bf16_for): the weight is then dequantized for the call from the packed bytes, whose
 layout (torch's, per ISA) is checked against the codes once at conversion; if it is not the one
-expected, every call stays on the packed op.
+expected, every call stays on the packed op. Without native bf16 (the AVX2 class) calls of
+DENSE_FP32_FROM_ROWS rows or more (capability.dense_fp32_for) run a dense fp32 matmul of the weight
+dequantized in fp32 from the same bytes (the reference's numerics, to fp32 rounding): the packed op
+computes in emulated bf16 there and was 2-10x slower than fp32 at prefill. The fp32 weight is kept
+when prepare_for_cpu grants the memory (the dequantized-cache bound), else made per call.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import affine_weight, stacked, stacking_refusal
-from .capability import dense_bf16_for, packed_compute_dtype
+from .capability import DenseFp32, dense_bf16_for, dense_fp32_for, packed_compute_dtype
 from .fused import stacked_bias
 
 NAME = "int4pack"
@@ -98,6 +102,8 @@ class Int4PackKernel:
         self.column_order = order
         self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = weight.out_features
+        self.dense_fp32 = (DenseFp32(lambda: self.dense_weight(torch.float32), weight.out_features * weight.in_features * 4)
+                           if self.layout_block is not None else None)
         self.detail = (f"runs of {run}" + (", act-order columns permuted" if order is not None else "")
                        + f", {str(self.compute_dtype).removeprefix('torch.')} activations")
 
@@ -108,14 +114,16 @@ class Int4PackKernel:
             extra.append(self.run_shifts)
         if self.column_order is not None:
             extra.append(self.column_order)
+        if self.dense_fp32 is not None and self.dense_fp32.kept is not None:
+            extra.append(self.dense_fp32.kept)
         return sum(t.numel() * t.element_size() for t in extra)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The weight (columns in the kernel's order) in bfloat16, dequantized from the packed bytes."""
+    def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight (columns in the kernel's order) in `dtype`, dequantized from the packed bytes."""
         codes = unpack_packed(self.packed, self.out_features, self.packed.shape[1] * 2, self.layout_block)
         grouped = codes.view(self.out_features, -1, self.run)
-        weight = torch.empty(grouped.shape, dtype=torch.bfloat16)
-        weight.copy_((grouped * self.dense_scales).add_(self.dense_shifts))  # one rounding, fp32 to bf16
+        weight = torch.empty(grouped.shape, dtype=dtype)
+        weight.copy_((grouped * self.dense_scales).add_(self.dense_shifts))  # one rounding, fp32 to dtype
         return weight.view(self.out_features, -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +132,9 @@ class Int4PackKernel:
         rows = x.reshape(-1, x.shape[-1])
         if self.column_order is not None:
             rows = rows.index_select(1, self.column_order)
-        if self.layout_block is not None and dense_bf16_for(rows.shape[0]):
+        if self.dense_fp32 is not None and dense_fp32_for(rows.shape[0]):
+            out = F.linear(rows.float(), self.dense_fp32.weight()).to(x.dtype)
+        elif self.layout_block is not None and dense_bf16_for(rows.shape[0]):
             out = F.linear(rows.to(torch.bfloat16), self.dense_weight()).to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.compute_dtype).contiguous(), self.packed,

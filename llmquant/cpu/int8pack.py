@@ -8,7 +8,9 @@ scales per row) are not what the op takes; per channel, the order of input colum
 so act-order needs no permutation here. Calls of many rows run as a dense bfloat16 matmul of the int8
 codes (exact in bf16) where the CPU has a fast one, the scales applied after. The op's own scale
 would be in the activations' dtype (bf16 on x86), off by up to 2^-9 for a whole output channel, so it
-gets ones and the fp32 scales multiply its output.
+gets ones and the fp32 scales multiply its output. Without native bf16 (the AVX2 class) calls of many
+rows (capability.dense_fp32_for) run a dense fp32 matmul of the int8 codes (exact in fp32) instead, the
+codes in fp32 kept when prepare_for_cpu grants the memory, else converted per call.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import affine_weight, stacked, stacking_refusal
-from .capability import dense_bf16_for, packed_compute_dtype
+from .capability import DenseFp32, dense_bf16_for, dense_fp32_for, packed_compute_dtype
 from .fused import stacked_bias
 
 NAME = "int8pack"
@@ -52,17 +54,22 @@ class Int8PackKernel:
         self.row_sum_scale = offset if bool((offset != 0).any()) else None
         self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = weight.out_features
+        self.dense_fp32 = DenseFp32(lambda: self.weight.float(), self.weight.numel() * 4)
         self.detail = (("asymmetric (row-sum correction), " if self.row_sum_scale is not None else "")
                        + f"{str(self.compute_dtype).removeprefix('torch.')} activations")
 
     @property
     def nbytes(self) -> int:
         extra = [self.weight, self.unit_scales, self.float_scales] + ([self.row_sum_scale] if self.row_sum_scale is not None else [])
+        if self.dense_fp32.kept is not None:
+            extra.append(self.dense_fp32.kept)
         return sum(t.numel() * t.element_size() for t in extra)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if dense_bf16_for(rows.shape[0]):
+        if dense_fp32_for(rows.shape[0]):
+            products = F.linear(rows.float(), self.dense_fp32.weight())
+        elif dense_bf16_for(rows.shape[0]):
             products = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16))
         else:
             products = torch.ops.aten._weight_int8pack_mm(rows.to(self.compute_dtype).contiguous(), self.weight,

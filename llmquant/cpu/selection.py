@@ -29,6 +29,8 @@ from ..arch import arch_for
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS, AWQLinear, BnB4bitLinear, GPTQLinear, W8A8Linear
 from . import dequantized, int4pack, int8pack, w8a8
+from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for
+from .capability import describe as describe_cpu_class
 from .freshness import Stamp
 from .fused import MemberKernel, SharedInputGroup, open_scopes_around
 from .head import HalfGemvHead, describe_head, prepare_output_head
@@ -295,6 +297,12 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         plans[name] = _Plan(module, activation_dtype, path if allowed else choose_path(module, False)[0], allowed)
     stacked = {name for names in (shared_input_groups(model) if plans else [])
                if _convert_group(model, names, plans) for name in names}
+    for name, module in _quantized_linears(model):
+        if name in plans and name not in stacked and (not _is_current(plans[name]) or isinstance(
+                module.__dict__[_KERNEL_ATTRIBUTE].kernel, MemberKernel)):
+            module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = plans[name].cache_allowed
+            _convert(module, plans[name].dtype)
+    _keep_dense_fp32(model, plans, budget)
     layers = []
     for name, module in _quantized_linears(model):
         if name in unconverted:
@@ -303,18 +311,15 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         plan = plans.get(name)
         if plan is None:
             continue
-        if name not in stacked and (not _is_current(plan)
-                                    or isinstance(module.__dict__[_KERNEL_ATTRIBUTE].kernel, MemberKernel)):
-            module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = plan.cache_allowed
-            _convert(module, plan.dtype)
         converted = module.__dict__[_KERNEL_ATTRIBUTE]
         _, refusals = choose_path(module, plan.cache_allowed)
         kernel = converted.kernel
-        layers.append(LayerPath(name, converted.path, kernel.detail if kernel is not None else "dequantized per call",
+        layers.append(LayerPath(name, converted.path, _detail(kernel),
                                 kernel.nbytes if kernel is not None else 0, refusals, isinstance(kernel, MemberKernel)))
     for device, count in sorted(elsewhere.items()):
         logger.info("%d quantized linears on %s: their own ops there, nothing converted for the CPU", count, device)
     if layers:
+        logger.info("CPU class: %s", describe_cpu_class())
         logger.info("CPU paths: %s", summary(layers))
         for layer in layers:
             logger.debug("  %s: %s (%s)", layer.name, layer.path, layer.detail)
@@ -323,6 +328,41 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         else:
             logger.info("CPU output head: %s", describe_head(prepare_output_head(model)))
     return layers
+
+
+def _detail(kernel) -> str:
+    if kernel is None:
+        return "dequantized per call"
+    inner = kernel.group.kernel if isinstance(kernel, MemberKernel) else kernel
+    dense = getattr(inner, "dense_fp32", None)
+    if dense is None or not (dense_fp32_for(DENSE_FP32_FROM_ROWS) or isinstance(inner, w8a8.W8A8Kernel)):
+        return kernel.detail
+    return kernel.detail + ("; fp32 weight kept for dense calls" if dense.kept is not None
+                            else "; fp32 weight made per dense call (memory bound reached)")
+
+
+def _keep_dense_fp32(model: nn.Module, plans: dict[str, _Plan], budget: float) -> None:
+    """On a CPU class whose prefill-sized calls run a dense fp32 matmul (capability.dense_fp32_for), and for
+    W8A8 kernels without an int8 dot product on any class, keep each kernel's fp32 weight, in module order, while what the
+    dequantized caches left of the memory bound allows; the others make it per call."""
+    dense_class = dense_fp32_for(DENSE_FP32_FROM_ROWS)
+    seen = set()
+    for name, module in _quantized_linears(model):
+        converted = module.__dict__.get(_KERNEL_ATTRIBUTE) if name in plans else None
+        kernel = converted.kernel if converted is not None else None
+        if isinstance(kernel, MemberKernel):
+            kernel = kernel.group.kernel
+        dense = getattr(kernel, "dense_fp32", None)
+        if dense is None or id(kernel) in seen:
+            continue
+        seen.add(id(kernel))
+        if not dense_class and not isinstance(kernel, w8a8.W8A8Kernel):
+            continue  # a class with native bf16: only W8A8 without an int8 dot product needs it
+        if dense.kept is None and dense.nbytes <= budget:
+            with _building():
+                dense.keep()
+        if dense.kept is not None:
+            budget -= dense.nbytes
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

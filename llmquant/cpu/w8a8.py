@@ -12,6 +12,13 @@ does, then multiplied with the int8 weight in one of two ways, chosen by what th
   (K ~ 1000) and within 2^-24 after. Not in bfloat16, where the packed op is fastest: rounding the
   integer products to bf16 moved SmolLM2's W8A8 perplexity by 0.7%, past the 0.1% this path is held to.
 
+Without an int8 dot product, calls of DENSE_FP32_FROM_ROWS rows or more (prefill) never take int8pack
+either (0.02-0.05x fp32 there): the activation codes, quantized exactly as above, and the int8 weight codes
+are multiplied as fp32 numbers in a dense fp32 matmul (each product and each sum exact up to 2^24, as in
+the int8pack variant), the scales applied after. The weight codes in fp32 are kept when prepare_for_cpu
+grants the memory (the dequantized-cache bound; then every call, decode too, runs the dense fp32 matmul,
+which measured faster than int8pack's fp32 loop at one row), else converted per call.
+
 LLMQUANT_CPU_W8A8=int_mm | int8pack overrides the choice (eval/bench_cpu.py measures both).
 
 Linears reading one input (q/k/v, gate/up) with one activation scheme run as one (fused.py): the
@@ -23,10 +30,11 @@ import os
 
 import torch
 
+from .. import ops
 from ..errors import ConfigError
 from ..grid.activations import quantize_per_tensor, quantize_per_token
 from ..nn import W8A8Linear
-from .capability import has_int8_dot_product
+from .capability import DENSE_FP32_FROM_ROWS, DenseFp32, has_int8_dot_product
 from .fused import stacked_bias
 
 NAME = "w8a8"
@@ -65,6 +73,7 @@ class W8A8Kernel:
         self.bias = stacked_bias(modules, torch.float32)
         self.stacked = len(modules) > 1  # the stacked int8 weight is a copy; a single one is the module's own
         self.out_features = self.weight.shape[0]
+        self.dense_fp32 = None if self.use_int_mm else DenseFp32(lambda: self.weight.float(), self.weight.numel() * 4)
         if self.use_int_mm:
             self.unit_scales = None
         else:
@@ -72,19 +81,27 @@ class W8A8Kernel:
             self.unit_scales = torch.ones(self.out_features, dtype=self.compute_dtype)
         activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
         self.detail = f"{activations} activations, " + ("int8 x int8 torch._int_mm" if self.use_int_mm else
-                                                        "int8 codes through _weight_int8pack_mm")
+                                                        "int8 codes through _weight_int8pack_mm at decode, "
+                                                        "a dense fp32 matmul of the codes at prefill")
 
     @property
     def nbytes(self) -> int:
         extra = [] if self.unit_scales is None else [self.unit_scales]
         if self.stacked:
             extra.append(self.weight)
+        if self.dense_fp32 is not None and self.dense_fp32.kept is not None:
+            extra.append(self.dense_fp32.kept)
         return sum(t.numel() * t.element_size() for t in extra)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         codes, x_scale = self._quantize(x)
         if self.use_int_mm:
-            products = torch._int_mm(codes, self.weight.t())
+            # a forced int_mm (LLMQUANT_CPU_W8A8) on a class without an int8 dot product: ops.int8_matmul's
+            # exact sum, since oneDNN's int8 GEMM saturates there
+            products = (torch._int_mm(codes, self.weight.t()) if has_int8_dot_product()
+                        else ops.int8_matmul(codes, self.weight))
+        elif codes.shape[0] >= DENSE_FP32_FROM_ROWS or self.dense_fp32.kept is not None:
+            products = torch.nn.functional.linear(codes.float(), self.dense_fp32.weight())
         else:
             products = torch.ops.aten._weight_int8pack_mm(codes.to(self.compute_dtype), self.weight, self.unit_scales)
         out = products.to(torch.float32).mul_(x_scale).mul_(self.weight_scale)
