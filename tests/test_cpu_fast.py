@@ -315,5 +315,5 @@ def test_generate_streams_takes_threads_and_prints_speeds(tiny_checkpoint, capsy
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
     assert captured.out.startswith("The capital of France is")
-    assert "prefill" in captured.err and "decode" in captured.err and "tok/s (1 threads)" in captured.err
+    assert "prefill" in captured.err and "decode" in captured.err and "tok/s (1 thread)" in captured.err
     assert main(["generate", str(tiny_checkpoint), "--prompt", "x", "--threads", "0"]) == 2
