@@ -134,6 +134,8 @@ class KernelSpec:
 
     def candidates(self, m: int) -> list[dict]:
         """The configurations the launcher tunes among for M rows."""
+        if self.configs:
+            return list(self.configs)
         if self.space == "gemv":
             return [c for c in GPU_CANDIDATES["gemv"] if c["BLOCK_M"] == gemv_block_m(m)]
         return GPU_CANDIDATES[shape_class(m)]
