@@ -19,7 +19,7 @@ from torch import nn
 from .arch import declared_arch_for
 from .checkpoint import SAFETENSORS_INDEX, LazyTensors
 from .cpu import prepare_for_cpu
-from .device import resolve_compute_dtype, resolve_device
+from .device import check_gpu_can_run, resolve_compute_dtype, resolve_device
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .formats import format_for_quantization_config
 from .formats.gptq import dynamic_override
@@ -139,12 +139,34 @@ def load(path: str | os.PathLike, dtype="auto", trust_remote_code: bool = False,
     """
     target = resolve_device(device)
     dtype = resolve_compute_dtype(dtype, target)
-    model = _load_on_cpu(path, dtype, trust_remote_code)
+    model = _load_on_cpu(path, dtype, trust_remote_code, _gpus_of(target, device_map))
     model = _dispatch(model, device_map, dtype) if device_map is not None else model.to(target)
     if cpu_paths:
         # after placement: only the layers left on the CPU are converted (and their memory spent)
         prepare_for_cpu(model)  # logs what runs where
     return model
+
+
+def _gpus_of(target: torch.device, device_map) -> list[torch.device]:
+    """The GPUs a load may put quantized linears on: the target, or those of a device map (every
+    visible one for a map accelerate infers)."""
+    if device_map is None:
+        return [target] if target.type == "cuda" else []
+    if isinstance(device_map, dict):
+        return sorted({torch.device("cuda", d) if isinstance(d, int) else torch.device(d) for d in device_map.values()
+                       if isinstance(d, int) or str(d).startswith("cuda")}, key=str)
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _check_gpus_run(fmt, gpus: list[torch.device], what: str) -> None:
+    """Refuse a GPU that cannot run this format's linears, before any tensor is read. On a GPU they
+    run the Triton kernels (unless LLMQUANT_KERNELS=reference), FP8 weights FP8 matmuls."""
+    from . import ops
+
+    if not gpus or ops.backend_for("cuda") != ops.TRITON:
+        return
+    for gpu in gpus:
+        check_gpu_can_run(gpu, ["triton", "fp8"] if fmt.holds_fp8_weights else ["triton"], what)
 
 
 def _dispatch(model, device_map, dtype):
@@ -164,7 +186,7 @@ def _dispatch(model, device_map, dtype):
     return dispatch_model(model, device_map=device_map)
 
 
-def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool):
+def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool, gpus: list[torch.device] = ()):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -182,6 +204,7 @@ def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool):
             raise CheckpointError(f"{folder}: cannot load its safetensors weights: {exc}") from exc
         return model.eval()
     quantization_config, fmt = _format_of(folder, quantization_config)
+    _check_gpus_run(fmt, gpus, f"{folder.name} ({fmt.name} checkpoint)")
     tensors = read_tensors(checkpoint_files(folder))
     arch = declared_arch_for(config)
     if arch is not None:  # checkpoint keys -> module paths (Mixtral's block_sparse_moe -> mlp)

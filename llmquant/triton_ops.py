@@ -1,15 +1,39 @@
 """The Triton implementations of llmquant's ops (see ops.py), calling llmquant_kernels, with the same
 arguments as the ops' reference implementations. They have no backward: ops.py sends calls that
-need a gradient to the reference."""
+need a gradient to the reference.
+
+On a GPU the kernels take float16 or bfloat16 activations, the dtypes they are compiled for and
+proven to compile (llmquant_kernels.aot); float32 activations there (--compute-dtype float32) run
+the torch reference. Under the interpreter (a CPU) they take float32 too, as the tests use them."""
 from __future__ import annotations
 
+import functools
 
+import torch
+
+GPU_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _reference_for_float32_on_gpu(op):
+    @functools.wraps(op)
+    def run(x, *args):
+        if x.is_cuda and x.dtype not in GPU_ACTIVATION_DTYPES:
+            from .ops import _REFERENCES
+
+            return _REFERENCES[op.__name__](x, *args)
+        return op(x, *args)
+
+    return run
+
+
+@_reference_for_float32_on_gpu
 def gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset):
     from llmquant_kernels import w4a16_matmul
 
     return w4a16_matmul(x, qweight, qzeros, scales, g_idx, bias, bits=bits, layout="gptq", zero_offset=zero_offset)
 
 
+@_reference_for_float32_on_gpu
 def awq_linear(x, qweight, qzeros, scales, bias, group_size):
     from llmquant_kernels import w4a16_matmul
 
@@ -17,6 +41,7 @@ def awq_linear(x, qweight, qzeros, scales, bias, group_size):
                         group_size=group_size)
 
 
+@_reference_for_float32_on_gpu
 def w8a8_linear(x, weight, weight_scale, input_scale, bias):
     from llmquant_kernels import int8_scaled_matmul, quantize_rows_int8
 
@@ -26,6 +51,7 @@ def w8a8_linear(x, weight, weight_scale, input_scale, bias):
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@_reference_for_float32_on_gpu
 def codebook4_linear(x, packed, absmax, table, nested_absmax, nested_table, nested_offset, nested_blocksize,
                      blocksize, shape, bias):
     from llmquant_kernels import codebook4_matmul
@@ -52,6 +78,7 @@ def fp8_linear(x, weight, weight_scale, bias):
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@_reference_for_float32_on_gpu
 def fp8_block_linear(x, weight, weight_scale, bias, block):
     from llmquant_kernels import fp8_block_matmul
 

@@ -13,7 +13,9 @@ calibration is random token ids, and everything is compared as ratios measured i
    (4096x4096, 4096x14336, 14336x4096), group 128: W4A16 GPTQ sym / asym / act-order, AWQ, W8A8, NF4,
    and FP8: W8A8-FP8 (torch._scaled_mm with row-wise scales against the e4m3 emulation) and FP8
    weight-only with 128 x 128 block scales (the Triton kernel against dequantize-then-matmul).
-2. Kernel time against torch's fp16 matmul of the same shape at M = 1, 16, 64, 512, 4096.
+2. Kernel time against torch's fp16 matmul of the same shape at M = 1, 16, 64, 512, 4096; and at
+   decode batch sizes M = 1..8, W4A16 (GPTQ g128) through the GEMV against the tiled kernel and
+   torch's fp16 matmul, with the two kernels checked against each other.
 3. GPTQ w4 g128 end to end (streamed, on the GPU) of 1B- and 8B-shaped models with a few blocks, at
    two calibration sizes of 2048-token windows: time per block, and the linear projection to 128
    windows and every block of the real model.
@@ -61,6 +63,9 @@ class Plan:
         self.kernel_shapes = [(256, 128), (128, 256)] if dry else [(4096, 4096), (4096, 14336), (14336, 4096)]
         self.timed_shapes = self.kernel_shapes[:1] if dry else self.kernel_shapes
         self.batches = [1, 16] if dry else [1, 16, 64, 512, 4096]
+        self.decode_rows = [1, 3, 8] if dry else list(range(1, 9))
+        # first calls tune both kernels per M bucket (compiles included): two shapes keep it near a minute
+        self.decode_path_shapes = self.kernel_shapes[:1] if dry else [(4096, 4096), (4096, 14336)]
         self.gptq_models = ({"1B-shaped (tiny)": (TINY, 2, TINY["num_hidden_layers"])} if dry else
                             {"Llama-3.2-1B-shaped": (LLAMA_1B, 3, LLAMA_1B["num_hidden_layers"]),
                              "Llama-3-8B-shaped": (LLAMA_8B, 3, LLAMA_8B["num_hidden_layers"])})
@@ -108,7 +113,7 @@ def check_kernels(plan: Plan) -> list[dict]:
     for k, n in plan.kernel_shapes:
         for kind in plan.kernels:
             bench_kind, operands = operands_of(kind, k, n, plan)
-            for m in (1, 32):
+            for m in (1, 5, 32) if kind.startswith("w4a16-gptq") else (1, 32):  # 1, 5: the GEMV
                 x = torch.randn(m, k, device=plan.device, dtype=plan.dtype)
                 error = kernel_bench.check(bench_kind, x, operands, k, n)
                 rows.append({"kernel": kind, "K": k, "N": n, "M": m, "rel_error": error, "ok": error < 1e-2})
@@ -130,6 +135,31 @@ def time_kernels(plan: Plan) -> list[dict]:
                              "speedup": baseline / seconds})
                 print(f"time {kind:22s} K={k:5d} N={n:5d} M={m:4d}: {seconds * 1e6:9.1f} us, fp16 {baseline * 1e6:9.1f} us, "
                       f"x{baseline / seconds:.2f}", flush=True)
+    return rows
+
+
+def time_decode_paths(plan: Plan) -> list[dict]:
+    """W4A16 (GPTQ layout, sym, g128) at M = 1..8 through both kernels (the GEMV the launcher picks
+    there, and the tiled kernel it replaced) against torch's fp16 matmul of the same shape."""
+    from llmquant_kernels import w4a16_matmul
+
+    rows = []
+    for k, n in plan.decode_path_shapes:
+        _, t = operands_of("w4a16-gptq-sym", k, n, plan)
+        weight = torch.randn(n, k, device=plan.device, dtype=plan.dtype)
+        for m in plan.decode_rows:
+            x = torch.randn(m, k, device=plan.device, dtype=plan.dtype)
+            calls = {path: (lambda path=path: w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None,
+                                                           bits=4, layout="gptq", path=path)) for path in ("gemv", "tiled")}
+            gemv, tiled = calls["gemv"]().float(), calls["tiled"]().float()
+            disagree = ((gemv - tiled).abs().max() / tiled.abs().max().clamp(min=1e-12)).item()
+            us = {path: kernel_bench.timed(call, plan.device, 3) * 1e6 for path, call in calls.items()}
+            fp16 = kernel_bench.timed(lambda: x @ weight.t(), plan.device, 3) * 1e6
+            rows.append({"K": k, "N": n, "M": m, "gemv_us": us["gemv"], "tiled_us": us["tiled"], "fp16_us": fp16,
+                         "gemv_vs_fp16": fp16 / us["gemv"], "gemv_vs_tiled": us["tiled"] / us["gemv"],
+                         "rel_difference": disagree, "ok": disagree < 1e-2})
+            print(f"decode path K={k:5d} N={n:5d} M={m}: gemv {us['gemv']:8.1f} us, tiled {us['tiled']:8.1f} us, "
+                  f"fp16 {fp16:8.1f} us, gemv x{fp16 / us['gemv']:.2f} of fp16, rel. diff {disagree:.1e}", flush=True)
     return rows
 
 
@@ -225,6 +255,10 @@ def targets(results: dict, plan: Plan) -> list[str]:
         values = [r["speedup"] for r in speed if r["kernel"] == kind and r["M"] in batches]
         return min(values) if values else None
 
+    gemv = [r["gemv_vs_fp16"] for r in results.get("decode_paths", []) if r["M"] == 1]
+    if gemv:
+        lines.append(f"- W4A16 GEMV >= 3x fp16 at M=1 (kernel alone): worst {min(gemv):.2f}x -> "
+                     f"{'met' if min(gemv) >= 3.0 else 'NOT met'}")
     for text, kind, batches, goal in (("W4A16 >= 3x fp16 at M=1", "w4a16-gptq-sym", [1], 3.0),
                                       ("W4A16 >= 2.5x fp16 at M=16", "w4a16-gptq-sym", [16], 2.5),
                                       ("W8A8 >= 1.5x fp16 at M >= 512", "w8a8", [512, 4096], 1.5),
@@ -257,6 +291,12 @@ def markdown(results: dict, plan: Plan, command: str) -> str:
               "| kernel | K | N | M | µs | fp16 µs | × fp16 |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['K']} | {r['N']} | {r['M']} | {r['us']:.1f} | {r['fp16_us']:.1f} | {r['speedup']:.2f} |"
               for r in results.get("kernel_speed", [])]
+    lines += ["", "## W4A16 at decode batch sizes: the GEMV (M <= 8) against the tiled kernel and fp16 matmul", "",
+              "| K | N | M | GEMV µs | tiled µs | fp16 µs | GEMV × fp16 | GEMV × tiled | rel. diff | ok |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['K']} | {r['N']} | {r['M']} | {r['gemv_us']:.1f} | {r['tiled_us']:.1f} | {r['fp16_us']:.1f} | "
+              f"{r['gemv_vs_fp16']:.2f} | {r['gemv_vs_tiled']:.2f} | {r['rel_difference']:.1e} | {'yes' if r['ok'] else 'NO'} |"
+              for r in results.get("decode_paths", [])]
     lines += ["", "## GPTQ w4 g128, streamed on the device (random-init models, random token windows)", "",
               "| model | windows x tokens | blocks run | s per block | total s | peak GPU MiB |", "|---|---|---|---|---|---|"]
     for r in results.get("gptq", []):
@@ -284,7 +324,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry", action="store_true", help="tiny shapes on the CPU, kernels under the interpreter")
     parser.add_argument("--out", default=str(ROOT / "eval" / "runs"), help="folder for GPU.md and gpu-check.json")
     parser.add_argument("--budget", type=float, default=450, help="seconds; sections that would start later are skipped")
-    parser.add_argument("--sections", nargs="+", default=["kernel_check", "kernel_speed", "gptq", "decode"])
+    parser.add_argument("--sections", nargs="+", default=["kernel_check", "kernel_speed", "decode_paths", "gptq", "decode"])
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=None,
                         help="only these kernels in the kernel sections (default: all)")
     args = parser.parse_args(argv)
@@ -298,7 +338,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name() if not args.dry else f"CPU ({os.cpu_count()} cores), dry run",
                "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
                "dtype": str(plan.dtype).removeprefix("torch."), "skipped": [], "errors": {}}
-    sections = {"kernel_check": check_kernels, "kernel_speed": time_kernels,
+    sections = {"kernel_check": check_kernels, "kernel_speed": time_kernels, "decode_paths": time_decode_paths,
                 "gptq": lambda p: time_gptq(p, work), "decode": lambda p: decode_speed(p, work)}
     with tempfile.TemporaryDirectory(prefix="llmquant-gpu-check-") as tmp:
         work = Path(tmp)

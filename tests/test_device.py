@@ -308,6 +308,7 @@ def test_gpu_check_dry_run_works_without_what_the_gpu_machine_lacks(tmp_path):
     assert not results["errors"] and not results["skipped"]
     assert results["kernel_check"] and all(row["ok"] for row in results["kernel_check"])
     assert {row["kernel"] for row in results["kernel_speed"]} >= {"w4a16-gptq-sym", "w8a8", "nf4-dq"}
+    assert [row["M"] for row in results["decode_paths"]] == [1, 3, 8] and all(row["ok"] for row in results["decode_paths"])
     assert [row for row in results["gptq"] if row.get("projection")]
     assert {row["model"] for row in results["decode"]} == {"fp32 (dry run)", "W4A16 (GPTQ g128)", "W8A8 (dynamic)"}
     assert "Dry run on a CPU" in (tmp_path / "GPU.md").read_text()
@@ -324,3 +325,76 @@ def test_load_takes_an_accelerate_device_map(tmp_path):
             assert torch.equal(llmquant.load(folder, device_map=device_map)(ids).logits, expected)
     with pytest.raises(ConfigError, match="device_map"):
         llmquant.load(folder, device_map="everywhere")
+
+
+# --- GPUs that cannot run the chosen path: refused before any work, by name -------------------------
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """install(capability, name): torch sees one CUDA device of that compute capability."""
+    def install(capability, name):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return install
+
+
+def test_bfloat16_below_sm80_is_refused_by_name_and_auto_takes_float16(fake_gpu, capsys, tmp_path):
+    fake_gpu((7, 5), "Tesla T4")
+    cuda = resolve_device("cuda")
+    assert resolve_compute_dtype("auto", cuda) == torch.float16  # not torch's emulated bf16
+    for spec in ("bfloat16", torch.bfloat16):
+        with pytest.raises(ConfigError, match=r"Tesla T4 \(cuda:0, compute capability 7\.5\): bfloat16 arithmetic "
+                                              r"needs compute capability 8\.0 \(use --compute-dtype float16\)"):
+            resolve_compute_dtype(spec, cuda)
+    assert resolve_compute_dtype("float16", cuda) == torch.float16
+    # the CLI refuses it before anything loads
+    assert main(["quantize", "no-such-model", "--out", str(tmp_path / "out"), "--device", "cuda",
+                 "--compute-dtype", "bfloat16"]) == 2
+    assert "Tesla T4" in capsys.readouterr().err
+    fake_gpu((8, 0), "NVIDIA A100-SXM4-80GB")
+    assert resolve_compute_dtype("auto", cuda) == torch.bfloat16
+    assert resolve_compute_dtype("bfloat16", cuda) == torch.bfloat16
+
+
+class _ChecksPassed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("config,capability,name,refusal", [
+    (QuantConfig(group_size=32), (7, 0), "Tesla V100-SXM2-16GB",
+     r"the Triton kernels of the quantized linears needs compute capability 7\.5 \(LLMQUANT_KERNELS=reference"),
+    (QuantConfig(group_size=32), (7, 5), "Tesla T4", None),
+    (QuantConfig(method="fp8"), (8, 0), "NVIDIA A100-SXM4-80GB",
+     r"FP8 \(e4m3\) matmuls needs compute capability 8\.9 \(run it on the CPU or on an FP8 GPU"),
+    (QuantConfig(method="fp8-block", group_size=32), (8, 6), "NVIDIA RTX A6000", r"FP8 \(e4m3\) matmuls"),
+    (QuantConfig(method="fp8"), (8, 9), "NVIDIA L4", None),
+], ids=["gptq-on-v100", "gptq-on-t4", "fp8-on-a100", "fp8-block-on-a6000", "fp8-on-l4"])
+def test_loading_onto_a_gpu_that_lacks_the_path_is_refused_before_any_tensor_is_read(
+        config, capability, name, refusal, fake_gpu, monkeypatch, tmp_path):
+    from conftest import tiny_model
+
+    from llmquant import loading
+
+    folder = llmquant.quantize(tiny_model("llama"), config, progress=False).save(tmp_path / "ckpt")
+    fake_gpu(capability, name)
+
+    def reached(files):
+        raise _ChecksPassed
+
+    monkeypatch.setattr(loading, "read_tensors", reached)
+    if refusal is None:
+        with pytest.raises(_ChecksPassed):
+            llmquant.load(folder, device="cuda", dtype="float16")
+        return
+    with pytest.raises(ConfigError, match=f"ckpt .* cannot run on {name} \\(cuda:0, compute capability "
+                                          f"{capability[0]}\\.{capability[1]}\\): {refusal}"):
+        llmquant.load(folder, device="cuda", dtype="float16")
+    with pytest.raises(ConfigError, match=name):  # a device map that names the GPU is refused alike
+        llmquant.load(folder, device="cpu", dtype="float16", device_map={"": 0})
+    monkeypatch.setenv("LLMQUANT_KERNELS", "reference")  # the torch reference ops run on any GPU
+    with pytest.raises(_ChecksPassed):
+        llmquant.load(folder, device="cuda", dtype="float16")

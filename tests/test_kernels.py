@@ -17,7 +17,8 @@ from llmquant.grid import AffineGrid
 from llmquant.grid.activations import quantize_per_tensor, quantize_per_token
 from llmquant.grid.codebook import CodebookGrid
 from llmquant_kernels import codebook4_matmul, int8_scaled_matmul, quantize_rows_int8, w4a16_matmul
-from llmquant_kernels._launch import interpreter_config
+from llmquant_kernels import w4a16 as w4a16_module
+from llmquant_kernels._launch import _config, gemv_block_m, interpreter_config
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,53 @@ def test_w4a16_gptq_fp16_activations_and_v2_zero_offset():
                        zero_offset=0)
     assert got.dtype == torch.float16
     assert torch.allclose(got.float(), expected, atol=2e-2, rtol=1e-2)
+
+
+# The GEMV (GPTQ layout, M <= 8): partial last groups, act-order, N not a multiple of the column
+# block (N must be a multiple of 32 at 3 bits: 64-column blocks there), K not a multiple of the
+# step (64- and 128-value steps leave a partial last one; at 3 bits a run of three words past the end).
+@pytest.mark.parametrize("bits,group_size,sym,act_order,m,n,k,block_n,block_k", [
+    (4, 64, False, True, 1, 72, 200, 32, 32),    # partial last group of 8, act-order, K % 32 = 8
+    (4, 32, True, False, 8, 40, 96, 32, 64),     # 1.5 steps
+    (4, -1, False, True, 2, 56, 136, 32, 32),    # per channel
+    (3, 64, False, True, 5, 96, 224, 64, 64),    # 3.5 steps: the last run of three words is past K
+    (3, -1, True, False, 2, 160, 160, 64, 128),
+    (2, 32, False, True, 7, 48, 144, 32, 32),    # K % 32 = 16: half a step of 2-bit words
+    (2, 128, True, False, 3, 80, 208, 32, 128),  # partial last group of 80
+    (8, 128, False, False, 4, 36, 200, 32, 32),  # partial last group of 72, K % 32 = 8
+    (8, 32, True, True, 1, 72, 76, 32, 64),      # K = 76: 19 words of 4 values
+])
+def test_w4a16_gemv_matches_reference(bits, group_size, sym, act_order, m, n, k, block_n, block_k):
+    t = _gptq_tensors(n, k, bits, group_size, sym, act_order, seed=bits * 10 + m)
+    x = torch.randn(m, k)
+    bias = torch.randn(n) if m % 2 else None
+    expected = ops._gptq_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits, 1)
+    config = _config(gemv_block_m(m), block_n, block_k, 2, num_warps=1, num_stages=1)
+    got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits=bits, layout="gptq",
+                       zero_offset=1, config=config, path="gemv")
+    assert got.shape == expected.shape and got.dtype == x.dtype
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+def test_w4a16_gemv_fp16_activations_v2_zeros_and_the_path_chosen_by_m(monkeypatch):
+    t = _gptq_tensors(40, 200, 4, 64, False, True, seed=5)
+    x = torch.randn(3, 200).half()
+    expected = ops._gptq_linear_reference(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 0)
+    got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, bits=4, layout="gptq",
+                       zero_offset=0, path="gemv")
+    assert got.dtype == torch.float16
+    assert torch.allclose(got.float(), expected, atol=2e-2, rtol=1e-2)
+
+    chosen = []
+    run_tiled = w4a16_module.run_tiled
+    monkeypatch.setattr(w4a16_module, "run_tiled", lambda spec, *a, **kw: chosen.append(spec.name) or run_tiled(spec, *a, **kw))
+    args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None)
+    for m in (1, 8, 9):
+        w4a16_matmul(torch.randn(m, 200), *args, bits=4, layout="gptq")
+    w4a16_matmul(torch.randn(4, 200), *args, bits=4, layout="gptq", path="tiled")
+    assert chosen == ["w4a16_gemv", "w4a16_gemv", "w4a16", "w4a16"]
+    with pytest.raises(ValueError, match="GEMV path takes the gptq layout at M <= 8"):
+        w4a16_matmul(torch.randn(9, 200), *args, bits=4, layout="gptq", path="gemv")
 
 
 @pytest.mark.parametrize("group_size,sym,m,n,k", [

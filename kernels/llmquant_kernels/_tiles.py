@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_options, pick_config
+from ._launch import dtype_name, launch_options, pick_config
 
 
 @triton.jit
@@ -51,11 +51,16 @@ def store_tile(acc, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BI
         tl.atomic_add(out, acc, mask=mask)
 
 
-def run_tiled(kernel, args: tuple, M: int, N: int, K: int, like: torch.Tensor, out_dtype, config: dict | None,
+def run_tiled(spec, args: tuple, M: int, N: int, K: int, like: torch.Tensor, out_dtype, config: dict | None,
               **constants) -> torch.Tensor:
-    """out [M, N] of `kernel(*args, out, out.stride(0), **constants)` over output tiles x K splits, with
-    `config` or the one chosen for this shape (see _launch); a split K accumulates into a zeroed fp32
-    buffer (so repeated tuning trials start from zero). `like`: a tensor on the device, of the input dtype."""
+    """out [M, N] of `spec.kernel(*args, out, out.stride(0), **constants)` over output tiles x K splits,
+    with `config` or the one chosen for this shape among the spec's candidates (see _launch); a split
+    K accumulates into a zeroed fp32 buffer (so repeated tuning trials start from zero). `like`: a
+    tensor on the device, of the activations' dtype."""
+    kernel = spec.kernel
+    key_dtype = out_dtype if spec.keyed_by_output else like.dtype
+    if like.device.type == "cuda" and dtype_name(key_dtype) not in spec.dtypes:
+        raise ValueError(f"{spec.name} runs on a GPU with {' or '.join(spec.dtypes)}, not {dtype_name(key_dtype)}")
 
     def launch(cfg: dict) -> torch.Tensor:
         split_k = cfg["SPLIT_K"]
@@ -65,4 +70,4 @@ def run_tiled(kernel, args: tuple, M: int, N: int, K: int, like: torch.Tensor, o
         kernel[grid](*args, out, out.stride(0), **constants, **launch_options(cfg))
         return out
 
-    return launch(config or pick_config(kernel, M, N, K, like, launch)).to(out_dtype)
+    return launch(config or pick_config(spec, constants, M, N, K, like, launch, key_dtype)).to(out_dtype)

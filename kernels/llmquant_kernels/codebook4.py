@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import KernelSpec, out_pointer, pointer
 from ._tiles import dot_fp32, output_tile, run_tiled, store_tile, tile_offsets, transposed_tile_offsets
 
 
@@ -42,6 +43,19 @@ def codebook4_kernel(x_ptr, packed_ptr, absmax_ptr, table_ptr, nested_absmax_ptr
     store_tile(acc, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BIAS, SPLIT_K)
 
 
+def _argument_types(dtype: str, constants: dict) -> dict:
+    return {"x_ptr": pointer(dtype), "packed_ptr": "*u8", "absmax_ptr": "*u8" if constants["NESTED"] else "*fp32",
+            "table_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "nested_table_ptr": "*fp32", "bias_ptr": pointer(dtype),
+            "M": "i32", "N": "i32", "K": "i32", "blocksize": "i32", "nested_blocksize": "i32", "offset": "fp32",
+            "stride_xm": "i32", "out_ptr": out_pointer(dtype, constants), "stride_om": "i32"}
+
+
+CODEBOOK4 = KernelSpec("codebook4", codebook4_kernel, "tiled", {"fp32-absmax": {"NESTED": False},
+                                                                 "double-quant": {"NESTED": True}},
+                       _argument_types, {"HAS_BIAS": True, "IEEE_FP32": False})
+SPECS = (CODEBOOK4,)
+
+
 def codebook4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
                      blocksize: int, shape: tuple[int, int], bias: torch.Tensor | None = None,
                      nested: tuple | None = None, config: dict | None = None) -> torch.Tensor:
@@ -58,6 +72,6 @@ def codebook4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     args = (rows, packed, absmax, table, nested_absmax, nested_table.float().contiguous(),
             bias if bias is not None else table, M, N, K, blocksize, nested_blocksize, float(offset), rows.stride(0))
 
-    y = run_tiled(codebook4_kernel, args, M, N, K, x, x.dtype, config, NESTED=nested is not None,
+    y = run_tiled(CODEBOOK4, args, M, N, K, x, x.dtype, config, NESTED=nested is not None,
                   HAS_BIAS=bias is not None, IEEE_FP32=rows.dtype == torch.float32)
     return y.reshape(*x.shape[:-1], N)

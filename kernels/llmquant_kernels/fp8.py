@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import KernelSpec, out_pointer, pointer
 from ._tiles import dot_fp32, output_tile, run_tiled, store_tile, tile_offsets, transposed_tile_offsets
 
 
@@ -32,6 +33,18 @@ def fp8_block_matmul_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, M, N, K, SCALE_COLUMN
     store_tile(acc, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BIAS, SPLIT_K)
 
 
+def _argument_types(dtype: str, constants: dict) -> dict:
+    return {"x_ptr": pointer(dtype), "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "bias_ptr": pointer(dtype), "M": "i32",
+            "N": "i32", "K": "i32", "SCALE_COLUMNS": "i32", "BLOCK_SCALE": "i32", "out_ptr": out_pointer(dtype, constants),
+            "stride_om": "i32"}
+
+
+# e4m3 (Triton's fp8e4nv) exists from compute capability 8.9 on: sm_80 refuses the type
+FP8_BLOCK = KernelSpec("fp8_block", fp8_block_matmul_kernel, "tiled", {"e4m3": {}}, _argument_types,
+                       {"HAS_BIAS": True, "IEEE_FP32": False}, targets=(89, 90))
+SPECS = (FP8_BLOCK,)
+
+
 def fp8_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: int,
                      bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x [..., K] @ dequantized(weight e4m3 [N, K], scale [ceil(N / block), ceil(K / block)])^T (+ bias)."""
@@ -40,6 +53,6 @@ def fp8_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     N = weight.shape[0]
     scale = scale.float().contiguous()
     args = (rows, weight.contiguous(), scale, bias if bias is not None else scale, M, N, K, scale.shape[1], block)
-    out = run_tiled(fp8_block_matmul_kernel, args, M, N, K, rows, x.dtype, config, HAS_BIAS=bias is not None,
+    out = run_tiled(FP8_BLOCK, args, M, N, K, rows, x.dtype, config, HAS_BIAS=bias is not None,
                     IEEE_FP32=x.dtype == torch.float32)
     return out.reshape(*x.shape[:-1], N)

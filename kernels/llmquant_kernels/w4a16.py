@@ -9,7 +9,9 @@ One kernel serves two packed layouts (`layout`):
   interleave (nibble p of a word holds column 8 * word + [0, 2, 4, 6, 1, 3, 5, 7][p]), scales [G, N],
   group of k = k // group_size; w[k, n] = (q - z) * s.
 Small M (decode) splits K across programs and adds the partial sums atomically into an fp32 buffer;
-large M runs plain output tiles.
+large M runs plain output tiles. At M <= 8 the GPTQ layout runs a GEMV instead (w4a16_gemv_kernel):
+no tl.dot, whose 16-row tiles would be mostly padding there; each program streams its slab of
+packed words once, unpacks them in registers and accumulates in fp32.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import GEMV_MAX_M, KernelSpec, out_pointer, pointer
 from ._tiles import dot_fp32, output_tile, run_tiled, store_tile, tile_offsets
 
 LAYOUTS = {"gptq": 0, "awq": 1}
+PATHS = ("auto", "gemv", "tiled")
 
 
 @triton.jit
@@ -80,25 +84,132 @@ def w4a16_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr
     store_tile(acc, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _packed_value(w0, w1, w2, j, BITS: tl.constexpr):
+    """Value j of a run packed little-endian from uint32 word w0 on: 32 / BITS values in one word,
+    or at 3 bits 32 values in the words w0, w1, w2 (values 10 and 21 straddle two). j is a loop
+    index, not a constant: an unrolled run holds every value's loads live at once and spills."""
+    bit = j * BITS
+    shift = (bit % 32).to(tl.uint32)
+    if BITS == 3:
+        word = bit // 32
+        value = tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift
+        spill = shift + BITS > 32
+        high = tl.where(word == 0, w1, w2) << tl.where(spill, 32 - shift, 0)
+        value = value | tl.where(spill, high, 0)
+    else:
+        value = w0 >> shift
+    return (value & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, M, N, K, group_size, stride_xm,
+                      out_ptr, stride_om,
+                      BITS: tl.constexpr, LAYOUT: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPLIT_K: tl.constexpr, IEEE_FP32: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The GPTQ layout at M <= BLOCK_M <= 8 (same arguments as w4a16_kernel; LAYOUT and IEEE_FP32
+    unused). A run is the values of one word (3 bits: of three words), so a step of BLOCK_K values
+    loads RUNS x BLOCK_N words (x WORDS) once and takes its values out by shifts, in the words' own
+    register layout. Partial sums stay per run until the end: one reduction per program instead of
+    one per step."""
+    RUN: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    WORDS: tl.constexpr = 3 if BITS == 3 else 1
+    RUNS: tl.constexpr = BLOCK_K // RUN
+    rm, rn, m_mask, n_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
+    runs = tl.arange(0, RUNS)
+    total_words = tl.cdiv(K * BITS, 32)
+    zero_stride = N * BITS // 32
+    acc = tl.zeros((BLOCK_M, RUNS, BLOCK_N), dtype=tl.float32)
+    for k_step in range(tl.program_id(2), tl.cdiv(K, BLOCK_K), SPLIT_K):
+        run = k_step * RUNS + runs
+        word_row = run * WORDS
+        words = qweight_ptr + tile_offsets(word_row, N, rn)
+        w0 = tl.load(words, mask=(word_row < total_words)[:, None] & n_mask[None, :], other=0)
+        w0 = w0.to(tl.uint32, bitcast=True)
+        if WORDS == 3:
+            w1 = tl.load(words + N, mask=(word_row + 1 < total_words)[:, None] & n_mask[None, :], other=0)
+            w1 = w1.to(tl.uint32, bitcast=True)
+            w2 = tl.load(words + 2 * N, mask=(word_row + 2 < total_words)[:, None] & n_mask[None, :], other=0)
+            w2 = w2.to(tl.uint32, bitcast=True)
+        else:
+            w1 = w0
+            w2 = w0
+        # Without act-order every run lies in one group (group sizes are multiples of a run): then
+        # scales and zeros are read once per run, not once per value as act-order's g_idx needs.
+        start = run * RUN
+        values = start[:, None] + tl.arange(0, RUN)[None, :]
+        group = tl.load(g_idx_ptr + start, mask=start < K, other=0)
+        mixed = tl.sum(tl.where((tl.load(g_idx_ptr + values, mask=values < K, other=0) != group[:, None])
+                                & (values < K), 1, 0))
+        if mixed == 0:
+            mask = (start < K)[:, None] & n_mask[None, :]
+            run_zero = _unpack_stream(qzeros_ptr, rn[None, :], group[:, None], 1, zero_stride, mask, BITS) + ZERO_OFFSET
+            run_scale = tl.load(scales_ptr + tile_offsets(group, N, rn), mask=mask, other=0.0).to(tl.float32)
+            for j in range(RUN):
+                k = start + j
+                w = (_packed_value(w0, w1, w2, j, BITS) - run_zero).to(tl.float32) * run_scale
+                a = tl.load(x_ptr + tile_offsets(rm, stride_xm, k), mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+                acc += a.to(tl.float32)[:, :, None] * w[None, :, :]
+        else:
+            for j in range(RUN):
+                k = start + j
+                k_mask = k < K
+                mask = k_mask[:, None] & n_mask[None, :]
+                value_group = tl.load(g_idx_ptr + k, mask=k_mask, other=0)
+                zero = _unpack_stream(qzeros_ptr, rn[None, :], value_group[:, None], 1, zero_stride, mask, BITS)
+                scale = tl.load(scales_ptr + tile_offsets(value_group, N, rn), mask=mask, other=0.0)
+                w = (_packed_value(w0, w1, w2, j, BITS) - (zero + ZERO_OFFSET)).to(tl.float32) * scale.to(tl.float32)
+                a = tl.load(x_ptr + tile_offsets(rm, stride_xm, k), mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                acc += a.to(tl.float32)[:, :, None] * w[None, :, :]
+    store_tile(tl.sum(acc, axis=1), out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BIAS, SPLIT_K)
+
+
+def _argument_types(dtype: str, constants: dict) -> dict:
+    return {"x_ptr": pointer(dtype), "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
+            "g_idx_ptr": "*i32", "bias_ptr": pointer(dtype), "M": "i32", "N": "i32", "K": "i32", "group_size": "i32",
+            "stride_xm": "i32", "out_ptr": out_pointer(dtype, constants), "stride_om": "i32"}
+
+
+GPTQ_VARIANTS = {f"gptq-{bits}bit": {"BITS": bits, "LAYOUT": LAYOUTS["gptq"]} for bits in (2, 3, 4, 8)}
+# ZERO_OFFSET and HAS_BIAS add one term; IEEE_FP32 only matters for fp32 activations, which a GPU
+# does not run here (see KernelSpec.dtypes)
+FIXED = {"ZERO_OFFSET": 1, "HAS_BIAS": True, "IEEE_FP32": False}
+W4A16 = KernelSpec("w4a16", w4a16_kernel, "tiled", {**GPTQ_VARIANTS, "awq-4bit": {"BITS": 4, "LAYOUT": LAYOUTS["awq"]}},
+                   _argument_types, FIXED)
+W4A16_GEMV = KernelSpec("w4a16_gemv", w4a16_gemv_kernel, "gemv", GPTQ_VARIANTS, _argument_types, FIXED)
+SPECS = (W4A16, W4A16_GEMV)
+
+
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, bias: torch.Tensor | None, *, bits: int, layout: str,
-                 zero_offset: int = 1, group_size: int = 0, config: dict | None = None) -> torch.Tensor:
-    """y [..., N] = x [..., K] @ W (the dequantized [K, N] weight) + bias, in x's dtype."""
+                 zero_offset: int = 1, group_size: int = 0, config: dict | None = None,
+                 path: str = "auto") -> torch.Tensor:
+    """y [..., N] = x [..., K] @ W (the dequantized [K, N] weight) + bias, in x's dtype.
+
+    path: "auto" runs the GEMV for the GPTQ layout at M <= 8 rows and the tiled kernel otherwise;
+    "gemv" or "tiled" force one (to compare them)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     if layout == "awq" and (bits != 4 or group_size < 1):
         raise ValueError("the awq layout is 4-bit with a positive group_size")
     if layout == "gptq" and g_idx is None:
         raise ValueError("the gptq layout needs g_idx")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = rows.shape
     N = scales.shape[1]
+    gemv = layout == "gptq" and M <= GEMV_MAX_M and path != "tiled"
+    if path == "gemv" and not gemv:
+        raise ValueError(f"the GEMV path takes the gptq layout at M <= {GEMV_MAX_M}, not {layout} at M = {M}")
     args = (rows, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
             bias if bias is not None else scales, M, N, K, max(group_size, 1), rows.stride(0))
 
-    y = run_tiled(w4a16_kernel, args, M, N, K, x, x.dtype, config, BITS=bits, LAYOUT=LAYOUTS[layout],
-                  ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None, IEEE_FP32=rows.dtype == torch.float32)
+    y = run_tiled(W4A16_GEMV if gemv else W4A16, args, M, N, K, x, x.dtype, config, BITS=bits,
+                  LAYOUT=LAYOUTS[layout], ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None,
+                  IEEE_FP32=rows.dtype == torch.float32)
     return y.reshape(*x.shape[:-1], N)
 
 
-__all__ = ["w4a16_kernel", "w4a16_matmul"]
+__all__ = ["w4a16_gemv_kernel", "w4a16_kernel", "w4a16_matmul"]

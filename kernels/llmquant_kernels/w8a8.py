@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import KernelSpec, launch_options, out_pointer, pointer
 from ._tiles import output_tile, run_tiled, store_tile, tile_offsets, transposed_tile_offsets
 
 
@@ -40,8 +41,21 @@ def quantize_rows_kernel(x_ptr, codes_ptr, scales_ptr, static_scale_ptr, K, stri
         tl.store(codes_ptr + row * K + rk, codes.to(tl.int8), mask=rk < K)
 
 
-def quantize_rows_int8(x: torch.Tensor, static_scale: torch.Tensor | None = None,
-                       block_k: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+# one program per row, BLOCK_K values of it per step: K rounded up to a power of two, at most 256
+ROW_BLOCKS = tuple(2 ** i for i in range(9))
+
+
+def _row_argument_types(dtype: str, constants: dict) -> dict:
+    return {"x_ptr": pointer(dtype), "codes_ptr": "*i8", "scales_ptr": "*fp32", "static_scale_ptr": "*fp32",
+            "K": "i32", "stride_xm": "i32"}
+
+
+QUANTIZE_ROWS = KernelSpec("quantize_rows_int8", quantize_rows_kernel, "rows",
+                           {"dynamic": {"STATIC": False}, "static": {"STATIC": True}}, _row_argument_types,
+                           configs=tuple({"BLOCK_K": block, "num_warps": 4, "num_stages": 3} for block in ROW_BLOCKS))
+
+
+def quantize_rows_int8(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes [M, K], fp32 scales [M, 1]) of the rows of x [M, K] (per row, or the static scale)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = rows.shape
@@ -52,8 +66,9 @@ def quantize_rows_int8(x: torch.Tensor, static_scale: torch.Tensor | None = None
     else:
         scales = torch.empty((M, 1), device=x.device, dtype=torch.float32)
         scale_arg = scales
-    quantize_rows_kernel[(M,)](rows, codes, scales, scale_arg, K, rows.stride(0),
-                               STATIC=static_scale is not None, BLOCK_K=min(block_k, triton.next_power_of_2(K)))
+    config = QUANTIZE_ROWS.configs[ROW_BLOCKS.index(min(ROW_BLOCKS[-1], triton.next_power_of_2(K)))]
+    quantize_rows_kernel[(M,)](rows, codes, scales, scale_arg, K, rows.stride(0), STATIC=static_scale is not None,
+                               **launch_options(config))
     return codes, scales
 
 
@@ -75,6 +90,16 @@ def int8_scaled_matmul_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, 
     store_tile(y, out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BIAS, SPLIT_K)
 
 
+def _gemm_argument_types(dtype: str, constants: dict) -> dict:
+    return {"a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": pointer(dtype),
+            "M": "i32", "N": "i32", "K": "i32", "out_ptr": out_pointer(dtype, constants), "stride_om": "i32"}
+
+
+INT8_GEMM = KernelSpec("int8_scaled_matmul", int8_scaled_matmul_kernel, "tiled", {"int8": {}}, _gemm_argument_types,
+                       {"HAS_BIAS": True}, keyed_by_output=True)
+SPECS = (QUANTIZE_ROWS, INT8_GEMM)
+
+
 def int8_scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
                        config: dict | None = None) -> torch.Tensor:
@@ -87,4 +112,4 @@ def int8_scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
 
     args = (a, b, a_scale, b_scale, bias if bias is not None else b_scale, M, N, K)
 
-    return run_tiled(int8_scaled_matmul_kernel, args, M, N, K, a, out_dtype, config, HAS_BIAS=bias is not None)
+    return run_tiled(INT8_GEMM, args, M, N, K, a, out_dtype, config, HAS_BIAS=bias is not None)
