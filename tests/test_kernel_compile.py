@@ -32,7 +32,7 @@ def test_recorded_compiles_are_current_cover_every_gpu_class_and_a_sample_recomp
     assert "checking" in done.stderr and "PROBLEM" not in done.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.compile_proof
 @pytest.mark.timeout(7200)
 def test_every_kernel_config_dtype_and_target_compiles_as_recorded():
     done = _aot("--check", "--jobs", str(os.cpu_count() or 1), timeout=7000)
