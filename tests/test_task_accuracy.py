@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import llmquant
+from conftest import tiny_model
 from llmquant import QuantConfig
 from llmquant.model_card import ASIDE_FILE, CARD_FILE, EVALS_FILE, MARKER, record_eval
 from llmquant.task_accuracy import WIKI_LAST_WORD, builtin_task_folder, last_word_passages
@@ -99,6 +100,17 @@ def test_the_cards_llmquant_snippet_runs(streamed):
     snippet = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     scope = {}
     exec(snippet, scope)  # noqa: S102 - the card's own snippet, as a user would paste it
+    assert scope["model"](torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_the_cards_transformers_snippet_runs_for_a_bitsandbytes_checkpoint(tmp_path):
+    """transformers reads bitsandbytes NF4 on the CPU: the card's second snippet, as a user would paste it."""
+    out = llmquant.quantize(tiny_model("llama"), QuantConfig(method="nf4", group_size=64, double_quant=True),
+                            progress=False).save(tmp_path / "nf4")
+    snippets = re.findall(r"```python\n(.*?)```", (out / CARD_FILE).read_text(), re.S)
+    assert "AutoModelForCausalLM.from_pretrained" in snippets[-1]
+    scope = {}
+    exec(snippets[-1], scope)  # noqa: S102
     assert scope["model"](torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
