@@ -52,15 +52,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tensor_file_hashes(folder: Path) -> dict[str, str]:
-    """{file name: sha256} of the folder's safetensors files: what a report names as its own."""
-    return {f.name: file_sha256(f) for f in sorted(Path(folder).glob("*.safetensors"))}
+def tensor_file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """{file name: sha256} of the folder's safetensors files: what a report names as its own.
+    known: hashes the writer already took of files it wrote (not read again)."""
+    known = known or {}
+    return {f.name: known.get(f.name) or file_sha256(f) for f in sorted(Path(folder).glob("*.safetensors"))}
 
 
-def write_report_file(folder: Path, name: str, report: dict) -> Path:
+def write_report_file(folder: Path, name: str, report: dict, known_hashes: dict[str, str] | None = None) -> Path:
     """Write one of REPORT_FILES into a finished folder, naming its tensor files and their hashes:
-    what later marks the folder, by its content, as one llmquant wrote (why_not_replaceable)."""
-    report = {**report, TENSOR_FILES_KEY: tensor_file_hashes(folder)}
+    what later marks the folder, by its content, as one llmquant wrote (why_not_replaceable).
+    known_hashes: sha256 of files the caller wrote and hashed already."""
+    report = {**report, TENSOR_FILES_KEY: tensor_file_hashes(folder, known_hashes)}
     return write_file_atomically(Path(folder) / name, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
 
 

@@ -442,7 +442,8 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         report["block_seconds"] = [b.get("seconds") for b in store.progress["blocks"]]
         report["checkpoint_sha256"] = folder_tensors_sha256(store.folder)
         report.update(report_extra or {})
-        write_report_file(store.folder, REPORT_FILE, report)
+        # the block shards were hashed as they were committed (and checked on resume): not read again
+        write_report_file(store.folder, REPORT_FILE, report, known_hashes=store.progress["hashes"])
         write_report(store.folder, plots=plots, name=target.name)
         write_model_card(store.folder, report, location=target, replacing=target)
         store.progress["finished"] = True
