@@ -39,6 +39,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,19 +162,29 @@ def best(values: list[float]) -> float:
 
 
 class TorchRunner:
-    """One model measured the same way each round: prefill of `window`, decode after `prompt_ids`."""
+    """One model measured the same way each round: prefill of `window`, decode after `prompt_ids`.
+    compile_decode: decode steps as one compiled graph each (llmquant.generation); the prompt's forward
+    is the eager one, measured in the model's eager row, so this row has no prefill of its own."""
 
-    def __init__(self, model, prompt_ids: torch.Tensor, window: torch.Tensor, new_tokens: int = NEW_TOKENS):
-        self.model, self.window, self.new_tokens = model, window, new_tokens
+    def __init__(self, model, prompt_ids: torch.Tensor, window: torch.Tensor, new_tokens: int = NEW_TOKENS,
+                 compile_decode: bool = False):
+        self.model, self.window, self.new_tokens, self.compile_decode = model, window, new_tokens, compile_decode
         self.inputs = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
-        timed_generate(model, self.inputs, 4, exact_length=True)  # warm-up: first-call allocations, oneDNN primitives
+        # warm-up: first-call allocations, oneDNN primitives; compiled: the compilation, for the same shapes
+        start = time.perf_counter()
+        warm_tokens = new_tokens if compile_decode else 4
+        timed_generate(model, self.inputs, warm_tokens, exact_length=True, compile_decode=compile_decode)
+        self.warm_up_seconds = time.perf_counter() - start
 
-    def once(self) -> tuple[float, float]:
-        with torch.no_grad():
-            start = time.perf_counter()
-            self.model(input_ids=self.window, use_cache=True, logits_to_keep=1)
-            prefill = self.window.shape[1] / (time.perf_counter() - start)
-        decode = timed_generate(self.model, self.inputs, self.new_tokens, exact_length=True)[1].decode_tokens_per_second
+    def once(self) -> tuple[float | None, float]:
+        prefill = None
+        if not self.compile_decode:
+            with torch.no_grad():
+                start = time.perf_counter()
+                self.model(input_ids=self.window, use_cache=True, logits_to_keep=1)
+                prefill = self.window.shape[1] / (time.perf_counter() - start)
+        decode = timed_generate(self.model, self.inputs, self.new_tokens, exact_length=True,
+                                compile_decode=self.compile_decode)[1].decode_tokens_per_second
         return prefill, decode
 
 
@@ -243,8 +254,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['runs_as']} | {r['size_mib']:.0f} | {r['prefill']:.1f} | "
-                     f"{r['prefill'] / fp32['prefill']:.2f} | {r['decode']:.1f} | {r['decode'] / fp32['decode']:.2f} |")
+        prefill = ("as eager | " if r["prefill"] is None
+                   else f"{r['prefill']:.1f} | {r['prefill'] / fp32['prefill']:.2f} | ")
+        lines.append(f"| {r['model']} | {r['runs_as']} | {r['size_mib']:.0f} | {prefill}{r['decode']:.1f} | "
+                     f"{r['decode'] / fp32['decode']:.2f} |")
+    compiled = [r for r in rows if "first_call_seconds" in r]
+    if compiled:
+        lines += ["", "Compiled decode (static KV cache, torch.compile fullgraph, inductor): × fp32 is against the "
+                  "eager fp32 row. First call (compiling, then one generation of the same length): "
+                  + ", ".join(f"{r['model'].removesuffix(', compiled decode')} {r['first_call_seconds']:.0f} s"
+                              for r in compiled) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -280,6 +299,9 @@ def reexec_for_class(cpu_class: str) -> None:
         return
     env = {k: v for k, v in os.environ.items() if k not in names}
     env.update(wanted)
+    # inductor's cache keys miss the forced capability: a kernel compiled for the native class and loaded
+    # under the forced one crashed the process (SIGSEGV in the generated code), so each class has its own
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor-llmquant-{cpu_class}"))
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -297,6 +319,10 @@ def main() -> None:
                         help="avx2: force the AVX2 class (re-executes with ATEN_CPU_CAPABILITY=avx2, "
                              "ONEDNN_MAX_CPU_ISA=AVX2); native: the CPU's own (default: as the environment says)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave the bf16 model out (memory)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a compiled-decode row for each model (llmquant generate --compile)")
+    parser.add_argument("--compile-only", nargs="*", default=None,
+                        help="with --compile: the rows to add a compiled row for (default: all)")
     args = parser.parse_args()
     if args.cpu_class is not None:
         reexec_for_class(args.cpu_class)
@@ -324,18 +350,29 @@ def main() -> None:
     # Every model is loaded first and then measured in rounds, each round visiting every model once, so
     # that a slow spell of a shared machine falls on all rows alike rather than on whichever ran then.
     contenders = []  # (row label, runs as, size MiB, runner)
+    compiled_rows = []  # (row label, model, runs as, size MiB): the models a compiled row is added for
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         if name == "bf16" and ((args.only is not None and name not in args.only) or not args.bf16):
             continue
         model, _ = load_fp_model(source, dtype=dtype)
         contenders.append((name, f"transformers, {name} weights", fp_size,
                            TorchRunner(model, prompt_ids, window, spec.new_tokens)))
+        compiled_rows.append((name, model, f"transformers, {name} weights", fp_size))
     for checkpoint in selected:
         with environment(checkpoint.environment):
             model = load(folders[checkpoint.name])
             paths = "; ".join(summary(prepare_for_cpu(model)).split("; ")[:-1])  # paths, stacked count
         contenders.append((checkpoint.name, paths, size_mib(folders[checkpoint.name]),
                            TorchRunner(model, prompt_ids, window, spec.new_tokens)))
+        compiled_rows.append((checkpoint.name, model, paths, size_mib(folders[checkpoint.name])))
+    compile_seconds = {}
+    for name, model, runs_as, size in compiled_rows if args.compile else []:
+        if args.compile_only is not None and name not in args.compile_only:
+            continue
+        print(f"compiling the decode step of {name}", flush=True)
+        runner = TorchRunner(model, prompt_ids, window, spec.new_tokens, compile_decode=True)
+        compile_seconds[f"{name}, compiled decode"] = runner.warm_up_seconds
+        contenders.append((f"{name}, compiled decode", runs_as, size, runner))
     llama_version = "not run"
     if ggufs:
         import llama_cpp
@@ -348,11 +385,15 @@ def main() -> None:
     for round_number in range(args.repeats):
         for name, _, _, runner in contenders:
             measured[name].append(runner.once())
-            print(f"round {round_number + 1}: {name}: prefill {measured[name][-1][0]:.1f} tok/s, "
-                  f"decode {measured[name][-1][1]:.1f} tok/s", flush=True)
+            prefill = measured[name][-1][0]
+            print(f"round {round_number + 1}: {name}: prefill "
+                  + ("(eager row)" if prefill is None else f"{prefill:.1f} tok/s")
+                  + f", decode {measured[name][-1][1]:.1f} tok/s", flush=True)
     rows = [{"model": name, "runs_as": runs_as, "size_mib": size,
-             "prefill": best([p for p, _ in measured[name]]), "decode": best([d for _, d in measured[name]]),
-             "rounds": measured[name]} for name, runs_as, size, _ in contenders]
+             "prefill": None if measured[name][0][0] is None else best([p for p, _ in measured[name]]),
+             "decode": best([d for _, d in measured[name]]), "rounds": measured[name],
+             **({"first_call_seconds": compile_seconds[name]} if name in compile_seconds else {})}
+            for name, runs_as, size, _ in contenders]
 
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "capability": describe_cpu(), "threads": args.threads,
             "torch": torch.__version__, "llama_cpp": llama_version, "llama_cpp_buffers": extra_buffer_types_note(), "date": time.strftime("%Y-%m-%d"),

@@ -7,9 +7,9 @@ from .errors import LlmquantError
 # The public names, imported on first use: `llmquant --help` and `llmquant models` start without
 # loading torch (the CLI imports this package first).
 _PUBLIC = {"quantize": "api", "QuantizedModel": "api", "QuantConfig": "config", "Calibration": "data",
-           "load": "loading"}
+           "load": "loading", "compiled_decode_options": "generation"}
 
-__all__ = ["quantize", "load", "QuantConfig", "QuantizedModel", "Calibration", "LlmquantError", "__version__"]
+__all__ = ["quantize", "load", "compiled_decode_options", "QuantConfig", "QuantizedModel", "Calibration", "LlmquantError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -183,6 +183,10 @@ def _add_generate(sub):
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one compiled graph (static KV cache + torch.compile); the first "
+                        "step compiles (about a minute for a 135M model on one CPU core) and the time is printed; "
+                        "off by default since it pays back only over long generations (eval/CPU.md)")
     _add_device_options(p)
 
 
@@ -562,7 +566,7 @@ def cmd_generate(args) -> int:
     inputs = {key: value.to(next(model.parameters()).device) for key, value in inputs.items()}
     # tokens are printed as they come (the prompt too, unless it is a chat template)
     printer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
-    _, speed = timed_generate(model, inputs, args.max_new_tokens, printer)
+    _, speed = timed_generate(model, inputs, args.max_new_tokens, printer, compile_decode=args.compile)
     threads = torch.get_num_threads()
     print(f"{speed.describe()} ({threads} thread{'' if threads == 1 else 's'})", file=sys.stderr)
     return 0

@@ -4,9 +4,20 @@ transformers' generate hands a streamer the prompt before the first forward and 
 it is produced; TimedStreamer notes those moments (and passes them on to a TextStreamer that
 prints), so prefill is prompt tokens over the time to the first new token and decode is the tokens
 after it over the time they took.
+
+Compiled decode (`compile_decode=True`): at batch 1 a small model's token is mostly framework cost
+(Python, dispatch, ~200 op calls), not arithmetic. transformers then keeps the KV cache in fixed-size
+tensors (its static cache) and calls the model's forward for each new token through
+torch.compile(fullgraph=True): one graph per step, C++ from inductor on a CPU, CUDA graphs on a GPU. The prompt's forward stays eager (its shape changes with every prompt). The
+quantized linears trace without a graph break (llmquant.cpu hands Dynamo the conversion prepared at
+load). The first decode step compiles (about a minute for a 135M model on one core; eval/CPU.md
+measures it), so it is not counted in the decode rate, and its time beyond a steady step's is reported
+as the compile time; later calls with the same prompt length and max_new_tokens reuse the graph (a
+step of their own then shows ~0 s), others compile again.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -19,7 +30,9 @@ class GenerationSpeed:
     prompt_tokens: int  # per sequence
     new_tokens: int
     prefill_seconds: float  # prompt in -> first new token out
-    decode_seconds: float  # first new token -> last
+    decode_seconds: float  # first counted decode step's start -> last new token
+    decode_steps: int = -1  # the decode steps decode_seconds covers (-1: every step after the first token)
+    compile_seconds: float = 0.0  # compiled decode: the first step's time beyond a steady step's
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -27,12 +40,15 @@ class GenerationSpeed:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = self.new_tokens - 1
+        steps = self.new_tokens - 1 if self.decode_steps < 0 else self.decode_steps
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
 
     def describe(self) -> str:
-        return (f"prefill {self.prompt_tokens} tokens at {self.prefill_tokens_per_second:.1f} tok/s, "
+        text = (f"prefill {self.prompt_tokens} tokens at {self.prefill_tokens_per_second:.1f} tok/s, "
                 f"decode {self.new_tokens} tokens at {self.decode_tokens_per_second:.1f} tok/s")
+        if self.decode_steps >= 0:
+            text += f" (compiled; compiling the decode step took {self.compile_seconds:.1f} s, not counted)"
+        return text
 
 
 class TimedStreamer(BaseStreamer):
@@ -55,18 +71,48 @@ class TimedStreamer(BaseStreamer):
         if self.inner is not None:
             self.inner.end()
 
-    def speed(self) -> GenerationSpeed:
+    def speed(self, first_step_compiles: bool = False) -> GenerationSpeed:
+        """first_step_compiles: the first decode step carried a compilation, left out of the decode rate."""
         if self.start is None or not self.token_times:
             raise RuntimeError("no tokens were generated")
-        first, last = self.token_times[0], self.token_times[-1]
-        return GenerationSpeed(self.prompt_tokens, len(self.token_times), first - self.start, last - first)
+        times = self.token_times
+        prefill = times[0] - self.start
+        if not first_step_compiles or len(times) < 3:
+            return GenerationSpeed(self.prompt_tokens, len(times), prefill, times[-1] - times[0])
+        steps = [b - a for a, b in zip(times, times[1:])]
+        return GenerationSpeed(self.prompt_tokens, len(times), prefill, times[-1] - times[1], len(steps) - 1,
+                               max(0.0, steps[0] - statistics.median(steps[1:])))
+
+
+def compiled_decode_options(model) -> dict:
+    """generate() keyword arguments that run every decode step as one compiled graph (module docstring)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    # freezing: inductor takes the weights as constants of the graph, so it folds what is computed from
+    # them alone and merges identical calls (common subexpressions): the q/k/v and gate/up members each
+    # trace the stacked matmul of their group (llmquant.cpu.fused), and the graph keeps one of each.
+    # (torch.compile takes a mode or options: "reduce-overhead" is the CUDA-graph option)
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=None,
+                           options={"freezing": True, **({"triton.cudagraphs": True} if cuda else {})})
+    # transformers compiles by itself only on accelerators (CUDA, XPU, ...); this switch (private in
+    # transformers 5, pinned by tests/test_compiled_decode.py) asks it to on the CPU too.
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
 
 
 def timed_generate(model, inputs: dict, max_new_tokens: int, printer: BaseStreamer | None = None,
-                   exact_length: bool = False) -> tuple[torch.Tensor, GenerationSpeed]:
-    """Greedy generate with its speed; exact_length: all max_new_tokens, no stop at EOS (benchmarks)."""
+                   exact_length: bool = False, compile_decode: bool = False) -> tuple[torch.Tensor, GenerationSpeed]:
+    """Greedy generate with its speed; exact_length: all max_new_tokens, no stop at EOS (benchmarks);
+    compile_decode: each decode step one compiled graph (module docstring)."""
     timer = TimedStreamer(printer)
+    options = {}
+    if compile_decode:
+        from .cpu import prepare_for_cpu
+
+        prepare_for_cpu(model)  # what the traced forward runs is converted before tracing (no-op off the CPU)
+        options = compiled_decode_options(model)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=timer,
-                                min_new_tokens=max_new_tokens if exact_length else None)
-    return output, timer.speed()
+                                min_new_tokens=max_new_tokens if exact_length else None, **options)
+    return output, timer.speed(first_step_compiles=compile_decode)

@@ -19,7 +19,9 @@ calibration is random token ids, and everything is compared as ratios measured i
 3. GPTQ w4 g128 end to end (streamed, on the GPU) of 1B- and 8B-shaped models with a few blocks, at
    two calibration sizes of 2048-token windows: time per block, and the linear projection to 128
    windows and every block of the real model.
-4. Greedy decode tok/s at batch 1 and 16 for fp16, W4A16 (GPTQ g128) and W8A8 on the 1B shape.
+4. Greedy decode tok/s at batch 1 and 16 for fp16, W4A16 (GPTQ g128) and W8A8, eager and compiled
+   (llmquant.generation's compiled decode: static cache, torch.compile fullgraph, CUDA graphs), on the
+   1B shape and on the 8B shape cut to a few blocks (every block costs the same; the ratios hold).
 The dry mode runs the same code on tiny shapes with the Triton kernels under the interpreter, so that
 a test keeps this script working.
 """
@@ -72,8 +74,13 @@ class Plan:
         self.calibration_sizes = (2, 4) if dry else (4, 8)
         self.group_size = 32 if dry else 128
         self.seqlen = 32 if dry else 2048
-        self.decode_model = TINY if dry else LLAMA_1B
+        # (shape, blocks built): the 8B shape with 4 of its 32 blocks keeps the files and the time small
+        self.decode_models = ({"tiny": (TINY, TINY["num_hidden_layers"])} if dry else
+                              {"Llama-3.2-1B-shaped": (LLAMA_1B, LLAMA_1B["num_hidden_layers"]),
+                               "Llama-3-8B-shaped, 4 blocks": (LLAMA_8B, 4)})
         self.decode_batches = (1, 2) if dry else (1, 16)
+        # the dry run checks the compiled path's plumbing (no graph break, static cache) without inductor's minutes
+        self.compile_backend = "eager" if dry else "inductor"
         self.new_tokens = 3 if dry else 64
         self.fp_label = "fp32 (dry run)" if dry else "fp16"
 
@@ -210,37 +217,56 @@ def time_gptq(plan: Plan, work: Path) -> list[dict]:
 
 
 def decode_speed(plan: Plan, work: Path) -> list[dict]:
+    rows = []
+    for label, (shape, layers) in plan.decode_models.items():
+        rows += _decode_speed_of(plan, work, label, shape, layers)
+    return rows
+
+
+def _decode_speed_of(plan: Plan, work: Path, label: str, shape: dict, layers: int) -> list[dict]:
     import llmquant
     from llmquant import QuantConfig
+    from llmquant.generation import compiled_decode_options
     from llmquant.streaming import quantize_to_disk
 
-    folder = random_model_folder(plan.decode_model, plan.decode_model["num_hidden_layers"], work / "decode-fp",
-                                 plan, dtype=torch.float16)
+    slug = label.split(",")[0]
+    folder = random_model_folder(shape, layers, work / f"decode-{slug}-fp", plan, dtype=torch.float16)
     models = {plan.fp_label: folder}
     for name, config in (("W4A16 (GPTQ g128)", QuantConfig(method="rtn", bits=4, group_size=plan.group_size)),
                          ("W8A8 (dynamic)", QuantConfig(method="w8a8"))):
-        models[name], _ = quantize_to_disk(folder, config, None, work / f"decode-{name.split()[0]}", progress=False,
-                                           plots=False, device=plan.device)
+        models[name], _ = quantize_to_disk(folder, config, None, work / f"decode-{slug}-{name.split()[0]}",
+                                           progress=False, plots=False, device=plan.device)
     rows = []
     for name, path in models.items():
         model = llmquant.load(path, device=plan.device, dtype=plan.dtype)
-        for batch in plan.decode_batches:
-            ids = torch.randint(0, plan.decode_model["vocab_size"], (batch, 16), device=plan.device)
+        for compiled in (False, True):
             options = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-            with torch.no_grad():
-                model.generate(ids, max_new_tokens=2, min_new_tokens=2, **options)  # tunes the kernels
-                synchronize(plan.device)
-                start = time.perf_counter()
-                model.generate(ids, max_new_tokens=plan.new_tokens, min_new_tokens=plan.new_tokens, **options)
-                synchronize(plan.device)
-            seconds = time.perf_counter() - start
-            rows.append({"model": name, "batch": batch, "new_tokens": plan.new_tokens,
-                         "tokens_per_second": batch * plan.new_tokens / seconds})
-            print(f"decode {name} batch {batch}: {rows[-1]['tokens_per_second']:.1f} tok/s", flush=True)
+            if compiled:
+                options.update(compiled_decode_options(model))
+                options["compile_config"].backend = plan.compile_backend
+                if plan.compile_backend != "inductor":
+                    options["compile_config"].options = None
+            for batch in plan.decode_batches:
+                ids = torch.randint(0, shape["vocab_size"], (batch, 16), device=plan.device)
+                with torch.no_grad():
+                    # tunes the kernels; compiled: compiles (and captures) for these shapes
+                    start = time.perf_counter()
+                    model.generate(ids, max_new_tokens=plan.new_tokens, min_new_tokens=plan.new_tokens, **options)
+                    synchronize(plan.device)
+                    first = time.perf_counter() - start
+                    start = time.perf_counter()
+                    model.generate(ids, max_new_tokens=plan.new_tokens, min_new_tokens=plan.new_tokens, **options)
+                    synchronize(plan.device)
+                seconds = time.perf_counter() - start
+                rows.append({"shape": label, "model": name, "compiled": compiled, "batch": batch,
+                             "new_tokens": plan.new_tokens, "tokens_per_second": batch * plan.new_tokens / seconds,
+                             "first_call_seconds": first})
+                print(f"decode {label} {name}{' compiled' if compiled else ''} batch {batch}: "
+                      f"{rows[-1]['tokens_per_second']:.1f} tok/s (first call {first:.1f} s)", flush=True)
         del model
-    fp = {r["batch"]: r["tokens_per_second"] for r in rows if r["model"] == plan.fp_label}
+    fp = {(r["compiled"], r["batch"]): r["tokens_per_second"] for r in rows if r["model"] == plan.fp_label}
     for r in rows:
-        r["vs_fp16"] = r["tokens_per_second"] / fp[r["batch"]]
+        r["vs_fp16"] = r["tokens_per_second"] / fp[(r["compiled"], r["batch"])]
     return rows
 
 
@@ -267,6 +293,11 @@ def targets(results: dict, plan: Plan) -> list[str]:
         value = worst(kind, batches)
         lines.append(f"- {text}: " + ("not measured" if value is None else
                                       f"worst {value:.2f}x -> {'met' if value >= goal else 'NOT met'}"))
+    compiled = [r["vs_fp16"] for r in results.get("decode", [])
+                if r["compiled"] and "8B" in r["shape"] and r["model"].startswith("W4A16") and r["batch"] == 1]
+    lines.append("- compiled W4A16 decode >= 2x compiled fp16 decode, 8B shape, batch 1: "
+                 + ("not measured" if not compiled else
+                    f"{compiled[0]:.2f}x -> {'met' if compiled[0] >= 2.0 else 'NOT met'}"))
     projection = [r for r in results.get("gptq", []) if r.get("projection") and "8B" in r["model"]]
     if projection:
         minutes = projection[0]["minutes"]
@@ -308,9 +339,14 @@ def markdown(results: dict, plan: Plan, command: str) -> str:
                          f"{r['seconds']:.1f} | {r['peak_gpu_mib'] if r['peak_gpu_mib'] is None else round(r['peak_gpu_mib'])} |")
     lines += ["", "Projection: seconds per block measured at two calibration sizes (the first block left out: it "
               "also tunes the kernels), extended linearly to 128 windows, times the real model's block count.",
-              "", "## Greedy decode (random-init 1B-shaped model, 16-token prompt)", "",
-              "| model | batch | new tokens | tok/s | × fp16 |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_second']:.1f} | {r['vs_fp16']:.2f} |"
+              "", "## Greedy decode (random-init models, 16-token prompt)", "",
+              "Compiled: static KV cache + torch.compile(fullgraph) of the decode step with CUDA graphs "
+              "(llmquant.generation); × fp16 against fp16 run the same way (eager or compiled). First call: the "
+              "kernels' tuning, and the compilation for compiled rows.", "",
+              "| shape | model | compiled | batch | new tokens | tok/s | × fp16 | first call s |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['model']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} | {r['new_tokens']} | "
+              f"{r['tokens_per_second']:.1f} | {r['vs_fp16']:.2f} | {r['first_call_seconds']:.1f} |"
               for r in results.get("decode", [])]
     if results.get("skipped"):
         lines += ["", "Not run (time budget): " + ", ".join(results["skipped"])]

@@ -173,5 +173,7 @@ def test_dequantized_cache_keeps_an_fp32_copy_for_prefill_within_the_bound(avx2_
         assert layer.extra_bytes == 48 * 256 * (6 if kept else 2)
         x = torch.randn(2, 40, 256)
         out = module(x)
-        assert torch.equal(out, torch.nn.functional.linear(x, kernel.weight.float()))  # the same numbers either way
+        # kept: the reference's fp32 weight; else the float16 cache upcast for the call
+        weight = module.dequantized_weight(torch.float32) if kept else kernel.weight.float()
+        assert torch.equal(out, torch.nn.functional.linear(x, weight))
         assert relative_error(out, reference_output(module, x)) < HALF_TOLERANCE

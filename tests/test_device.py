@@ -311,6 +311,7 @@ def test_gpu_check_dry_run_works_without_what_the_gpu_machine_lacks(tmp_path):
     assert [row["M"] for row in results["decode_paths"]] == [1, 3, 8] and all(row["ok"] for row in results["decode_paths"])
     assert [row for row in results["gptq"] if row.get("projection")]
     assert {row["model"] for row in results["decode"]} == {"fp32 (dry run)", "W4A16 (GPTQ g128)", "W8A8 (dynamic)"}
+    assert {row["compiled"] for row in results["decode"]} == {False, True}
     assert "Dry run on a CPU" in (tmp_path / "GPU.md").read_text()
 
 

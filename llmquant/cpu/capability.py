@@ -24,10 +24,13 @@ AVX512_CORE_BF16 native bf16 (AMX alone needs AVX512_CORE_AMX).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
+
+from ..errors import ConfigError
 
 _X86_VECTOR_CAPABILITIES = ("AVX2", "AVX512")
 DENSE_FROM_ROWS = 128
@@ -120,16 +123,19 @@ def cpu_class() -> CpuClass:
     return CpuClass(capability, int8_dot, fast_bf16, flags, tuple(reasons))
 
 
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
 def cpu_capability() -> str:
     """torch's name for the vector extension its CPU kernels were dispatched to ("AVX512", "AVX2", ...)."""
     return cpu_class().capability
 
 
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
 def has_int8_dot_product() -> bool:
     """Whether int8 GEMMs run on a dot-product instruction (AVX-512 VNNI / AMX), in the class planned for."""
     return cpu_class().int8_dot_product
 
 
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
 def has_fast_bf16_matmul() -> bool:
     """Whether dense bfloat16 matmuls run natively (AVX-512 BF16 / AMX), in the class planned for."""
     return cpu_class().fast_bf16_matmul
@@ -159,6 +165,47 @@ class DenseFp32:
     def weight(self) -> torch.Tensor:
         kept = self.kept
         return kept if kept is not None else self.make()
+
+
+HALF_GEMV_ENV = "LLMQUANT_CPU_HALF_GEMV"
+HALF_GEMV_CHOICES = ("auto", "on", "off")
+# float16 costs ~2^-11 of relative precision: taken only where it is clearly faster
+HALF_GEMV_MIN_GAIN = 1.1
+
+
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+def half_gemv_is_faster() -> bool:
+    """Whether a one-row float16 matrix-vector product (fp32 accumulation) of a float16 weight beats the
+    fp32 one here, at the current thread count: measured once per thread count, since no CPU flag
+    tells. It reads half the bytes, but converts every weight to fp32 on the way: a memory-bound CPU
+    gains up to 2x, one with bandwidth to spare per core loses (measured 0.9-1.1x on a 2-core AVX-512
+    Xeon at one thread, 1.5-1.8x on a 2-core AMD EPYC at two). $LLMQUANT_CPU_HALF_GEMV=on / off
+    overrides the measurement."""
+    choice = os.environ.get(HALF_GEMV_ENV, "auto")
+    if choice not in HALF_GEMV_CHOICES:
+        raise ConfigError(f"{HALF_GEMV_ENV} must be one of {', '.join(HALF_GEMV_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    return _measured_half_gemv_gain(torch.get_num_threads()) >= HALF_GEMV_MIN_GAIN
+
+
+@lru_cache
+def _measured_half_gemv_gain(threads: int) -> float:
+    """fp32 time over float16 time of a one-row product with a 2048 x 2048 weight (16 MiB in fp32, past
+    the caches a decode step's weights live outside of); best of interleaved rounds, ~0.1 s."""
+    with torch.inference_mode(False), torch.no_grad():
+        weight = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
+        row = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1))
+        operands = {torch.float32: (row, weight), torch.float16: (row.half(), weight.half())}
+        best = {dtype: float("inf") for dtype in operands}
+        for _ in range(5):
+            for dtype, (x, w) in operands.items():
+                torch.nn.functional.linear(x, w)  # first-call work, caches warmed alike
+                start = time.perf_counter()
+                for _ in range(8):
+                    torch.nn.functional.linear(x, w)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.float16]
 
 
 def packed_compute_dtype(activation_dtype: torch.dtype) -> torch.dtype:

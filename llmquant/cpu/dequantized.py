@@ -14,17 +14,18 @@ the same 2-core AVX-512 CPU: NF4 +0.059%, FP4 -0.021% against the reference). Ot
 the weight for the call and run the activations' dtype, since torch's float16 matmul of many rows is
 slower than fp32 on CPUs without native float16. The total such memory is bounded
 (prepare_for_cpu's max_cache_mib, $LLMQUANT_CPU_CACHE_MIB); layers past the bound stay on the reference.
-Without native bf16 (the AVX2 class), where upcasting the float16 cache for each call of many rows cost
-7-20% against the fp32 model and torch's float16 gemv was slower than fp32 at decode, prepare_for_cpu
-keeps an fp32 copy instead while the same bound allows (capability.dense_fp32_for), and every call runs
-on it; the float16 cache is then only where the copy was made from.
+Whether the float16 gemv is the faster at one row depends on the CPU's memory bandwidth per core,
+not on a flag: capability.half_gemv_is_faster measures it once. Where it is not, and on the AVX2 class
+(no native bf16), where upcasting the float16 cache for each call of many rows cost 7-20% against the
+fp32 model, prepare_for_cpu keeps an fp32 copy while the same bound allows (selection._keep_dense_fp32)
+and the calls the float16 cache does not win run on it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .capability import DenseFp32, dense_bf16_for
+from .capability import DenseFp32, dense_bf16_for, half_gemv_is_faster
 from .fused import stacked_bias
 
 NAME = "dequantized"
@@ -56,7 +57,9 @@ class DequantizedKernel:
         self.weight = torch.cat([m.dequantized_weight(activation_dtype).to(dtype) for m in modules]).contiguous()
         self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = self.weight.shape[0]
-        self.dense_fp32 = DenseFp32(lambda: self.weight.float(), self.weight.numel() * 4) \
+        # the fp32 copy from the modules' own dequantization: the reference's weight, not the float16 cache's
+        self.dense_fp32 = DenseFp32(lambda: torch.cat([m.dequantized_weight(torch.float32) for m in modules]),
+                                    self.weight.numel() * 4) \
             if self.weight.dtype != torch.float32 and activation_dtype == torch.float32 else None
         self.detail = f"{str(dtype).removeprefix('torch.')} weight cached"
 
@@ -70,12 +73,12 @@ class DequantizedKernel:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         kept = self.dense_fp32.kept if self.dense_fp32 is not None else None
-        if kept is not None and x.dtype == torch.float32:
-            # the AVX2 class (kept only there): torch's float16 gemv has no native float16 to run on and
-            # was 0.83x fp32 at SmolLM2 decode (forced AVX2, 1 thread): every call on the fp32 copy
-            out = F.linear(rows, kept)
-        elif rows.shape[0] <= HALF_GEMV_MAX_ROWS:
+        if rows.shape[0] <= HALF_GEMV_MAX_ROWS and (kept is None or half_gemv_is_faster()):
             out = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
+        elif kept is not None and x.dtype == torch.float32:
+            # kept where the float16 gemv is not the faster (measured) or the class has no native bf16
+            # for many rows (the AVX2 class): those calls on the fp32 copy
+            out = F.linear(rows, kept)
         elif dense_bf16_for(rows.shape[0]):
             out = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16)).to(x.dtype)
         else:

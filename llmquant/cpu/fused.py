@@ -52,10 +52,14 @@ _scopes: ContextVar[tuple[_Scope, ...]] = ContextVar("llmquant_cpu_shared_input_
 
 
 def _open_scope(owner: nn.Module, args) -> None:
+    if torch.compiler.is_compiling():
+        return  # a traced forward hands nothing over (SharedInputGroup.output)
     _scopes.set(_scopes.get() + (_Scope(owner),))
 
 
 def _close_scope(owner: nn.Module, args, output) -> None:
+    if torch.compiler.is_compiling():
+        return
     scopes = _scopes.get()
     for index in range(len(scopes) - 1, -1, -1):
         if scopes[index].owner is owner:
@@ -100,6 +104,11 @@ class SharedInputGroup:
         return None
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced, every member computes the stacked matmul: the members' identical calls on one
+            # input become one where the compiler merges common subexpressions (inductor with freezing,
+            # as llmquant.generation compiles), as the scope makes them one in eager mode.
+            return self.kernel(x).split(self.widths, dim=-1)[index]
         scope = self._scope() if self.owner is not None else None
         if scope is None:
             return self.kernel(x).split(self.widths, dim=-1)[index]

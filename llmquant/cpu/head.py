@@ -8,8 +8,9 @@ within float16's range), torch's float16 gemv (fp32 accumulation) computes the p
 bytes and rounds only the input row and the logits to float16 (~2^-11 relative). The float16 copy
 (vocab x hidden x 2 bytes) is made once beside the weight and again if the weight changes
 (freshness.py says when), and let go at the first call off the CPU; calls of more rows, in another
-dtype, off the CPU, with gradients, or under a kernel backend other than "auto" run the module's own
-forward.
+dtype, off the CPU, with gradients, under a kernel backend other than "auto", or where the float16
+gemv is not the faster (capability.half_gemv_is_faster: measured, it depends on the CPU's bandwidth
+per core) run the module's own forward.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .capability import half_gemv_is_faster
 from .freshness import Stamp
 
 
@@ -48,15 +50,21 @@ class HalfGemvHead:
             copy = self._copy = (stamp, half)
         return copy[1]
 
+    def _traced_half_weight(self) -> torch.Tensor | None:
+        # torch.compile cannot trace the freshness check (weak references, data pointers): a traced
+        # model uses the copy made when the head was prepared (prepare_for_cpu, or an eager call).
+        copy = self._copy
+        return None if copy is None else copy[1]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
         if x.device.type != "cpu":
             self._copy = None  # moved off the CPU: no CPU copy kept
             return type(linear).forward(linear, x)
-        applies = (x.dtype == torch.float32 and x.numel() == x.shape[-1]
+        applies = (x.dtype == torch.float32 and x.numel() == x.shape[-1] and half_gemv_is_faster()
                    and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
                    and ops.requested_backend() == "auto")
-        half = self.half_weight() if applies else None
+        half = (self._traced_half_weight() if torch.compiler.is_compiling() else self.half_weight()) if applies else None
         if half is None:
             return type(linear).forward(linear, x)
         out = F.linear(x.reshape(1, -1).to(torch.float16), half).to(x.dtype)
@@ -70,7 +78,7 @@ def prepare_output_head(model: nn.Module) -> HalfGemvHead | None:
     returns it, or None where the model has no plain linear head or its weights are not float16 numbers."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not nn.Linear or head.weight.device.type != "cpu":
+    if type(head) is not nn.Linear or head.weight.device.type != "cpu" or not half_gemv_is_faster():
         return None
     installed = head.__dict__.get("forward")
     gemv = installed if isinstance(installed, HalfGemvHead) else HalfGemvHead(head)
@@ -83,5 +91,7 @@ def prepare_output_head(model: nn.Module) -> HalfGemvHead | None:
 def describe_head(gemv: HalfGemvHead | None) -> str:
     """For the load log and `llmquant info`: what prepare_output_head gave the head."""
     if gemv is None:
+        if not half_gemv_is_faster():
+            return "its own forward (a float16 gemv is not the faster on this CPU)"
         return "its own forward (no plain linear head of float16 numbers)"
     return f"float16 gemv at one row ({gemv.nbytes / 2**20:.1f} MiB float16 copy)"

@@ -29,7 +29,7 @@ from ..arch import arch_for
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS, AWQLinear, BnB4bitLinear, GPTQLinear, W8A8Linear
 from . import dequantized, int4pack, int8pack, w8a8
-from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for
+from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for, half_gemv_is_faster
 from .capability import describe as describe_cpu_class
 from .freshness import Stamp
 from .fused import MemberKernel, SharedInputGroup, open_scopes_around
@@ -165,10 +165,19 @@ def kernel_for(module: nn.Module, x: torch.Tensor):
     return converted.kernel
 
 
-# torch.compile runs this bookkeeping on Python objects (weak references) as it is and traces the
-# kernel it returns (Dynamo fails on the weak-reference calls). Not the eager path: the wrapper costs
-# ~0.6 us a call, 210 calls a token for a 135M model.
-_kernel_for_compiled = torch.compiler.disable(kernel_for)
+def _kernel_for_compiled(module: nn.Module, x: torch.Tensor):
+    """kernel_for as torch.compile traces it: the conversion the module holds, taken as it is. The
+    freshness bookkeeping (weak references, data pointers) cannot be traced, so a traced model runs what
+    prepare_for_cpu (or an eager call) converted: compile a model after loading it. A load_state_dict
+    drops the conversion (and the compiled graph's guard on it sends the next call back through
+    Dynamo); a layer with nothing converted runs its own op."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto" \
+            or module.__dict__.get(_DISABLED_ATTRIBUTE):
+        return None
+    converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
+    if converted is None or converted.dtype != x.dtype:
+        return None
+    return converted.kernel
 
 
 def disable_cpu_paths(model: nn.Module) -> None:
@@ -356,8 +365,10 @@ def _keep_dense_fp32(model: nn.Module, plans: dict[str, _Plan], budget: float) -
         if dense is None or id(kernel) in seen:
             continue
         seen.add(id(kernel))
-        if not dense_class and not isinstance(kernel, w8a8.W8A8Kernel):
-            continue  # a class with native bf16: only W8A8 without an int8 dot product needs it
+        if not dense_class and not isinstance(kernel, w8a8.W8A8Kernel) \
+                and not (isinstance(kernel, dequantized.DequantizedKernel) and not half_gemv_is_faster()):
+            continue  # a class with native bf16 keeps it only for W8A8 without an int8 dot product, and for
+            # dequantized weights where the float16 gemv is not the faster
         if dense.kept is None and dense.nbytes <= budget:
             with _building():
                 dense.keep()

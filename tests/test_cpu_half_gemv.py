@@ -1,0 +1,70 @@
+"""Whether one-row products run in float16 is measured per CPU (capability.half_gemv_is_faster): where it
+is not the faster, NF4 / FP4 decode runs on the fp32 copy and the output head on its own fp32 forward;
+the override is checked."""
+import pytest
+import torch
+from torch import nn
+
+from llmquant.cpu import capability, prepare_for_cpu, prepare_output_head, selection
+from llmquant.errors import ConfigError
+from test_cpu_stacked import nf4_linear
+
+
+def test_the_choice_is_measured_once_per_thread_count_and_can_be_overridden(monkeypatch):
+    monkeypatch.setenv(capability.HALF_GEMV_ENV, "auto")
+    gain = capability._measured_half_gemv_gain(torch.get_num_threads())
+    assert gain > 0 and capability._measured_half_gemv_gain(torch.get_num_threads()) == gain  # cached
+    assert capability.half_gemv_is_faster() == (gain >= capability.HALF_GEMV_MIN_GAIN)
+    for value, expected in (("on", True), ("off", False)):
+        monkeypatch.setenv(capability.HALF_GEMV_ENV, value)
+        assert capability.half_gemv_is_faster() is expected
+    monkeypatch.setenv(capability.HALF_GEMV_ENV, "fast")
+    with pytest.raises(ConfigError, match="LLMQUANT_CPU_HALF_GEMV"):
+        capability.half_gemv_is_faster()
+
+
+def _row_products(module, x):
+    """The dtypes torch.nn.functional.linear is called with while `module` runs on x."""
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def spy(inp, weight, bias=None):
+        seen.append((inp.dtype, weight.dtype))
+        return linear(inp, weight, bias)
+
+    torch.nn.functional.linear = spy
+    try:
+        module(x)
+    finally:
+        torch.nn.functional.linear = linear
+    return seen
+
+
+@pytest.mark.parametrize("half", ["on", "off"])
+def test_nf4_decode_rows_take_float16_only_where_it_is_faster(monkeypatch, half):
+    monkeypatch.setenv(capability.HALF_GEMV_ENV, half)
+    model = nn.Sequential(nf4_linear(64, 128, seed=0))
+    prepare_for_cpu(model, dtype=torch.float32)
+    module = model[0]
+    kernel = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel
+    assert (kernel.dense_fp32.kept is not None) == (half == "off" or not capability.has_fast_bf16_matmul())
+    x = torch.randn(1, 128)
+    expected = x @ module.dequantized_weight().t()
+    with torch.no_grad():
+        got = module(x)
+        products = _row_products(module, x)
+    assert products == [(torch.float16, torch.float16)] if half == "on" else products == [(torch.float32, torch.float32)]
+    tolerance = 2e-3 if half == "on" else 1e-5
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_the_head_keeps_its_fp32_forward_where_float16_is_not_faster(monkeypatch):
+    head = nn.Linear(32, 100, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(head.weight.half().float())  # float16 numbers: the gemv would apply
+    model = nn.Module()
+    model.get_output_embeddings = lambda: head
+    monkeypatch.setenv(capability.HALF_GEMV_ENV, "off")
+    assert prepare_output_head(model) is None and "forward" not in head.__dict__
+    monkeypatch.setenv(capability.HALF_GEMV_ENV, "on")
+    assert prepare_output_head(model) is not None and "forward" in head.__dict__
