@@ -44,6 +44,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# inductor's cache keys miss a forced capability: code generated for the native class (16 float lanes)
+# and taken from the cache under ATEN_CPU_CAPABILITY=avx2 (8 lanes) wrote past its buffers (SIGSEGV), so
+# each class compiles into a cache of its own (set before torch is imported: inductor fixes the folder
+# at its first use)
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir())
+                                            / f"torchinductor-llmquant-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}")
 import torch
 
 from llmquant.cpu import describe_cpu, prepare_for_cpu, summary
@@ -299,9 +305,7 @@ def reexec_for_class(cpu_class: str) -> None:
         return
     env = {k: v for k, v in os.environ.items() if k not in names}
     env.update(wanted)
-    # inductor's cache keys miss the forced capability: a kernel compiled for the native class and loaded
-    # under the forced one crashed the process (SIGSEGV in the generated code), so each class has its own
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor-llmquant-{cpu_class}"))
+
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
