@@ -14,8 +14,8 @@ calibration is random token ids, and everything is compared as ratios measured i
    and FP8: W8A8-FP8 (torch._scaled_mm with row-wise scales against the e4m3 emulation) and FP8
    weight-only with 128 x 128 block scales (the Triton kernel against dequantize-then-matmul).
 2. Kernel time against torch's fp16 matmul of the same shape at M = 1, 16, 64, 512, 4096; and at
-   decode batch sizes M = 1..8, W4A16 (GPTQ g128) through the GEMV against the tiled kernel and
-   torch's fp16 matmul, with the two kernels checked against each other.
+   decode batch sizes M = 1..8, W4A16 (GPTQ and AWQ layouts, g128) through the GEMV against the tiled
+   kernel and torch's fp16 matmul, with the two kernels checked against each other.
 3. GPTQ w4 g128 end to end (streamed, on the GPU) of 1B- and 8B-shaped models with a few blocks, at
    two calibration sizes of 2048-token windows: time per block, and the linear projection to 128
    windows and every block of the real model.
@@ -120,7 +120,7 @@ def check_kernels(plan: Plan) -> list[dict]:
     for k, n in plan.kernel_shapes:
         for kind in plan.kernels:
             bench_kind, operands = operands_of(kind, k, n, plan)
-            for m in (1, 5, 32) if kind.startswith("w4a16-gptq") else (1, 32):  # 1, 5: the GEMV
+            for m in (1, 5, 32) if kind.startswith("w4a16") else (1, 32):  # 1, 5: the GEMV
                 x = torch.randn(m, k, device=plan.device, dtype=plan.dtype)
                 error = kernel_bench.check(bench_kind, x, operands, k, n)
                 rows.append({"kernel": kind, "K": k, "N": n, "M": m, "rel_error": error, "ok": error < 1e-2})
@@ -145,28 +145,36 @@ def time_kernels(plan: Plan) -> list[dict]:
     return rows
 
 
+# The layouts timed at decode batch sizes: the GEMV of each against the tiled kernel
+DECODE_PATH_LAYOUTS = {"gptq": ("w4a16-gptq-sym", {"layout": "gptq"}),
+                       "awq": ("w4a16-awq", {"layout": "awq", "zero_offset": 0, "group_size": kernel_bench.GROUP})}
+
+
 def time_decode_paths(plan: Plan) -> list[dict]:
-    """W4A16 (GPTQ layout, sym, g128) at M = 1..8 through both kernels (the GEMV the launcher picks
-    there, and the tiled kernel it replaced) against torch's fp16 matmul of the same shape."""
+    """W4A16 (GPTQ layout sym g128, AWQ layout g128) at M = 1..8 through both kernels (the GEMV the
+    launcher picks there, and the tiled kernel it replaced) against torch's fp16 matmul of the same shape."""
     from llmquant_kernels import w4a16_matmul
 
     rows = []
     for k, n in plan.decode_path_shapes:
-        _, t = operands_of("w4a16-gptq-sym", k, n, plan)
         weight = torch.randn(n, k, device=plan.device, dtype=plan.dtype)
-        for m in plan.decode_rows:
-            x = torch.randn(m, k, device=plan.device, dtype=plan.dtype)
-            calls = {path: (lambda path=path: w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None,
-                                                           bits=4, layout="gptq", path=path)) for path in ("gemv", "tiled")}
-            gemv, tiled = calls["gemv"]().float(), calls["tiled"]().float()
-            disagree = ((gemv - tiled).abs().max() / tiled.abs().max().clamp(min=1e-12)).item()
-            us = {path: kernel_bench.timed(call, plan.device, 3) * 1e6 for path, call in calls.items()}
-            fp16 = kernel_bench.timed(lambda: x @ weight.t(), plan.device, 3) * 1e6
-            rows.append({"K": k, "N": n, "M": m, "gemv_us": us["gemv"], "tiled_us": us["tiled"], "fp16_us": fp16,
-                         "gemv_vs_fp16": fp16 / us["gemv"], "gemv_vs_tiled": us["tiled"] / us["gemv"],
-                         "rel_difference": disagree, "ok": disagree < 1e-2})
-            print(f"decode path K={k:5d} N={n:5d} M={m}: gemv {us['gemv']:8.1f} us, tiled {us['tiled']:8.1f} us, "
-                  f"fp16 {fp16:8.1f} us, gemv x{fp16 / us['gemv']:.2f} of fp16, rel. diff {disagree:.1e}", flush=True)
+        for layout, (kind, layout_args) in DECODE_PATH_LAYOUTS.items():
+            _, t = operands_of(kind, k, n, plan)
+            for m in plan.decode_rows:
+                x = torch.randn(m, k, device=plan.device, dtype=plan.dtype)
+                calls = {path: (lambda path=path: w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                                                               None, bits=4, **layout_args, path=path))
+                         for path in ("gemv", "tiled")}
+                gemv, tiled = calls["gemv"]().float(), calls["tiled"]().float()
+                disagree = ((gemv - tiled).abs().max() / tiled.abs().max().clamp(min=1e-12)).item()
+                us = {path: kernel_bench.timed(call, plan.device, 3) * 1e6 for path, call in calls.items()}
+                fp16 = kernel_bench.timed(lambda: x @ weight.t(), plan.device, 3) * 1e6
+                rows.append({"layout": layout, "K": k, "N": n, "M": m, "gemv_us": us["gemv"], "tiled_us": us["tiled"],
+                             "fp16_us": fp16, "gemv_vs_fp16": fp16 / us["gemv"], "gemv_vs_tiled": us["tiled"] / us["gemv"],
+                             "rel_difference": disagree, "ok": disagree < 1e-2})
+                print(f"decode path {layout} K={k:5d} N={n:5d} M={m}: gemv {us['gemv']:8.1f} us, tiled "
+                      f"{us['tiled']:8.1f} us, fp16 {fp16:8.1f} us, gemv x{fp16 / us['gemv']:.2f} of fp16, "
+                      f"rel. diff {disagree:.1e}", flush=True)
     return rows
 
 
@@ -281,10 +289,11 @@ def targets(results: dict, plan: Plan) -> list[str]:
         values = [r["speedup"] for r in speed if r["kernel"] == kind and r["M"] in batches]
         return min(values) if values else None
 
-    gemv = [r["gemv_vs_fp16"] for r in results.get("decode_paths", []) if r["M"] == 1]
-    if gemv:
-        lines.append(f"- W4A16 GEMV >= 3x fp16 at M=1 (kernel alone): worst {min(gemv):.2f}x -> "
-                     f"{'met' if min(gemv) >= 3.0 else 'NOT met'}")
+    for layout in DECODE_PATH_LAYOUTS:
+        gemv = [r["gemv_vs_fp16"] for r in results.get("decode_paths", []) if r["M"] == 1 and r["layout"] == layout]
+        if gemv:
+            lines.append(f"- W4A16 GEMV ({layout} layout) >= 3x fp16 at M=1 (kernel alone): worst {min(gemv):.2f}x -> "
+                         f"{'met' if min(gemv) >= 3.0 else 'NOT met'}")
     for text, kind, batches, goal in (("W4A16 >= 3x fp16 at M=1", "w4a16-gptq-sym", [1], 3.0),
                                       ("W4A16 >= 2.5x fp16 at M=16", "w4a16-gptq-sym", [16], 2.5),
                                       ("W8A8 >= 1.5x fp16 at M >= 512", "w8a8", [512, 4096], 1.5),
@@ -323,9 +332,9 @@ def markdown(results: dict, plan: Plan, command: str) -> str:
     lines += [f"| {r['kernel']} | {r['K']} | {r['N']} | {r['M']} | {r['us']:.1f} | {r['fp16_us']:.1f} | {r['speedup']:.2f} |"
               for r in results.get("kernel_speed", [])]
     lines += ["", "## W4A16 at decode batch sizes: the GEMV (M <= 8) against the tiled kernel and fp16 matmul", "",
-              "| K | N | M | GEMV µs | tiled µs | fp16 µs | GEMV × fp16 | GEMV × tiled | rel. diff | ok |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['K']} | {r['N']} | {r['M']} | {r['gemv_us']:.1f} | {r['tiled_us']:.1f} | {r['fp16_us']:.1f} | "
+              "| layout | K | N | M | GEMV µs | tiled µs | fp16 µs | GEMV × fp16 | GEMV × tiled | rel. diff | ok |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layout']} | {r['K']} | {r['N']} | {r['M']} | {r['gemv_us']:.1f} | {r['tiled_us']:.1f} | {r['fp16_us']:.1f} | "
               f"{r['gemv_vs_fp16']:.2f} | {r['gemv_vs_tiled']:.2f} | {r['rel_difference']:.1e} | {'yes' if r['ok'] else 'NO'} |"
               for r in results.get("decode_paths", [])]
     lines += ["", "## GPTQ w4 g128, streamed on the device (random-init models, random token windows)", "",

@@ -308,7 +308,9 @@ def test_gpu_check_dry_run_works_without_what_the_gpu_machine_lacks(tmp_path):
     assert not results["errors"] and not results["skipped"]
     assert results["kernel_check"] and all(row["ok"] for row in results["kernel_check"])
     assert {row["kernel"] for row in results["kernel_speed"]} >= {"w4a16-gptq-sym", "w8a8", "nf4-dq"}
-    assert [row["M"] for row in results["decode_paths"]] == [1, 3, 8] and all(row["ok"] for row in results["decode_paths"])
+    assert [(row["layout"], row["M"]) for row in results["decode_paths"]] == [
+        (layout, m) for layout in ("gptq", "awq") for m in (1, 3, 8)]
+    assert all(row["ok"] for row in results["decode_paths"])
     assert [row for row in results["gptq"] if row.get("projection")]
     assert {row["model"] for row in results["decode"]} == {"fp32 (dry run)", "W4A16 (GPTQ g128)", "W8A8 (dynamic)"}
     assert {row["compiled"] for row in results["decode"]} == {False, True}

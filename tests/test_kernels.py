@@ -96,7 +96,7 @@ def test_w4a16_gemv_matches_reference(bits, group_size, sym, act_order, m, n, k,
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 
 
-def test_w4a16_gemv_fp16_activations_v2_zeros_and_the_path_chosen_by_m(monkeypatch):
+def test_w4a16_gemv_fp16_activations_and_v2_zeros():
     t = _gptq_tensors(40, 200, 4, 64, False, True, seed=5)
     x = torch.randn(3, 200).half()
     expected = ops._gptq_linear_reference(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 0)
@@ -105,30 +105,70 @@ def test_w4a16_gemv_fp16_activations_v2_zeros_and_the_path_chosen_by_m(monkeypat
     assert got.dtype == torch.float16
     assert torch.allclose(got.float(), expected, atol=2e-2, rtol=1e-2)
 
+
+def _awq_tensors(n, k, group_size, sym, seed):
+    torch.manual_seed(seed)
+    quantized = AffineGrid(4, sym, group_size).quantize(torch.randn(n, k))
+    return FORMATS["awq"].pack(quantized, QuantConfig(bits=4, group_size=group_size, sym=sym, format="awq"))
+
+
+@pytest.mark.parametrize("layout", ["gptq", "awq"])
+def test_the_gemv_path_is_chosen_by_m_at_both_layouts(layout, monkeypatch):
+    if layout == "gptq":
+        t = _gptq_tensors(40, 192, 4, 64, False, True, seed=5)
+    else:
+        t = {**_awq_tensors(40, 192, 64, False, seed=5), "g_idx": None}
     chosen = []
     run_tiled = w4a16_module.run_tiled
     monkeypatch.setattr(w4a16_module, "run_tiled", lambda spec, *a, **kw: chosen.append(spec.name) or run_tiled(spec, *a, **kw))
     args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None)
+    layout_args = {"bits": 4, "layout": layout, "zero_offset": 1 if layout == "gptq" else 0, "group_size": 64}
     for m in (1, 8, 9):
-        w4a16_matmul(torch.randn(m, 200), *args, bits=4, layout="gptq")
-    w4a16_matmul(torch.randn(4, 200), *args, bits=4, layout="gptq", path="tiled")
+        w4a16_matmul(torch.randn(m, 192), *args, **layout_args)
+    w4a16_matmul(torch.randn(4, 192), *args, **layout_args, path="tiled")
     assert chosen == ["w4a16_gemv", "w4a16_gemv", "w4a16", "w4a16"]
-    with pytest.raises(ValueError, match="GEMV path takes the gptq layout at M <= 8"):
-        w4a16_matmul(torch.randn(9, 200), *args, bits=4, layout="gptq", path="gemv")
+    with pytest.raises(ValueError, match=r"the GEMV path takes M <= 8 rows, not M = 9"):
+        w4a16_matmul(torch.randn(9, 192), *args, **layout_args, path="gemv")
 
 
 @pytest.mark.parametrize("group_size,sym,m,n,k", [
     (32, False, 1, 72, 96), (64, True, 3, 40, 192), (128, False, 16, 72, 256), (64, False, 33, 56, 128)])
 def test_w4a16_awq_layout_matches_reference(group_size, sym, m, n, k):
-    torch.manual_seed(group_size + m)
-    quantized = AffineGrid(4, sym, group_size).quantize(torch.randn(n, k))
-    t = FORMATS["awq"].pack(quantized, QuantConfig(bits=4, group_size=group_size, sym=sym, format="awq"))
+    t = _awq_tensors(n, k, group_size, sym, seed=group_size + m)
     x = torch.randn(m, k)
     bias = torch.randn(n) if sym else None
     expected = ops._awq_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], bias, group_size)
     got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], None, bias, bits=4, layout="awq", zero_offset=0,
                        group_size=group_size)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+# The GEMV at the AWQ layout (N a multiple of 8 and K of the group size, which the format requires):
+# N not a multiple of the column block, K not a multiple of the step, per channel, a group size that
+# is not a multiple of a run of 8 rows (runs that straddle two groups), fp16 activations.
+@pytest.mark.parametrize("group_size,sym,m,n,k,block_n,block_k,dtype", [
+    (32, False, 1, 72, 96, 32, 32, torch.float32),     # N = 2 blocks + 8 columns; 3 steps over 2 splits
+    (64, True, 3, 40, 192, 32, 64, torch.float32),
+    (128, False, 8, 56, 256, 32, 128, torch.float32),
+    (-1, True, 8, 72, 136, 32, 32, torch.float32),     # per channel; K % 32 = 8: a partial last step
+    (20, False, 3, 48, 200, 32, 64, torch.float32),    # runs straddle groups; K = 3 steps + 8 rows
+    (40, True, 1, 40, 120, 64, 64, torch.float16),
+])
+def test_w4a16_awq_gemv_matches_reference_and_the_tiled_kernel(group_size, sym, m, n, k, block_n, block_k, dtype):
+    t = _awq_tensors(n, k, group_size, sym, seed=group_size + m + n)
+    group_size = k if group_size == -1 else group_size
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n) if m % 2 else None
+    expected = ops._awq_linear_reference(x.float(), t["qweight"], t["qzeros"], t["scales"], bias, group_size)
+    config = _config(gemv_block_m(m), block_n, block_k, 2, num_warps=1, num_stages=1)
+    layout_args = {"bits": 4, "layout": "awq", "zero_offset": 0, "group_size": group_size}
+    got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], None, bias, **layout_args, config=config,
+                       path="gemv")
+    tiled = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], None, bias, **layout_args, path="tiled")
+    assert got.shape == expected.shape and got.dtype == dtype
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1e-2}
+    assert torch.allclose(got.float(), expected, **tolerance), (got.float() - expected).abs().max()
+    assert torch.allclose(got, tiled, **tolerance), (got - tiled).abs().max()
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -9,9 +9,9 @@ One kernel serves two packed layouts (`layout`):
   interleave (nibble p of a word holds column 8 * word + [0, 2, 4, 6, 1, 3, 5, 7][p]), scales [G, N],
   group of k = k // group_size; w[k, n] = (q - z) * s.
 Small M (decode) splits K across programs and adds the partial sums atomically into an fp32 buffer;
-large M runs plain output tiles. At M <= 8 the GPTQ layout runs a GEMV instead (w4a16_gemv_kernel):
-no tl.dot, whose 16-row tiles would be mostly padding there; each program streams its slab of
-packed words once, unpacks them in registers and accumulates in fp32.
+large M runs plain output tiles. At M <= 8 both layouts run a GEMV instead (w4a16_gemv_kernel), as
+AutoAWQ's GEMV does at batch 1: no tl.dot, whose 16-row tiles would be mostly padding there; each
+program streams its slab of packed words once, unpacks them in registers and accumulates in fp32.
 """
 from __future__ import annotations
 
@@ -103,26 +103,13 @@ def _packed_value(w0, w1, w2, j, BITS: tl.constexpr):
 
 
 @triton.jit
-def w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, M, N, K, group_size, stride_xm,
-                      out_ptr, stride_om,
-                      BITS: tl.constexpr, LAYOUT: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SPLIT_K: tl.constexpr, IEEE_FP32: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The GPTQ layout at M <= BLOCK_M <= 8 (same arguments as w4a16_kernel; LAYOUT and IEEE_FP32
-    unused). A run is the values of one word (3 bits: of three words), so a step of BLOCK_K values
-    loads RUNS x BLOCK_N words (x WORDS) once and takes its values out by shifts, in the words' own
-    register layout. Partial sums stay per run until the end: one reduction per program instead of
-    one per step."""
-    RUN: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+def _run_words(qweight_ptr, run, rn, n_mask, N, K, BITS: tl.constexpr, LAYOUT: tl.constexpr):
+    """(w0, w1, w2): the uint32 words of each run of the GPTQ layout, loaded once per step ([RUNS, BLOCK_N];
+    one word, three at 3 bits). The AWQ layout has none to load here: a run's values lie in RUN rows of
+    the weight, which _run_value reads a row at a time."""
     WORDS: tl.constexpr = 3 if BITS == 3 else 1
-    RUNS: tl.constexpr = BLOCK_K // RUN
-    rm, rn, m_mask, n_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
-    runs = tl.arange(0, RUNS)
-    total_words = tl.cdiv(K * BITS, 32)
-    zero_stride = N * BITS // 32
-    acc = tl.zeros((BLOCK_M, RUNS, BLOCK_N), dtype=tl.float32)
-    for k_step in range(tl.program_id(2), tl.cdiv(K, BLOCK_K), SPLIT_K):
-        run = k_step * RUNS + runs
+    if LAYOUT == 0:
+        total_words = tl.cdiv(K * BITS, 32)
         word_row = run * WORDS
         words = qweight_ptr + tile_offsets(word_row, N, rn)
         w0 = tl.load(words, mask=(word_row < total_words)[:, None] & n_mask[None, :], other=0)
@@ -135,20 +122,73 @@ def w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bia
         else:
             w1 = w0
             w2 = w0
-        # Without act-order every run lies in one group (group sizes are multiples of a run): then
-        # scales and zeros are read once per run, not once per value as act-order's g_idx needs.
+    else:
+        w0 = tl.zeros((run.shape[0], rn.shape[0]), dtype=tl.uint32)
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
+def _run_value(qweight_ptr, w0, w1, w2, j, k, rn, N, mask, BITS: tl.constexpr, LAYOUT: tl.constexpr):
+    """Quantized value j of every run ([RUNS, BLOCK_N]; k: its row of the weight): shifted out of the
+    run's words (GPTQ), or read from row k's words, each shared by eight neighbouring columns (AWQ)."""
+    if LAYOUT == 0:
+        return _packed_value(w0, w1, w2, j, BITS)
+    return _awq_nibble(qweight_ptr, k[:, None], rn[None, :], N // 8, mask)
+
+
+@triton.jit
+def _value_group(g_idx_ptr, k, mask, group_size, LAYOUT: tl.constexpr):
+    """The group of row k of the weight: g_idx[k] (GPTQ, any order) or k // group_size (AWQ)."""
+    if LAYOUT == 0:
+        return tl.load(g_idx_ptr + k, mask=mask, other=0)
+    return k // group_size
+
+
+@triton.jit
+def _group_zero(qzeros_ptr, group, rn, N, mask, BITS: tl.constexpr, LAYOUT: tl.constexpr):
+    """The zero point of each row's group ([rows, BLOCK_N]; group: [rows])."""
+    if LAYOUT == 0:
+        return _unpack_stream(qzeros_ptr, rn[None, :], group[:, None], 1, N * BITS // 32, mask, BITS)
+    return _awq_nibble(qzeros_ptr, group[:, None], rn[None, :], N // 8, mask)
+
+
+@triton.jit
+def w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, M, N, K, group_size, stride_xm,
+                      out_ptr, stride_om,
+                      BITS: tl.constexpr, LAYOUT: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPLIT_K: tl.constexpr, IEEE_FP32: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Both layouts at M <= BLOCK_M <= 8 (same arguments as w4a16_kernel; IEEE_FP32 unused). A step of
+    BLOCK_K rows of the weight is RUNS runs of RUN consecutive rows, and value j of every run is
+    taken at once: at GPTQ, a run is the values of one word (3 bits: of three words), so a step loads
+    RUNS x BLOCK_N words (x WORDS) once and takes its values out by shifts, in the words' own register
+    layout; at AWQ, value j of a run is row start + j, whose words each hold eight columns. Partial
+    sums stay per run until the end: one reduction per program instead of one per step."""
+    RUN: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    RUNS: tl.constexpr = BLOCK_K // RUN
+    rm, rn, m_mask, n_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
+    runs = tl.arange(0, RUNS)
+    acc = tl.zeros((BLOCK_M, RUNS, BLOCK_N), dtype=tl.float32)
+    for k_step in range(tl.program_id(2), tl.cdiv(K, BLOCK_K), SPLIT_K):
+        run = k_step * RUNS + runs
+        w0, w1, w2 = _run_words(qweight_ptr, run, rn, n_mask, N, K, BITS, LAYOUT)
+        # Without act-order every run lies in one group (GPTQ's group sizes are multiples of a run, and
+        # AWQ's usually are): then scales and zeros are read once per run, not once per value.
         start = run * RUN
         values = start[:, None] + tl.arange(0, RUN)[None, :]
-        group = tl.load(g_idx_ptr + start, mask=start < K, other=0)
-        mixed = tl.sum(tl.where((tl.load(g_idx_ptr + values, mask=values < K, other=0) != group[:, None])
+        group = _value_group(g_idx_ptr, start, start < K, group_size, LAYOUT)
+        mixed = tl.sum(tl.where((_value_group(g_idx_ptr, values, values < K, group_size, LAYOUT) != group[:, None])
                                 & (values < K), 1, 0))
         if mixed == 0:
             mask = (start < K)[:, None] & n_mask[None, :]
-            run_zero = _unpack_stream(qzeros_ptr, rn[None, :], group[:, None], 1, zero_stride, mask, BITS) + ZERO_OFFSET
+            run_zero = _group_zero(qzeros_ptr, group, rn, N, mask, BITS, LAYOUT) + ZERO_OFFSET
             run_scale = tl.load(scales_ptr + tile_offsets(group, N, rn), mask=mask, other=0.0).to(tl.float32)
             for j in range(RUN):
                 k = start + j
-                w = (_packed_value(w0, w1, w2, j, BITS) - run_zero).to(tl.float32) * run_scale
+                q = _run_value(qweight_ptr, w0, w1, w2, j, k, rn, N, (k < K)[:, None] & n_mask[None, :], BITS, LAYOUT)
+                w = (q - run_zero).to(tl.float32) * run_scale
                 a = tl.load(x_ptr + tile_offsets(rm, stride_xm, k), mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
                 acc += a.to(tl.float32)[:, :, None] * w[None, :, :]
         else:
@@ -156,10 +196,11 @@ def w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bia
                 k = start + j
                 k_mask = k < K
                 mask = k_mask[:, None] & n_mask[None, :]
-                value_group = tl.load(g_idx_ptr + k, mask=k_mask, other=0)
-                zero = _unpack_stream(qzeros_ptr, rn[None, :], value_group[:, None], 1, zero_stride, mask, BITS)
+                value_group = _value_group(g_idx_ptr, k, k_mask, group_size, LAYOUT)
+                zero = _group_zero(qzeros_ptr, value_group, rn, N, mask, BITS, LAYOUT)
                 scale = tl.load(scales_ptr + tile_offsets(value_group, N, rn), mask=mask, other=0.0)
-                w = (_packed_value(w0, w1, w2, j, BITS) - (zero + ZERO_OFFSET)).to(tl.float32) * scale.to(tl.float32)
+                q = _run_value(qweight_ptr, w0, w1, w2, j, k, rn, N, mask, BITS, LAYOUT)
+                w = (q - (zero + ZERO_OFFSET)).to(tl.float32) * scale.to(tl.float32)
                 a = tl.load(x_ptr + tile_offsets(rm, stride_xm, k), mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 acc += a.to(tl.float32)[:, :, None] * w[None, :, :]
     store_tile(tl.sum(acc, axis=1), out_ptr, stride_om, bias_ptr, rm, rn, m_mask, n_mask, HAS_BIAS, SPLIT_K)
@@ -175,9 +216,9 @@ GPTQ_VARIANTS = {f"gptq-{bits}bit": {"BITS": bits, "LAYOUT": LAYOUTS["gptq"]} fo
 # ZERO_OFFSET and HAS_BIAS add one term; IEEE_FP32 only matters for fp32 activations, which a GPU
 # does not run here (see KernelSpec.dtypes)
 FIXED = {"ZERO_OFFSET": 1, "HAS_BIAS": True, "IEEE_FP32": False}
-W4A16 = KernelSpec("w4a16", w4a16_kernel, "tiled", {**GPTQ_VARIANTS, "awq-4bit": {"BITS": 4, "LAYOUT": LAYOUTS["awq"]}},
-                   _argument_types, FIXED)
-W4A16_GEMV = KernelSpec("w4a16_gemv", w4a16_gemv_kernel, "gemv", GPTQ_VARIANTS, _argument_types, FIXED)
+VARIANTS = {**GPTQ_VARIANTS, "awq-4bit": {"BITS": 4, "LAYOUT": LAYOUTS["awq"]}}
+W4A16 = KernelSpec("w4a16", w4a16_kernel, "tiled", VARIANTS, _argument_types, FIXED)
+W4A16_GEMV = KernelSpec("w4a16_gemv", w4a16_gemv_kernel, "gemv", VARIANTS, _argument_types, FIXED)
 SPECS = (W4A16, W4A16_GEMV)
 
 
@@ -187,8 +228,8 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
                  path: str = "auto") -> torch.Tensor:
     """y [..., N] = x [..., K] @ W (the dequantized [K, N] weight) + bias, in x's dtype.
 
-    path: "auto" runs the GEMV for the GPTQ layout at M <= 8 rows and the tiled kernel otherwise;
-    "gemv" or "tiled" force one (to compare them)."""
+    path: "auto" runs the GEMV at M <= 8 rows and the tiled kernel otherwise; "gemv" or "tiled"
+    force one (to compare them)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     if layout == "awq" and (bits != 4 or group_size < 1):
@@ -200,9 +241,9 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = rows.shape
     N = scales.shape[1]
-    gemv = layout == "gptq" and M <= GEMV_MAX_M and path != "tiled"
+    gemv = M <= GEMV_MAX_M and path != "tiled"
     if path == "gemv" and not gemv:
-        raise ValueError(f"the GEMV path takes the gptq layout at M <= {GEMV_MAX_M}, not {layout} at M = {M}")
+        raise ValueError(f"the GEMV path takes M <= {GEMV_MAX_M} rows, not M = {M} (use path='tiled' or 'auto')")
     args = (rows, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
             bias if bias is not None else scales, M, N, K, max(group_size, 1), rows.stride(0))
 
