@@ -185,7 +185,7 @@ def _add_generate(sub):
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (llmquant finetune) to apply to the model")
     p.add_argument("--compile", action="store_true",
                    help="run each decode step as one compiled graph (static KV cache + torch.compile); the first "
-                        "step compiles (about a minute for a 135M model on one CPU core) and the time is printed; "
+                        "step compiles (tens of seconds or more; the time is printed); "
                         "off by default since it pays back only over long generations (eval/CPU.md)")
     _add_device_options(p)
 

@@ -8,12 +8,12 @@ after it over the time they took.
 Compiled decode (`compile_decode=True`): at batch 1 a small model's token is mostly framework cost
 (Python, dispatch, ~200 op calls), not arithmetic. transformers then keeps the KV cache in fixed-size
 tensors (its static cache) and calls the model's forward for each new token through
-torch.compile(fullgraph=True): one graph per step, C++ from inductor on a CPU, CUDA graphs on a GPU. The prompt's forward stays eager (its shape changes with every prompt). The
-quantized linears trace without a graph break (llmquant.cpu hands Dynamo the conversion prepared at
-load). The first decode step compiles (about a minute for a 135M model on one core; eval/CPU.md
-measures it), so it is not counted in the decode rate, and its time beyond a steady step's is reported
-as the compile time; later calls with the same prompt length and max_new_tokens reuse the graph (a
-step of their own then shows ~0 s), others compile again.
+torch.compile(fullgraph=True): one graph per step, C++ from inductor on a CPU, CUDA graphs on a GPU.
+The prompt's forward stays eager (its shape changes with every prompt). The quantized linears trace
+without a graph break (llmquant.cpu hands Dynamo the conversion prepared at load). The first decode
+step compiles (eval/CPU.md measures how long), so it is not counted in the decode rate, and its time
+beyond a steady step's is reported as the compile time; later calls with the same prompt length and
+max_new_tokens reuse the graph (their first step then shows ~0 s), others compile again.
 """
 from __future__ import annotations
 

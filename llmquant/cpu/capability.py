@@ -178,9 +178,8 @@ def half_gemv_is_faster() -> bool:
     """Whether a one-row float16 matrix-vector product (fp32 accumulation) of a float16 weight beats the
     fp32 one here, at the current thread count: measured once per thread count, since no CPU flag
     tells. It reads half the bytes, but converts every weight to fp32 on the way: a memory-bound CPU
-    gains up to 2x, one with bandwidth to spare per core loses (measured 0.9-1.1x on a 2-core AVX-512
-    Xeon at one thread, 1.5-1.8x on a 2-core AMD EPYC at two). $LLMQUANT_CPU_HALF_GEMV=on / off
-    overrides the measurement."""
+    gains up to 2x, one with bandwidth to spare per core gains nothing or loses (eval/CPU.md has both).
+    $LLMQUANT_CPU_HALF_GEMV=on / off overrides the measurement."""
     choice = os.environ.get(HALF_GEMV_ENV, "auto")
     if choice not in HALF_GEMV_CHOICES:
         raise ConfigError(f"{HALF_GEMV_ENV} must be one of {', '.join(HALF_GEMV_CHOICES)}, got {choice!r}")

@@ -19,11 +19,6 @@ the int8pack variant), the scales applied after. The weight codes in fp32 are ke
 grants the memory (the dequantized-cache bound; then every call, decode too, runs the dense fp32 matmul,
 which measured faster than int8pack's fp32 loop at one row), else converted per call.
 
-Compiled (torch.compile, as llmquant.generation compiles the decode step), a one-row call without an
-int8 dot product is written as the products summed over the input (exact as above): inductor makes it
-one vectorized loop that reads the int8 weight and converts it in registers, 1.5-2.5x an fp32 gemv
-(measured on a 2-core Xeon, one thread, 576-8192 wide), which no eager torch op offers.
-
 LLMQUANT_CPU_W8A8=int_mm | int8pack overrides the choice (eval/bench_cpu.py measures both).
 
 Linears reading one input (q/k/v, gate/up) with one activation scheme run as one (fused.py): the
@@ -105,10 +100,6 @@ class W8A8Kernel:
             # exact sum, since oneDNN's int8 GEMM saturates there
             products = (torch._int_mm(codes, self.weight.t()) if has_int8_dot_product()
                         else ops.int8_matmul(codes, self.weight))
-        elif codes.shape[0] == 1 and torch.compiler.is_compiling():
-            # compiled decode: inductor turns this into one loop that reads the int8 weight (a quarter
-            # of the fp32 codes' bytes) and converts it in registers; eager torch has no such op
-            products = (codes.float()[:, None, :] * self.weight.float()).sum(dim=-1)
         elif codes.shape[0] >= DENSE_FP32_FROM_ROWS or self.dense_fp32.kept is not None:
             products = torch.nn.functional.linear(codes.float(), self.dense_fp32.weight())
         else:
