@@ -55,7 +55,8 @@ def test_report_numbers_equal_those_measured_on_the_checkpoint_and_calibration(t
         restored = linears[name].dequantized_weight(torch.float32).double()
         weight_error = float(((restored - original) ** 2).sum() / (original ** 2).sum())
         assert output_energy[name] > 0, name
-        assert layer["relative_output_error"] == pytest.approx(squared_error[name] / output_energy[name], rel=1e-3), name
+        output_error = squared_error[name] / output_energy[name]
+        assert layer["relative_output_error"] == pytest.approx(output_error, rel=1e-3), name
         assert layer["relative_weight_error"] == pytest.approx(weight_error, rel=1e-4), name
         assert (layer["bits"], layer["group_size"]) == (3, 64)
     packed = sum(packed_bits(*layer["shape"], 3, 64) for layer in written["layers"]) / 8
