@@ -1,6 +1,7 @@
 """FP8: the e4m3 grid (per channel, per block), the ops' emulation and their device implementations
-(under the interpreter here), compressed-tensors float-quantized checkpoints that load back to the
-fake-quantized logits through llmquant, and through transformers where it reads them."""
+(under the interpreter here), and compressed-tensors float-quantized checkpoints that load back to
+the fake-quantized logits through llmquant. transformers reading the same checkpoints is an interop
+test (tests/interop/test_transformers_compressed_tensors.py: it needs the compressed-tensors package)."""
 import json
 
 import pytest
@@ -11,7 +12,6 @@ import llmquant
 from llmquant import QuantConfig, fp8_ops, ops
 from llmquant.errors import ConfigError
 from llmquant.grid.fp8 import FP8_DTYPE, FP8_MAX, Fp8Grid, expand_blocks, quantize_rows_fp8
-from llmquant.moe import ExpertList
 from llmquant.nn import Fp8Linear
 
 from conftest import tiny_model
@@ -109,32 +109,6 @@ def test_fp8_configs_are_checked():
     with pytest.raises(ConfigError, match="compressed-tensors-fp8"):
         QuantConfig(method="gptq", format="compressed-tensors-fp8")
     assert QuantConfig(method="fp8-block").group_size == 128
-
-
-@pytest.mark.parametrize("kind,method", [("llama", "fp8"), ("llama", "fp8-block"), ("qwen3_moe", "fp8")])
-def test_transformers_loads_the_fp8_checkpoints(kind, method, tmp_path):
-    """transformers reads compressed-tensors float-quantized through the compressed-tensors package:
-    dense linears as FP8 (activations rounded per token for W8A8-FP8), and MoE experts by
-    dequantizing each expert's FP8 weight into its fused 3-D tensors as it loads."""
-    pytest.importorskip("compressed_tensors")
-    from transformers import AutoModelForCausalLM
-
-    config = QuantConfig(method=method, group_size=32 if method == "fp8-block" else None, dtype="float32")
-    folder = llmquant.quantize(tiny_model(kind), config, progress=False).save(tmp_path / "ckpt")
-    ours = llmquant.load(folder, device="cpu")
-    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        a, b = ours(IDS).logits, theirs(IDS).logits
-    if kind == "llama":
-        assert torch.allclose(a, b, atol=1e-4)
-    else:
-        experts = next(m for m in ours.modules() if isinstance(m, ExpertList))
-        fused = theirs.model.layers[1].mlp.experts
-        for e, expert in enumerate(experts):
-            assert torch.equal(fused.gate_up_proj[e, :32], expert.gate_proj.dequantized_weight())
-            assert torch.equal(fused.down_proj[e], expert.down_proj.dequantized_weight())
-        # transformers runs the dequantized experts on unrounded activations; llmquant rounds them
-        assert (a - b).abs().max() < 0.02 * a.abs().max()
 
 
 def test_fp8_ops_are_custom_ops_that_pass_opcheck_and_compile_whole():

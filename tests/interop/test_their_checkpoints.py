@@ -46,31 +46,41 @@ def llm_compressor_checkpoint(folder, recipe):
     return folder
 
 
+def llm_compressor_w4a16_checkpoint(checkpoints, case):
+    """llm-compressor's W4A16 checkpoint of SmolLM2 for one W4A16_GROUPS case, written once per session."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    folder = checkpoints / case.replace(" ", "-")
+    if not folder.exists():
+        group = {"targets": ["Linear"], "weights": W4A16_GROUPS[case]}
+        llm_compressor_checkpoint(folder, QuantizationModifier(config_groups={"group_0": group}, ignore=["lm_head"]))
+    return folder
+
+
+class TransformersSizeCheckFailed(Exception):
+    """transformers' from_pretrained refused the folder: a stored tensor's shape differs from the one
+    its model expects (its load report says which)."""
+
+
 @pytest.mark.parametrize("case", W4A16_GROUPS)
 def test_llmquant_reads_llm_compressor_w4a16(reference, checkpoints, case):
     """Our reading of every pack-quantized linear equals compressed-tensors' own decompression, bit
-    for bit; the model on their weights and ours agree; and where transformers loads the folder
-    (symmetric; its 0.20.1 path rejects the packed asymmetric zero points, see eval/INTEROP.md) its
-    logits are ours."""
+    for bit, and the model on their weights and ours agree."""
     import copy
 
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM
 
     import llmquant
     from llmquant.loading import checkpoint_files, read_tensors
     from llmquant.nn import PackQuantizedLinear
 
-    folder = checkpoints / case.replace(" ", "-")
-    group = {"targets": ["Linear"], "weights": W4A16_GROUPS[case]}
-    llm_compressor_checkpoint(folder, QuantizationModifier(config_groups={"group_0": group}, ignore=["lm_head"]))
+    folder = llm_compressor_w4a16_checkpoint(checkpoints, case)
     ours = llmquant.load(folder)
     layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, PackQuantizedLinear)]
     assert len(layers) == 30 * 7
 
-    scheme = QuantizationScheme.model_validate(group)
+    scheme = QuantizationScheme.model_validate({"targets": ["Linear"], "weights": W4A16_GROUPS[case]})
     tensors = read_tensors(checkpoint_files(folder))
     on_their_weights = copy.deepcopy(reference.model)
     for name, module in layers:
@@ -82,26 +92,47 @@ def test_llmquant_reads_llm_compressor_w4a16(reference, checkpoints, case):
     our_logits = logits_of_ours(ours, reference.batch)
     difference = max_abs_difference(our_logits, logits_of(on_their_weights, reference.batch))
     ours_ppl, theirs_ppl = perplexity_of_ours(ours, reference.tokenizer), perplexity_of(on_their_weights, reference.tokenizer)
-    packages = ("llmcompressor", "compressed-tensors", "transformers")
     record(format=f"llm-compressor {case} (pack-quantized)", loader="llmquant.load vs compressed-tensors decompress",
            loads=True, max_logit_difference=difference, max_logit=float(our_logits.abs().max()),
            perplexity_ours=ours_ppl, perplexity_theirs=theirs_ppl, perplexity_fp=reference.perplexity,
-           versions=versions(*packages))
+           versions=versions("llmcompressor", "compressed-tensors", "transformers"))
     assert difference < MAX_WEIGHT_ONLY_LOGIT_DIFFERENCE, difference
     assert abs(relative(ours_ppl, theirs_ppl)) < MAX_PERPLEXITY_RATIO, (ours_ppl, theirs_ppl)
 
+
+@pytest.mark.parametrize("case", [
+    "W4A16 g64 sym",
+    pytest.param("W4A16 g64 asym", marks=pytest.mark.xfail(
+        strict=True, raises=TransformersSizeCheckFailed,
+        reason="transformers 5.24 + compressed-tensors 0.20.1 expect unpacked zero points [out, groups] where "
+               "the file holds them packed [out/8, groups], as compressed-tensors writes them (eval/INTEROP.md); "
+               "an XPASS here means upstream reads them now")),
+])
+def test_transformers_reads_llm_compressor_w4a16(reference, checkpoints, case):
+    """transformers (through compressed-tensors) loads llm-compressor's W4A16 folder, and its logits
+    are ours."""
+    from transformers import AutoModelForCausalLM
+
+    import llmquant
+
+    folder = llm_compressor_w4a16_checkpoint(checkpoints, case)
+    packages = versions("llmcompressor", "compressed-tensors", "transformers")
     try:
         theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu").eval()
-    except RuntimeError as exc:  # transformers' size check on the packed zero points
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
         record(format=f"llm-compressor {case} (pack-quantized)", loader="transformers + compressed-tensors",
-               loads=False, error=str(exc).splitlines()[0][:160], versions=versions(*packages))
-        assert not W4A16_GROUPS[case]["symmetric"], exc
-        return
+               loads=False, error=str(exc).splitlines()[0][:160], versions=packages)
+        raise TransformersSizeCheckFailed(str(exc)) from exc
+    ours = llmquant.load(folder)
+    our_logits = logits_of_ours(ours, reference.batch)
     difference = max_abs_difference(our_logits, logits_of(theirs, reference.batch))
     record(format=f"llm-compressor {case} (pack-quantized)", loader="llmquant.load vs transformers + compressed-tensors",
            loads=True, max_logit_difference=difference, max_logit=float(our_logits.abs().max()),
-           perplexity_ours=ours_ppl, perplexity_theirs=perplexity_of(theirs, reference.tokenizer),
-           perplexity_fp=reference.perplexity, versions=versions(*packages))
+           perplexity_ours=perplexity_of_ours(ours, reference.tokenizer),
+           perplexity_theirs=perplexity_of(theirs, reference.tokenizer), perplexity_fp=reference.perplexity,
+           versions=packages)
     assert difference < MAX_WEIGHT_ONLY_LOGIT_DIFFERENCE, difference
 
 

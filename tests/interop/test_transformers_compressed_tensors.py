@@ -1,8 +1,9 @@
-"""Our W8A8 checkpoints (compressed-tensors "int-quantized") loaded by transformers through the
-compressed-tensors library, the stand-in for vLLM here, compared with llmquant.load.
+"""Our compressed-tensors checkpoints loaded by transformers through the compressed-tensors library,
+the stand-in for vLLM here, compared with llmquant.load: W8A8 ("int-quantized") on SmolLM2, and
+FP8 ("float-quantized", per channel and per block) on tiny random models, dense and MoE.
 
-compressed-tensors decompresses the int8 weights to float and fake-quantizes each linear's input
-(quantize-dequantize) in the forward pass. Its dynamic per-token scale is max|x| / 127.5 where
+For W8A8, compressed-tensors decompresses the int8 weights to float and fake-quantizes each linear's
+input (quantize-dequantize) in the forward pass. Its dynamic per-token scale is max|x| / 127.5 where
 llmquant's (as vLLM's int8 kernels) is max|x| / 127: the same checkpoint, a different rounding of
 the activations at run time. So the weights and, for static checkpoints, the stored input scales
 must be equal, logits with activation quantization switched off must be equal, and full W8A8
@@ -19,6 +20,9 @@ from .interop_common import (logits_of, logits_of_ours, max_abs_difference, perp
                              perplexity_shift_under_nudge, record, relative, versions,
                              weights_only_difference, worst_layer_difference)
 from llmquant import Calibration, QuantConfig
+from llmquant.moe import ExpertList
+
+from conftest import tiny_model
 
 pytestmark = pytest.mark.interop
 
@@ -33,6 +37,7 @@ MAX_WEIGHT_ONLY_LOGIT_DIFFERENCE = 1e-3
 # static checkpoints round activations with the same stored scale on both sides: each linear on the
 # same input differs by the int32 accumulation (ours) vs fp32 accumulation (theirs) only
 MAX_STATIC_LAYER_DIFFERENCE = 1e-5  # relative to the layer's max |output|
+TINY_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -75,3 +80,29 @@ def test_w8a8_checkpoint_loads_in_transformers_compressed_tensors(reference, che
     if static:
         assert layer_difference < MAX_STATIC_LAYER_DIFFERENCE, (layer_difference, worst_layer)
     assert abs(relative(theirs_ppl, ours_ppl)) < max(MAX_PERPLEXITY_RATIO, 2 * noise), (ours_ppl, theirs_ppl, noise)
+
+
+@pytest.mark.parametrize("kind,method", [("llama", "fp8"), ("llama", "fp8-block"), ("qwen3_moe", "fp8")])
+def test_transformers_loads_the_fp8_checkpoints(kind, method, tmp_path):
+    """transformers reads compressed-tensors float-quantized through the compressed-tensors package:
+    dense linears as FP8 (activations rounded per token for W8A8-FP8), and MoE experts by
+    dequantizing each expert's FP8 weight into its fused 3-D tensors as it loads."""
+    import llmquant
+    from transformers import AutoModelForCausalLM
+
+    config = QuantConfig(method=method, group_size=32 if method == "fp8-block" else None, dtype="float32")
+    folder = llmquant.quantize(tiny_model(kind), config, progress=False).save(tmp_path / "ckpt")
+    ours = llmquant.load(folder, device="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = ours(TINY_IDS).logits, theirs(TINY_IDS).logits
+    if kind == "llama":
+        assert torch.allclose(a, b, atol=1e-4)
+    else:
+        experts = next(m for m in ours.modules() if isinstance(m, ExpertList))
+        fused = theirs.model.layers[1].mlp.experts
+        for e, expert in enumerate(experts):
+            assert torch.equal(fused.gate_up_proj[e, :32], expert.gate_proj.dequantized_weight())
+            assert torch.equal(fused.down_proj[e], expert.down_proj.dequantized_weight())
+        # transformers runs the dequantized experts on unrounded activations; llmquant rounds them
+        assert (a - b).abs().max() < 0.02 * a.abs().max()
