@@ -75,12 +75,12 @@ class DequantizedKernel:
         kept = self.dense_fp32.kept if self.dense_fp32 is not None else None
         if rows.shape[0] <= HALF_GEMV_MAX_ROWS and (kept is None or half_gemv_is_faster()):
             out = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
+        elif dense_bf16_for(rows.shape[0]):
+            out = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16)).to(x.dtype)
         elif kept is not None and x.dtype == torch.float32:
             # kept where the float16 gemv is not the faster (measured) or the class has no native bf16
             # for many rows (the AVX2 class): those calls on the fp32 copy
             out = F.linear(rows, kept)
-        elif dense_bf16_for(rows.shape[0]):
-            out = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16)).to(x.dtype)
         else:
             out = F.linear(rows, self.weight.to(x.dtype))
         if self.bias is not None:
