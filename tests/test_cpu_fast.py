@@ -126,6 +126,26 @@ def test_many_rows_run_a_dense_bf16_matmul_within_bf16_rounding(fmt_name, case, 
         assert kernel.layout_block == 64  # the packed bytes were read back as the codes
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_int4pack_keeps_its_bf16_weight_for_dense_calls_within_the_bound(keep, dense_from_128_rows, monkeypatch):
+    """Where the CPU multiplies bf16 natively, the dequantized bf16 weight of a packed 4-bit layer is kept
+    (within the memory bound) instead of made for every prefill call; both give the same numbers."""
+    from llmquant.cpu import prepare_for_cpu
+
+    monkeypatch.setattr(selection, "has_fast_bf16_matmul", lambda: True)
+    monkeypatch.setattr(selection, "dense_fp32_for", lambda rows: False)
+    module = quantized_linear("gptq", random_quantized(64, 256, 4, 64, False, False))
+    [layer] = prepare_for_cpu(torch.nn.Sequential(module), max_cache_mib=64 if keep else 0)
+    kernel = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel
+    assert (kernel.dense_bf16.kept is not None) is keep and kernel.dense_fp32.kept is None
+    assert ("bf16 weight kept for dense calls" in layer.detail) is keep
+    assert layer.extra_bytes == kernel.nbytes and (layer.extra_bytes > 64 * 256 * 2) is keep
+    x = torch.randn(200, 256)
+    out = module(x)
+    assert torch.equal(out, torch.nn.functional.linear(x.bfloat16(), kernel.dense_weight()).float() + module.bias)
+    assert relative_error(out, reference_output(module, x)) < BF16_TOLERANCE
+
+
 @pytest.mark.parametrize("group_size,sym", [(32, True), (64, False), (128, False), (-1, True)])
 def test_awq_runs_int4pack(group_size, sym, fp32_packed_ops):
     qw = random_quantized(64, 256, 4, group_size, sym, act_order=False, seed=group_size)

@@ -36,7 +36,7 @@ _X86_VECTOR_CAPABILITIES = ("AVX2", "AVX512")
 DENSE_FROM_ROWS = 128
 # Without native bf16 (the AVX2 class) the packed ops in bf16 were 0.1-0.5x an fp32 matmul from 32 rows on
 # (2-core Xeon forced to AVX2, 576x3072 and 1536x576, best of 12 interleaved), while at 1-8 rows they
-# still win: from here on such calls run a dense fp32 matmul of the weight (DenseFp32 below).
+# still win: from here on such calls run a dense fp32 matmul of the weight (DenseCopy below).
 DENSE_FP32_FROM_ROWS = 32
 ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 # oneDNN's dnnl_cpu_isa names in increasing order (aliases share a rank); ALL is no cap.
@@ -152,9 +152,10 @@ def dense_fp32_for(rows: int) -> bool:
     return rows >= DENSE_FP32_FROM_ROWS and not has_fast_bf16_matmul() and cpu_capability() in _X86_VECTOR_CAPABILITIES
 
 
-class DenseFp32:
-    """A kernel's fp32 weight for dense calls (dense_fp32_for): kept once selection grants it the memory
-    (prepare_for_cpu, within the dequantized-cache bound), else made for each call by `make`."""
+class DenseCopy:
+    """A kernel's dequantized weight for dense calls (fp32 on the AVX2 class, bf16 where the CPU multiplies
+    it natively): kept once selection grants it the memory (prepare_for_cpu, within the dequantized-cache
+    bound), else made for each call by `make`."""
 
     def __init__(self, make, nbytes: int):
         self.make, self.nbytes, self.kept = make, nbytes, None

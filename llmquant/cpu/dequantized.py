@@ -17,7 +17,7 @@ slower than fp32 on CPUs without native float16. The total such memory is bounde
 Whether the float16 gemv is the faster at one row depends on the CPU's memory bandwidth per core,
 not on a flag: capability.half_gemv_is_faster measures it once. Where it is not, and on the AVX2 class
 (no native bf16), where upcasting the float16 cache for each call of many rows cost 7-20% against the
-fp32 model, prepare_for_cpu keeps an fp32 copy while the same bound allows (selection._keep_dense_fp32)
+fp32 model, prepare_for_cpu keeps an fp32 copy while the same bound allows (selection._keep_dense_copies)
 and the calls the float16 cache does not win run on it.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .capability import DenseFp32, dense_bf16_for, half_gemv_is_faster
+from .capability import DenseCopy, dense_bf16_for, half_gemv_is_faster
 from .fused import stacked_bias
 
 NAME = "dequantized"
@@ -58,7 +58,7 @@ class DequantizedKernel:
         self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = self.weight.shape[0]
         # the fp32 copy from the modules' own dequantization: the reference's weight, not the float16 cache's
-        self.dense_fp32 = DenseFp32(lambda: torch.cat([m.dequantized_weight(torch.float32) for m in modules]),
+        self.dense_fp32 = DenseCopy(lambda: torch.cat([m.dequantized_weight(torch.float32) for m in modules]),
                                     self.weight.numel() * 4) \
             if self.weight.dtype != torch.float32 and activation_dtype == torch.float32 else None
         self.detail = f"{str(dtype).removeprefix('torch.')} weight cached"

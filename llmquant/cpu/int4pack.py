@@ -13,9 +13,11 @@ per-channel weight as runs of the largest size dividing in_features, and act-ord
 sorted) by permuting the input columns of x and W so each group's columns are contiguous.
 
 Calls of many rows (prefill) run faster as a dense bfloat16 matmul where the CPU has one
-(capability.dense_bf16_for): the weight is then dequantized for the call from the packed bytes, whose
-layout (torch's, per ISA) is checked against the codes once at conversion; if it is not the one
-expected, every call stays on the packed op. Without native bf16 (the AVX2 class) calls of
+(capability.dense_bf16_for), of the weight dequantized from the packed bytes, whose layout (torch's,
+per ISA) is checked against the codes once at conversion (if it is not the one expected, every call
+stays on the packed op). The bf16 weight is kept when prepare_for_cpu grants the memory (the
+dequantized-cache bound), else made per call: dequantizing a 1B model's weights for every 128-token
+call cost more than the matmuls (eval/CPU.md). Without native bf16 (the AVX2 class) calls of
 DENSE_FP32_FROM_ROWS rows or more (capability.dense_fp32_for) run a dense fp32 matmul of the weight
 dequantized in fp32 from the same bytes (the reference's numerics, to fp32 rounding): the packed op
 computes in emulated bf16 there and was 2-10x slower than fp32 at prefill. The fp32 weight is kept
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import affine_weight, stacked, stacking_refusal
-from .capability import DenseFp32, dense_bf16_for, dense_fp32_for, packed_compute_dtype
+from .capability import DenseCopy, dense_bf16_for, dense_fp32_for, packed_compute_dtype
 from .fused import stacked_bias
 
 NAME = "int4pack"
@@ -102,8 +104,10 @@ class Int4PackKernel:
         self.column_order = order
         self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = weight.out_features
-        self.dense_fp32 = (DenseFp32(lambda: self.dense_weight(torch.float32), weight.out_features * weight.in_features * 4)
-                           if self.layout_block is not None else None)
+        size = weight.out_features * weight.in_features
+        self.dense_fp32, self.dense_bf16 = ((DenseCopy(lambda: self.dense_weight(torch.float32), size * 4),
+                                             DenseCopy(lambda: self.dense_weight(torch.bfloat16), size * 2))
+                                            if self.layout_block is not None else (None, None))
         self.detail = (f"runs of {run}" + (", act-order columns permuted" if order is not None else "")
                        + f", {str(self.compute_dtype).removeprefix('torch.')} activations")
 
@@ -114,8 +118,9 @@ class Int4PackKernel:
             extra.append(self.run_shifts)
         if self.column_order is not None:
             extra.append(self.column_order)
-        if self.dense_fp32 is not None and self.dense_fp32.kept is not None:
-            extra.append(self.dense_fp32.kept)
+        for copy in (self.dense_fp32, self.dense_bf16):
+            if copy is not None and copy.kept is not None:
+                extra.append(copy.kept)
         return sum(t.numel() * t.element_size() for t in extra)
 
     def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -134,8 +139,8 @@ class Int4PackKernel:
             rows = rows.index_select(1, self.column_order)
         if self.dense_fp32 is not None and dense_fp32_for(rows.shape[0]):
             out = F.linear(rows.float(), self.dense_fp32.weight()).to(x.dtype)
-        elif self.layout_block is not None and dense_bf16_for(rows.shape[0]):
-            out = F.linear(rows.to(torch.bfloat16), self.dense_weight()).to(x.dtype)
+        elif self.dense_bf16 is not None and dense_bf16_for(rows.shape[0]):
+            out = F.linear(rows.to(torch.bfloat16), self.dense_bf16.weight()).to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.compute_dtype).contiguous(), self.packed,
                                                              self.run, self.scales_and_zeros)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import affine_weight, stacked, stacking_refusal
-from .capability import DenseFp32, dense_bf16_for, dense_fp32_for, packed_compute_dtype
+from .capability import DenseCopy, dense_bf16_for, dense_fp32_for, packed_compute_dtype
 from .fused import stacked_bias
 
 NAME = "int8pack"
@@ -54,7 +54,7 @@ class Int8PackKernel:
         self.row_sum_scale = offset if bool((offset != 0).any()) else None
         self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = weight.out_features
-        self.dense_fp32 = DenseFp32(lambda: self.weight.float(), self.weight.numel() * 4)
+        self.dense_fp32 = DenseCopy(lambda: self.weight.float(), self.weight.numel() * 4)
         self.detail = (("asymmetric (row-sum correction), " if self.row_sum_scale is not None else "")
                        + f"{str(self.compute_dtype).removeprefix('torch.')} activations")
 

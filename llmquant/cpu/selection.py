@@ -29,7 +29,7 @@ from ..arch import arch_for
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS, AWQLinear, BnB4bitLinear, GPTQLinear, W8A8Linear
 from . import dequantized, int4pack, int8pack, w8a8
-from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for, half_gemv_is_faster
+from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for, half_gemv_is_faster, has_fast_bf16_matmul
 from .capability import describe as describe_cpu_class
 from .freshness import Stamp
 from .fused import MemberKernel, SharedInputGroup, open_scopes_around
@@ -311,7 +311,7 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
                 module.__dict__[_KERNEL_ATTRIBUTE].kernel, MemberKernel)):
             module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = plans[name].cache_allowed
             _convert(module, plans[name].dtype)
-    _keep_dense_fp32(model, plans, budget)
+    _keep_dense_copies(model, plans, budget)
     layers = []
     for name, module in _quantized_linears(model):
         if name in unconverted:
@@ -343,17 +343,17 @@ def _detail(kernel) -> str:
     if kernel is None:
         return "dequantized per call"
     inner = kernel.group.kernel if isinstance(kernel, MemberKernel) else kernel
-    dense = getattr(inner, "dense_fp32", None)
-    if dense is None or not (dense_fp32_for(DENSE_FP32_FROM_ROWS) or isinstance(inner, w8a8.W8A8Kernel)):
+    copy = _dense_copy_to_keep(inner, dense_fp32_for(DENSE_FP32_FROM_ROWS))
+    if copy is None:
         return kernel.detail
-    return kernel.detail + ("; fp32 weight kept for dense calls" if dense.kept is not None
-                            else "; fp32 weight made per dense call (memory bound reached)")
+    dtype = "bf16" if copy is getattr(inner, "dense_bf16", None) else "fp32"
+    return kernel.detail + (f"; {dtype} weight kept for dense calls" if copy.kept is not None
+                            else f"; {dtype} weight made per dense call (memory bound reached)")
 
 
-def _keep_dense_fp32(model: nn.Module, plans: dict[str, _Plan], budget: float) -> None:
-    """On a CPU class whose prefill-sized calls run a dense fp32 matmul (capability.dense_fp32_for), and for
-    W8A8 kernels without an int8 dot product on any class, keep each kernel's fp32 weight, in module order, while what the
-    dequantized caches left of the memory bound allows; the others make it per call."""
+def _keep_dense_copies(model: nn.Module, plans: dict[str, _Plan], budget: float) -> None:
+    """Keep each kernel's dense copy (_dense_copy_to_keep), in module order, while what the dequantized
+    caches left of the memory bound allows; the others make theirs per call."""
     dense_class = dense_fp32_for(DENSE_FP32_FROM_ROWS)
     seen = set()
     for name, module in _quantized_linears(model):
@@ -361,19 +361,28 @@ def _keep_dense_fp32(model: nn.Module, plans: dict[str, _Plan], budget: float) -
         kernel = converted.kernel if converted is not None else None
         if isinstance(kernel, MemberKernel):
             kernel = kernel.group.kernel
-        dense = getattr(kernel, "dense_fp32", None)
-        if dense is None or id(kernel) in seen:
+        copy = _dense_copy_to_keep(kernel, dense_class)
+        if copy is None or id(kernel) in seen:
             continue
         seen.add(id(kernel))
-        if not dense_class and not isinstance(kernel, w8a8.W8A8Kernel) \
-                and not (isinstance(kernel, dequantized.DequantizedKernel) and not half_gemv_is_faster()):
-            continue  # a class with native bf16 keeps it only for W8A8 without an int8 dot product, and for
-            # dequantized weights where the float16 gemv is not the faster
-        if dense.kept is None and dense.nbytes <= budget:
+        if copy.kept is None and copy.nbytes <= budget:
             with _building():
-                dense.keep()
-        if dense.kept is not None:
-            budget -= dense.nbytes
+                copy.keep()
+        if copy.kept is not None:
+            budget -= copy.nbytes
+
+
+def _dense_copy_to_keep(kernel, dense_class: bool):
+    """The copy a kernel's dense calls read: bf16 where the CPU multiplies it natively (int4pack, whose
+    dequantization per call outweighs a prefill's matmul), fp32 on a class whose prefill-sized calls run
+    dense fp32 (capability.dense_fp32_for), for W8A8 without an int8 dot product on any class, and for
+    dequantized weights where the float16 gemv is not the faster; None for the others."""
+    fp32 = getattr(kernel, "dense_fp32", None)
+    if fp32 is not None and (dense_class or isinstance(kernel, w8a8.W8A8Kernel) or (
+            isinstance(kernel, dequantized.DequantizedKernel) and not half_gemv_is_faster())):
+        return fp32
+    bf16 = getattr(kernel, "dense_bf16", None)
+    return bf16 if bf16 is not None and has_fast_bf16_matmul() else None
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

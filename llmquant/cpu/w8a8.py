@@ -34,7 +34,7 @@ from .. import ops
 from ..errors import ConfigError
 from ..grid.activations import quantize_per_tensor, quantize_per_token
 from ..nn import W8A8Linear
-from .capability import DENSE_FP32_FROM_ROWS, DenseFp32, has_int8_dot_product
+from .capability import DENSE_FP32_FROM_ROWS, DenseCopy, has_int8_dot_product
 from .fused import stacked_bias
 
 NAME = "w8a8"
@@ -73,7 +73,7 @@ class W8A8Kernel:
         self.bias = stacked_bias(modules, torch.float32)
         self.stacked = len(modules) > 1  # the stacked int8 weight is a copy; a single one is the module's own
         self.out_features = self.weight.shape[0]
-        self.dense_fp32 = None if self.use_int_mm else DenseFp32(lambda: self.weight.float(), self.weight.numel() * 4)
+        self.dense_fp32 = None if self.use_int_mm else DenseCopy(lambda: self.weight.float(), self.weight.numel() * 4)
         if self.use_int_mm:
             self.unit_scales = None
         else:
