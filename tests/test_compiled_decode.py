@@ -74,7 +74,12 @@ class GraphCounter:
         return gm.forward
 
 
-@pytest.mark.parametrize("name", FORMATS)
+# one format per CPU path in the fast suite (int4pack, w8a8, dequantized, a custom op); all in the slow one
+FAST_FORMATS = ("gptq w4 g32", "w8a8 dynamic", "nf4 double quant", "fp8")
+
+
+@pytest.mark.parametrize("name", [name if name in FAST_FORMATS else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in FORMATS])
 def test_every_format_compiles_whole_and_gives_the_eager_logits(checkpoints, name):
     model = llmquant.load(checkpoints[name], device="cpu").eval()
     for length in LENGTHS:
