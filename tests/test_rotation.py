@@ -151,3 +151,24 @@ def test_an_unknown_rotation_is_refused():
     with pytest.raises(ConfigError, match="rotate must be one of hadamard"):
         QuantConfig(rotate="givens")
 
+
+def test_the_report_sets_the_errors_without_rotation_beside_those_with_it(tmp_path):
+    from llmquant.report import write_report
+
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    folders = {}
+    for rotate in (None, "hadamard"):
+        config = QuantConfig(method="gptq", bits=4, group_size=32, sym=False, rotate=rotate)
+        folders[rotate] = llmquant.quantize(_with_scaled_norms(tiny_model("llama")), config, calib=calib,
+                                            progress=False).save(tmp_path / f"rotate-{rotate}")
+    text = write_report(folders["hadamard"], plots=False, compare_with=folders[None]).read_text()
+    section = text.split("## Beside `rotate-None`")[1]
+    assert "Its recipe: method gptq" in section and "rotation" not in section.split("\n\n")[1]
+    rotated = json.loads((folders["hadamard"] / "quantize_report.json").read_text())["layers"]
+    plain = json.loads((folders[None] / "quantize_report.json").read_text())["layers"]
+    for ours, theirs in zip(rotated, plain):  # each layer's output errors and their ratio, from both reports
+        row = next(line for line in section.splitlines() if line.startswith(f"| {ours['name']} |"))
+        cells = [cell.strip() for cell in row.split("|")[2:5]]
+        assert cells == [f"{ours['relative_output_error']:.3e}", f"{theirs['relative_output_error']:.3e}",
+                         f"{ours['relative_output_error'] / theirs['relative_output_error']:.2f}"]
+    assert "| down_proj |" in section and "| 1 |" in section  # by kind and by block
