@@ -1,7 +1,7 @@
 """Per-layer errors of two rows of a perplexity table (eval/ppl_table.py --layer-errors --json), side
 by side: by kind of linear, by block and layer by layer (llmquant.report.compare_layer_errors, what
-`llmquant report CKPT --compare OTHER` writes for two checkpoints). The command behind
-eval/rotation/layer_errors-w4pc.md:
+`llmquant report CKPT --compare OTHER` writes for two checkpoints); the command heads what it writes.
+The one behind eval/rotation/layer_errors-w4pc.md:
 
     python eval/layer_errors_table.py eval/rotation/w4pc.json "w4pc asym gptq-ao-clip-rot" \\
         "w4pc asym gptq-ao-clip" --labels rotated "not rotated" > eval/rotation/layer_errors-w4pc.md
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
                          f"(rows: {', '.join(rows)}; run eval/ppl_table.py with --layer-errors)")
     ours, theirs = (rows[label]["report"]["layer_errors"] for label in (args.ours, args.theirs))
     labels = args.labels or [args.ours, args.theirs]
+    print(f"    python eval/layer_errors_table.py {shlex.join(argv or sys.argv[1:])}\n")
     print(f"Per-layer errors, {labels[0]} (`{args.ours}`) beside {labels[1]} (`{args.theirs}`), from {args.json}; "
           f"perplexity {rows[args.ours]['perplexity']:.3f} and {rows[args.theirs]['perplexity']:.3f}.\n")
     print("\n".join(compare_layer_errors(ours, theirs, *labels)))

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--format", default=None, help="default: gptq, or the method's own (compressed-tensors for "
                                                       "W8A8, compressed-tensors-fp8 for FP8, bitsandbytes for NF4 / FP4)")
+    parser.add_argument("--rotate-seed", type=int, default=0, help="seed of the -rot variants' random signs")
     parser.add_argument("--json", default=None)
     parser.add_argument("--layer-errors", action="store_true",
                         help="also keep each quantized layer's relative output and weight error in --json "
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
     calibration = Calibration("wiki", args.nsamples, args.calib_seqlen)
     for name, sym, method in itertools.product(args.configs, grids, args.methods):
         bits, group_size = parse_config(name)
-        config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=args.format, **METHODS[method])
+        config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=args.format,
+                             rotate_seed=args.rotate_seed, **METHODS[method])
         start = time.time()
         calib = calibration if algorithm_for(config).needs_calibration or args.layer_errors else None
         qmodel = llmquant.quantize(args.model, config, calib, progress=False)
