@@ -153,7 +153,7 @@ def test_an_unknown_rotation_is_refused():
 
 
 def test_the_report_sets_the_errors_without_rotation_beside_those_with_it(tmp_path):
-    from llmquant.report import write_report
+    from llmquant.cli import main
 
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     folders = {}
@@ -161,7 +161,8 @@ def test_the_report_sets_the_errors_without_rotation_beside_those_with_it(tmp_pa
         config = QuantConfig(method="gptq", bits=4, group_size=32, sym=False, rotate=rotate)
         folders[rotate] = llmquant.quantize(_with_scaled_norms(tiny_model("llama")), config, calib=calib,
                                             progress=False).save(tmp_path / f"rotate-{rotate}")
-    text = write_report(folders["hadamard"], plots=False, compare_with=folders[None]).read_text()
+    assert main(["report", str(folders["hadamard"]), "--no-plots", "--compare", str(folders[None])]) == 0
+    text = (folders["hadamard"] / "report.md").read_text()
     section = text.split("## Beside `rotate-None`")[1]
     assert "Its recipe: method gptq" in section and "rotation" not in section.split("\n\n")[1]
     rotated = json.loads((folders["hadamard"] / "quantize_report.json").read_text())["layers"]
