@@ -5,7 +5,8 @@ perplexity of each checkpoint on the first windows of the wiki test split.
 GPTQ runs first (and, with --baseline-runs 2, last too); each method's time is given as a ratio to
 GPTQ's (the mean of its runs), in wall seconds and in CPU seconds (the process's own, which other
 work on a shared machine disturbs less).
-The command behind eval/QUANTIZE_TIME.md:
+The commands behind eval/QUANTIZE_TIME.md (the W8A8 table; the rotation table with
+--methods "gptq w4g128 rotated"):
 
     OMP_NUM_THREADS=2 python eval/bench_quantize_time.py --model smollm2-135m --nsamples 8 --seqlen 512 \\
         --windows 4 --baseline-runs 1 --md eval/QUANTIZE_TIME.md --json eval/runs/quantize-time.json
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -33,6 +36,8 @@ METHODS = {
     "smoothquant 0.5 dynamic": {"method": "smoothquant", "alpha": 0.5},
     "smoothquant auto dynamic": {"method": "smoothquant", "alpha": "auto"},
     "smoothquant 0.5 static mse": {"method": "smoothquant", "alpha": 0.5, "act_quant": "static", "observer": "mse"},
+    # the same GPTQ with Hadamard rotations fused in first (issue 35: at most 1.2x the time without)
+    "gptq w4g128 rotated": {"method": "gptq", "bits": 4, "group_size": 128, "rotate": "hadamard"},
 }
 BASELINE = "gptq w4g128"
 
@@ -63,7 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=4, help="wiki test windows of 512 tokens for the perplexity")
-    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != BASELINE],
+    parser.add_argument("--methods", nargs="+",
+                        default=[m for m in METHODS if m != BASELINE and "rotate" not in METHODS[m]],
                         choices=[m for m in METHODS if m != BASELINE])
     parser.add_argument("--baseline-runs", type=int, default=2, choices=[1, 2],
                         help="GPTQ first, or first and last (default)")
@@ -81,7 +87,9 @@ def main(argv=None) -> int:
                               if args.baseline_runs == 2 else [])
     base_wall = sum(r["wall_s"] for r in baseline) / len(baseline)
     base_cpu = sum(r["cpu_s"] for r in baseline) / len(baseline)
-    command = "OMP_NUM_THREADS=2 python eval/bench_quantize_time.py " + " ".join(argv or sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python eval/bench_quantize_time.py " + shlex.join(
+        argv or sys.argv[1:])
     lines = [f"### Quantize time against GPTQ{' — ' + args.label if args.label else ''}", "",
              f"{args.model}, calibration wiki train {args.nsamples} x {args.seqlen} tokens for every method; "
              f"perplexity on the first {first['windows']} windows of 512 tokens of the wiki test split. "

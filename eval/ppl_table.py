@@ -92,7 +92,12 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--format", default=None, help="default: gptq, or the method's own (compressed-tensors for "
                                                       "W8A8, compressed-tensors-fp8 for FP8, bitsandbytes for NF4 / FP4)")
+    parser.add_argument("--rotate-seed", type=int, default=0, help="seed of the -rot variants' random signs")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--layer-errors", action="store_true",
+                        help="also keep each quantized layer's relative output and weight error in --json "
+                             "(eval/RESULTS.md compares them with and without rotation); data-free methods then "
+                             "run the calibration windows too, to measure output errors (their rounding is the same)")
     args = parser.parse_args(argv)
     grids = args.grids or [True, False]
 
@@ -117,9 +122,10 @@ def main(argv=None) -> int:
     calibration = Calibration("wiki", args.nsamples, args.calib_seqlen)
     for name, sym, method in itertools.product(args.configs, grids, args.methods):
         bits, group_size = parse_config(name)
-        config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=args.format, **METHODS[method])
+        config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=args.format,
+                             rotate_seed=args.rotate_seed, **METHODS[method])
         start = time.time()
-        calib = calibration if algorithm_for(config).needs_calibration else None
+        calib = calibration if algorithm_for(config).needs_calibration or args.layer_errors else None
         qmodel = llmquant.quantize(args.model, config, calib, progress=False)
         seconds = time.time() - start
         report = qmodel.report()
@@ -128,7 +134,11 @@ def main(argv=None) -> int:
             del qmodel
             result = measure(llmquant.load(Path(tmp) / "ckpt"), tokenizer)
         label = f"{name} {'sym' if sym else 'asym'} {method}"
-        results.append({"config": label, **result, "report": {k: v for k, v in report.items() if k != "layers"}})
+        kept = {k: v for k, v in report.items() if k != "layers"}
+        if args.layer_errors:
+            kept["layer_errors"] = {layer["name"]: [layer["relative_output_error"], layer["relative_weight_error"]]
+                                    for layer in report["layers"]}
+        results.append({"config": label, **result, "report": kept})
         lines.append(row(label, result, (
             f"{report['bits_per_weight']:.3f}", f"{report['quantized_layers_packed_bytes'] / 2**20:.1f}",
             f"{report['quantized_layers_fp16_bytes'] / 2**20:.1f}", f"{seconds:.1f}")))

@@ -150,6 +150,9 @@ def _add_report(sub):
     p = sub.add_parser("report", help="write report.md and its plots beside a checkpoint (from quantize_report.json)")
     p.add_argument("checkpoint")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--compare", default=None, metavar="CHECKPOINT",
+                   help="another checkpoint of the same model (e.g. quantized without --rotate): its per-layer "
+                        "errors beside this one's, by kind, by block and per layer")
 
 
 def _add_eval(sub):
@@ -485,7 +488,7 @@ def cmd_report(args) -> int:
     folder = Path(args.checkpoint).expanduser()
     if not (folder / REPORT_FILE).is_file():
         raise CheckpointError(f"{folder} has no {REPORT_FILE}: not a checkpoint llmquant wrote")
-    path = write_report(folder, plots=args.plots, activations=args.plots)
+    path = write_report(folder, plots=args.plots, activations=args.plots, compare_with=args.compare and Path(args.compare).expanduser())
     print(f"wrote {path}")
     return 0
 

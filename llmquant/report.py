@@ -6,7 +6,8 @@ predicted loss rise of the chosen settings; totals: bits per weight and size. Pl
 PNG): errors by layer and by block, a histogram of the worst layer's weight before and after, and
 for AWQ / SmoothQuant the per-channel activation range at the first layer's input before and
 after the smoothing. Also the check that these numbers can be recomputed from the checkpoint and
-the calibration data (recompute_layer_errors).
+the calibration data (recompute_layer_errors), and, given a second run of the same model (e.g. the
+same recipe without rotation), its errors beside this run's, layer by layer (compare_layer_errors).
 """
 from __future__ import annotations
 
@@ -225,6 +226,45 @@ def _plot_activation_outliers(checkpoint: Path, source_model: str, layer: str, w
     return _save(fig, ax, out / "activation_outliers.png")
 
 
+def layer_errors(report: dict) -> dict[str, tuple[float | None, float | None]]:
+    """{layer: (relative output error, relative weight error)} of a quantize_report.json."""
+    return {layer["name"]: (layer["relative_output_error"], layer["relative_weight_error"])
+            for layer in report["layers"]}
+
+
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    return "–" if ours is None or not theirs else f"{ours / theirs:.2f}"
+
+
+def compare_layer_errors(ours: dict, theirs: dict, our_label: str, their_label: str) -> list[str]:
+    """Markdown: each layer's errors in two runs of one model (layer_errors of each), by kind of
+    linear, by block and layer by layer, with the ratio ours / theirs. Relative output errors compare
+    across a rotation: the rotations are orthogonal, so each linear's output keeps its norm and its
+    error's norm; weight errors are of different matrices (rotated, with the norms folded in)."""
+    shared = [name for name in ours if name in theirs]
+
+    def mean(run: dict, which: int, names: list[str]) -> float | None:  # which: 0 output, 1 weight error
+        values = [run[name][which] for name in names if run[name][which] is not None]
+        return sum(values) / len(values) if values else None
+
+    def table(title: str, column: str, groups: dict[str, list[str]]) -> list[str]:
+        lines = [f"### {title}", "", f"| {column} | output error, {our_label} | output error, {their_label} | ratio "
+                 f"| weight error, {our_label} | weight error, {their_label} |", "|---|---|---|---|---|---|"]
+        for group, names in groups.items():
+            output = mean(ours, 0, names), mean(theirs, 0, names)
+            weight = mean(ours, 1, names), mean(theirs, 1, names)
+            lines.append(f"| {group} | {_figure(output[0])} | {_figure(output[1])} | {_ratio(*output)} | "
+                         f"{_figure(weight[0])} | {_figure(weight[1])} |")
+        return lines + [""]
+
+    kinds, blocks = defaultdict(list), defaultdict(list)
+    for name in shared:
+        kinds[name.rsplit(".", 1)[-1]].append(name)
+        blocks[str(_block_of(name))].append(name)
+    return (table("Mean by kind", "kind", kinds) + table("Mean by block", "block", blocks)
+            + table("Per layer", "layer", {name: [name] for name in shared}))
+
+
 # Settings that mean something only for some methods: (config key, label, methods).
 _METHOD_SETTINGS = (
     ("act_order", "act-order (desc_act)", ("gptq", "awq+gptq")), ("static_groups", "static groups", ("gptq", "awq+gptq")),
@@ -267,10 +307,12 @@ def recipe_rows(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def write_report(folder: str | Path, plots: bool = True, name: str | None = None, activations: bool = False) -> Path:
+def write_report(folder: str | Path, plots: bool = True, name: str | None = None, activations: bool = False,
+                 compare_with: str | Path | None = None) -> Path:
     """report.md (+ PNGs) in the checkpoint folder, from its quantize_report.json. The weight
     histogram reads one layer only; activations=True also runs both whole models on calibration
-    windows for the AWQ / SmoothQuant outlier plot (what `llmquant report` does)."""
+    windows for the AWQ / SmoothQuant outlier plot (what `llmquant report` does). compare_with:
+    another checkpoint folder of the same model, whose per-layer errors are set beside these."""
     folder = Path(folder)
     report = json.loads((folder / REPORT_FILE).read_text())
     layers = report["layers"]
@@ -332,6 +374,14 @@ def write_report(folder: str | Path, plots: bool = True, name: str | None = None
         # else is a fault in the plotting and propagates.
         except (LlmquantError, OSError, SafetensorError) as exc:
             header += [f"(plots needing the source model were skipped: {type(exc).__name__}: {exc})", ""]
+    if compare_with is not None:
+        other = Path(compare_with)
+        if not (other / REPORT_FILE).is_file():
+            raise CheckpointError(f"{other} has no {REPORT_FILE}: not a checkpoint llmquant wrote")
+        other_report = json.loads((other / REPORT_FILE).read_text())
+        lines += ["", f"## Beside `{other.name}`", "",
+                  f"Its recipe: {'; '.join(f'{label} {value}' for label, value in recipe_rows(other_report))}.", ""]
+        lines += compare_layer_errors(layer_errors(report), layer_errors(other_report), "this run", other.name)
     lines = header + [f"![{f}]({f})" for f in figures] + [""] + lines
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -12,8 +12,17 @@ W R2 (attention mixes value vectors linearly, so the rotation passes through it)
 R1 and R2 are randomized Hadamard matrices H diag(±1) / sqrt(n) (seeded): outliers spread evenly
 over all channels, so every grid fits better. H exists for orders 1, 2 and multiples of 4; orders
 that are a power of two times a Paley-constructible order (or a product of two) are built as
-Kronecker products (SmolLM2's 576 = 144 x 4, with 144 = 12 x 12); any other order gets a seeded
-random orthogonal matrix, said in the report.
+Kronecker products (SmolLM2's 576 = 72 x 8: Paley's 72 from the prime 71, Sylvester's 8); any other
+order gets a seeded random orthogonal matrix, said in the report.
+
+Rotation is no free win for weight-only rounding. Rounding a rotated weight spreads its error evenly
+over all input channels; unrotated, a column of small weights rounds with a small error. A model
+whose residual stream carries huge channels on every token that its norms switch off (norm weight
+near 0, so the readers' folded columns are near 0) feeds those channels, rotated, into every
+column's error: on SmolLM2 (channels 507 and 247, ~30x the median channel after the norm, the
+post-attention norms' weights there often below 1e-3) RTN's gate / up projections lose 2.2x in output
+error with rotation; GPTQ, whose Hessian sees those channels, is the method to pair it with
+(eval/RESULTS.md).
 
 Tied embeddings are untied: the head must carry the final norm's scale and the embeddings must
 not (RMSNorm(x R1) w != (RMSNorm(x) w) R1 unless w is constant), so the checkpoint stores the head
