@@ -737,7 +737,8 @@ def free_cores() -> tuple[int, int, float]:
 
 def _use_threads(threads: int) -> None:
     """torch.set_num_threads, with a warning where there are fewer free cores: a thread that waits for a
-    busy core stalls every parallel region (2 threads on a busy 2-core machine decoded ~18x slower than 1)."""
+    busy core stalls every parallel region (on a busy machine, more threads than free cores decode many
+    times slower than one)."""
     import torch
 
     cores, free, load = free_cores()

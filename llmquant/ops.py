@@ -170,9 +170,9 @@ def w8a8_linear(x, weight, weight_scale, input_scale, bias):
 def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """int32 [M, N] = a int8 [M, K] @ b_t int8 [N, K]^T, exact integer accumulation. On a CPU without an
     int8 dot product (the class llmquant.cpu.capability plans for) not through `torch._int_mm`: oneDNN's
-    int8 GEMM below AVX512_CORE_VNNI saturates its 16-bit pair sums (measured with ONEDNN_MAX_CPU_ISA=AVX2
-    or AVX512_CORE on torch 2.13: 19% relative error on random codes, 64x576x576), so there the products
-    are summed in float64, exact for any K below 2^39."""
+    int8 GEMM below AVX512_CORE_VNNI saturates its 16-bit pair sums (ONEDNN_MAX_CPU_ISA=AVX2 or
+    AVX512_CORE on torch 2.13; the error measured: eval/CPU.md, "W8A8 without an int8 dot product"), so
+    there the products are summed in float64, exact for any K below 2^39."""
     if a.device.type == "cpu":
         from .cpu.capability import has_int8_dot_product
 

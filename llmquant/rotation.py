@@ -19,10 +19,10 @@ Rotation is no free win for weight-only rounding. Rounding a rotated weight spre
 over all input channels; unrotated, a column of small weights rounds with a small error. A model
 whose residual stream carries huge channels on every token that its norms switch off (norm weight
 near 0, so the readers' folded columns are near 0) feeds those channels, rotated, into every
-column's error: on SmolLM2 (channels 507 and 247, ~30x the median channel after the norm, the
-post-attention norms' weights there often below 1e-3) RTN's gate / up projections lose 2.2x in output
-error with rotation; GPTQ, whose Hessian sees those channels, is the method to pair it with
-(eval/RESULTS.md).
+column's error: on SmolLM2 (channels 507 and 247, far above the median channel after the norm and
+mostly switched off by the post-attention norms) RTN's gate / up projections lose most in output error
+with rotation; GPTQ, whose Hessian sees those channels, is the method to pair it with
+(eval/RESULTS.md, "Rotations before rounding", has the figures).
 
 Tied embeddings are untied: the head must carry the final norm's scale and the embeddings must
 not (RMSNorm(x R1) w != (RMSNorm(x) w) R1 unless w is constant), so the checkpoint stores the head

@@ -4,8 +4,8 @@ is quantized, at each candidate setting (bits x group size), everything else in 
 Two measures per run: delta_loss, the rise of the mean next-token loss on the calibration tokens,
 and kl, the mean KL divergence from the full-precision model's next-token distribution, which is
 the loss rise expected when the full-precision model's predictions are taken as the truth. On a
-few hundred tokens delta_loss is dominated by noise (on SmolLM2, 2 x 256 tokens: a third of the
-3/4/8-bit measurements came out negative, spread +-0.04 against a mean 4-bit rise of 0.002), while
+few hundred tokens delta_loss is dominated by noise (on SmolLM2's 2 x 256 tokens many 3/4/8-bit
+measurements came out negative, the spread far larger than a 4-bit group's mean rise), while
 kl is non-negative and far steadier, so the allocation minimizes kl by default.
 
 Groups are the architecture map's true-sequential steps (q/k/v, o, gate/up, down): linears that

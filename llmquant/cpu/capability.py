@@ -4,13 +4,13 @@ On x86 torch's int4 / int8 weight-packed matmuls are vectorized (AVX2 / AVX-512 
 bfloat16 activations; float32 and float16 inputs take a scalar loop that is slower than an fp32
 matmul. So the packed paths compute in bfloat16 there and in the activations' own dtype elsewhere
 (aarch64 builds vectorize float32 too). An int8 x int8 -> int32 matmul (`torch._int_mm`) is fast
-only where the CPU has an int8 dot-product instruction (VNNI, AMX); without one it is about 30x
-slower than an fp32 matmul. Where the CPU multiplies bfloat16 natively (AVX-512 BF16, AMX), a dense
-bf16 matmul (oneDNN) of many rows is 2-4x faster than fp32 while the packed ops, which dequantize
-inside for every few rows, are no faster than fp32 there: from DENSE_FROM_ROWS rows on, the paths
-dequantize the weight into bfloat16 for the call instead (measured on a 2-core AVX-512 CPU: at 64
-rows the packed op still wins, at 512 the dense one by 2-4x). Without native bf16 (the AVX2 class)
-the same calls run a dense fp32 matmul instead (capability.dense_fp32_for; the paths say how).
+only where the CPU has an int8 dot-product instruction (VNNI, AMX); without one it is far slower
+than an fp32 matmul (and inexact: eval/CPU.md). Where the CPU multiplies bfloat16 natively (AVX-512
+BF16, AMX), a dense bf16 matmul (oneDNN) of many rows is faster than fp32 while the packed ops, which
+dequantize inside for every few rows, are no faster than fp32 there: from DENSE_FROM_ROWS rows on, the
+paths dequantize the weight into bfloat16 for the call instead (the packed op still won at 64 rows,
+the dense one at 512; prefill against fp32 per CPU class: eval/CPU.md). Without native bf16 (the AVX2
+class) the same calls run a dense fp32 matmul instead (capability.dense_fp32_for; the paths say how).
 
 The class follows the overrides torch and oneDNN follow, so that one machine can play a smaller
 class: torch.cpu's private probes (`_is_vnni_supported`, `_is_avx512_bf16_supported`,
@@ -34,9 +34,9 @@ from ..errors import ConfigError
 
 _X86_VECTOR_CAPABILITIES = ("AVX2", "AVX512")
 DENSE_FROM_ROWS = 128
-# Without native bf16 (the AVX2 class) the packed ops in bf16 were 0.1-0.5x an fp32 matmul from 32 rows on
-# (2-core Xeon forced to AVX2, 576x3072 and 1536x576, best of 12 interleaved), while at 1-8 rows they
-# still win: from here on such calls run a dense fp32 matmul of the weight (DenseCopy below).
+# Without native bf16 (the AVX2 class) the packed ops in bf16 lose to an fp32 matmul from 32 rows on,
+# but not at 1-8 rows (eval/CPU.md, "Why 32 rows"): from here on such calls run a dense fp32 matmul of
+# the weight (DenseCopy below).
 DENSE_FP32_FROM_ROWS = 32
 ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 # oneDNN's dnnl_cpu_isa names in increasing order (aliases share a rank); ALL is no cap.
@@ -192,7 +192,8 @@ def half_gemv_is_faster() -> bool:
 @lru_cache
 def _measured_half_gemv_gain(threads: int) -> float:
     """fp32 time over float16 time of a one-row product with a 2048 x 2048 weight (16 MiB in fp32, past
-    the caches a decode step's weights live outside of); best of interleaved rounds, ~0.1 s."""
+    the caches a decode step's weights live outside of); best of interleaved rounds, a fraction of a
+    second once per thread count."""
     with torch.inference_mode(False), torch.no_grad():
         weight = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
         row = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1))

@@ -5,19 +5,19 @@ The weight is dequantized once, exactly as the reference op dequantizes it on ev
 float16 under float32 activations (in the activations' dtype otherwise): half the memory of an fp32
 copy (still 4x a 4-bit weight), and at one row (batch-1 decode) torch's float16 matrix-vector product
 (fp32 accumulation) reads half the bytes of an fp32 one, which is what a decode step waits on
-(SmolLM2 NF4 on a 2-core AVX-512 CPU: 1.67x the fp32 cache's decode speed). Rounding the dequantized
+(NF4 decode with either cache: eval/CPU.md). Rounding the dequantized
 weight and the one-row input to float16 costs ~2^-11 relative; the float16 range (65504) is the one
 GPU inference runs these models in. Calls of many rows (prefill) on a CPU that multiplies bfloat16
 natively (capability.dense_bf16_for, as the packed paths decide) run a dense bfloat16 matmul of the
-cached weight (SmolLM2 NF4 prefill 1.55x fp32, eval/CPU.md; perplexity over 20 wiki test windows on
-the same 2-core AVX-512 CPU: NF4 +0.059%, FP4 -0.021% against the reference). Other calls of more rows upcast
+cached weight (prefill against fp32, and the perplexity against the reference op: eval/CPU.md;
+tests/test_cpu_fast_perplexity.py holds the perplexity within 0.1%). Other calls of more rows upcast
 the weight for the call and run the activations' dtype, since torch's float16 matmul of many rows is
 slower than fp32 on CPUs without native float16. The total such memory is bounded
 (prepare_for_cpu's max_cache_mib, $LLMQUANT_CPU_CACHE_MIB); layers past the bound stay on the reference.
 Whether the float16 gemv is the faster at one row depends on the CPU's memory bandwidth per core,
 not on a flag: capability.half_gemv_is_faster measures it once. Where it is not, and on the AVX2 class
-(no native bf16), where upcasting the float16 cache for each call of many rows cost 7-20% against the
-fp32 model, prepare_for_cpu keeps an fp32 copy while the same bound allows (selection._keep_dense_copies)
+(no native bf16), where upcasting the float16 cache for each call of many rows made prefill slower
+than the fp32 model's, prepare_for_cpu keeps an fp32 copy while the same bound allows (selection._keep_dense_copies)
 and the calls the float16 cache does not win run on it.
 """
 from __future__ import annotations

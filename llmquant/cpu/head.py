@@ -1,16 +1,16 @@
 """The output head (lm_head: an unquantized linear, often the tied embeddings) at batch-1 decode.
 
 At one row the head is a matrix-vector product over the whole vocabulary, and with the block linears
-4-bit it is the largest read of a decode step: SmolLM2's fp32 head (49152 x 576) took half of a
-4-bit checkpoint's step on a 2-core AVX-512 CPU. Where every weight of the head is exactly a float16
-number (a checkpoint stored in float16, as llmquant and the GPTQ / AWQ tools write them, or bfloat16
-within float16's range), torch's float16 gemv (fp32 accumulation) computes the product from half the
-bytes and rounds only the input row and the logits to float16 (~2^-11 relative). The float16 copy
-(vocab x hidden x 2 bytes) is made once beside the weight and again if the weight changes
-(freshness.py says when), and let go at the first call off the CPU; calls of more rows, in another
-dtype, off the CPU, with gradients, under a kernel backend other than "auto", or where the float16
-gemv is not the faster (capability.half_gemv_is_faster: measured, it depends on the CPU's bandwidth
-per core) run the module's own forward.
+4-bit it is the largest read of a decode step: SmolLM2's fp32 head (49152 x 576, 108 MiB) is about twice
+the bytes of its 4-bit block linears (its share of a measured decode step: eval/CPU.md). Where every
+weight of the head is exactly a float16 number (a checkpoint stored in float16, as llmquant and the GPTQ
+/ AWQ tools write them, or bfloat16 within float16's range), torch's float16 gemv (fp32 accumulation)
+computes the product from half the bytes and rounds only the input row and the logits to float16 (~2^-11
+relative). The float16 copy (vocab x hidden x 2 bytes) is made once beside the weight and again if the
+weight changes (freshness.py says when), and let go at the first call off the CPU; calls of more rows,
+in another dtype, off the CPU, with gradients, under a kernel backend other than "auto", or where the
+float16 gemv is not the faster (capability.half_gemv_is_faster: measured, it depends on the CPU's
+bandwidth per core) run the module's own forward.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ W = (q - 8) * s + zero per run of `group` input columns. A code q with zero poin
 (q - z) * s = (q - 8) * s + (8 - z) * s, and 2- and 3-bit codes are 4-bit codes as they are. The op
 holds s and zero in the activations' dtype (bf16 on x86), and a bf16 zero (8 - z) * s is off by up
 to 7 * 2^-9 * s for the whole run, an error that adds up over the run's inputs instead of averaging
-out (SmolLM2 w4 g128 asym: perplexity +0.15% with it in the op); so the op gets zero 0 and the
+out (it shows in the perplexity of asymmetric SmolLM2 checkpoints); so the op gets zero 0 and the
 term (8 - z) * s is added in fp32 as (sum of x over each run) @ shifts, K / run times fewer
 multiply-adds than the matmul. The op wants runs of 32 / 64 / 128 / 256 columns sharing one scale: a checkpoint
 group of 128 on 576 columns (a partial last group) runs as 64-column runs with repeated scales, a
@@ -20,7 +20,8 @@ dequantized-cache bound), else made per call: dequantizing a 1B model's weights 
 call cost more than the matmuls (eval/CPU.md). Without native bf16 (the AVX2 class) calls of
 DENSE_FP32_FROM_ROWS rows or more (capability.dense_fp32_for) run a dense fp32 matmul of the weight
 dequantized in fp32 from the same bytes (the reference's numerics, to fp32 rounding): the packed op
-computes in emulated bf16 there and was 2-10x slower than fp32 at prefill. The fp32 weight is kept
+computes in emulated bf16 there and is slower than fp32 at prefill (eval/CPU.md, "Why 32 rows"). The
+fp32 weight is kept
 when prepare_for_cpu grants the memory (the dequantized-cache bound), else made per call.
 """
 from __future__ import annotations
@@ -132,7 +133,7 @@ class Int4PackKernel:
         return weight.view(self.out_features, -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # At one row the op itself takes ~25 us: every tensor op around it counts, hence no copies
+        # At one row the op itself is short: every tensor op around it counts, hence no copies
         # beyond the dtype conversions the op needs and an in-place bias.
         rows = x.reshape(-1, x.shape[-1])
         if self.column_order is not None:

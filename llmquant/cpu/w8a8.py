@@ -6,14 +6,15 @@ does, then multiplied with the int8 weight in one of two ways, chosen by what th
   codes, exact int32 accumulation, the scales applied after, as the reference computes; the weight
   is read through a transposed view (the reference copies a transposed weight on every call).
 - "int8pack" elsewhere: the int8 codes through `_weight_int8pack_mm` with unit scales, in float32,
-  then both scales in fp32, instead of an int8 GEMM that is ~30x slower than fp32 without VNNI.
+  then both scales in fp32, instead of an int8 GEMM, far slower than fp32 without VNNI.
   float32 whatever the activations' dtype: the products of two int8 codes sum to up to 16129 * K,
   past float16's 65504 from K = 5 (inf), and float32 holds these integer sums exactly up to 2^24
   (K ~ 1000) and within 2^-24 after. Not in bfloat16, where the packed op is fastest: rounding the
-  integer products to bf16 moved SmolLM2's W8A8 perplexity by 0.7%, past the 0.1% this path is held to.
+  integer products to bf16 moves SmolLM2's W8A8 perplexity past the 0.1% this path is held to
+  (tests/test_cpu_fast_perplexity.py).
 
 Without an int8 dot product, calls of DENSE_FP32_FROM_ROWS rows or more (prefill) never take int8pack
-either (0.02-0.05x fp32 there): the activation codes, quantized exactly as above, and the int8 weight codes
+either (far slower than fp32 there): the activation codes, quantized exactly as above, and the int8 weight codes
 are multiplied as fp32 numbers in a dense fp32 matmul (each product and each sum exact up to 2^24, as in
 the int8pack variant), the scales applied after. The weight codes in fp32 are kept when prepare_for_cpu
 grants the memory (the dequantized-cache bound; then every call, decode too, runs the dense fp32 matmul,
