@@ -205,8 +205,9 @@ def test_codebook_weights_run_the_dequantized_cache_in_float16(quant_type, doubl
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_many_rows_on_the_dequantized_cache_run_bf16_where_the_cpu_multiplies_it(dense, monkeypatch):
-    """Prefill-sized calls: a dense bf16 matmul of the cached weight where the CPU has native bf16
-    (within bf16 rounding of the reference), else the float16 weight upcast to the activations' dtype."""
+    """Prefill-sized calls: dense bf16 matmuls of the cached weight split in two bf16 parts where the CPU
+    has native bf16 (the weight kept to float16's precision, only the input rounded to bf16), else the
+    float16 weight upcast to the activations' dtype."""
     monkeypatch.setattr(dequantized, "dense_bf16_for", lambda rows: dense and rows >= 128)
     module = quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False), bias=False)  # grouped 8-bit
     [layer] = prepare_for_cpu(nn.Sequential(module))
@@ -215,7 +216,11 @@ def test_many_rows_on_the_dequantized_cache_run_bf16_where_the_cpu_multiplies_it
     x = torch.randn(2, 100, 256)  # 200 rows
     out = module(x)
     if dense:
-        assert torch.equal(out, F.linear(x.bfloat16(), weight.bfloat16()).float())
+        high = weight.bfloat16()
+        low = (weight.float() - high.float()).bfloat16()
+        assert torch.equal(high.float() + low.float(), weight.float())  # the parts hold the cache exactly
+        x16 = x.bfloat16()
+        assert torch.equal(out, F.linear(x16, high).float() + F.linear(x16, low).float())
         assert relative_error(out, reference_output(module, x)) < BF16_TOLERANCE
     else:
         assert torch.equal(out, F.linear(x, weight.float()))

@@ -8,9 +8,10 @@ copy (still 4x a 4-bit weight), and at one row (batch-1 decode) torch's float16 
 (NF4 decode with either cache: eval/CPU.md). Rounding the dequantized
 weight and the one-row input to float16 costs ~2^-11 relative; the float16 range (65504) is the one
 GPU inference runs these models in. Calls of many rows (prefill) on a CPU that multiplies bfloat16
-natively (capability.dense_bf16_for, as the packed paths decide) run a dense bfloat16 matmul of the
-cached weight (prefill against fp32, and the perplexity against the reference op: eval/CPU.md;
-tests/test_cpu_fast_perplexity.py holds the perplexity within 0.1%). Other calls of more rows upcast
+natively (capability.dense_bf16_for, as the packed paths decide) run two dense bfloat16 matmuls, of
+the cached weight split into a bf16 part and the bf16 rest (together exactly the float16 cache), so that
+only the input rounds to bf16 (prefill against fp32: eval/CPU.md; tests/test_cpu_fast_perplexity.py
+holds the perplexity within 0.1% of the reference op, which one bf16 copy of the weight missed). Other calls of more rows upcast
 the weight for the call and run the activations' dtype, since torch's float16 matmul of many rows is
 slower than fp32 on CPUs without native float16. The total such memory is bounded
 (prepare_for_cpu's max_cache_mib, $LLMQUANT_CPU_CACHE_MIB); layers past the bound stay on the reference.
@@ -76,7 +77,13 @@ class DequantizedKernel:
         if rows.shape[0] <= HALF_GEMV_MAX_ROWS and (kept is None or half_gemv_is_faster()):
             out = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
         elif dense_bf16_for(rows.shape[0]):
-            out = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16)).to(x.dtype)
+            # the weight as two bf16 parts (8 + 8 significant bits hold the float16 cache's 11): its
+            # rounding, the same on every token, is what moves perplexity (a single bf16 copy took
+            # SmolLM2 NF4 0.18% off the reference); the input's rounds per token and averages out
+            high = self.weight.to(torch.bfloat16)
+            low = (self.weight.float() - high.float()).to(torch.bfloat16)
+            row16 = rows.to(torch.bfloat16)
+            out = F.linear(row16, high).float().add_(F.linear(row16, low).float()).to(x.dtype)
         elif kept is not None and x.dtype == torch.float32:
             # kept where the float16 gemv is not the faster (measured) or the class has no native bf16
             # for many rows (the AVX2 class): those calls on the fp32 copy
