@@ -84,8 +84,10 @@ class TimedStreamer(BaseStreamer):
                                max(0.0, steps[0] - statistics.median(steps[1:])))
 
 
-def compiled_decode_options(model) -> dict:
-    """generate() keyword arguments that run every decode step as one compiled graph (module docstring)."""
+def compiled_decode_options(model, backend: str = "inductor") -> dict:
+    """generate() keyword arguments that run every decode step as one compiled graph (module docstring).
+    backend: torch.compile's; another than inductor (e.g. "eager", to check the tracing without code
+    generation) takes none of inductor's options."""
     from transformers.generation.configuration_utils import CompileConfig
 
     cuda = next(model.parameters()).device.type == "cuda"
@@ -93,8 +95,8 @@ def compiled_decode_options(model) -> dict:
     # them alone and merges identical calls (common subexpressions): the q/k/v and gate/up members each
     # trace the stacked matmul of their group (llmquant.cpu.fused), and the graph keeps one of each.
     # (torch.compile takes a mode or options: "reduce-overhead" is the CUDA-graph option)
-    config = CompileConfig(fullgraph=True, dynamic=False, mode=None,
-                           options={"freezing": True, **({"triton.cudagraphs": True} if cuda else {})})
+    options = {"freezing": True, **({"triton.cudagraphs": True} if cuda else {})} if backend == "inductor" else None
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=None, backend=backend, options=options)
     # transformers compiles by itself only on accelerators (CUDA, XPU, ...); this switch (private in
     # transformers 5, pinned by tests/test_compiled_decode.py) asks it to on the CPU too.
     config._compile_all_devices = True

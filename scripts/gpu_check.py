@@ -250,10 +250,7 @@ def _decode_speed_of(plan: Plan, work: Path, label: str, shape: dict, layers: in
         for compiled in (False, True):
             options = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
             if compiled:
-                options.update(compiled_decode_options(model))
-                options["compile_config"].backend = plan.compile_backend
-                if plan.compile_backend != "inductor":
-                    options["compile_config"].options = None
+                options.update(compiled_decode_options(model, plan.compile_backend))
             for batch in plan.decode_batches:
                 ids = torch.randint(0, shape["vocab_size"], (batch, 16), device=plan.device)
                 with torch.no_grad():

@@ -138,7 +138,8 @@ def test_compiled_decode_gives_the_eager_tokens_and_transformers_compiles_on_the
     assert options["compile_config"].fullgraph and options["cache_implementation"] == "static"
     assert options["compile_config"].options["freezing"]
     # what is asked of transformers, without inductor's minutes
-    options["compile_config"].backend, options["compile_config"].options = "eager", None
+    options = compiled_decode_options(model, backend="eager")
+    assert options["compile_config"].backend == "eager" and options["compile_config"].options is None
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False, **options)

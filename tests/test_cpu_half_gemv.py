@@ -68,3 +68,5 @@ def test_the_head_keeps_its_fp32_forward_where_float16_is_not_faster(monkeypatch
     assert prepare_output_head(model) is None and "forward" not in head.__dict__
     monkeypatch.setenv(capability.HALF_GEMV_ENV, "on")
     assert prepare_output_head(model) is not None and "forward" in head.__dict__
+    monkeypatch.setenv(capability.HALF_GEMV_ENV, "off")  # prepared again where it is not the faster
+    assert prepare_output_head(model) is None and "forward" not in head.__dict__

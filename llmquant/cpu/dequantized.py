@@ -58,6 +58,7 @@ class DequantizedKernel:
         self.weight = torch.cat([m.dequantized_weight(activation_dtype).to(dtype) for m in modules]).contiguous()
         self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = self.weight.shape[0]
+        self.half_gemv = half_gemv_is_faster()  # measured once: one-row calls take the float16 cache
         # the fp32 copy from the modules' own dequantization: the reference's weight, not the float16 cache's
         self.dense_fp32 = DenseCopy(lambda: torch.cat([m.dequantized_weight(torch.float32) for m in modules]),
                                     self.weight.numel() * 4) \
@@ -74,7 +75,7 @@ class DequantizedKernel:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         kept = self.dense_fp32.kept if self.dense_fp32 is not None else None
-        if rows.shape[0] <= HALF_GEMV_MAX_ROWS and (kept is None or half_gemv_is_faster()):
+        if rows.shape[0] <= HALF_GEMV_MAX_ROWS and (kept is None or self.half_gemv):
             out = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
         elif dense_bf16_for(rows.shape[0]):
             # the weight as two bf16 parts (8 + 8 significant bits hold the float16 cache's 11): its

@@ -61,7 +61,7 @@ class HalfGemvHead:
         if x.device.type != "cpu":
             self._copy = None  # moved off the CPU: no CPU copy kept
             return type(linear).forward(linear, x)
-        applies = (x.dtype == torch.float32 and x.numel() == x.shape[-1] and half_gemv_is_faster()
+        applies = (x.dtype == torch.float32 and x.numel() == x.shape[-1]
                    and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
                    and ops.requested_backend() == "auto")
         half = (self._traced_half_weight() if torch.compiler.is_compiling() else self.half_weight()) if applies else None
@@ -78,9 +78,13 @@ def prepare_output_head(model: nn.Module) -> HalfGemvHead | None:
     returns it, or None where the model has no plain linear head or its weights are not float16 numbers."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not nn.Linear or head.weight.device.type != "cpu" or not half_gemv_is_faster():
+    if type(head) is not nn.Linear or head.weight.device.type != "cpu":
         return None
     installed = head.__dict__.get("forward")
+    if not half_gemv_is_faster():  # decided here, not per call: a gemv given before is taken back
+        if isinstance(installed, HalfGemvHead):
+            del head.forward
+        return None
     gemv = installed if isinstance(installed, HalfGemvHead) else HalfGemvHead(head)
     if gemv.half_weight() is None:
         return None

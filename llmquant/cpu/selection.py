@@ -29,7 +29,7 @@ from ..arch import arch_for
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS, AWQLinear, BnB4bitLinear, GPTQLinear, W8A8Linear
 from . import dequantized, int4pack, int8pack, w8a8
-from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for, half_gemv_is_faster, has_fast_bf16_matmul
+from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for, has_fast_bf16_matmul
 from .capability import describe as describe_cpu_class
 from .freshness import Stamp
 from .fused import MemberKernel, SharedInputGroup, open_scopes_around
@@ -154,8 +154,7 @@ def kernel_for(module: nn.Module, x: torch.Tensor):
         if _KERNEL_ATTRIBUTE in module.__dict__:
             module.__dict__.pop(_KERNEL_ATTRIBUTE, None)
         return None
-    if (x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto" \
-            or module.__dict__.get(_DISABLED_ATTRIBUTE):
+    if _runs_its_own_op(module, x):
         return None
     converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
     if converted is None or not converted.current(module, x.dtype):
@@ -165,14 +164,20 @@ def kernel_for(module: nn.Module, x: torch.Tensor):
     return converted.kernel
 
 
+def _runs_its_own_op(module: nn.Module, x: torch.Tensor) -> bool:
+    """A CPU call that takes no converted kernel: autograd needs a gradient through x (the packed ops have
+    no backward), a kernel backend other than "auto" is asked for, or the model is off the paths."""
+    return ((x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto"
+            or bool(module.__dict__.get(_DISABLED_ATTRIBUTE)))
+
+
 def _kernel_for_compiled(module: nn.Module, x: torch.Tensor):
     """kernel_for as torch.compile traces it: the conversion the module holds, taken as it is. The
     freshness bookkeeping (weak references, data pointers) cannot be traced, so a traced model runs what
     prepare_for_cpu (or an eager call) converted: compile a model after loading it. A load_state_dict
     drops the conversion (and the compiled graph's guard on it sends the next call back through
     Dynamo); a layer with nothing converted runs its own op."""
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto" \
-            or module.__dict__.get(_DISABLED_ATTRIBUTE):
+    if x.device.type != "cpu" or _runs_its_own_op(module, x):
         return None
     converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
     if converted is None or converted.dtype != x.dtype:
@@ -379,7 +384,7 @@ def _dense_copy_to_keep(kernel, dense_class: bool):
     dequantized weights where the float16 gemv is not the faster; None for the others."""
     fp32 = getattr(kernel, "dense_fp32", None)
     if fp32 is not None and (dense_class or isinstance(kernel, w8a8.W8A8Kernel) or (
-            isinstance(kernel, dequantized.DequantizedKernel) and not half_gemv_is_faster())):
+            isinstance(kernel, dequantized.DequantizedKernel) and not kernel.half_gemv)):
         return fp32
     bf16 = getattr(kernel, "dense_bf16", None)
     return bf16 if bf16 is not None and has_fast_bf16_matmul() else None
