@@ -89,16 +89,19 @@ def _run(name: str, x: torch.Tensor, *args) -> torch.Tensor:
     return getattr(torch.ops.llmquant, name)(x, *args)
 
 
-def _declare(name: str, output_features: Callable) -> Callable:
+def _declare(name: str, output_features: Callable | None) -> Callable:
     """torch.ops.llmquant.<name>, with the argument types of its reference implementation: its CPU and
     CUDA kernels run the backend chosen for the device, its fake implementation gives an output of
-    x's dtype and shape [..., output_features(*other arguments)]."""
+    x's dtype and shape [..., output_features(*other arguments)] (x's shape when None)."""
     def run(x, *args):
         return implementation(name, x.device.type)(x, *args)
 
     op = torch.library.custom_op(f"llmquant::{name}", run, mutates_args=(), device_types=("cpu", "cuda"),
                                  schema=torch.library.infer_schema(_REFERENCES[name], mutates_args=()))
-    op.register_fake(lambda x, *args: x.new_empty(*x.shape[:-1], output_features(*args)))
+    if output_features is None:
+        op.register_fake(lambda x, *args: torch.empty_like(x))
+    else:
+        op.register_fake(lambda x, *args: x.new_empty(*x.shape[:-1], output_features(*args)))
     return op
 
 
@@ -226,9 +229,40 @@ def _codebook4_linear_reference(x: torch.Tensor, packed: torch.Tensor, absmax: t
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
+def hadamard_transform(x: torch.Tensor, small: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """x [..., n] @ (small ⊗ H_P) * scale over the last dim: H_P Sylvester's Hadamard matrix of the
+    power of two P = n / m, small an m x m matrix (rotation.hadamard_factors; None when n is a power of
+    two). O(n log n) instead of the dense product's n^2; computed in fp32, returned in x's dtype."""
+    n = x.shape[-1]
+    m = 1 if small is None else small.shape[0]
+    if n % m or (n // m) & (n // m - 1) or (small is not None and small.shape != (m, m)):
+        raise ValueError(f"hadamard_transform: the last dim {n} is not a power of two times the small matrix's "
+                         f"order {m}")
+    return _run("hadamard_transform", x, small, float(scale))
+
+
+@reference("hadamard_transform")
+def _hadamard_transform_reference(x: torch.Tensor, small: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    n = x.shape[-1]
+    m = 1 if small is None else small.shape[0]
+    power = n // m
+    y = x.float().reshape(-1, m, power)
+    h = 1
+    while h < power:  # butterfly at stride h: (j, j + h) in each block of 2h -> (a + b, a - b)
+        pairs = y.reshape(-1, m, power // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    y = y.reshape(-1, m, power)
+    if small is not None:
+        y = torch.matmul(small.to(torch.float32).t(), y)  # mixes the m blocks: y[b] = sum_a A[a, b] y[a]
+    return (y * scale).reshape(x.shape).to(x.dtype)
+
+
 CUSTOM_OPS = {
     "gptq_linear": _declare("gptq_linear", lambda qweight, qzeros, scales, *rest: scales.shape[1]),
     "awq_linear": _declare("awq_linear", lambda qweight, qzeros, scales, *rest: scales.shape[1]),
     "w8a8_linear": _declare("w8a8_linear", lambda weight, *rest: weight.shape[0]),
     "codebook4_linear": _declare("codebook4_linear", lambda packed, absmax, table, *rest: rest[-2][0]),
+    "hadamard_transform": _declare("hadamard_transform", None),
 }

@@ -70,22 +70,34 @@ def _sylvester(n: int) -> torch.Tensor:
 
 
 @lru_cache
-def hadamard(n: int) -> torch.Tensor | None:
-    """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None where none is built here."""
+def hadamard_factors(n: int) -> tuple[torch.Tensor | None, int] | None:
+    """(A, P) with A a Hadamard matrix of an order that is no power of two (None when n is one) and P a
+    power of two, such that A ⊗ H_P (H_P Sylvester's) is a Hadamard matrix of order n; None where no such
+    pair is built here. The fast transform (ops.hadamard_transform) multiplies by it in this form."""
     twos = n & -n
     odd = n // twos
     if odd == 1:
-        return _sylvester(n)
+        return None, n
     paley = _paley_orders()
     for order, q in paley.items():  # one Paley factor, the rest a power of two
         if order % odd == 0 and (order // odd) & (order // odd - 1) == 0 and twos % (order // odd) == 0:
-            return torch.kron(_paley(q), _sylvester(n // order))
+            return _paley(q), n // order
     for a, qa in paley.items():  # two Paley factors
         for b, qb in paley.items():
             product = a * b
             if product % odd == 0 and (product // odd) & (product // odd - 1) == 0 and twos % (product // odd) == 0:
-                return torch.kron(torch.kron(_paley(qa), _paley(qb)), _sylvester(n // product))
+                return torch.kron(_paley(qa), _paley(qb)), n // product
     return None
+
+
+@lru_cache
+def hadamard(n: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None where none is built here."""
+    factors = hadamard_factors(n)
+    if factors is None:
+        return None
+    small, power = factors
+    return _sylvester(power) if small is None else torch.kron(small, _sylvester(power))
 
 
 def rotation_matrix(n: int, seed: int) -> tuple[torch.Tensor, str]:
