@@ -88,10 +88,5 @@ def fp8_block_linear(x, weight, weight_scale, bias, block):
 @_reference_for_float32_on_gpu
 def hadamard_transform(x, small, scale):
     from llmquant_kernels import hadamard_transform as kernel
-    from llmquant_kernels.hadamard import MIN_DOT_POWER
 
-    if small is not None and x.shape[-1] // small.shape[0] < MIN_DOT_POWER:  # e.g. 576 = 72 x 8
-        from .ops import _REFERENCES
-
-        return _REFERENCES["hadamard_transform"](x, small, scale)
     return kernel(x, small, scale)

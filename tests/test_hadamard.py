@@ -67,12 +67,14 @@ def test_orders_the_transform_does_not_take_are_refused_by_name():
         kernel(torch.randn(2, 96), None, 1.0)
 
 
-def test_the_triton_op_sends_orders_below_the_kernels_dot_to_the_reference():
-    small, power = hadamard_factors(576)  # SmolLM2's hidden size: 72 x 8
+def test_small_factors_too_big_for_the_kernels_dot_follow_its_butterflies():
+    """576 = 72 x 8 (SmolLM2's hidden size: a power-of-two part below tl.dot's 16) and 14336 = 224 x 64
+    (A^T too big for shared memory): the kernel's fp32 butterflies, then one batched product."""
+    from llmquant_kernels.hadamard import _tile
+
+    assert not _tile(72, 8)["HAS_SMALL"] and not _tile(224, 64)["HAS_SMALL"] and _tile(12, 128)["HAS_SMALL"]
+    small, power = hadamard_factors(576)
     assert power == 8
-    x = torch.randn(3, 576)
-    with ops.use_backend("triton"):
-        y = ops.hadamard_transform(x, small, 1 / 24)
-    assert torch.allclose(y.double(), _dense(x, 576), atol=1e-5)
-    with pytest.raises(ValueError, match="at least 16; 576 = 72 x 8"):
-        kernel(x, small, 1 / 24)
+    x = torch.randn(3, 576, dtype=torch.float16)
+    y = kernel(x, small, 1 / 24)
+    assert y.dtype == torch.float16 and torch.allclose(y.double(), _dense(x, 576), atol=2e-3)
