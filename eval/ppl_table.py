@@ -9,7 +9,7 @@ of the real checkpoint. Example (the command behind eval/RESULTS.md):
 Config names: w<bits>g<group size> or w<bits>pc (per output channel); symmetric and asymmetric
 grids are both run unless --sym or --asym is given. Methods: rtn, gptq, gptq-ao (GPTQ with
 act-order), -clip variants (clip_search), -rot variants of every method (Hadamard rotations fused
-in first, --rotate hadamard), awq, awq-duo (duo scaling), awq+gptq, awq+gptq-ao;
+in first, --rotate hadamard) and -rot-r4 (with --rotate-online down_proj as well), awq, awq-duo (duo scaling), awq+gptq, awq+gptq-ao;
 w8a8-dynamic / w8a8-static (naive int8 weights and activations), sq<alpha>-dynamic and
 sq<alpha>-static-<observer> (SmoothQuant, alpha 0.5 / 0.8 / auto; observer minmax, percentile,
 mse, kl; config name w8pc --sym); nf4, nf4-dq, fp4, fp4-dq (bitsandbytes 4-bit, -dq with double
@@ -61,8 +61,12 @@ METHODS = {
     "fp8": {"method": "fp8"},
     "fp8-block": {"method": "fp8-block"},
 }
-# Each method with randomized Hadamard rotations fused in first (rotation.py): "<method>-rot".
-METHODS.update({f"{name}-rot": {**fields, "rotate": "hadamard"} for name, fields in list(METHODS.items())})
+# Each method with randomized Hadamard rotations fused in first (rotation.py): "<method>-rot", and with
+# down_proj's input rotated online as well (R4, online_rotation.py): "<method>-rot-r4".
+BASE_METHODS = list(METHODS.items())
+METHODS.update({f"{name}-rot": {**fields, "rotate": "hadamard"} for name, fields in BASE_METHODS})
+METHODS.update({f"{name}-rot-r4": {**fields, "rotate": "hadamard", "rotate_online": ("down_proj",)}
+                for name, fields in BASE_METHODS})
 
 
 def parse_config(name: str) -> tuple[int, int]:

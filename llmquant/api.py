@@ -36,6 +36,7 @@ from .perplexity import perplexity
 from .pipeline import PipelineResult, Placement, quantize_blocks
 from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
+from .online_rotation import with_online_rotation
 from .rotation import rotate_model
 from .streaming import quantize_to_disk
 
@@ -85,7 +86,7 @@ class QuantizedModel:
         def write(folder: Path) -> None:
             tensors = self.checkpoint_tensors()
             write_model_files(folder, self.model, tensors, self.tokenizer, storage, max_shard_size,
-                              fmt.quantization_config(self.config))
+                              with_online_rotation(fmt, self.config, self.rotation))
             report = self.report()
             report["checkpoint_sha256"] = tensors_sha256(tensors)
             write_report_file(folder, REPORT_FILE, report)
@@ -231,7 +232,7 @@ def quantize(model, config: QuantConfig | None = None, calib: Calibration | str 
     arch = arch_for(model.config, model)
     placement = placement_for(device, compute_dtype, offload_activations)
     config = prepare_model(model, arch, config)
-    rotation = rotate_model(model, arch, config.rotate_seed) if config.rotate else None
+    rotation = rotate_model(model, arch, config.rotate_seed, config.rotate_online) if config.rotate else None
     plan = plan_run(model, arch, config, calib, tokenizer, placement=placement)
     if plan.calibration is not None and offload_activations == "auto":
         block_bytes = sum(p.numel() * 4 for p in arch.block_list(model)[0].parameters())

@@ -108,6 +108,10 @@ def _add_quantize(sub):
                    help="fuse randomized Hadamard rotations into the weights before rounding (QuaRot / SpinQuant "
                         "style: the same function, weights that round better; llama, mistral, qwen2 / qwen3)")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotations' random signs")
+    p.add_argument("--rotate-online", choices=["down_proj"], action="append", default=None,
+                   help="with --rotate: also rotate down_proj's input at run time (R4: a Hadamard matrix folded "
+                        "into its weight and applied to its input in every forward), for rounded activations "
+                        "(W8A8); off by default")
     mixed = p.add_argument_group("mixed precision (gptq format)")
     mixed.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                        help="choose bits and group size per layer from a sensitivity table so that the quantized "
@@ -387,7 +391,7 @@ def cmd_quantize(args) -> int:
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
                          observer=args.observer, percentile=args.percentile, double_quant=args.double_quant,
                          moe_calibrate_all_experts=args.moe_calibrate_all_experts, rotate=args.rotate,
-                         rotate_seed=args.rotate_seed)
+                         rotate_seed=args.rotate_seed, rotate_online=tuple(args.rotate_online or ()))
     corpus = args.calib
     if corpus is None and algorithm_for(config).needs_calibration:
         corpus = Calibration.corpus  # the library's default corpus

@@ -10,6 +10,7 @@ from .formats import FORMATS
 from .grid import PER_CHANNEL
 from .grid.codebook import BLOCKSIZES
 from .grid.observers import OBSERVERS
+from .online_rotation import ONLINE_ROTATIONS
 from .rotation import ROTATIONS
 
 SUPPORTED_BITS = range(2, 9)
@@ -54,6 +55,9 @@ class QuantConfig:
         group_size x group_size block (128: DeepSeek-V3's blocks).
     rotate: "hadamard" fuses randomized Hadamard rotations (seeded by rotate_seed) into the weights
         before rounding (rotation.py): the same function, weights that round better; any method.
+        rotate_online: inputs also rotated at run time, ("down_proj",) for R4 (online_rotation.py):
+        down_proj's weight takes a Hadamard matrix H and its input is multiplied by H in every forward,
+        for rounded activations (W8A8); off by default, needs rotate.
     bits / group_size / format default by method: 4 / 128 / gptq for weight-only methods,
         8 / -1 / compressed-tensors for W8A8 methods, 4 / 64 / bitsandbytes for NF4 / FP4,
         8 / -1 (fp8) or 128 (fp8-block) / compressed-tensors-fp8 for FP8.
@@ -84,6 +88,7 @@ class QuantConfig:
     # Rotations fused into the weights before rounding (rotation.py): None or "hadamard", seeded.
     rotate: str | None = None
     rotate_seed: int = 0
+    rotate_online: tuple[str, ...] = field(default_factory=tuple)
     # Mixed precision: module name -> {"bits": b, "group_size": g} replacing the defaults above for
     # that linear (written as GPTQModel's `dynamic` per-module overrides).
     layer_overrides: dict = field(default_factory=dict)
@@ -101,6 +106,16 @@ class QuantConfig:
                 object.__setattr__(self, name, default)
         if self.rotate is not None and self.rotate not in ROTATIONS:
             raise ConfigError(f"rotate must be one of {', '.join(ROTATIONS)} or None, got {self.rotate!r}")
+        if isinstance(self.rotate_online, str):
+            object.__setattr__(self, "rotate_online", (self.rotate_online,))
+        object.__setattr__(self, "rotate_online", tuple(self.rotate_online))
+        unknown = [name for name in self.rotate_online if name not in ONLINE_ROTATIONS]
+        if unknown or len(set(self.rotate_online)) != len(self.rotate_online):
+            raise ConfigError(f"rotate_online takes each of {', '.join(ONLINE_ROTATIONS)} at most once, "
+                              f"got {list(self.rotate_online)}")
+        if self.rotate_online and self.rotate is None:
+            raise ConfigError("rotate_online (R4) rotates down_proj's input on top of the fused rotations: "
+                              "give rotate 'hadamard' as well")
         if quantizes_activations and (self.bits != 8 or self.group_size != PER_CHANNEL or not self.sym):
             raise ConfigError(f"{self.method} quantizes weights to symmetric int8 per output channel "
                               f"(bits 8, group_size -1, sym); got bits={self.bits}, group_size={self.group_size}, "
@@ -227,5 +242,6 @@ class QuantConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        d["rotate_online"] = list(self.rotate_online)
         d["layer_overrides"] = {name: dict(o) for name, o in sorted(self.layer_overrides.items())}
         return d

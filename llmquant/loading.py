@@ -24,6 +24,7 @@ from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .formats import format_for_quantization_config
 from .formats.gptq import dynamic_override
 from .moe import unfuse_experts
+from .online_rotation import attach_from_checkpoint
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -250,6 +251,8 @@ def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool, gpus: list[t
     still_empty = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if still_empty:
         raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(still_empty[:5])}")
+    with _naming(folder):
+        attach_from_checkpoint(model, quantization_config)  # R4: the inputs rotated at run time
     return model.eval()
 
 

@@ -231,7 +231,7 @@ def _codebook4_linear_reference(x: torch.Tensor, packed: torch.Tensor, absmax: t
 
 def hadamard_transform(x: torch.Tensor, small: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """x [..., n] @ (small ⊗ H_P) * scale over the last dim: H_P Sylvester's Hadamard matrix of the
-    power of two P = n / m, small an m x m matrix (rotation.hadamard_factors; None when n is a power of
+    power of two P = n / m, small an m x m matrix (hadamard.hadamard_factors; None when n is a power of
     two). O(n log n) instead of the dense product's n^2; computed in fp32, returned in x's dtype."""
     n = x.shape[-1]
     m = 1 if small is None else small.shape[0]

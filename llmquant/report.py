@@ -299,6 +299,7 @@ def recipe_rows(report: dict) -> list[tuple[str, str]]:
     if rotation:
         rows.append(("rotation", f"R1 {rotation['R1 (residual)']}, R2 {rotation['R2 (attention values)']}, "
                                  f"seed {rotation['seed']} (fused into the weights)"))
+        rows.append(("online rotation (R4)", rotation.get("R4 (online)", "off")))
     mixed = report.get("mixed_precision")
     if mixed:
         rows.append(("mixed precision", f"target {mixed.get('target_bits_per_weight')} bits per weight"))

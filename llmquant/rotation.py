@@ -32,72 +32,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import nn
 
 from .arch import ArchMap
 from .errors import UnsupportedArchitectureError
+from .hadamard import hadamard, random_orthogonal
+from .online_rotation import OnlineRotation, online_rotations_for, rotate_input
 
 ROTATIONS = ("hadamard",)
-
-
-@lru_cache
-def _paley_orders(limit: int = 1024) -> dict[int, int]:
-    """{order: q} of the Hadamard matrices Paley's first construction gives (q prime, q = 3 mod 4)."""
-    def prime(q):
-        return q > 1 and all(q % d for d in range(2, int(q ** 0.5) + 1))
-    return {q + 1: q for q in range(3, limit) if q % 4 == 3 and prime(q)}
-
-
-def _paley(q: int) -> torch.Tensor:
-    residues = {(i * i) % q for i in range(1, q)}
-    chi = torch.tensor([0] + [1 if i in residues else -1 for i in range(1, q)], dtype=torch.float64)
-    jacobsthal = torch.stack([chi[(torch.arange(q) - i) % q] for i in range(q)])  # Q[i, j] = chi(j - i)
-    core = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    core[0, 1:] = 1
-    core[1:, 0] = -1
-    core[1:, 1:] = jacobsthal
-    return core + torch.eye(q + 1, dtype=torch.float64)
-
-
-def _sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h
-
-
-@lru_cache
-def hadamard_factors(n: int) -> tuple[torch.Tensor | None, int] | None:
-    """(A, P) with A a Hadamard matrix of an order that is no power of two (None when n is one) and P a
-    power of two, such that A ⊗ H_P (H_P Sylvester's) is a Hadamard matrix of order n; None where no such
-    pair is built here. The fast transform (ops.hadamard_transform) multiplies by it in this form."""
-    twos = n & -n
-    odd = n // twos
-    if odd == 1:
-        return None, n
-    paley = _paley_orders()
-    for order, q in paley.items():  # one Paley factor, the rest a power of two
-        if order % odd == 0 and (order // odd) & (order // odd - 1) == 0 and twos % (order // odd) == 0:
-            return _paley(q), n // order
-    for a, qa in paley.items():  # two Paley factors
-        for b, qb in paley.items():
-            product = a * b
-            if product % odd == 0 and (product // odd) & (product // odd - 1) == 0 and twos % (product // odd) == 0:
-                return torch.kron(_paley(qa), _paley(qb)), n // product
-    return None
-
-
-@lru_cache
-def hadamard(n: int) -> torch.Tensor | None:
-    """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None where none is built here."""
-    factors = hadamard_factors(n)
-    if factors is None:
-        return None
-    small, power = factors
-    return _sylvester(power) if small is None else torch.kron(small, _sylvester(power))
 
 
 def rotation_matrix(n: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -107,8 +51,7 @@ def rotation_matrix(n: int, seed: int) -> tuple[torch.Tensor, str]:
     if h is not None:
         signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
         return h * signs[None, :] / math.sqrt(n), f"randomized Hadamard ({n})"
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))[None, :], f"random orthogonal ({n}: no Hadamard matrix built here)"
+    return random_orthogonal(n, seed), f"random orthogonal ({n}: no Hadamard matrix built here)"
 
 
 @dataclass
@@ -116,15 +59,21 @@ class Rotation:
     residual: torch.Tensor  # R1, hidden x hidden
     head: torch.Tensor  # R2, head_dim x head_dim
     description: dict
+    online: tuple[OnlineRotation, ...] = ()  # R4 (online_rotation.py)
 
     @classmethod
-    def for_model(cls, config, seed: int) -> "Rotation":
+    def for_model(cls, config, seed: int, online: tuple[str, ...] = ()) -> "Rotation":
         hidden = config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
         residual, what_residual = rotation_matrix(hidden, seed)
         head, what_head = rotation_matrix(head_dim, seed + 1)
-        return cls(residual, head, {"kind": "hadamard", "seed": seed, "R1 (residual)": what_residual,
-                                    "R2 (attention values)": what_head})
+        description = {"kind": "hadamard", "seed": seed, "R1 (residual)": what_residual,
+                       "R2 (attention values)": what_head}
+        rotations = online_rotations_for(online, config, seed + 2)
+        if rotations:
+            description["R4 (online)"] = "; ".join(r.describe() for r in rotations)
+            description["online"] = [r.to_dict() for r in rotations]
+        return cls(residual, head, description, rotations)
 
 
 # Where a family's residual stream is written, and its final norm (the readers are the linears of
@@ -188,6 +137,8 @@ def rotate_block(block: nn.Module, arch: ArchMap, rotation: Rotation, model_conf
         _set(value.bias, (value.bias.double().view(-1, head_dim) @ r2).reshape(-1))
     o = output.weight.double().view(output.out_features, -1, head_dim)
     _set(output.weight, (o @ r2).reshape(output.out_features, output.in_features))
+    for online in rotation.online:
+        rotate_input(block.get_submodule(online.target), online)
 
 
 @torch.no_grad()
@@ -211,10 +162,11 @@ def final_norm_of(model: nn.Module, arch: ArchMap) -> nn.Module:
     return model.get_submodule(f"{blocks_parent}.norm" if blocks_parent else "norm")
 
 
-def rotate_model(model: nn.Module, arch: ArchMap, seed: int) -> Rotation:
-    """Rotate a whole model in memory (the streamed path calls rotate_outside / rotate_block itself)."""
+def rotate_model(model: nn.Module, arch: ArchMap, seed: int, online: tuple[str, ...] = ()) -> Rotation:
+    """Rotate a whole model in memory (the streamed path calls rotate_outside / rotate_block itself);
+    online: the inputs rotated at run time as well (online_rotation.ONLINE_ROTATIONS)."""
     check_rotatable(arch, model.config)
-    rotation = Rotation.for_model(model.config, seed)
+    rotation = Rotation.for_model(model.config, seed, online)
     rotate_outside(model, rotation, final_norm_of(model, arch))
     for block in arch.block_list(model):
         rotate_block(block, arch, rotation, model.config)

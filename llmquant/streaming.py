@@ -51,6 +51,7 @@ from .models import resolve_model
 from .pipeline import BlockStore, LayerResult, PipelineResult, Placement, quantize_blocks
 from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
 from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
+from .online_rotation import with_online_rotation
 from .rotation import Rotation, check_rotatable, final_norm_of, rotate_block, rotate_outside
 
 PROGRESS_FILE = "progress.json"
@@ -390,7 +391,7 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     rotation = None
     if config.rotate:
         check_rotatable(arch, model_config)
-        rotation = Rotation.for_model(model_config, config.rotate_seed)
+        rotation = Rotation.for_model(model_config, config.rotate_seed, config.rotate_online)
         rotate_outside(skeleton, rotation, final_norm_of(skeleton, arch))  # unties a tied head
         model_config.tie_word_embeddings = False
 
@@ -430,7 +431,8 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
                         calibration=plan.calibration, true_sequential=config.true_sequential, progress=progress,
                         store=store, placement=plan.placement)
         skeleton.to("meta")  # the embeddings are written already; free them before hashing the shards
-        _finish_folder(store.folder, n_blocks, model_config, plan.fmt, config, folder, tokenizer)
+        _finish_folder(store.folder, n_blocks, model_config, plan.fmt, config, folder, tokenizer,
+                       rotation.description if rotation is not None else None)
         result = store.pipeline_result()
         report = build_report(config, str(model), plan.calibration_info, store.earlier_seconds + time.time() - start,
                               peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]),
@@ -507,7 +509,7 @@ def _write_rest_shard(staging: Path, skeleton, blocks_prefix: str, storage, n_bl
 
 
 def _finish_folder(staging: Path, n_blocks: int, model_config, fmt, config: QuantConfig, folder: Path,
-                   tokenizer) -> None:
+                   tokenizer, rotation: dict | None = None) -> None:
     """The index, config, generation config and tokenizer beside the shards."""
     from transformers import GenerationConfig
 
@@ -520,7 +522,7 @@ def _finish_folder(staging: Path, n_blocks: int, model_config, fmt, config: Quan
     (staging / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                         indent=2, sort_keys=True))
     saved_config = copy.deepcopy(model_config)
-    saved_config.quantization_config = fmt.quantization_config(config)
+    saved_config.quantization_config = with_online_rotation(fmt, config, rotation)
     saved_config.dtype = STORAGE_TORCH_DTYPES[config.dtype]
     saved_config.save_pretrained(staging)
     if (folder / "generation_config.json").exists():

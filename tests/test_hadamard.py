@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmquant import ops
-from llmquant.rotation import hadamard, hadamard_factors
+from llmquant.hadamard import hadamard, hadamard_factors
 from llmquant_kernels import hadamard_transform as kernel
 
 pytestmark = pytest.mark.timeout(300)
