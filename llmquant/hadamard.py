@@ -28,7 +28,7 @@ def _paley(q: int) -> torch.Tensor:
     return core + torch.eye(q + 1, dtype=torch.float64)
 
 
-def _sylvester(n: int) -> torch.Tensor:
+def sylvester(n: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
@@ -63,7 +63,7 @@ def hadamard(n: int) -> torch.Tensor | None:
     if factors is None:
         return None
     small, power = factors
-    return _sylvester(power) if small is None else torch.kron(small, _sylvester(power))
+    return sylvester(power) if small is None else torch.kron(small, sylvester(power))
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
