@@ -24,7 +24,7 @@ from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .formats import format_for_quantization_config
 from .formats.gptq import dynamic_override
 from .moe import unfuse_experts
-from .online_rotation import attach_from_checkpoint
+from .online_rotation import attach_from_checkpoint, without_transform_tensors
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -206,7 +206,7 @@ def _load_on_cpu(path, dtype: torch.dtype, trust_remote_code: bool, gpus: list[t
         return model.eval()
     quantization_config, fmt = _format_of(folder, quantization_config)
     _check_gpus_run(fmt, gpus, f"{folder.name} ({fmt.name} checkpoint)")
-    tensors = read_tensors(checkpoint_files(folder))
+    tensors = without_transform_tensors(read_tensors(checkpoint_files(folder)), quantization_config)
     arch = declared_arch_for(config)
     if arch is not None:  # checkpoint keys -> module paths (Mixtral's block_sparse_moe -> mlp)
         tensors = {arch.module_name(key): tensor for key, tensor in tensors.items()}

@@ -143,6 +143,16 @@ def with_online_rotation(fmt, config, rotation_description: dict | None) -> dict
     return qc
 
 
+def without_transform_tensors(tensors: dict, quantization_config: dict) -> dict:
+    """The checkpoint's tensors less the online transforms' own matrices (`<linear>.<scheme>_input.weight`,
+    as compressed-tensors saves its transform modules): llmquant builds those matrices from the
+    transform's type, and the model has no place for them."""
+    suffixes = tuple(f".{scheme}_input.{what}" for scheme in
+                     ((quantization_config.get("transform_config") or {}).get("config_groups") or {})
+                     for what in ("weight", "perm"))
+    return {key: tensor for key, tensor in tensors.items() if not key.endswith(suffixes)} if suffixes else tensors
+
+
 def _matches(name: str, target: str) -> bool:
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None

@@ -173,3 +173,28 @@ def test_online_transforms_llmquant_does_not_run_are_refused_by_name(change, mes
 def test_a_sylvester_transform_of_an_order_that_is_no_power_of_two_is_refused():
     with pytest.raises(CheckpointError, match="needs a power-of-two order .* it takes 192 inputs"):
         attach_from_checkpoint(_llama(192), {"transform_config": TRANSFORM_CONFIG})
+
+
+def test_a_checkpoint_holding_its_transforms_matrices_as_compressed_tensors_saves_them_loads(tmp_path):
+    """compressed-tensors saves an online transform as a module of its linear: `<down_proj>.R4_input.weight`
+    (the +-1 matrix). llmquant builds the matrix from the transform's type and leaves those tensors out."""
+    from safetensors.torch import load_file, save_file
+
+    from llmquant.hadamard import hadamard
+
+    path = llmquant.quantize(_llama(), QuantConfig(method="w8a8", rotate="hadamard", rotate_online=R4),
+                             progress=False).save(tmp_path / "r4")
+    with torch.no_grad():
+        expected = llmquant.load(path)(IDS).logits
+    (shard,) = path.glob("*.safetensors")
+    tensors = load_file(shard)
+    for i in range(2):
+        tensors[f"model.layers.{i}.mlp.down_proj.R4_input.weight"] = hadamard(128).to(torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with torch.no_grad():
+        torch.testing.assert_close(llmquant.load(path)(IDS).logits, expected)
+    qc = json.loads((path / "config.json").read_text())
+    del qc["quantization_config"]["transform_config"]  # without the transform, those tensors have no place
+    (path / "config.json").write_text(json.dumps(qc))
+    with pytest.raises(CheckpointError, match="tensors the model has no place for: .*R4_input.weight"):
+        llmquant.load(path)
