@@ -103,7 +103,7 @@ def _rotate_input(module: nn.Module, args):
 
 
 def attach(linear: nn.Module, rotation: OnlineRotation) -> None:
-    """Run the rotation on every input of `linear` (idempotent: a linear carries at most one)."""
+    """Run the rotation on every input of `linear` (a linear carries at most one)."""
     if hasattr(linear, "input_rotation"):
         raise ValueError(f"{rotation.target} already rotates its input")
     if linear.in_features != rotation.size:

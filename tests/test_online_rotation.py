@@ -198,3 +198,15 @@ def test_a_checkpoint_holding_its_transforms_matrices_as_compressed_tensors_save
     (path / "config.json").write_text(json.dumps(qc))
     with pytest.raises(CheckpointError, match="tensors the model has no place for: .*R4_input.weight"):
         llmquant.load(path)
+
+
+def test_the_cli_passes_rotate_online_through(tmp_path, tiny_folder, capsys):
+    from llmquant.cli import main
+
+    out = tmp_path / "cli-r4"
+    assert main(["quantize", str(tiny_folder), "--method", "w8a8", "--rotate", "hadamard", "--rotate-online",
+                 "down_proj", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["transform_config"] == TRANSFORM_CONFIG
+    assert main(["quantize", str(tiny_folder), "--method", "w8a8", "--rotate-online", "down_proj",
+                 "--out", str(tmp_path / "refused")]) == 2
+    assert "give rotate 'hadamard' as well" in capsys.readouterr().err
