@@ -24,6 +24,9 @@ mostly switched off by the post-attention norms) RTN's gate / up projections los
 with rotation; GPTQ, whose Hessian sees those channels, is the method to pair it with
 (eval/RESULTS.md, "Rotations before rounding", has the figures).
 
+R4, the one rotation that cannot be fused (down_proj's input, behind the SwiGLU product), is applied
+online as well when asked for (online_rotation.py, folded into down_proj here, block by block).
+
 Tied embeddings are untied: the head must carry the final norm's scale and the embeddings must
 not (RMSNorm(x R1) w != (RMSNorm(x) w) R1 unless w is constant), so the checkpoint stores the head
 separately (tie_word_embeddings false); loaders read it unchanged.
