@@ -16,6 +16,9 @@ calibration is random token ids, and everything is compared as ratios measured i
 2. Kernel time against torch's fp16 matmul of the same shape at M = 1, 16, 64, 512, 4096; and at
    decode batch sizes M = 1..8, W4A16 (GPTQ and AWQ layouts, g128) through the GEMV against the tiled
    kernel and torch's fp16 matmul, with the two kernels checked against each other.
+2b. The fast Hadamard transform of R4 (hadamard_rows) against the dense product x @ H by the same
+   matrix (torch fp16 matmul), at the down_proj orders 1536 = 12 x 128, 8192 and 14336 = 224 x 64:
+   difference and time.
 3. GPTQ w4 g128 end to end (streamed, on the GPU) of 1B- and 8B-shaped models with a few blocks, at
    two calibration sizes of 2048-token windows: time per block, and the linear projection to 128
    windows and every block of the real model.
@@ -83,6 +86,8 @@ class Plan:
         self.compile_backend = "eager" if dry else "inductor"
         self.new_tokens = 3 if dry else 64
         self.fp_label = "fp32 (dry run)" if dry else "fp16"
+        self.hadamard_orders = (64, 1536) if dry else (1536, 8192, 14336)
+        self.hadamard_rows = (1, 3) if dry else (1, 16, 512, 4096)
 
 
 def synchronize(device: str) -> None:
@@ -142,6 +147,33 @@ def time_kernels(plan: Plan) -> list[dict]:
                              "speedup": baseline / seconds})
                 print(f"time {kind:22s} K={k:5d} N={n:5d} M={m:4d}: {seconds * 1e6:9.1f} us, fp16 {baseline * 1e6:9.1f} us, "
                       f"x{baseline / seconds:.2f}", flush=True)
+    return rows
+
+
+def time_hadamard(plan: Plan) -> list[dict]:
+    """R4's online transform (the kernel, through the op) against x @ H, the dense matrix in x's dtype."""
+    import math
+
+    from llmquant import ops
+    from llmquant.hadamard import hadamard, hadamard_factors
+
+    rows = []
+    with ops.use_backend("triton"):
+        for n in plan.hadamard_orders:
+            small, _ = hadamard_factors(n)
+            small = small.to(plan.device) if small is not None else None
+            dense = (hadamard(n) / math.sqrt(n)).to(plan.device, plan.dtype)
+            for m in plan.hadamard_rows:
+                x = torch.randn(m, n, device=plan.device, dtype=plan.dtype)
+                fast = ops.hadamard_transform(x, small, 1 / math.sqrt(n))
+                exact = x.double() @ dense.double()
+                error = ((fast.double() - exact).abs().max() / exact.abs().max()).item()
+                us = kernel_bench.timed(lambda: ops.hadamard_transform(x, small, 1 / math.sqrt(n)), plan.device, 3) * 1e6
+                dense_us = kernel_bench.timed(lambda: x @ dense, plan.device, 3) * 1e6
+                rows.append({"n": n, "M": m, "us": us, "dense_us": dense_us, "speedup": dense_us / us,
+                             "rel_error": error, "ok": error < 1e-2})
+                print(f"hadamard n={n:5d} M={m:4d}: {us:9.1f} us, dense {dense_us:9.1f} us, x{dense_us / us:.2f}, "
+                      f"rel. error {error:.1e}", flush=True)
     return rows
 
 
@@ -334,6 +366,10 @@ def markdown(results: dict, plan: Plan, command: str) -> str:
     lines += [f"| {r['layout']} | {r['K']} | {r['N']} | {r['M']} | {r['gemv_us']:.1f} | {r['tiled_us']:.1f} | {r['fp16_us']:.1f} | "
               f"{r['gemv_vs_fp16']:.2f} | {r['gemv_vs_tiled']:.2f} | {r['rel_difference']:.1e} | {'yes' if r['ok'] else 'NO'} |"
               for r in results.get("decode_paths", [])]
+    lines += ["", "## R4's fast Hadamard transform against the dense product x @ H (same dtype, same run)", "",
+              "| n | M | µs | dense µs | × dense | rel. error | ok |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']} | {r['M']} | {r['us']:.1f} | {r['dense_us']:.1f} | {r['speedup']:.2f} | {r['rel_error']:.1e} | "
+              f"{'yes' if r['ok'] else 'NO'} |" for r in results.get("hadamard", [])]
     lines += ["", "## GPTQ w4 g128, streamed on the device (random-init models, random token windows)", "",
               "| model | windows x tokens | blocks run | s per block | total s | peak GPU MiB |", "|---|---|---|---|---|---|"]
     for r in results.get("gptq", []):
@@ -366,7 +402,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry", action="store_true", help="tiny shapes on the CPU, kernels under the interpreter")
     parser.add_argument("--out", default=str(ROOT / "eval" / "runs"), help="folder for GPU.md and gpu-check.json")
     parser.add_argument("--budget", type=float, default=450, help="seconds; sections that would start later are skipped")
-    parser.add_argument("--sections", nargs="+", default=["kernel_check", "kernel_speed", "decode_paths", "gptq", "decode"])
+    parser.add_argument("--sections", nargs="+", default=["kernel_check", "kernel_speed", "decode_paths", "hadamard",
+                                                            "gptq", "decode"])
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=None,
                         help="only these kernels in the kernel sections (default: all)")
     args = parser.parse_args(argv)
@@ -381,7 +418,7 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
                "dtype": str(plan.dtype).removeprefix("torch."), "skipped": [], "errors": {}}
     sections = {"kernel_check": check_kernels, "kernel_speed": time_kernels, "decode_paths": time_decode_paths,
-                "gptq": lambda p: time_gptq(p, work), "decode": lambda p: decode_speed(p, work)}
+                "hadamard": time_hadamard, "gptq": lambda p: time_gptq(p, work), "decode": lambda p: decode_speed(p, work)}
     with tempfile.TemporaryDirectory(prefix="llmquant-gpu-check-") as tmp:
         work = Path(tmp)
         for name in args.sections:

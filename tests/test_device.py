@@ -311,6 +311,8 @@ def test_gpu_check_dry_run_works_without_what_the_gpu_machine_lacks(tmp_path):
     assert [(row["layout"], row["M"]) for row in results["decode_paths"]] == [
         (layout, m) for layout in ("gptq", "awq") for m in (1, 3, 8)]
     assert all(row["ok"] for row in results["decode_paths"])
+    assert [(row["n"], row["M"]) for row in results["hadamard"]] == [(n, m) for n in (64, 1536) for m in (1, 3)]
+    assert all(row["ok"] for row in results["hadamard"])
     assert [row for row in results["gptq"] if row.get("projection")]
     assert {row["model"] for row in results["decode"]} == {"fp32 (dry run)", "W4A16 (GPTQ g128)", "W8A8 (dynamic)"}
     assert {row["compiled"] for row in results["decode"]} == {False, True}
