@@ -33,6 +33,10 @@ LOADERS = {
     "bitsandbytes": [("llmquant", f"llmquant {__version__}"),
                      ("transformers + bitsandbytes", "transformers 5.24, bitsandbytes 0.50.2")],
 }
+R4_LOADING = ("down_proj's input is rotated online (R4), which only llmquant runs: transformers 5.24 with "
+              "compressed-tensors 0.20.1 loads this checkpoint without the rotation (a different function); "
+              "vLLM's compressed-tensors transforms are untested with it (the llmquant README, "
+              "\"Online rotation before down_proj\").")
 _TRANSFORMERS_NEEDS = {"gptq": "pip install gptqmodel", "awq": "pip install gptqmodel",
                        "compressed-tensors": "pip install compressed-tensors",
                        "bitsandbytes": "pip install bitsandbytes"}
@@ -94,11 +98,16 @@ def render(location: Path, report: dict, evals: list[dict]) -> str:
     else:
         lines.append("Nothing yet: `llmquant eval THIS_FOLDER --corpus wiki --max-windows 40` measures perplexity "
                      "and records it here.")
+    # R4 multiplies down_proj's input at run time: a loader that does not is left with another function
+    online = bool(config.get("rotate_online"))
+    loaders = LOADERS.get(config["format"], [])[:1] if online else LOADERS.get(config["format"], [])
     lines += ["", "## Loading", "", "| loader | tested with |", "|---|---|",
-              *(f"| {name} | {versions} |" for name, versions in LOADERS.get(config["format"], [])), "",
-              "```python", "import llmquant", "", "model = llmquant.load(\"THIS_FOLDER\")  # quantized linears stay packed",
+              *(f"| {name} | {versions} |" for name, versions in loaders), ""]
+    if online:
+        lines += [R4_LOADING, ""]
+    lines += ["```python", "import llmquant", "", "model = llmquant.load(\"THIS_FOLDER\")  # quantized linears stay packed",
               "```"]
-    if config["format"] in _TRANSFORMERS_NEEDS:
+    if config["format"] in _TRANSFORMERS_NEEDS and not online:
         lines += ["", f"With transformers ({_TRANSFORMERS_NEEDS[config['format']]}):", "", "```python",
                   "from transformers import AutoModelForCausalLM", "",
                   "model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\")", "```"]

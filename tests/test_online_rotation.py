@@ -144,6 +144,9 @@ def test_the_report_says_whether_r4_is_on(tmp_path):
         config = QuantConfig(method="w8a8", rotate="hadamard", rotate_online=online)
         folders[online] = llmquant.quantize(_llama(), config, progress=False).save(tmp_path / f"r4-{bool(online)}")
     for online, folder in folders.items():
+        card = (folder / "README.md").read_text()  # only llmquant runs R4: no transformers snippet then
+        assert ("AutoModelForCausalLM" in card, "transformers + compressed-tensors |" in card) == (not online,) * 2
+        assert ("which only llmquant runs" in card) == bool(online)
         assert main(["report", str(folder), "--no-plots"]) == 0
         recipe = next(line for line in (folder / "report.md").read_text().splitlines() if "online rotation (R4)" in line)
         said = "online rotation (R4) Hadamard (128 = Sylvester), online on mlp.down_proj's input;"
