@@ -15,9 +15,11 @@ A checkpoint records it in its quantization_config:
 - compressed-tensors formats, H Sylvester's: compressed-tensors' transform_config, as llm-compressor's
   SpinQuantModifier writes R4 (scheme "R4", type "hadamard", down_proj's input online and its weight's
   input side, inverse, fused): the schema its readers know.
-- otherwise ("llmquant_online_rotation"): the targets, the matrix's kind and its seed. No other loader
-  reads this key; compressed-tensors has no transform type for these matrices ("random-hadamard" draws
-  its own signs and small factors).
+- otherwise ("llmquant_online_rotation"): the targets, the order, the matrix's kind and its seed. No
+  other loader reads this key; compressed-tensors has no transform type for these matrices
+  ("random-hadamard" draws its own signs and small factors). The random orthogonal fallback is not
+  stored either: the loader rebuilds it from the seed (QR of a seeded Gaussian matrix in float64), as
+  an n x n matrix per linear would outweigh the weights it rotates.
 llmquant.load reads both and attaches the rotation to each target (an InputRotation child called by a
 forward pre-hook, before the quantized linear rounds its input).
 """
@@ -61,7 +63,8 @@ class OnlineRotation:
 
     def describe(self) -> str:
         if self.kind == RANDOM_ORTHOGONAL:
-            return f"random orthogonal ({self.size}: no Hadamard matrix built here; dense online product), seed {self.seed}"
+            return (f"random orthogonal ({self.size}: no Hadamard matrix built here; dense online product), "
+                    f"seed {self.seed}")
         small, power = hadamard_factors(self.size)
         form = f"{small.shape[0]} x {power}" if small is not None else "Sylvester"
         return f"Hadamard ({self.size} = {form}), online on {self.target}'s input"

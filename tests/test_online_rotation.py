@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llmquant
-from conftest import tiny_config, tiny_model
+from conftest import tiny_config
 from llmquant import QuantConfig
 from llmquant.arch import arch_for
 from llmquant.errors import CheckpointError, ConfigError
@@ -148,7 +148,8 @@ def test_the_report_says_whether_r4_is_on(tmp_path):
         assert ("AutoModelForCausalLM" in card, "transformers + compressed-tensors |" in card) == (not online,) * 2
         assert ("which only llmquant runs" in card) == bool(online)
         assert main(["report", str(folder), "--no-plots"]) == 0
-        recipe = next(line for line in (folder / "report.md").read_text().splitlines() if "online rotation (R4)" in line)
+        lines = (folder / "report.md").read_text().splitlines()
+        recipe = next(line for line in lines if "online rotation (R4)" in line)
         said = "online rotation (R4) Hadamard (128 = Sylvester), online on mlp.down_proj's input;"
         assert (said in recipe, "online rotation (R4) off;" in recipe) == ((True, False) if online else (False, True))
 
