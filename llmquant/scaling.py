@@ -79,6 +79,11 @@ def scaling_groups(block: nn.Module, arch: ArchMap, prefix: str, quantized: set[
         width = previous.out_features if isinstance(previous, nn.Linear) else _norm_width(previous, pair.previous)
         if any(linear.weight.shape[1] != width for linear in linears.values()):
             continue
+        # An input rotated online (R4, online_rotation.py) mixes its channels between the previous
+        # operation and the linear: a per-channel scale folded into that operation would not reach the
+        # linear's columns unmixed (SmoothQuant's up_proj -> down_proj pair would change the function).
+        if any(hasattr(linear, "input_rotation") for linear in linears.values()):
+            continue
         chosen = tuple(name for name in linears if name in quantized)
         if chosen:
             groups.append(ScalingGroup(f"{prefix}.{pair.previous}", previous, linears, chosen,
