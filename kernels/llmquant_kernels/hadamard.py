@@ -6,7 +6,8 @@ of two, or none). Orders that are not powers of two are built this way (QuaRot's
 Each program transforms one row. The row is held as a [M_PAD, P] tile (element a * P + s at [a, s]):
 log2(P) butterfly stages along the second axis give x @ (I ⊗ H_P), in fp32 registers, then one
 [M_PAD, M_PAD] x [M_PAD, P] product by A^T mixes the first axis. O(n log P + n m) operations instead of
-the dense product's n^2, reading and writing the row once.
+the dense product's n^2, reading and writing the row once. A small factor too big for that product
+(MAX_FUSED_ORDER) is applied by torch after the kernel's butterflies, in fp32.
 """
 from __future__ import annotations
 
