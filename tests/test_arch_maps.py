@@ -1,5 +1,7 @@
 """Maps beyond llama: declared Phi-3 (fused qkv / gate_up) and Gemma-2 maps, maps derived from the
 module tree for families without one, the refusals that name what does not fit, and `llmquant models`."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -88,6 +90,14 @@ def test_derivation_names_what_does_not_fit():
 
     # names that put q/k/v in one step, but the forward pass shows they read different tensors
     model = tiny_model("llama")
+    with k_proj_reading_another_tensor(model), pytest.raises(UnsupportedArchitectureError,
+                                                             match="q_proj, self_attn.k_proj.*read different tensors"):
+        check_model_by_forward(model, derive_arch(model))
+
+
+@contextlib.contextmanager
+def k_proj_reading_another_tensor(model):
+    """The model's attention class, while the block runs, also feeds k_proj a tensor of its own."""
     attention = type(model.model.layers[0].self_attn)
     original = attention.forward
 
@@ -97,8 +107,7 @@ def test_derivation_names_what_does_not_fit():
 
     attention.forward = forward
     try:
-        with pytest.raises(UnsupportedArchitectureError, match="q_proj, self_attn.k_proj.*read different tensors"):
-            check_model_by_forward(model, derive_arch(model))
+        yield
     finally:
         attention.forward = original
 
@@ -110,21 +119,11 @@ def test_the_pipeline_checks_a_derived_map_by_a_forward_pass_whatever_holds_the_
     if source == "streamed":
         model.save_pretrained(tmp_path / "olmo2")
         smollm2[1].save_pretrained(tmp_path / "olmo2")
-    attention = type(model.model.layers[0].self_attn)
-    original = attention.forward
-
-    def forward(self, hidden_states, **kwargs):
-        self.k_proj(hidden_states * 2)
-        return original(self, hidden_states, **kwargs)
-
-    attention.forward = forward
-    try:
-        with pytest.raises(UnsupportedArchitectureError, match="q_proj, self_attn.k_proj.*read different tensors"):
-            llmquant.quantize(model if source == "in memory" else str(tmp_path / "olmo2"),
-                              QuantConfig(method="gptq", group_size=32, dtype="float32"), calib=CALIB,
-                              out=tmp_path / "out", progress=False)
-    finally:
-        attention.forward = original
+    with k_proj_reading_another_tensor(model), pytest.raises(UnsupportedArchitectureError,
+                                                             match="q_proj, self_attn.k_proj.*read different tensors"):
+        llmquant.quantize(model if source == "in memory" else str(tmp_path / "olmo2"),
+                          QuantConfig(method="gptq", group_size=32, dtype="float32"), calib=CALIB,
+                          out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
