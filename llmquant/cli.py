@@ -557,7 +557,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .api import REPORT_FILE
+    from .report import REPORT_FILE
     from .cpu import describe_cpu, describe_head, path_table, prepare_for_cpu, prepare_output_head, summary
     from .loading import load
 
