@@ -6,7 +6,7 @@ from .errors import LlmquantError
 
 # The public names, imported on first use: `llmquant --help` and `llmquant models` start without
 # loading torch (the CLI imports this package first).
-_PUBLIC = {"quantize": "api", "QuantizedModel": "api", "QuantConfig": "config", "Calibration": "data",
+_PUBLIC = {"quantize": "api", "QuantizedModel": "in_memory", "QuantConfig": "config", "Calibration": "data",
            "load": "loading", "compiled_decode_options": "generation"}
 
 __all__ = ["quantize", "load", "compiled_decode_options", "QuantConfig", "QuantizedModel", "Calibration", "LlmquantError", "__version__"]

@@ -38,12 +38,11 @@ class _Renamed(argparse.Action):
         parser.error(f"{option_string} is now {self.new}")
 
 
-def _add_quantize(sub):
+def _add_quantize(p):
     from .algorithms import ALGORITHMS
     from .config import STORAGE_DTYPES
     from .models import DEFAULT_MODEL
 
-    p = sub.add_parser("quantize", help="quantize a model and write a checkpoint folder")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"built-in name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
@@ -123,12 +122,10 @@ def _add_quantize(sub):
     _add_device_options(p, offload=True)
 
 
-def _add_sensitivity(sub):
+def _add_sensitivity(p):
     from .models import DEFAULT_MODEL
     from .sensitivity import SENSITIVITY_METHODS
 
-    p = sub.add_parser("sensitivity", help="loss rise on calibration data when only one group of linears is "
-                                           "quantized, per candidate bits / group size")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--calib", default="wiki", metavar="CORPUS")
     p.add_argument("--nsamples", type=int, default=2)
@@ -150,8 +147,7 @@ def _add_sensitivity(sub):
     _add_device_options(p)
 
 
-def _add_report(sub):
-    p = sub.add_parser("report", help="write report.md and its plots beside a checkpoint (from quantize_report.json)")
+def _add_report(p):
     p.add_argument("checkpoint")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.add_argument("--compare", default=None, metavar="CHECKPOINT",
@@ -159,9 +155,7 @@ def _add_report(sub):
                         "errors beside this one's, by kind, by block and per layer")
 
 
-def _add_eval(sub):
-    p = sub.add_parser("eval", help="token perplexity of a model or checkpoint on a corpus, or its task accuracy "
-                                    "(lm-evaluation-harness, --tasks)")
+def _add_eval(p):
     p.add_argument("model", help="built-in name, checkpoint / model folder, or hub id")
     p.add_argument("--corpus", default="wiki", help="wiki | bbc | shakespeare | a text/parquet/json file | hf:NAME[:CONFIG]")
     p.add_argument("--split", default=None, choices=["train", "validation", "test", "all"],
@@ -183,8 +177,7 @@ def _add_eval(sub):
     _add_device_options(p)
 
 
-def _add_generate(sub):
-    p = sub.add_parser("generate", help="generate text with a (quantized) model")
+def _add_generate(p):
     p.add_argument("model", help="checkpoint folder, built-in name or hub id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -197,13 +190,11 @@ def _add_generate(sub):
     _add_device_options(p)
 
 
-def _add_info(sub):
-    p = sub.add_parser("info", help="what a checkpoint holds and which CPU path each quantized linear takes")
+def _add_info(p):
     p.add_argument("checkpoint", help="checkpoint folder")
 
 
-def _add_finetune(sub):
-    p = sub.add_parser("finetune", help="QLoRA: train LoRA adapters over a quantized checkpoint on real text")
+def _add_finetune(p):
     p.add_argument("model", help="quantized checkpoint folder (bitsandbytes NF4 / FP4, gptq or awq)")
     p.add_argument("--lora-r", type=int, default=16, help="adapter rank (default 16)")
     p.add_argument("--lora-alpha", type=float, default=32, help="adapter scale numerator, alpha / r (default 32)")
@@ -225,10 +216,9 @@ def _add_finetune(sub):
     _add_device_options(p)
 
 
-def _add_qat(sub):
+def _add_qat(p):
     from .models import DEFAULT_MODEL
 
-    p = sub.add_parser("qat", help="quantization-aware training through fake-quantized weights, exported as a checkpoint")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"built-in name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=-1, help="columns per scale; -1 = per output channel (default)")
@@ -255,11 +245,10 @@ def _add_qat(sub):
     _add_device_options(p)
 
 
-def _add_export_gguf(sub):
+def _add_export_gguf(p):
     from .gguf_export import TYPES
     from .models import DEFAULT_MODEL
 
-    p = sub.add_parser("export-gguf", help="write a llama.cpp GGUF file (llama, gemma3)")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--type", default="q8_0", choices=sorted(TYPES))
     p.add_argument("--imatrix", metavar="CORPUS", help="weight the 4-bit block fits by an importance matrix "
@@ -372,16 +361,11 @@ def _placement_checked(args):
 
 
 def cmd_quantize(args) -> int:
-    from .algorithms import algorithm_for
-    from .checkpoint import check_output_path
     from .config import QuantConfig
-    from .data import Calibration, check_corpus
+    from .data import Calibration
+    from .planning import check_request
     from .report import describe_mib
-    from .streaming import quantize_to_disk
-
-    # Everything that can be refused is refused before the model loads.
-    check_output_path(args.out, args.overwrite)
-    _placement_checked(args)
+    from .streaming import stream_to_disk
 
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                          format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
@@ -392,23 +376,20 @@ def cmd_quantize(args) -> int:
                          observer=args.observer, percentile=args.percentile, double_quant=args.double_quant,
                          moe_calibrate_all_experts=args.moe_calibrate_all_experts, rotate=args.rotate,
                          rotate_seed=args.rotate_seed, rotate_online=tuple(args.rotate_online or ()))
-    corpus = args.calib
-    if corpus is None and algorithm_for(config).needs_calibration:
-        corpus = Calibration.corpus  # the library's default corpus
     nsamples, seqlen = (128, 2048) if args.paper_calibration else (args.nsamples, args.seqlen)
-    calib = Calibration(corpus, nsamples, seqlen, args.seed, args.calib_split) if corpus is not None else None
-    if calib is not None:  # the default corpus too: its package may not be installed
-        check_corpus(calib.corpus, calib.split)
+    calib = Calibration(args.calib, nsamples, seqlen, args.seed, args.calib_split) if args.calib is not None else None
+    # Everything that can be refused is refused before the model loads (and before a sensitivity measurement).
+    request = check_request(config, calib, out=args.out, overwrite=args.overwrite, streamed=True, device=args.device,
+                            compute_dtype=args.compute_dtype, offload_activations=args.offload_activations,
+                            default_calib=Calibration(Calibration.corpus, nsamples, seqlen, args.seed, args.calib_split))
     mixed = None
     if args.target_bpw is not None:
-        config, mixed = _mixed_precision(args, config, calib or Calibration(Calibration.corpus, nsamples, seqlen,
-                                                                            args.seed))
+        config, mixed = _mixed_precision(args, config, request.calib or Calibration(Calibration.corpus, nsamples,
+                                                                                    seqlen, args.seed))
     # built-in names, folders and hub ids (their local snapshot) alike: one block in memory at a time,
     # one shard per block, resumable after a kill
     extra = {"command": _command_line(args), **({"mixed_precision": mixed} if mixed else {})}
-    out, report = quantize_to_disk(args.model, config, calib, args.out, overwrite=args.overwrite, report_extra=extra,
-                                   device=args.device, compute_dtype=args.compute_dtype,
-                                   offload_activations=args.offload_activations)
+    out, report = stream_to_disk(args.model, config, request, report_extra=extra)
     gpu = f", peak GPU {report['peak_gpu_mib']:.0f} MiB" if report.get("peak_gpu_mib") is not None else ""
     print(f"wrote {out}: {len(report['layers'])} layers, {report['bits_per_weight']:.3f} bits per quantized weight, "
           f"{report['quantized_layers_packed_bytes'] / 2**20:.1f} MiB packed vs "
@@ -580,7 +561,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .api import REPORT_FILE
+    from .report import REPORT_FILE
     from .cpu import describe_cpu, describe_head, path_table, prepare_for_cpu, prepare_output_head, summary
     from .loading import load
 
@@ -696,19 +677,35 @@ def cmd_models(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Each command's help line, and the function that adds its options (which import torch for their choices).
+COMMAND_HELP = {
+    "quantize": "quantize a model and write a checkpoint folder",
+    "sensitivity": "loss rise on calibration data when only one group of linears is quantized, per candidate "
+                   "bits / group size",
+    "report": "write report.md and its plots beside a checkpoint (from quantize_report.json)",
+    "eval": "token perplexity of a model or checkpoint on a corpus, or its task accuracy (lm-evaluation-harness, "
+            "--tasks)",
+    "generate": "generate text with a (quantized) model",
+    "info": "what a checkpoint holds and which CPU path each quantized linear takes",
+    "finetune": "QLoRA: train LoRA adapters over a quantized checkpoint on real text",
+    "qat": "quantization-aware training through fake-quantized weights, exported as a checkpoint",
+    "export-gguf": "write a llama.cpp GGUF file (llama, gemma3)",
+    "models": "list built-in models and supported architectures",
+}
+COMMAND_OPTIONS = {"quantize": _add_quantize, "sensitivity": _add_sensitivity, "report": _add_report,
+                   "eval": _add_eval, "generate": _add_generate, "info": _add_info, "finetune": _add_finetune,
+                   "qat": _add_qat, "export-gguf": _add_export_gguf}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, given `command`, of that command alone with the others' names and
+    help lines: `llmquant --help` then starts without importing torch (options' choices need it)."""
     parser = argparse.ArgumentParser(prog="llmquant", description="LLM weight quantization")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_quantize(sub)
-    _add_sensitivity(sub)
-    _add_report(sub)
-    _add_eval(sub)
-    _add_generate(sub)
-    _add_info(sub)
-    _add_finetune(sub)
-    _add_qat(sub)
-    _add_export_gguf(sub)
-    sub.add_parser("models", help="list built-in models and supported architectures")
+    for name, help_line in COMMAND_HELP.items():
+        options = sub.add_parser(name, help=help_line)
+        if name in COMMAND_OPTIONS and command in (None, name):
+            COMMAND_OPTIONS[name](options)
     return parser
 
 
@@ -763,8 +760,10 @@ def _command_line(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args_given = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_given if not a.startswith("-")), "")  # the parser has no options before it
+    args = build_parser(command).parse_args(args_given)
+    args.argv = args_given
     _log_to_stderr(logging.WARNING if args.command == "info" else logging.INFO)  # info prints the paths itself
     try:
         _check_arguments(args)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchMap
+from .arch.derived import check_steps_by_forward
 from .device import move_tensors
 from .errors import DataError
 from .grid import AffineGrid, QuantizedWeight
@@ -244,7 +245,11 @@ def collect_input_statistics(block: nn.Module, layers: dict[str, nn.Linear], hid
 class BlockStore:
     """Where blocks come from and where finished ones go. The default keeps the whole model in
     memory; streaming.py's store loads each block from disk when its turn comes, writes it out and
-    releases it, and can resume a killed run after its last finished block."""
+    releases it, and can resume a killed run after its last finished block. prepare_block(block):
+    what the plan does to each block once its weights are there (a rotation), before it is quantized."""
+
+    def __init__(self, prepare_block: Callable[[nn.Module], None] | None = None):
+        self.prepare_block = prepare_block
 
     def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
         """(index of the first block to quantize, that block's saved calibration inputs or None)."""
@@ -253,6 +258,11 @@ class BlockStore:
     def load(self, index: int, block: nn.Module) -> None:
         """Give the block its weights (in memory already: note where they live, to move them back)."""
         self._home = next(block.parameters()).device
+        self.prepared(block)
+
+    def prepared(self, block: nn.Module) -> None:
+        if self.prepare_block is not None:
+            self.prepare_block(block)
 
     def finish(self, index: int, block: nn.Module, next_hidden: list[torch.Tensor] | None,
                result: PipelineResult) -> None:
@@ -307,6 +317,9 @@ def quantize_blocks(
         block = blocks[index]
         store.load(index, block)
         block.to(placement.device)
+        if arch.derived and hidden is not None and index == start:
+            # a map read from names alone: one sample through the block shows which tensor each linear reads
+            check_steps_by_forward(block, arch, lambda: run_block(block, hidden[:1], inputs[index].kwargs[:1], placement))
         steps = arch.steps(block)
         if not true_sequential:
             steps = (tuple(name for step in steps for name in step),)

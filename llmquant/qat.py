@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import quantize, QuantizedModel
+from .api import quantize
+from .in_memory import QuantizedModel
 from .arch import arch_for
 from .checkpoint import REPORT_FILES
 from .config import QuantConfig

@@ -165,12 +165,20 @@ def final_norm_of(model: nn.Module, arch: ArchMap) -> nn.Module:
     return model.get_submodule(f"{blocks_parent}.norm" if blocks_parent else "norm")
 
 
-def rotate_model(model: nn.Module, arch: ArchMap, seed: int, online: tuple[str, ...] = ()) -> Rotation:
-    """Rotate a whole model in memory (the streamed path calls rotate_outside / rotate_block itself);
-    online: the inputs rotated at run time as well (online_rotation.ONLINE_ROTATIONS)."""
+def start_rotation(model: nn.Module, arch: ArchMap, seed: int, online: tuple[str, ...] = ()) -> Rotation:
+    """Check the family, choose the rotation and rotate everything outside the blocks (which must hold
+    their weights; the blocks may still be on the meta device): each block is rotated by rotate_block
+    once its weights are there. online: the inputs rotated at run time as well
+    (online_rotation.ONLINE_ROTATIONS)."""
     check_rotatable(arch, model.config)
     rotation = Rotation.for_model(model.config, seed, online)
     rotate_outside(model, rotation, final_norm_of(model, arch))
+    return rotation
+
+
+def rotate_model(model: nn.Module, arch: ArchMap, seed: int, online: tuple[str, ...] = ()) -> Rotation:
+    """Rotate a whole model held in memory."""
+    rotation = start_rotation(model, arch, seed, online)
     for block in arch.block_list(model):
         rotate_block(block, arch, rotation, model.config)
     return rotation

@@ -19,6 +19,11 @@ holds the folder (an advisory lock). Only the finished folder is ever renamed to
 A run that stops once a block is committed keeps its progress and says how to resume, whatever
 stopped it (a kill, Ctrl-C, a full disk, out of memory, any other error), except for errors that
 make the progress useless: a broken source or a bad setting, whose fix changes the fingerprint.
+
+The run itself is the one a model held in memory goes through (in_memory.py): checked and planned by
+planning.py, every block through pipeline.py; only the block source differs (StreamingStore here).
+`llmquant.quantize(folder)` without an output works in a folder under the cache named after the call
+(run_folder), so that the same call resumes, and gives a QuantizedCheckpoint.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -38,24 +45,23 @@ from torch import nn
 
 from . import _version
 from .arch import arch_for
-from .checkpoint import (SAFETENSORS_INDEX, TEMPORARY_SUFFIX, check_output_path, checkpoint_tensors, file_sha256,
+from .checkpoint import (SAFETENSORS_INDEX, check_output_path, checkpoint_tensors, file_sha256,
                          folder_tensors_sha256, LazyTensors, replace_folder, without_tied_copies, write_file_atomically,
                          write_report_file)
 from .config import QuantConfig
 from .device import dtype_name, reset_peak_memory
 from .errors import (CheckpointError, ConfigError, DataError, LlmquantError, OutputExistsError, OutputWriteError,
                      UnsupportedArchitectureError)
-from .loading import checkpoint_files
+from .loading import checkpoint_files, load
 from .model_card import write_model_card
-from .models import resolve_model
-from .pipeline import BlockStore, LayerResult, PipelineResult, Placement, quantize_blocks
-from .planning import STORAGE_TORCH_DTYPES, placement_for, plan_run, prepare_model
-from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
+from .models import cache_dir, resolve_model
 from .online_rotation import with_online_rotation
-from .rotation import Rotation, check_rotatable, final_norm_of, rotate_block, rotate_outside
+from .pipeline import BlockStore, LayerResult, PipelineResult, Placement
+from .planning import STORAGE_TORCH_DTYPES, RunRequest, check_request, plan_quantization
+from .progress_folder import (CHECKPOINT_FOLDER, PROGRESS_FILE, check_progress_folder, progress_folder_of, read_progress,
+                              remove_item, remove_progress_folder)
+from .report import REPORT_FILE, build_report, peak_rss_mib, write_report
 
-PROGRESS_FILE = "progress.json"
-CHECKPOINT_FOLDER = "checkpoint"  # inside the progress folder: the output as it grows
 # Errors whose fix changes the run's fingerprint (a broken or changed source, a bad setting), so
 # that its progress could never be resumed: it is removed. Any other stop keeps it.
 USELESS_PROGRESS_ERRORS = (ConfigError, CheckpointError, DataError, UnsupportedArchitectureError)
@@ -66,65 +72,9 @@ def inputs_name(index: int) -> str:
     return f"block-{index:05d}-inputs.safetensors"
 
 
-def _read_progress(staging: Path):
-    """progress.json as written by a run (a plain file holding a JSON object), or None."""
-    path = staging / PROGRESS_FILE
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        progress = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return progress if isinstance(progress, dict) else None
-
-
-def _check_staging(staging: Path) -> None:
-    """Only our own progress folder may sit where progress is kept: never write through a symbolic
-    link, nor into (or delete) a folder someone else made."""
-    if not os.path.lexists(staging):
-        return
-    if staging.is_symlink() or not staging.is_dir():
-        raise OutputExistsError(f"{staging}, where this run keeps its progress, is a symbolic link or not a folder; "
-                                "remove it or choose another output path (nothing was changed)")
-    if _read_progress(staging) is not None or all(_is_first_progress_write(item) for item in staging.iterdir()):
-        return
-    raise OutputExistsError(f"{staging}, where this run keeps its progress, holds files llmquant did not write "
-                            f"(no {PROGRESS_FILE}); remove it or choose another output path (nothing was changed)")
-
-
-def _is_first_progress_write(item: Path) -> bool:
-    """A temporary file of the first progress.json (a run killed before it was renamed)."""
-    return item.name.startswith(f".{PROGRESS_FILE}.") and item.name.endswith(TEMPORARY_SUFFIX) and item.is_file()
-
-
-def _remove_finished_leftover(staging: Path, target: Path) -> None:
-    """A run killed between moving its checkpoint to the output and deleting its progress folder
-    leaves that folder behind, finished (or emptied) and without the checkpoint: remove it."""
-    if not os.path.lexists(target) or staging.is_symlink() or not staging.is_dir():
-        return
-    progress = _read_progress(staging)
-    finished = progress.get("finished") if progress is not None else not any(staging.iterdir())
-    if finished and not os.path.lexists(staging / CHECKPOINT_FOLDER):
-        _remove_progress_folder(staging)
-        print(f"removed {staging}, the progress of the finished run that wrote {target}", file=sys.stderr)
-
-
-def _remove(item: Path) -> None:
-    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-
-
 def _unchanged(path: Path, hashes: dict) -> bool:
     """Whether a file a committed block wrote is still there, a plain file with the hash recorded."""
     return not path.is_symlink() and path.is_file() and hashes.get(path.name) == file_sha256(path)
-
-
-def _remove_progress_folder(staging: Path) -> None:
-    """Delete progress.json last, so that a kill part-way leaves a folder a later run still recognises."""
-    for item in staging.iterdir():
-        if item.name != PROGRESS_FILE:
-            _remove(item)
-    (staging / PROGRESS_FILE).unlink(missing_ok=True)
-    staging.rmdir()
 
 
 class _FolderLock:
@@ -176,18 +126,112 @@ def materialize(module: nn.Module, prefix: str, source: LazyTensors, stored_name
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
+class QuantizedCheckpoint:
+    """A model quantized from disk, one block at a time, into a checkpoint folder: `path` (a
+    temporary folder until `save` moves it, removed if it is never saved), `report`, `load()`, and
+    `model` / `tokenizer` (loaded on first use)."""
+
+    def __init__(self, path: Path, report: dict, temporary: bool):
+        self.path, self.report_data = Path(path), report
+        self._model = self._tokenizer = None
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path.parent), True) if temporary else None
+
+    def report(self) -> dict:
+        return self.report_data
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Move the checkpoint to `path` (refused if it exists, unless overwrite)."""
+        target = check_output_path(path, overwrite)
+        if target.resolve() == self.path.resolve():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            try:
+                shutil.copytree(self.path, staging / "checkpoint")
+                write_report(staging / "checkpoint", name=target.name)  # titled by its final name
+                write_model_card(staging / "checkpoint", self.report_data, location=target, replacing=target)
+            except OSError as exc:
+                raise OutputWriteError(f"writing {target} failed: {exc}") from exc
+            replace_folder(staging / "checkpoint", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+        self.path = target
+        return target
+
+    def load(self, device="auto", dtype="auto"):
+        return load(self.path, device=device, dtype=dtype)
+
+    @property
+    def model(self):
+        """The checkpoint loaded once (auto device), its quantized linears running the format's kernels."""
+        if self._model is None:
+            self._model = self.load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        return self._tokenizer
+
+
+# Unsaved runs' folders under the cache that no call has touched for this long are removed.
+STALE_RUN_SECONDS = 7 * 24 * 3600
+
+
+def run_folder(model, config: QuantConfig, calib, device, compute_dtype, offload_activations) -> Path:
+    """The folder under the cache where `quantize(model, ...)` without `out` works: the same for the same
+    call (model folder, settings, calibration, placement), so that a call stopped by Ctrl-C, an error
+    or a kill resumes when made again (streaming.quantize_to_disk checks the finer fingerprint)."""
+    if isinstance(calib, torch.Tensor):
+        calibration = hashlib.sha256(calib.cpu().contiguous().numpy().tobytes()).hexdigest()
+    elif dataclasses.is_dataclass(calib):
+        calibration = dataclasses.asdict(calib)
+    else:
+        calibration = calib
+    call = {"model": str(Path(resolve_model(str(model))).resolve()), "config": config.to_dict(),
+            "calibration": calibration, "device": str(device), "compute_dtype": str(compute_dtype),
+            "offload_activations": offload_activations}
+    key = hashlib.sha256(json.dumps(call, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    runs = cache_dir() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    _remove_stale_runs(runs, keep=key)
+    folder = runs / f"quantize-{key}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _remove_stale_runs(runs: Path, keep: str) -> None:
+    """Unsaved runs nobody resumed within STALE_RUN_SECONDS (a killed process leaves its folder behind)."""
+    now = time.time()
+    for folder in runs.iterdir():
+        if keep in folder.name or folder.is_symlink() or not folder.is_dir():
+            continue
+        touched = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
+        if now - touched > STALE_RUN_SECONDS:
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"removed {folder}: an unsaved quantization run untouched for {(now - touched) / 86400:.0f} days",
+                  file=sys.stderr)
+
+
 class StreamingStore(BlockStore):
     """Blocks from the source checkpoint, finished blocks to shards in the progress folder."""
 
     def __init__(self, prefix_of, source: LazyTensors, staging: Path, fingerprint: dict, packed: dict,
                  storage: torch.dtype, total_shards: int, stored_name=None, needs_inputs: bool = True,
-                 rotate_block=None):
+                 prepare_block=None):
+        super().__init__(prepare_block)
         self.prefix_of, self.source, self.staging = prefix_of, source, staging
         self.folder = staging / CHECKPOINT_FOLDER
         self.stored_name = stored_name or (lambda key: key)
         self.fingerprint, self.packed, self.storage, self.total_shards = fingerprint, packed, storage, total_shards
         self.needs_inputs = needs_inputs  # whether blocks run on calibration inputs
-        self.rotate_block = rotate_block  # rotation.py's, applied to each block as it is read
         # hashes: sha256 of each finished shard and of the inputs the next block reads, checked on resume
         self.progress = {"fingerprint": fingerprint, "done": 0, "blocks": [], "seconds": 0.0, "hashes": {},
                          "finished": False}
@@ -203,13 +247,13 @@ class StreamingStore(BlockStore):
     def start(self) -> int:
         """Take up the progress folder's record (progress.json, read as the only truth): resume after its
         last committed block, or clear what cannot be reused and start afresh. Returns the first block."""
-        progress = _read_progress(self.staging)
+        progress = read_progress(self.staging)
         reason = self._why_not_resumable(progress) if progress is not None else "fresh"
         if reason is not None:
             if reason != "fresh":
                 self.not_resumed_because = reason
             for item in list(self.staging.iterdir()):
-                _remove(item)
+                remove_item(item)
             self.save_progress()  # marks the folder as this run's progress before anything else is written
             self.folder.mkdir()
             return 0
@@ -221,10 +265,10 @@ class StreamingStore(BlockStore):
         self.folder.mkdir(exist_ok=True)
         for item in self.staging.iterdir():
             if item.name not in (PROGRESS_FILE, CHECKPOINT_FOLDER, keep_inputs):
-                _remove(item)
+                remove_item(item)
         for item in self.folder.iterdir():
             if item.name not in progress["hashes"]:
-                _remove(item)
+                remove_item(item)
         return self.done
 
     def _why_not_resumable(self, progress: dict) -> str | None:
@@ -254,8 +298,7 @@ class StreamingStore(BlockStore):
     def load(self, index, block):
         self.block_started = time.time()
         materialize(block, self.prefix_of(index) + ".", self.source, self.stored_name)
-        if self.rotate_block is not None:
-            self.rotate_block(block)
+        self.prepared(block)
 
     def finish(self, index, block, next_hidden, result):
         prefix = self.prefix_of(index) + "."
@@ -357,49 +400,38 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     report). report_extra: more entries for quantize_report.json; plots: draw report.md's figures
     (loads the source again). device / compute_dtype / offload_activations: where blocks compute
     and where calibration activations live (planning.placement_for)."""
+    config = config or QuantConfig()
+    request = check_request(config, calib, out=out, overwrite=overwrite, streamed=True, device=device,
+                            compute_dtype=compute_dtype, offload_activations=offload_activations)
+    return stream_to_disk(model, config, request, progress, report_extra, plots)
+
+
+def stream_to_disk(model: str | os.PathLike, config: QuantConfig, request: RunRequest, progress: bool = True,
+                   report_extra: dict | None = None, plots: bool = True) -> tuple[Path, dict]:
+    """quantize_to_disk once its arguments are checked (planning.check_request, which gives request.out)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = config or QuantConfig()
     start = time.time()
-    target = Path(out).expanduser()
-    staging = target.with_name(f".{target.name}.partial")
-    _remove_finished_leftover(staging, target)
-    check_output_path(target, overwrite)
-    placement_for(device, compute_dtype, offload_activations)  # refuses an absent device first
-    _check_staging(staging)
+    target = request.out
+    staging = progress_folder_of(target)
     folder = Path(resolve_model(str(model)))
     if not folder.is_dir():
         raise ConfigError(f"streaming quantization reads a local model folder; {model} is not one")
     files = checkpoint_files(folder)
     source = LazyTensors(files)
     model_config = AutoConfig.from_pretrained(folder)
-    tokenizer = _tokenizer_of(folder, calib)
+    tokenizer = _tokenizer_of(folder, request.calib)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     skeleton.eval()
     arch = arch_for(model_config, skeleton)
-    config = prepare_model(skeleton, arch, config)
     blocks_prefix = arch.blocks + "."
-    outside = {name: p for name, p in skeleton.named_parameters() if not name.startswith(blocks_prefix)}
-    for name in outside:
-        module_name, _, _ = name.rpartition(".")
-        if name == "lm_head.weight" and model_config.tie_word_embeddings:
-            continue
-        materialize(skeleton.get_submodule(module_name), module_name + ".", source, arch.stored_name)
-    skeleton.tie_weights()
-    rotation = None
-    if config.rotate:
-        check_rotatable(arch, model_config)
-        rotation = Rotation.for_model(model_config, config.rotate_seed, config.rotate_online)
-        rotate_outside(skeleton, rotation, final_norm_of(skeleton, arch))  # unties a tied head
-        model_config.tie_word_embeddings = False
-
+    _materialize_outside(skeleton, blocks_prefix, source, arch.stored_name, model_config.tie_word_embeddings)
     # weight values are checked as each block is read
-    plan = plan_run(skeleton, arch, config, calib, tokenizer, check_values=False)
-    block_bytes = max(sum(p.numel() * 4 for p in block.parameters()) for block in arch.block_list(skeleton))
-    plan.placement = placement_for(device, compute_dtype, offload_activations, model_config, plan.calibration,
-                                   block_bytes)
+    plan = plan_quantization(skeleton, arch, config, request, tokenizer, weights_loaded=False)
+    config = plan.config
+    model_config.tie_word_embeddings = skeleton.config.tie_word_embeddings  # a rotation unties the head
     reset_peak_memory(plan.placement.device)
 
     storage = STORAGE_TORCH_DTYPES[config.dtype]
@@ -408,8 +440,7 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
     store = StreamingStore(arch.block_prefix, source, staging,
                            _fingerprint(folder, files, config, plan.calibration, plan.placement),
                            packed, storage, n_blocks + 1, arch.stored_name, needs_inputs=plan.calibration is not None,
-                           rotate_block=(lambda block: rotate_block(block, arch, rotation, model_config))
-                           if rotation is not None else None)
+                           prepare_block=plan.block_preparation(arch, model_config))
     lock = _take_progress_folder(staging)
     try:
         first = store.start()
@@ -420,26 +451,20 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         # the embeddings, final norm and head do not change: their shard is written first, so that
         # their storage-dtype copy is gone before any block is loaded
         _write_rest_shard(store.folder, skeleton, blocks_prefix, storage, n_blocks, arch.stored_name)
-
-        def pack(name, quantized, linear):
-            packed[name] = plan.fmt.pack(quantized, config.for_layer(name))
-
         if progress:
             print(f"quantizing on {plan.placement.device} in {dtype_name(plan.placement.compute_dtype)}, "
                   f"calibration activations on {plan.placement.activations}")
-        quantize_blocks(skeleton, arch, plan.algorithm, grid_for=plan.grid_for, on_quantized=pack,
-                        calibration=plan.calibration, true_sequential=config.true_sequential, progress=progress,
-                        store=store, placement=plan.placement)
+        plan.run(skeleton, arch, store, packed, progress)
         skeleton.to("meta")  # the embeddings are written already; free them before hashing the shards
         _finish_folder(store.folder, n_blocks, model_config, plan.fmt, config, folder, tokenizer,
-                       rotation.description if rotation is not None else None)
+                       plan.rotation.description if plan.rotation is not None else None)
         result = store.pipeline_result()
         report = build_report(config, str(model), plan.calibration_info, store.earlier_seconds + time.time() - start,
                               peak_rss_mib(), result, sum(b["packed_bytes"] for b in store.progress["blocks"]),
                               plan.placement)
         report["resumed_after_blocks"] = first
-        if rotation is not None:
-            report["rotation"] = rotation.description
+        if plan.rotation is not None:
+            report["rotation"] = plan.rotation.description
         # each block's read, statistics, rounding, forward pass and write
         report["block_seconds"] = [b.get("seconds") for b in store.progress["blocks"]]
         report["checkpoint_sha256"] = folder_tensors_sha256(store.folder)
@@ -451,13 +476,23 @@ def quantize_to_disk(model: str | os.PathLike, config: QuantConfig | None, calib
         store.progress["finished"] = True
         store.save_progress()
         replace_folder(store.folder, target)
-        _remove_progress_folder(staging)
+        remove_progress_folder(staging)
     except BaseException as exc:
         _after_failure(exc, staging, store.done, n_blocks)
         raise
     finally:
         lock.release()
     return target, report
+
+
+def _materialize_outside(skeleton, blocks_prefix: str, source: LazyTensors, stored_name, tied: bool) -> None:
+    """Everything outside the blocks (embeddings, final norm, head) read from the checkpoint."""
+    for name, _ in list(skeleton.named_parameters()):
+        if name.startswith(blocks_prefix) or (name == "lm_head.weight" and tied):
+            continue
+        module_name, _, _ = name.rpartition(".")
+        materialize(skeleton.get_submodule(module_name), module_name + ".", source, stored_name)
+    skeleton.tie_weights()
 
 
 def _take_progress_folder(staging: Path) -> _FolderLock:
@@ -468,7 +503,7 @@ def _take_progress_folder(staging: Path) -> _FolderLock:
         staging.mkdir(exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create {staging}: {exc}") from exc
-    _check_staging(staging)
+    check_progress_folder(staging)
     return _FolderLock(staging)
 
 

@@ -1,5 +1,7 @@
 """Maps beyond llama: declared Phi-3 (fused qkv / gate_up) and Gemma-2 maps, maps derived from the
 module tree for families without one, the refusals that name what does not fit, and `llmquant models`."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +9,8 @@ from torch import nn
 import llmquant
 from llmquant import QuantConfig, ops
 from llmquant.arch import arch_for
-from llmquant.arch.derived import derive_arch
+from llmquant.arch.derived import check_model_by_forward, derive_arch
+from llmquant.planning import largest_block_bytes
 from llmquant.cli import main
 from llmquant.errors import UnsupportedArchitectureError
 from llmquant.nn import GPTQLinear
@@ -87,6 +90,14 @@ def test_derivation_names_what_does_not_fit():
 
     # names that put q/k/v in one step, but the forward pass shows they read different tensors
     model = tiny_model("llama")
+    with k_proj_reading_another_tensor(model), pytest.raises(UnsupportedArchitectureError,
+                                                             match="q_proj, self_attn.k_proj.*read different tensors"):
+        check_model_by_forward(model, derive_arch(model))
+
+
+@contextlib.contextmanager
+def k_proj_reading_another_tensor(model):
+    """The model's attention class, while the block runs, also feeds k_proj a tensor of its own."""
     attention = type(model.model.layers[0].self_attn)
     original = attention.forward
 
@@ -96,10 +107,33 @@ def test_derivation_names_what_does_not_fit():
 
     attention.forward = forward
     try:
-        with pytest.raises(UnsupportedArchitectureError, match="q_proj, self_attn.k_proj.*read different tensors"):
-            derive_arch(model)
+        yield
     finally:
         attention.forward = original
+
+
+@pytest.mark.parametrize("source", ["in memory", "streamed"])
+def test_the_pipeline_checks_a_derived_map_by_a_forward_pass_whatever_holds_the_model(source, tmp_path, smollm2):
+    # names that put q/k/v in one step, but the first block's forward shows they read different tensors
+    model = olmo2()
+    if source == "streamed":
+        model.save_pretrained(tmp_path / "olmo2")
+        smollm2[1].save_pretrained(tmp_path / "olmo2")
+    with k_proj_reading_another_tensor(model), pytest.raises(UnsupportedArchitectureError,
+                                                             match="q_proj, self_attn.k_proj.*read different tensors"):
+        llmquant.quantize(model if source == "in memory" else str(tmp_path / "olmo2"),
+                          QuantConfig(method="gptq", group_size=32, dtype="float32"), calib=CALIB,
+                          out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_placement_is_sized_by_the_largest_block_not_the_first():
+    # a mixture-of-experts model's first blocks may be dense and small
+    model = tiny_model("llama")
+    arch = arch_for(model.config, model)
+    first = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    model.model.layers[1].mlp.extra = nn.Linear(64, 512)
+    assert largest_block_bytes(model, arch) == first + (64 * 512 + 512) * 4
 
 
 def test_models_lists_declared_and_derived_families(capsys):

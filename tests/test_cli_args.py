@@ -143,3 +143,26 @@ def test_valid_arguments_reach_the_model(capsys, tmp_path, nothing_loads):
                   "--nsamples", "1", "--seqlen", "2", "--target-bpw", "3.5"]):
         with pytest.raises(AssertionError, match="a model was loaded"):
             main([str(a) for a in argv])
+
+
+def test_the_top_level_help_lists_every_command_without_importing_torch():
+    import subprocess
+    import sys
+
+    from llmquant.cli import COMMAND_HELP
+
+    code = ("import sys\nfrom llmquant.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("torch not imported")
+    assert all(name in run.stdout for name in COMMAND_HELP)
+
+
+def test_a_command_gets_its_own_options_when_the_parser_is_built_for_it(capsys):
+    from llmquant.cli import build_parser
+
+    assert build_parser("quantize").parse_args(["quantize", "--method", "gptq", "--out", "x"]).method == "gptq"
+    with pytest.raises(SystemExit):
+        build_parser("quantize").parse_args(["quantize", "--method", "no-such-method", "--out", "x"])
+    assert "invalid choice: 'no-such-method'" in capsys.readouterr().err

@@ -267,12 +267,12 @@ def test_overwrite_replaces_the_old_checkpoint(tmp_path, model_folder, reference
 
 def test_saving_a_checkpoint_over_another_goes_through_the_atomic_replace(tmp_path, model_folder, reference,
                                                                           monkeypatch):
-    from llmquant import api
+    from llmquant import streaming
 
     checkpoint = llmquant.quantize(str(model_folder), QuantConfig(method="rtn", bits=8, group_size=32), None,
                                    progress=False)
     before = shards(reference)
-    monkeypatch.setattr(api, "replace_folder", lambda new, target: (_ for _ in ()).throw(OSError(28, "disk full")))
+    monkeypatch.setattr(streaming, "replace_folder", lambda new, target: (_ for _ in ()).throw(OSError(28, "disk full")))
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(reference, overwrite=True)
     assert shards(reference) == before  # the old checkpoint was never deleted first
@@ -351,18 +351,18 @@ def test_a_run_without_out_resumes_when_the_same_call_is_made_again(tmp_path, mo
 
 
 def test_another_call_gets_another_folder_and_stale_runs_are_removed(tmp_path, model_folder, monkeypatch, capsys):
-    from llmquant import api
+    from llmquant import streaming
 
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
-    one = api.run_folder(str(model_folder), CONFIG, calibration(), "auto", "auto", "auto")
-    assert api.run_folder(str(model_folder), CONFIG, calibration(), "auto", "auto", "auto") == one
+    one = streaming.run_folder(str(model_folder), CONFIG, calibration(), "auto", "auto", "auto")
+    assert streaming.run_folder(str(model_folder), CONFIG, calibration(), "auto", "auto", "auto") == one
     stale = tmp_path / "cache" / "runs" / "quantize-0123456789abcdef"
     (stale / ".checkpoint.partial").mkdir(parents=True)
     (stale / ".checkpoint.partial" / PROGRESS_FILE).write_text("{}")
-    old = time.time() - api.STALE_RUN_SECONDS - 3600
+    old = time.time() - streaming.STALE_RUN_SECONDS - 3600
     for path in (stale / ".checkpoint.partial" / PROGRESS_FILE, stale / ".checkpoint.partial", stale):
         os.utime(path, (old, old))
-    other = api.run_folder(str(model_folder), QuantConfig(method="rtn", bits=8, group_size=32), None, "auto", "auto",
+    other = streaming.run_folder(str(model_folder), QuantConfig(method="rtn", bits=8, group_size=32), None, "auto", "auto",
                            "auto")
     assert other != one and one.exists() and not stale.exists()
     assert f"removed {stale}" in capsys.readouterr().err

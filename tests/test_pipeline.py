@@ -7,7 +7,7 @@ from torch import nn
 import llmquant
 from llmquant import QuantConfig, ops
 from llmquant.arch import arch_for
-from llmquant.errors import DataError, UnsupportedArchitectureError
+from llmquant.errors import DataError, OutputExistsError, UnsupportedArchitectureError
 from llmquant.nn import GPTQLinear
 from llmquant.pipeline import capture_block_inputs, run_block
 from llmquant.statistics import InputGram
@@ -125,3 +125,51 @@ def test_layers_fed_the_same_tensor_share_their_statistics():
     # The shared statistics are those of the normed block input, seen once per token.
     normed = torch.cat([block.input_layernorm(h) for h in inputs[0].hidden_states]).reshape(-1, 64)
     assert torch.allclose(stats["self_attn.q_proj"].gram, normed.t() @ normed, atol=1e-4)
+
+
+def test_a_model_held_in_memory_is_written_to_out_when_given_and_an_existing_out_is_refused_first(tmp_path):
+    config = QuantConfig(method="rtn", bits=4, group_size=32, dtype="float32")
+    qmodel = llmquant.quantize(tiny_model("llama"), config, out=tmp_path / "ckpt", progress=False)
+    ids = torch.arange(10)[None]
+    with torch.no_grad(), ops.use_backend("reference"):
+        assert torch.allclose(llmquant.load(tmp_path / "ckpt", device="cpu")(ids).logits, qmodel.model(ids).logits,
+                              atol=1e-5)
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(OutputExistsError, match="already exists"):
+        llmquant.quantize(model, config, out=tmp_path / "ckpt", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any block
+
+
+@pytest.mark.parametrize("bad,error", [(dict(device="cuda:7"), "cuda"), (dict(offload_activations="sometimes"),
+                                                                        "offload_activations must be one of"),
+                                       (dict(calib="no-such-corpus"), "no-such-corpus")])
+def test_the_held_and_the_streamed_model_refuse_a_bad_request_alike_before_reading_the_model(bad, error, tmp_path,
+                                                                                             tiny_folder):
+    from llmquant.errors import LlmquantError
+
+    config = QuantConfig(method="gptq", bits=4, group_size=32)
+    messages = []
+    for model in (tiny_model("llama"), str(tiny_folder)):
+        with pytest.raises(LlmquantError, match=error) as caught:
+            llmquant.quantize(model, config, out=tmp_path / "out", progress=False, **bad)
+        messages.append(str(caught.value))
+        assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    assert messages[0] == messages[1]
+
+
+def test_a_method_that_needs_data_takes_the_default_calibration_once_in_the_request():
+    from llmquant.data import Calibration
+    from llmquant.errors import ConfigError
+    from llmquant.planning import check_request, plan_run
+
+    config = QuantConfig(method="gptq", bits=4, group_size=32)
+    assert check_request(config).calib == Calibration()
+    assert check_request(QuantConfig(method="rtn", bits=4, group_size=32)).calib is None
+    small = Calibration(nsamples=2, seqlen=16)
+    assert check_request(config, default_calib=small).calib == small
+    assert check_request(config, calib=torch.zeros(1, 4, dtype=torch.long), default_calib=small).calib is not small
+    # the plan itself chooses no data: a request that skipped check_request is refused, not filled in
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="gptq needs calibration data"):
+        plan_run(model, arch_for(model.config), config, None, None)

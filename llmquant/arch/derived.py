@@ -4,9 +4,11 @@ The usual decoder layout is: one ModuleList of identical decoder blocks (as long
 config.num_hidden_layers), each holding attention projections and MLP projections as nn.Linear
 under the names the field uses (q/k/v/o, gate/up/down, fc1/fc2, ...). The blocks are that one list;
 each linear gets its sequential step from its name (attention input, attention output, MLP input,
-MLP output), the part of the block it sits in telling `dense` / `c_proj` / `wo` apart; when the
-weights are real, a short forward pass with hooks on the first block's linears then checks
-that the linears of a step read one and the same tensor and that the steps run in this order.
+MLP output), the part of the block it sits in telling `dense` / `c_proj` / `wo` apart. The
+quantization pipeline then passes a calibration sample through the first block it quantizes, with
+hooks on its linears, to check that the linears of a step read one and the same tensor and that the
+steps run in this order (check_steps_by_forward; without calibration data the order changes
+nothing; `llmquant models` runs the check on tiny random models).
 Anything that does not fit (no such list, several, a linear whose name says nothing, a step whose
 linears read different tensors) is an UnsupportedArchitectureError naming it.
 
@@ -14,6 +16,8 @@ A derived map has no scaling pairs (which operation feeds a linear channel by ch
 in the names), so AWQ and SmoothQuant, which fold scales there, ask for a declared map.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -58,11 +62,8 @@ def derive_arch(model: nn.Module) -> ArchMap:
             raise _error(model_type, f"block {index} of {blocks_path} holds other linears than block 0 "
                          f"({', '.join(sorted(set(here) ^ set(linears))[:4])})")
     sequential = tuple(tuple(step) for step in steps if step)
-    arch = ArchMap(name=f"{model_type} (derived)", model_types=(model_type,), blocks=blocks_path,
+    return ArchMap(name=f"{model_type} (derived)", model_types=(model_type,), blocks=blocks_path,
                    sequential=sequential, derived=True)
-    if not any(p.is_meta for p in blocks[0].parameters()):
-        _check_inputs_by_forward(model, arch, model_type)
-    return arch
 
 
 def _error(model_type: str, reason: str) -> UnsupportedArchitectureError:
@@ -108,10 +109,11 @@ def _step_of(name: str, model_type: str) -> int:
 
 
 @torch.no_grad()
-def _check_inputs_by_forward(model: nn.Module, arch: ArchMap, model_type: str) -> None:
-    """Run a few tokens through the model: the first block's linears of each step must read one
-    tensor, in step order."""
-    block = arch.block_list(model)[0]
+def check_steps_by_forward(block: nn.Module, arch: ArchMap, run: Callable[[], object]) -> None:
+    """run() passes a sample through `block`: the linears of each step must read one tensor, in step
+    order. The quantization pipeline calls it on the first block it quantizes, whatever holds the
+    model (in memory or streamed from disk)."""
+    model_type = arch.model_types[0]
     read: dict[str, tuple[int, int]] = {}  # linear -> (call order, id of the tensor it read)
     kept = []  # holds the tensors so that their ids stay unique
 
@@ -124,10 +126,8 @@ def _check_inputs_by_forward(model: nn.Module, arch: ArchMap, model_type: str) -
 
     names = arch.linear_names()
     handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-    vocab = model.get_input_embeddings().num_embeddings
     try:
-        model(input_ids=torch.arange(8).remainder(vocab)[None].to(model.get_input_embeddings().weight.device),
-              use_cache=False)
+        run()
     finally:
         for handle in handles:
             handle.remove()
@@ -142,6 +142,13 @@ def _check_inputs_by_forward(model: nn.Module, arch: ArchMap, model_type: str) -
         if first < last_order:
             raise _error(model_type, f"{', '.join(step)} run before the step their names put before them")
         last_order = max(read[name][0] for name in step)
+
+
+def check_model_by_forward(model: nn.Module, arch: ArchMap) -> None:
+    """check_steps_by_forward on the first block of a model with real weights, by a few tokens through it."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(8).remainder(vocab)[None].to(model.get_input_embeddings().weight.device)
+    check_steps_by_forward(arch.block_list(model)[0], arch, lambda: model(input_ids=ids, use_cache=False))
 
 
 # Families without a declared map that `llmquant models` derives a map for on a tiny random-init
@@ -183,7 +190,9 @@ def survey(model_types=SURVEYED) -> list[tuple[str, ArchMap | None, str]]:
             results.append((model_type, None, f"no tiny model could be built ({type(exc).__name__}: {first_line})"))
             continue
         try:  # our own code: only a refusal is an answer, anything else a fault that propagates
-            results.append((model_type, derive_arch(model), ""))
+            arch = derive_arch(model)
+            check_model_by_forward(model, arch)
+            results.append((model_type, arch, ""))
         except UnsupportedArchitectureError as exc:
             results.append((model_type, None, str(exc).split(": ", 2)[-1].split("; declared maps")[0]))
     return results
