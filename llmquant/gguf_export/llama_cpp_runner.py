@@ -3,7 +3,8 @@ scripts/setup_llama_cpp.sh), for the interop tests and eval/bench_cpu.py.
 
 On CPUs with AMX, llama.cpp (as built by llama-cpp-python 0.3.36 with GGML_NATIVE) moves q4_0 / q8_0
 weights into its AMX buffer type, and its AMX matmul then crashes the process (SIGSEGV in
-ggml_backend_amx_mul_mat on a 2-core Xeon with amx_int8, for every type we export). Where the loaded
+ggml_backend_amx_mul_mat on a 2-core Xeon with amx_int8, for every type we export; SIGILL at the first
+evaluation, after the AMX repack, on another 2-core Xeon with AMX, q4_0 and q8_0). Where the loaded
 build has AMX and the CPU too, the extra buffer types are switched off (use_extra_bufts = false: no AMX
 and no CPU repacking either), which is what llama.cpp's `--no-repack` does; elsewhere (a build without
 AMX, such as the AVX2-class one) llama.cpp keeps its defaults.
