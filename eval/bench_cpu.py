@@ -1,6 +1,7 @@
 """CPU inference speed of every checkpoint format llmquant writes, against fp32 and llama.cpp, in one run.
 
     bash scripts/setup_llama_cpp.sh      # llama-cpp-python, from a local wheel or PyPI's sdist
+    bash scripts/setup_llama_cpp.sh --class avx2   # and an AVX2-class build beside it, for --class avx2
     OMP_NUM_THREADS=2 python eval/bench_cpu.py --threads 2 --md eval/CPU.md --json eval/runs/cpu-bench.json
     OMP_NUM_THREADS=2 python eval/bench_cpu.py --class avx2 --md eval/CPU.md     # the AVX2 class, forced
     OMP_NUM_THREADS=2 python eval/bench_cpu.py --model llama1b-shape --only "GPTQ w4 g128 sym" --md eval/CPU.md
@@ -11,8 +12,12 @@ in bf16 as Llama-3.2-1B is, SmolLM2's tokenizer; made once into --work, then qua
 others; its prefill and decode lengths are smaller (a 128-token window, 16 new tokens), so a run
 fits on 2 cores; speed does not depend on the values of the weights). --class avx2 re-executes this
 script with ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (torch, oneDNN and llmquant's CPU class
-then plan for an AVX2 CPU: no int8 dot product, no native bf16); --class native without them. With
---md, the table goes into its own section of the file per model and class (others are kept).
+then plan for an AVX2 CPU: no int8 dot product, no native bf16); --class native without them. The
+llama.cpp rows of the AVX2 class come from the AVX2-class build (scripts/setup_llama_cpp.sh --class avx2:
+no AVX-512, VNNI or AMX); a build with more than AVX2 is refused there (it would not be the same class
+as the torch rows), and the table's header names the build's ISA. With --md, the table goes into its
+own section of the file per model and class (others are kept; --md-section names another section, for
+a run of some rows beside a full table).
 
 For SmolLM2-135M: fp32 and bf16 (transformers' own model), then each quantized checkpoint loaded by
 llmquant (which converts its linears to the CPU fast paths of llmquant.cpu), then llama.cpp
@@ -55,7 +60,9 @@ import torch
 from llmquant.cpu import describe_cpu, prepare_for_cpu, summary
 from llmquant.data import tokenize_corpus
 from llmquant.generation import timed_generate
-from llmquant.gguf_export.llama_cpp_runner import extra_buffer_types_note, open_in_llama_cpp
+from llmquant.gguf_export.llama_cpp_runner import (beyond_avx2, build_folder_for, describe_build,
+                                                   extra_buffer_types_note, loaded_build_features,
+                                                   open_in_llama_cpp)
 from llmquant.loading import load
 from llmquant.models import builtin_model_path, cache_dir, load_fp_model
 
@@ -122,6 +129,32 @@ def environment(variables: dict):
                 del os.environ[key]
             else:
                 os.environ[key] = value
+
+
+def current_class() -> str:
+    return "avx2" if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" else "native"
+
+
+def import_llama_cpp(cpu_class: str) -> str | None:
+    """Import the llama.cpp build for `cpu_class`: None when it is imported, else why there is none.
+    The AVX2 class takes an AVX2-class build only: one with AVX-512, VNNI or AMX beside torch held to
+    AVX2 would compare two CPU classes."""
+    folder = build_folder_for(cpu_class, Path(sys.prefix))
+    if folder is not None:
+        sys.path.insert(0, str(folder))  # ahead of the venv's own (native) build
+    try:
+        import llama_cpp
+    except ImportError:
+        return "llama-cpp-python is not installed (bash scripts/setup_llama_cpp.sh)"
+    if cpu_class == "avx2" and (extra := beyond_avx2(loaded_build_features())):
+        return (f"the llama.cpp found ({Path(llama_cpp.__file__).parent}) is built for {', '.join(extra)}, "
+                "beyond the AVX2 class; build one for it: bash scripts/setup_llama_cpp.sh --class avx2")
+    return None
+
+
+def llama_cpp_build_class() -> str:
+    extra = beyond_avx2(loaded_build_features())
+    return "AVX2-class build" if not extra else "build with " + ", ".join(extra)
 
 
 def run_cli(args: list[str]) -> None:
@@ -239,13 +272,15 @@ def cpu_name() -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     fp32 = next(r for r in rows if r["model"] == "fp32")
+    ran_llama_cpp = meta["llama_cpp"] != "not run"
     lines = [
-        f"## {meta['model']}, {meta['cpu_class_title']}",
+        f"## {meta['model']}, {meta['cpu_class_title']}"
+        + (f", beside llama.cpp ({meta['llama_cpp_build_class']})" if ran_llama_cpp else ""),
         "",
         f"{meta['model']} on a {meta['cores']}-core {meta['cpu']} ({platform.machine()}), llmquant's CPU class: "
-        f"{meta['capability']}; {meta['threads']} threads, torch {meta['torch']}, llama-cpp-python "
-        f"{meta['llama_cpp']}" + (f" ({meta['llama_cpp_buffers']})" if meta["llama_cpp"] != "not run" else
-                                  " (not installed here: no llama.cpp rows)")
+        f"{meta['capability']}; {meta['threads']} threads, torch {meta['torch']}, "
+        + (f"llama-cpp-python {meta['llama_cpp']} ({meta['llama_cpp_build']}; {meta['llama_cpp_buffers']})"
+           if ran_llama_cpp else f"no llama.cpp rows ({meta['llama_cpp_absent']})")
         + f"; {meta['date']}. Load average (1/5/15 min) before the run {meta['load_before']}, "
         f"after {meta['load_after']} (other work shared the cores: read the ratios, which come from the same run).",
         "",
@@ -317,6 +352,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (fp32 always runs)")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--md", default=None)
+    parser.add_argument("--md-section", default=None,
+                        help="the section of --md to write (default: MODEL-CLASS, e.g. smollm2-native); another "
+                             "name keeps the default one, e.g. for a run of some rows beside a full table")
     parser.add_argument("--json", default=None)
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--class", dest="cpu_class", choices=sorted(CLASS_VARIABLES), default=None,
@@ -337,11 +375,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     selected = [c for c in CHECKPOINTS if args.only is None or c.name in args.only]
     folders = {c.name: ensure_checkpoint(work, c, spec) for c in selected}  # (two rows may share a folder)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    llama_cpp_absent = import_llama_cpp(current_class()) if args.llama_cpp else "--no-llama-cpp"
+    if llama_cpp_absent is not None:
         args.llama_cpp = False
-        print("llama-cpp-python is not installed (bash scripts/setup_llama_cpp.sh): no llama.cpp rows", flush=True)
+        print(f"no llama.cpp rows: {llama_cpp_absent}", flush=True)
     ggufs = {k: ensure_gguf(work, k) for k in GGUF_TYPES
              if args.llama_cpp and spec.key == "smollm2" and (args.only is None or k in args.only)}
 
@@ -400,19 +437,22 @@ def main() -> None:
             for name, runs_as, size, _ in contenders]
 
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "capability": describe_cpu(), "threads": args.threads,
-            "torch": torch.__version__, "llama_cpp": llama_version, "llama_cpp_buffers": extra_buffer_types_note(), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "llama_cpp": llama_version, "date": time.strftime("%Y-%m-%d"),
+            **({"llama_cpp_build": describe_build(), "llama_cpp_build_class": llama_cpp_build_class(),
+                "llama_cpp_compiled_features": " ".join(loaded_build_features()),
+                "llama_cpp_buffers": extra_buffer_types_note()} if ggufs else
+               {"llama_cpp_absent": llama_cpp_absent or "no GGUF row in this run"}),
             "load_before": load_before, "load_after": loadavg(), "repeats": args.repeats,
             "prompt_tokens": prompt_ids.shape[1], "model": spec.title, "prefill_tokens": spec.prefill_tokens,
             "new_tokens": spec.new_tokens,
             "cpu_class_title": ("AVX2 class (forced: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)"
-                                if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" else "native class"),
+                                if current_class() == "avx2" else "native class"),
             "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python eval/bench_cpu.py "
                        + shlex.join(sys.argv[1:])}
     text = markdown(rows, meta)
     print(text)
     if args.md:
-        key = f"{spec.key}-{'avx2' if os.environ.get('ATEN_CPU_CAPABILITY') == 'avx2' else 'native'}"
-        write_keeping_notes(Path(args.md), text, key)
+        write_keeping_notes(Path(args.md), text, args.md_section or f"{spec.key}-{current_class()}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
