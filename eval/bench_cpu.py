@@ -20,7 +20,7 @@ own section of the file per model and class (others are kept; --md-section names
 a run of some rows beside a full table).
 
 For SmolLM2-135M: fp32 and bf16 (transformers' own model), then each quantized checkpoint loaded by
-llmquant (which converts its linears to the CPU fast paths of llmquant.cpu), then llama.cpp
+llmquant (which converts its linears to the CPU fast paths of llmquant.inference.cpu), then llama.cpp
 (llama-cpp-python) on our own GGUF exports of the same model (q8_0, q4_0, q4_k). Per model, on the same
 token ids: prefill tok/s of a 512-token window of the wiki test split (one forward)
 and decode tok/s at batch 1 (greedy, 64 new tokens after a short prompt, the tokens after the first over
@@ -57,13 +57,13 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir())
                                             / f"torchinductor-llmquant-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}")
 import torch
 
-from llmquant.cpu import describe_cpu, prepare_for_cpu, summary
+from llmquant.inference.cpu import describe_cpu, prepare_for_cpu, summary
 from llmquant.data import tokenize_corpus
-from llmquant.generation import timed_generate
+from llmquant.inference.generation import timed_generate
 from llmquant.gguf_export.llama_cpp_runner import (beyond_avx2, build_folder_for, describe_build,
                                                    extra_buffer_types_note, loaded_build_features,
                                                    open_in_llama_cpp)
-from llmquant.loading import load
+from llmquant.inference.loading import load
 from llmquant.models import builtin_model_path, cache_dir, load_fp_model
 
 PROMPT = "The history of the printing press begins"
@@ -202,7 +202,7 @@ def best(values: list[float]) -> float:
 
 class TorchRunner:
     """One model measured the same way each round: prefill of `window`, decode after `prompt_ids`.
-    compile_decode: decode steps as one compiled graph each (llmquant.generation); the prompt's forward
+    compile_decode: decode steps as one compiled graph each (llmquant.inference.generation); the prompt's forward
     is the eager one, measured in the model's eager row, so this row has no prefill of its own."""
 
     def __init__(self, model, prompt_ids: torch.Tensor, window: torch.Tensor, new_tokens: int = NEW_TOKENS,

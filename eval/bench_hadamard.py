@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from llmquant import ops
-from llmquant.hadamard import hadamard, hadamard_factors
+from llmquant.inference import ops
+from llmquant.rotation.hadamard import hadamard, hadamard_factors
 
 MODELS = {1536: "SmolLM2-135M", 2048: "SmolLM2-360M", 4864: "Qwen2-0.5B", 8192: "Llama-3.2-1B",
           14336: "Llama-3-8B"}

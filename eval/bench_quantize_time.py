@@ -27,7 +27,7 @@ import torch
 
 from llmquant import Calibration, QuantConfig
 from llmquant.api import evaluate
-from llmquant.streaming import quantize_to_disk
+from llmquant.quantization.streaming import quantize_to_disk
 
 METHODS = {
     "gptq w4g128": {"method": "gptq", "bits": 4, "group_size": 128},

@@ -35,8 +35,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from llmquant import QuantConfig, streaming
-from llmquant.streaming import PROGRESS_FILE, quantize_to_disk
+from llmquant import QuantConfig
+from llmquant.quantization import streaming
+from llmquant.quantization.streaming import PROGRESS_FILE, quantize_to_disk
 
 # hold timings (and the card, the output path): the report JSON's other content is compared
 TIMED_FILES = {"quantize_report.json", "report.md", "README.md"}

@@ -1,5 +1,5 @@
 """Per-layer errors of two rows of a perplexity table (eval/ppl_table.py --layer-errors --json), side
-by side: by kind of linear, by block and layer by layer (llmquant.report.compare_layer_errors, what
+by side: by kind of linear, by block and layer by layer (llmquant.evaluation.report.compare_layer_errors, what
 `llmquant report CKPT --compare OTHER` writes for two checkpoints); the command heads what it writes.
 The one behind eval/rotation/layer_errors-w4pc.md:
 
@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from llmquant.report import compare_layer_errors
+from llmquant.evaluation.report import compare_layer_errors
 
 
 def main(argv=None) -> int:

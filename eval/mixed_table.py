@@ -18,10 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from llmquant import Calibration, QuantConfig
-from llmquant.allocation import allocate
+from llmquant.quantization.allocation import allocate
 from llmquant.api import evaluate
-from llmquant.sensitivity import SensitivityTable
-from llmquant.streaming import quantize_to_disk
+from llmquant.quantization.sensitivity import SensitivityTable
+from llmquant.quantization.streaming import quantize_to_disk
 
 
 def run(model, config, calib, windows, tmp):

@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import llmquant  # noqa: E402
 from llmquant import QuantConfig  # noqa: E402
-from llmquant.moe import ExpertList  # noqa: E402
+from llmquant.arch.moe import ExpertList  # noqa: E402
 
 from conftest import MOE_KINDS, tiny_model  # noqa: E402  (the tests' tiny configs)
 

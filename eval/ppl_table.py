@@ -34,7 +34,7 @@ import llmquant
 from llmquant.algorithms import algorithm_for
 from llmquant import Calibration, QuantConfig
 from llmquant.api import evaluate, load_with_tokenizer
-from llmquant.perplexity import PerplexityResult
+from llmquant.evaluation.perplexity import PerplexityResult
 
 SUBSET = 8  # REFERENCE.md section 8 compares on the first 8 windows
 # Table name -> QuantConfig fields.

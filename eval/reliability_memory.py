@@ -16,7 +16,7 @@ from pathlib import Path
 
 PROBE = """
 import json, resource, sys, time
-import llmquant, llmquant.streaming
+import llmquant, llmquant.quantization.streaming
 from llmquant import Calibration, QuantConfig
 from llmquant.models import load_fp_model
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -25,7 +25,7 @@ config = QuantConfig(method=method, bits=4, group_size=128)
 calib = Calibration("wiki", 4, 256) if method != "rtn" else None
 start = time.time()
 if mode == "streamed":
-    llmquant.streaming.quantize_to_disk(model, config, calib, out, progress=False)
+    llmquant.quantization.streaming.quantize_to_disk(model, config, calib, out, progress=False)
 else:
     whole, tokenizer = load_fp_model(model)
     llmquant.quantize(whole, config, calib, tokenizer=tokenizer, progress=False).save(out)

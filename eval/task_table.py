@@ -20,7 +20,7 @@ from pathlib import Path
 import llmquant
 from llmquant import QuantConfig
 from llmquant.api import evaluate_tasks
-from llmquant.task_accuracy import WIKI_LAST_WORD
+from llmquant.evaluation.task_accuracy import WIKI_LAST_WORD
 
 
 def parse_config(name: str) -> tuple[int, int]:

@@ -103,7 +103,7 @@ def weight_bytes(tensors: dict) -> int:
 
 
 def op_call(kind: str, x: torch.Tensor, t: dict, k: int, n: int):
-    from llmquant import fp8_ops, ops
+    from llmquant.inference import fp8_ops, ops
 
     if kind == "fp8":
         return lambda: fp8_ops.fp8_linear(x, t["weight"], t["weight_scale"], None)
@@ -121,7 +121,7 @@ def op_call(kind: str, x: torch.Tensor, t: dict, k: int, n: int):
 
 
 def reference_call(kind: str, x: torch.Tensor, t: dict, k: int, n: int):
-    from llmquant import ops
+    from llmquant.inference import ops
 
     with ops.use_backend("reference"):
         return op_call(kind, x, t, k, n)()
@@ -136,7 +136,7 @@ def check(kind: str, x: torch.Tensor, t: dict, k: int, n: int) -> float:
 
 def interpreter_check() -> dict:
     """Each Triton kernel once under the interpreter (CPU mode), against the reference, on a small shape."""
-    from llmquant import ops
+    from llmquant.inference import ops
 
     results = {}
     x = torch.randn(3, 256)

@@ -6,8 +6,8 @@ from .errors import LlmquantError
 
 # The public names, imported on first use: `llmquant --help` and `llmquant models` start without
 # loading torch (the CLI imports this package first).
-_PUBLIC = {"quantize": "api", "QuantizedModel": "in_memory", "QuantConfig": "config", "Calibration": "data",
-           "load": "loading", "compiled_decode_options": "generation"}
+_PUBLIC = {"quantize": "api", "QuantizedModel": "quantization.in_memory", "QuantConfig": "config",
+           "Calibration": "data", "load": "inference.loading", "compiled_decode_options": "inference.generation"}
 
 __all__ = ["quantize", "load", "compiled_decode_options", "QuantConfig", "QuantizedModel", "Calibration", "LlmquantError", "__version__"]
 
@@ -17,7 +17,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
         globals()[name] = value
         return value
-    try:  # llmquant.api, llmquant.streaming, ... as attributes, as after an eager import
+    try:  # llmquant.api, llmquant.quantization, ... as attributes, as after an eager import
         return importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError as exc:
         if exc.name != f"{__name__}.{name}":

@@ -4,9 +4,9 @@
     qmodel.save("out/smollm2-w4g64")
     model = llmquant.load("out/smollm2-w4g64")   # a transformers model that generates
 
-A quantization is one run whatever holds the model (planning.py checks and plans it, pipeline.py
-takes every block through it); its blocks come from a folder streamed from disk (streaming.py) or
-from a model held in memory (in_memory.py).
+A quantization is one run whatever holds the model (quantization/planning.py checks and plans it,
+quantization/pipeline.py takes every block through it); its blocks come from a folder streamed from
+disk (quantization/streaming.py) or from a model held in memory (quantization/in_memory.py).
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from .arch import arch_for
 from .config import QuantConfig
 from .data import Calibration, default_split, evaluation_windows, tokenize_corpus
 from .errors import ConfigError, UnsupportedArchitectureError
-from .in_memory import quantize_in_memory
-from .loading import load
+from .quantization.in_memory import quantize_in_memory
+from .inference.loading import load
 from .models import resolve_model
-from .perplexity import perplexity
-from .planning import check_request
-from .streaming import QuantizedCheckpoint, run_folder, stream_to_disk
+from .evaluation.perplexity import perplexity
+from .quantization.planning import check_request
+from .quantization.streaming import QuantizedCheckpoint, run_folder, stream_to_disk
 
 
 def quantize(model, config: QuantConfig | None = None, calib: Calibration | str | torch.Tensor | None = None,
@@ -134,7 +134,7 @@ def evaluate_tasks(model_or_path, tasks: list[str], limit: int | None = None, ba
     """Zero-shot task accuracy (lm-evaluation-harness) of a model (name, folder, or loaded model +
     tokenizer): task_accuracy.task_accuracy on the model as llmquant.load gives it. bos: by default the
     architecture map decides (Gemma: yes), as for perplexity."""
-    from .task_accuracy import task_accuracy, task_manager
+    from .evaluation.task_accuracy import task_accuracy, task_manager
 
     manager = manager or task_manager(tasks, include_path)
     model, tokenizer, name, bos = _model_to_evaluate(model_or_path, tokenizer, device, dtype, bos)

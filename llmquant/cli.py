@@ -124,7 +124,7 @@ def _add_quantize(p):
 
 def _add_sensitivity(p):
     from .models import DEFAULT_MODEL
-    from .sensitivity import SENSITIVITY_METHODS
+    from .quantization.sensitivity import SENSITIVITY_METHODS
 
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--calib", default="wiki", metavar="CORPUS")
@@ -316,7 +316,7 @@ def _check_arguments(args) -> None:
     if getattr(args, "prompt", None) == "" and not args.chat:
         raise ConfigError("--prompt is empty: give the text to continue")
     if getattr(args, "target_bpw", None) is not None:
-        from .sensitivity import DEFAULT_BITS
+        from .quantization.sensitivity import DEFAULT_BITS
 
         if not (math.isfinite(args.target_bpw) and args.target_bpw > 0):
             raise ConfigError(f"--target-bpw must be a positive number of bits per weight, got {args.target_bpw}")
@@ -336,7 +336,7 @@ def _check_arguments(args) -> None:
     if isinstance(table, str) and not Path(table).expanduser().is_file():
         raise ConfigError(f"--sensitivity: no such file: {table}")
     if getattr(args, "adapter", None) is not None:
-        from .qlora import check_adapter_folder
+        from .training.qlora import check_adapter_folder
 
         check_adapter_folder(args.adapter)
 
@@ -363,9 +363,9 @@ def _placement_checked(args):
 def cmd_quantize(args) -> int:
     from .config import QuantConfig
     from .data import Calibration
-    from .planning import check_request
-    from .report import describe_mib
-    from .streaming import stream_to_disk
+    from .quantization.planning import check_request
+    from .evaluation.report import describe_mib
+    from .quantization.streaming import stream_to_disk
 
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                          format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
@@ -414,10 +414,10 @@ def _mixed_precision(args, config, calib):
     from collections import Counter
     from dataclasses import replace
 
-    from .allocation import allocate
+    from .quantization.allocation import allocate
     from .data import Calibration
     from .errors import ConfigError
-    from .sensitivity import SensitivityTable, rounding_for, sensitivity_of
+    from .quantization.sensitivity import SensitivityTable, rounding_for, sensitivity_of
 
     if config.format != "gptq":
         raise ConfigError("--target-bpw writes per-layer overrides in the gptq format; use --format gptq")
@@ -446,10 +446,10 @@ def _mixed_precision(args, config, calib):
 
 
 def cmd_sensitivity(args) -> int:
-    from .checkpoint import check_output_file, write_file_atomically
+    from .storage.checkpoint import check_output_file, write_file_atomically
     from .config import QuantConfig
     from .data import Calibration
-    from .sensitivity import SensitivityTable, sensitivity_of
+    from .quantization.sensitivity import SensitivityTable, sensitivity_of
 
     out = check_output_file(args.out, args.overwrite, SensitivityTable.is_table, "a sensitivity table")
     _placement_checked(args)
@@ -466,9 +466,9 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import REPORT_FILE
+    from .evaluation.report import REPORT_FILE
     from .errors import CheckpointError
-    from .report import write_report
+    from .evaluation.report import write_report
 
     folder = Path(args.checkpoint).expanduser()
     if not (folder / REPORT_FILE).is_file():
@@ -505,7 +505,7 @@ def cmd_eval(args) -> int:
 
 def _record_on_checkpoint(model: str, what: str, on: str, setting: str, value: str, result: dict) -> None:
     """A measurement of a checkpoint llmquant wrote goes into its model card (others are left alone)."""
-    from .model_card import record_eval
+    from .storage.model_card import record_eval
 
     if Path(model).expanduser().is_dir():
         record_eval(Path(model).expanduser(), what, on, setting, value, f"{result['device']} {result['dtype']}")
@@ -513,7 +513,7 @@ def _record_on_checkpoint(model: str, what: str, on: str, setting: str, value: s
 
 def _eval_tasks(args) -> int:
     from .api import evaluate_tasks
-    from .task_accuracy import task_manager
+    from .evaluation.task_accuracy import task_manager
 
     manager = task_manager(args.tasks, args.include_path)  # unknown tasks are refused before the model loads
     model = _model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
@@ -541,7 +541,7 @@ def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     from .api import load_with_tokenizer
-    from .generation import timed_generate
+    from .inference.generation import timed_generate
 
     _placement_checked(args)
     model, tokenizer = (_model_with_adapter(args.model, args.adapter, args.device, args.compute_dtype)
@@ -561,9 +561,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .report import REPORT_FILE
-    from .cpu import describe_cpu, describe_head, path_table, prepare_for_cpu, prepare_output_head, summary
-    from .loading import load
+    from .evaluation.report import REPORT_FILE
+    from .inference.cpu import describe_cpu, describe_head, path_table, prepare_for_cpu, prepare_output_head, summary
+    from .inference.loading import load
 
     folder = Path(args.checkpoint).expanduser()
     model = load(folder, device="cpu")  # the paths listed are the CPU's
@@ -592,7 +592,7 @@ def _model_with_adapter(model_path, adapter, device="auto", compute_dtype="auto"
     if adapter is None:
         return None
     from .api import load_with_tokenizer
-    from .qlora import load_adapter
+    from .training.qlora import load_adapter
 
     model, tokenizer = load_with_tokenizer(model_path, device, compute_dtype)
     return load_adapter(model, adapter), tokenizer
@@ -605,8 +605,8 @@ def _training_summary(report: dict) -> str:
 
 
 def cmd_finetune(args) -> int:
-    from .checkpoint import check_output_path
-    from .qlora import LoraSettings, TrainingSettings, finetune, merge_into_checkpoint
+    from .storage.checkpoint import check_output_path
+    from .training.qlora import LoraSettings, TrainingSettings, finetune, merge_into_checkpoint
 
     check_output_path(args.out, args.overwrite)
     if args.merge_out:
@@ -626,10 +626,10 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_qat(args) -> int:
-    from .checkpoint import check_output_path
+    from .storage.checkpoint import check_output_path
     from .config import QuantConfig
-    from .qat import QATSettings, qat
-    from .training import TrainingSettings
+    from .training.qat import QATSettings, qat
+    from .training.loop import TrainingSettings
 
     check_output_path(args.out, args.overwrite)
     _placement_checked(args)

@@ -10,8 +10,8 @@ from .formats import FORMATS
 from .grid import PER_CHANNEL
 from .grid.codebook import BLOCKSIZES
 from .grid.observers import OBSERVERS
-from .online_rotation import ONLINE_ROTATIONS
-from .rotation import ROTATIONS
+from .rotation.online import ONLINE_ROTATIONS
+from .rotation.fused import ROTATIONS
 
 SUPPORTED_BITS = range(2, 9)
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
@@ -54,8 +54,8 @@ class QuantConfig:
         rounded to e4m3 per token at run time (W8A8-FP8); fp8-block: weight-only, one scale per
         group_size x group_size block (128: DeepSeek-V3's blocks).
     rotate: "hadamard" fuses randomized Hadamard rotations (seeded by rotate_seed) into the weights
-        before rounding (rotation.py): the same function, weights that round better; any method.
-        rotate_online: inputs also rotated at run time, ("down_proj",) for R4 (online_rotation.py):
+        before rounding (rotation/fused.py): the same function, weights that round better; any method.
+        rotate_online: inputs also rotated at run time, ("down_proj",) for R4 (rotation/online.py):
         down_proj's weight takes a Hadamard matrix H and its input is multiplied by H in every forward,
         for rounded activations (W8A8); off by default, needs rotate.
     bits / group_size / format default by method: 4 / 128 / gptq for weight-only methods,
@@ -85,7 +85,7 @@ class QuantConfig:
     percentile: float = 99.99
     double_quant: bool = False
     moe_calibrate_all_experts: bool = False
-    # Rotations fused into the weights before rounding (rotation.py): None or "hadamard", seeded.
+    # Rotations fused into the weights before rounding (rotation/fused.py): None or "hadamard", seeded.
     rotate: str | None = None
     rotate_seed: int = 0
     rotate_online: tuple[str, ...] = field(default_factory=tuple)

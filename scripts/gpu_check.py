@@ -23,7 +23,7 @@ calibration is random token ids, and everything is compared as ratios measured i
    two calibration sizes of 2048-token windows: time per block, and the linear projection to 128
    windows and every block of the real model.
 4. Greedy decode tok/s at batch 1 and 16 for fp16, W4A16 (GPTQ g128) and W8A8, eager and compiled
-   (llmquant.generation's compiled decode: static cache, torch.compile fullgraph, CUDA graphs), on the
+   (llmquant.inference.generation's compiled decode: static cache, torch.compile fullgraph, CUDA graphs), on the
    1B shape and on the 8B shape cut to a few blocks (every block costs the same; the ratios hold).
 The dry mode runs the same code on tiny shapes with the Triton kernels under the interpreter, so that
 a test keeps this script working.
@@ -154,8 +154,8 @@ def time_hadamard(plan: Plan) -> list[dict]:
     """R4's online transform (the kernel, through the op) against x @ H, the dense matrix in x's dtype."""
     import math
 
-    from llmquant import ops
-    from llmquant.hadamard import hadamard, hadamard_factors
+    from llmquant.inference import ops
+    from llmquant.rotation.hadamard import hadamard, hadamard_factors
 
     rows = []
     with ops.use_backend("triton"):
@@ -225,7 +225,7 @@ def random_model_folder(shape: dict, layers: int, folder: Path, plan: Plan, dtyp
 
 def time_gptq(plan: Plan, work: Path) -> list[dict]:
     from llmquant import QuantConfig
-    from llmquant.streaming import quantize_to_disk
+    from llmquant.quantization.streaming import quantize_to_disk
 
     rows = []
     for label, (shape, layers, real_layers) in plan.gptq_models.items():
@@ -266,8 +266,8 @@ def decode_speed(plan: Plan, work: Path) -> list[dict]:
 def _decode_speed_of(plan: Plan, work: Path, label: str, shape: dict, layers: int) -> list[dict]:
     import llmquant
     from llmquant import QuantConfig
-    from llmquant.generation import compiled_decode_options
-    from llmquant.streaming import quantize_to_disk
+    from llmquant.inference.generation import compiled_decode_options
+    from llmquant.quantization.streaming import quantize_to_disk
 
     slug = label.split(",")[0]
     folder = random_model_folder(shape, layers, work / f"decode-{slug}-fp", plan, dtype=torch.float16)
@@ -383,7 +383,7 @@ def markdown(results: dict, plan: Plan, command: str) -> str:
               "also tunes the kernels), extended linearly to 128 windows, times the real model's block count.",
               "", "## Greedy decode (random-init models, 16-token prompt)", "",
               "Compiled: static KV cache + torch.compile(fullgraph) of the decode step with CUDA graphs "
-              "(llmquant.generation); × fp16 against fp16 run the same way (eager or compiled). First call: the "
+              "(llmquant.inference.generation); × fp16 against fp16 run the same way (eager or compiled). First call: the "
               "kernels' tuning, and the compilation for compiled rows.", "",
               "| shape | model | compiled | batch | new tokens | tok/s | × fp16 | first call s |",
               "|---|---|---|---|---|---|---|---|"]

@@ -2,7 +2,7 @@ import os
 
 # The Triton interpreter must be chosen before any kernel is compiled (REFERENCE section 7).
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# Whether the float16 gemv is taken is measured per CPU (llmquant.cpu.capability.half_gemv_is_faster):
+# Whether the float16 gemv is taken is measured per CPU (llmquant.inference.cpu.capability.half_gemv_is_faster):
 # pinned here so that every machine runs the same paths; tests/test_cpu_half_gemv.py covers the choice.
 os.environ.setdefault("LLMQUANT_CPU_HALF_GEMV", "on")
 

@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 import llmquant
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.arch import arch_for
 from llmquant.arch.derived import check_model_by_forward, derive_arch
-from llmquant.planning import largest_block_bytes
+from llmquant.quantization.planning import largest_block_bytes
 from llmquant.cli import main
 from llmquant.errors import UnsupportedArchitectureError
-from llmquant.nn import GPTQLinear
+from llmquant.inference.nn import GPTQLinear
 
 from conftest import tiny_config, tiny_model
 

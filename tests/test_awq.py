@@ -8,16 +8,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmquant
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.algorithms import algorithm_for
 from llmquant.algorithms.awq import search_clip_ranges, search_scales
 from llmquant.arch import arch_for
 from llmquant.errors import CheckpointError, ConfigError
 from llmquant.grid import AffineGrid
-from llmquant.nn import AWQLinear
-from llmquant.pipeline import PipelineResult, capture_block_inputs, quantize_block, run_block, \
+from llmquant.inference.nn import AWQLinear
+from llmquant.quantization.pipeline import PipelineResult, capture_block_inputs, quantize_block, run_block, \
     scaling_groups_with_statistics
-from llmquant.statistics import InputGram
+from llmquant.quantization.statistics import InputGram
 
 from conftest import tiny_config, tiny_model
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmquant import bitpack
+from llmquant.storage import bitpack
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

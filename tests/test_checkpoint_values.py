@@ -20,7 +20,7 @@ import llmquant
 from conftest import tiny_model
 from llmquant import QuantConfig
 from llmquant.errors import CheckpointError
-from llmquant.loading import load_quantized_linear
+from llmquant.inference.loading import load_quantized_linear
 from test_pack_quantized import write_pack_quantized
 
 LAYER = "model.layers.0.mlp.up_proj"  # 64 -> 128

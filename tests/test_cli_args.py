@@ -12,7 +12,8 @@ def nothing_loads(monkeypatch):
     """Any model, tokenizer or weight read fails the test, whichever path reaches it."""
     import transformers
 
-    from llmquant import models, safetensors_file
+    from llmquant import models
+    from llmquant.storage import safetensors_file
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")

@@ -14,7 +14,7 @@ import torch
 import llmquant
 from conftest import tiny_config
 from llmquant.config import QuantConfig
-from llmquant.generation import compiled_decode_options, timed_generate
+from llmquant.inference.generation import compiled_decode_options, timed_generate
 from test_cpu_fast import tiny_checkpoint  # noqa: F401 (a fixture)
 from test_pack_quantized import write_pack_quantized
 
@@ -107,7 +107,7 @@ def test_the_head_gemv_and_the_cpu_paths_are_what_the_graph_runs(checkpoints):
 
 def test_stacked_linears_become_one_matmul_in_the_compiled_graph(checkpoints):
     """Each of q/k/v and gate/up traces the stacked matmul of its group; merging common subexpressions,
-    as inductor's freezing does (llmquant.generation compiles with it), keeps one per group."""
+    as inductor's freezing does (llmquant.inference.generation compiles with it), keeps one per group."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.compile_utils import fx_graph_cse
 
@@ -155,7 +155,7 @@ def _compile_under_avx2_class(folders, backend: str, tmp_path, tolerance: float)
     script = tmp_path / "check.py"
     script.write_text(
         "import json, sys, torch, llmquant\n"
-        "from llmquant.cpu.capability import cpu_class\n"
+        "from llmquant.inference.cpu.capability import cpu_class\n"
         "assert cpu_class().capability == 'AVX2', cpu_class()\n"
         "for folder in json.loads(sys.argv[1]):\n"
         "    model = llmquant.load(folder, device='cpu').eval()\n"

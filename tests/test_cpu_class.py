@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, torch
-from llmquant.cpu import capability, w8a8
+from llmquant.inference.cpu import capability, w8a8
 c = capability.cpu_class()
 print(json.dumps({"capability": c.capability, "int8": c.int8_dot_product, "bf16": c.fast_bf16_matmul,
                   "describe": c.describe(), "int_mm": w8a8.use_int_mm_here(),
@@ -68,12 +68,12 @@ def test_native_class_is_what_the_cpu_has():
 def test_the_class_is_named_in_the_load_log(caplog):
     import logging
 
-    from llmquant.cpu import capability
-    from llmquant.cpu.selection import prepare_for_cpu
+    from llmquant.inference.cpu import capability
+    from llmquant.inference.cpu.selection import prepare_for_cpu
     from test_cpu_fast import quantized_linear, random_quantized
 
     model = torch.nn.Sequential(quantized_linear("gptq", random_quantized(64, 256, 4, 64, True, False)))
-    with caplog.at_level(logging.INFO, logger="llmquant.cpu"):
+    with caplog.at_level(logging.INFO, logger="llmquant.inference.cpu"):
         prepare_for_cpu(model)
     assert f"CPU class: {capability.describe()}" in caplog.text
 
@@ -81,7 +81,7 @@ def test_the_class_is_named_in_the_load_log(caplog):
 # What each class runs, per call size: the AVX2 class's dense fp32 calls keep the reference numerics.
 FORCED_AVX2_RUN = """
 import json, torch
-from llmquant.cpu import prepare_for_cpu
+from llmquant.inference.cpu import prepare_for_cpu
 from test_cpu_fast import quantized_linear, random_quantized, w8a8_module
 layers = {"gptq4": quantized_linear("gptq", random_quantized(64, 256, 4, 64, False, False)),
           "gptq8": quantized_linear("gptq", random_quantized(64, 256, 8, -1, True, False)),
@@ -118,7 +118,7 @@ def test_avx2_class_prefill_takes_no_int8_gemm_and_no_packed_op():
 @pytest.fixture
 def avx2_dense(monkeypatch):
     """Calls of 32 rows or more take the AVX2 class's dense fp32 matmul, whatever this CPU is."""
-    from llmquant.cpu import capability, dequantized, int4pack, int8pack, selection
+    from llmquant.inference.cpu import capability, dequantized, int4pack, int8pack, selection
 
     def dense(rows):
         return rows >= capability.DENSE_FP32_FROM_ROWS
@@ -133,7 +133,7 @@ def avx2_dense(monkeypatch):
 @pytest.mark.parametrize("case", [(64, 256, 4, 64, False, True), (64, 576, 4, 128, True, False),
                                   (64, 256, 8, -1, False, False)])
 def test_dense_fp32_calls_equal_the_reference(case, keep, avx2_dense):
-    from llmquant.cpu import prepare_for_cpu
+    from llmquant.inference.cpu import prepare_for_cpu
     from test_cpu_fast import FP32_TOLERANCE, quantized_linear, random_quantized, reference_output, relative_error
 
     module = quantized_linear("gptq", random_quantized(*case))
@@ -147,7 +147,7 @@ def test_dense_fp32_calls_equal_the_reference(case, keep, avx2_dense):
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("keep", [False, True])
 def test_w8a8_without_int8_dot_product_keeps_reference_numerics(static, keep, monkeypatch):
-    from llmquant.cpu import prepare_for_cpu, w8a8
+    from llmquant.inference.cpu import prepare_for_cpu, w8a8
     from test_cpu_fast import FP32_TOLERANCE, reference_output, relative_error, w8a8_module
 
     monkeypatch.setenv(w8a8.VARIANT_ENV, "int8pack")
@@ -161,7 +161,7 @@ def test_w8a8_without_int8_dot_product_keeps_reference_numerics(static, keep, mo
 
 
 def test_dequantized_cache_keeps_an_fp32_copy_for_prefill_within_the_bound(avx2_dense):
-    from llmquant.cpu import prepare_for_cpu
+    from llmquant.inference.cpu import prepare_for_cpu
     from test_cpu_fast import HALF_TOLERANCE, quantized_linear, random_quantized, reference_output, relative_error
 
     for mib, kept in ((64, True), (0.03, False)):  # 0.03 MiB: the float16 cache (24 KiB) fits, an fp32 copy not

@@ -1,19 +1,19 @@
-"""CPU fast paths (llmquant.cpu): each equals the reference dequantize-then-matmul op, the selection
+"""CPU fast paths (llmquant.inference.cpu): each equals the reference dequantize-then-matmul op, the selection
 says which path a layer takes, and state_dict / saving are unchanged by the conversion."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmquant import ops
+from llmquant.inference import ops
 from llmquant.config import QuantConfig
-from llmquant.cpu import choose_path, path_table, prepare_for_cpu, summary
-from llmquant.cpu import dequantized, int4pack, int8pack, selection
-from llmquant.cpu.w8a8 import W8A8Kernel
+from llmquant.inference.cpu import choose_path, path_table, prepare_for_cpu, summary
+from llmquant.inference.cpu import dequantized, int4pack, int8pack, selection
+from llmquant.inference.cpu.w8a8 import W8A8Kernel
 from llmquant.formats import FORMATS
 from llmquant.grid import QuantizedWeight
 from llmquant.grid.codebook import CodebookGrid
-from llmquant.nn import W8A8Linear
+from llmquant.inference.nn import W8A8Linear
 
 # bfloat16 activations (the packed ops' fast dtype on x86): a bf16 rounding of x, the scales and the output
 BF16_TOLERANCE = 1e-2
@@ -116,7 +116,7 @@ def dense_from_128_rows(monkeypatch):
                                            ("gptq", (64, 256, 8, -1, False, False)), ("gptq", (64, 256, 8, 64, False, False)),
                                            ("awq", (128, 256, 4, 32, False, False))])
 def test_many_rows_run_a_dense_bf16_matmul_within_bf16_rounding(fmt_name, case, dense_from_128_rows):
-    from llmquant.cpu.capability import cpu_capability
+    from llmquant.inference.cpu.capability import cpu_capability
 
     module = quantized_linear(fmt_name, random_quantized(*case))
     x = torch.randn(2, 100, case[1])  # 200 rows
@@ -130,7 +130,7 @@ def test_many_rows_run_a_dense_bf16_matmul_within_bf16_rounding(fmt_name, case, 
 def test_int4pack_keeps_its_bf16_weight_for_dense_calls_within_the_bound(keep, dense_from_128_rows, monkeypatch):
     """Where the CPU multiplies bf16 natively, the dequantized bf16 weight of a packed 4-bit layer is kept
     (within the memory bound) instead of made for every prefill call; both give the same numbers."""
-    from llmquant.cpu import prepare_for_cpu
+    from llmquant.inference.cpu import prepare_for_cpu
 
     monkeypatch.setattr(selection, "has_fast_bf16_matmul", lambda: True)
     monkeypatch.setattr(selection, "dense_fp32_for", lambda rows: False)
@@ -250,7 +250,7 @@ def test_w8a8_int_mm_keeps_reference_numerics_and_int8pack_is_within_bf16(static
 
 
 def test_w8a8_variant_can_be_chosen_and_a_bad_one_is_refused(monkeypatch):
-    from llmquant.cpu import w8a8
+    from llmquant.inference.cpu import w8a8
     from llmquant.errors import ConfigError
 
     module = w8a8_module(False)
@@ -314,7 +314,7 @@ def test_info_and_load_log_report_each_layer_path(tiny_checkpoint, capsys, caplo
     import llmquant
     from llmquant.cli import main
 
-    with caplog.at_level(logging.DEBUG, logger="llmquant.cpu"):
+    with caplog.at_level(logging.DEBUG, logger="llmquant.inference.cpu"):
         llmquant.load(tiny_checkpoint)
     assert "CPU paths: 13 int4pack, 1 int8pack" in caplog.text
     assert "model.layers.1.mlp.down_proj: int8pack" in caplog.text

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import llmquant
-from llmquant import Calibration, QuantConfig, ops
+from llmquant import Calibration, QuantConfig
+from llmquant.inference import ops
 from llmquant.api import evaluate
-from llmquant.cpu import dequantized, int4pack, int8pack, prepare_for_cpu, w8a8
+from llmquant.inference.cpu import dequantized, int4pack, int8pack, prepare_for_cpu, w8a8
 
 pytestmark = pytest.mark.slow
 WINDOWS = 3

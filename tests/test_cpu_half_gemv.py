@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmquant.cpu import capability, prepare_for_cpu, prepare_output_head, selection
+from llmquant.inference.cpu import capability, prepare_for_cpu, prepare_output_head, selection
 from llmquant.errors import ConfigError
 from test_cpu_stacked import nf4_linear
 

@@ -1,4 +1,4 @@
-"""The output head at batch-1 decode (llmquant.cpu.head): a float16 gemv where the head's weights are
+"""The output head at batch-1 decode (llmquant.inference.cpu.head): a float16 gemv where the head's weights are
 float16 numbers, the module's own forward everywhere else, state_dict and weight tying untouched."""
 import math
 
@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from llmquant import ops
-from llmquant.cpu import prepare_output_head
-from llmquant.cpu.head import HalfGemvHead
+from llmquant.inference import ops
+from llmquant.inference.cpu import prepare_output_head
+from llmquant.inference.cpu.head import HalfGemvHead
 from test_cpu_fast import HALF_TOLERANCE, relative_error
 
 

@@ -1,4 +1,4 @@
-"""The CPU fast paths (llmquant.cpu) at run time: the same tokens under torch.inference_mode(), no_grad
+"""The CPU fast paths (llmquant.inference.cpu) at run time: the same tokens under torch.inference_mode(), no_grad
 and autograd; one model generating in several threads at once gives each thread its own tokens; a
 conversion follows its weights however they are replaced; nothing is converted for layers that will
 not use it (off the CPU, a base training adapters, FP8 and pack-quantized layers); W8A8's int8pack
@@ -13,11 +13,12 @@ import torch
 
 import llmquant
 from conftest import tiny_model
-from llmquant import QuantConfig, ops
-from llmquant.cpu import prepare_for_cpu, selection
-from llmquant.cpu.head import HalfGemvHead
-from llmquant.cpu.w8a8 import W8A8Kernel
-from llmquant.nn import W8A8Linear
+from llmquant import QuantConfig
+from llmquant.inference import ops
+from llmquant.inference.cpu import prepare_for_cpu, selection
+from llmquant.inference.cpu.head import HalfGemvHead
+from llmquant.inference.cpu.w8a8 import W8A8Kernel
+from llmquant.inference.nn import W8A8Linear
 from test_cpu_fast import quantized_linear, random_quantized, reference_output, relative_error
 
 PROMPTS = [[5, 17, 3], [90, 2, 44, 61, 7], [11], [100, 101, 102, 103, 104, 105, 106]]
@@ -169,11 +170,11 @@ def test_a_stacked_member_with_a_new_tensor_at_the_same_address_leaves_the_stack
 
 def test_a_model_placed_off_the_cpu_gets_no_cpu_conversion(gptq_folder, monkeypatch, caplog):
     """No GPU here: "meta" stands for one (what counts is that the layers are not on the CPU)."""
-    from llmquant import loading
+    from llmquant.inference import loading
 
     monkeypatch.setattr(loading, "resolve_device", lambda device: torch.device("meta"))
     monkeypatch.setattr(loading, "resolve_compute_dtype", lambda dtype, target: torch.float32)
-    with caplog.at_level(logging.INFO, logger="llmquant.cpu"):
+    with caplog.at_level(logging.INFO, logger="llmquant.inference.cpu"):
         model = loading.load(gptq_folder, device="cuda")
     assert next(model.parameters()).is_meta
     assert converted(model) == []
@@ -182,7 +183,7 @@ def test_a_model_placed_off_the_cpu_gets_no_cpu_conversion(gptq_folder, monkeypa
 
 
 def test_a_layer_moved_off_the_cpu_lets_go_of_its_conversion(gptq_folder):
-    from llmquant.cpu import prepare_output_head
+    from llmquant.inference.cpu import prepare_output_head
     from test_cpu_head import tiny_llama
 
     model = llmquant.load(gptq_folder, device="cpu")
@@ -216,9 +217,9 @@ def tensor_bytes(model) -> int:
 
 
 def test_a_base_training_adapters_keeps_no_cpu_conversion(tmp_path):
-    from llmquant.loading import load
-    from llmquant.nn import BnB4bitLinear
-    from llmquant.qlora import LoraSettings, attach_lora
+    from llmquant.inference.loading import load
+    from llmquant.inference.nn import BnB4bitLinear
+    from llmquant.training.qlora import LoraSettings, attach_lora
 
     model = tiny_model("llama")
     with torch.no_grad():  # float16 numbers: the head would get its float16 copy
@@ -260,7 +261,7 @@ def test_fp8_and_pack_quantized_layers_are_reported_as_the_op_they_run(tmp_path,
     write_pack_quantized(packed_folder, 4, 32, True)
     for folder in (fp8_folder, packed_folder):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="llmquant.cpu"):
+        with caplog.at_level(logging.INFO, logger="llmquant.inference.cpu"):
             model = llmquant.load(folder, device="cpu")
         assert "CPU paths: 14 reference; 0.0 MiB converted tensors" in caplog.text
         assert converted_bytes(model) == 0 and not any(selection._KERNEL_ATTRIBUTE in m.__dict__

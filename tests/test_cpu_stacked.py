@@ -1,4 +1,4 @@
-"""Linears that read one input (q/k/v, gate/up) run on the CPU as one stacked matmul (llmquant.cpu.fused):
+"""Linears that read one input (q/k/v, gate/up) run on the CPU as one stacked matmul (llmquant.inference.cpu.fused):
 the model's outputs equal those of the layers run one by one, the members share one computation per
 call of their owner and nothing outlives that call, a member called on another tensor still gets its
 own output, and siblings that cannot run as one are left apart."""
@@ -11,13 +11,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from llmquant import ops
+from llmquant.inference import ops
 from llmquant.config import QuantConfig
-from llmquant.cpu import fused, prepare_for_cpu, selection, summary
-from llmquant.cpu.fused import SharedInputGroup
+from llmquant.inference.cpu import fused, prepare_for_cpu, selection, summary
+from llmquant.inference.cpu.fused import SharedInputGroup
 from llmquant.formats import FORMATS
 from llmquant.grid.codebook import CodebookGrid
-from llmquant.nn import W8A8Linear
+from llmquant.inference.nn import W8A8Linear
 from test_cpu_fast import BF16_TOLERANCE, quantized_linear, random_quantized, relative_error
 
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -205,7 +205,7 @@ def test_siblings_that_cannot_run_as_one_stay_apart(caplog):
         return gptq_linear(out_features, in_features, seed)
 
     model = tiny_quantized_llama(make_linear)
-    with caplog.at_level(logging.DEBUG, logger="llmquant.cpu"):
+    with caplog.at_level(logging.DEBUG, logger="llmquant.inference.cpu"):
         layers = prepare_for_cpu(model)
     details = {layer.name: layer.detail for layer in layers}
     assert "stacked" not in details["model.layers.0.self_attn.q_proj"]

@@ -4,7 +4,7 @@ import torch
 from llmquant.data import (BUILTIN_CORPORA, Calibration, calibration_windows, corpus_text, evaluation_windows,
                            split_documents)
 from llmquant.errors import DataError
-from llmquant.perplexity import window_nll
+from llmquant.evaluation.perplexity import window_nll
 
 from conftest import tiny_config
 

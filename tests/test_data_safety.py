@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 import llmquant
 from conftest import tiny_config
 from llmquant import QuantConfig
-from llmquant.checkpoint import replace_folder, why_not_replaceable
+from llmquant.storage.checkpoint import replace_folder, why_not_replaceable
 from llmquant.errors import CheckpointError, OutputExistsError, OutputWriteError
-from llmquant.streaming import PROGRESS_FILE, quantize_to_disk
+from llmquant.quantization.streaming import PROGRESS_FILE, quantize_to_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
@@ -267,7 +267,7 @@ def test_overwrite_replaces_the_old_checkpoint(tmp_path, model_folder, reference
 
 def test_saving_a_checkpoint_over_another_goes_through_the_atomic_replace(tmp_path, model_folder, reference,
                                                                           monkeypatch):
-    from llmquant import streaming
+    from llmquant.quantization import streaming
 
     checkpoint = llmquant.quantize(str(model_folder), QuantConfig(method="rtn", bits=8, group_size=32), None,
                                    progress=False)
@@ -327,7 +327,7 @@ def test_every_llmquant_writer_marks_its_folder_by_content(tmp_path):
 # ---- runs without an output folder ----
 
 def test_a_run_without_out_resumes_when_the_same_call_is_made_again(tmp_path, model_folder, reference, monkeypatch):
-    from llmquant import streaming
+    from llmquant.quantization import streaming
 
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
     finish = streaming.StreamingStore.finish
@@ -351,7 +351,7 @@ def test_a_run_without_out_resumes_when_the_same_call_is_made_again(tmp_path, mo
 
 
 def test_another_call_gets_another_folder_and_stale_runs_are_removed(tmp_path, model_folder, monkeypatch, capsys):
-    from llmquant import streaming
+    from llmquant.quantization import streaming
 
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
     one = streaming.run_folder(str(model_folder), CONFIG, calibration(), "auto", "auto", "auto")

@@ -101,8 +101,8 @@ def test_bfloat16_compute_rounds_from_float32_weights(vocab_folder, tmp_path):
     """Under autocast the blocks compute in bfloat16 while their weights stay float32: the norms are
     written from their float32 values, and the result is nearer the float32 run's than the
     unquantized model is."""
-    from llmquant.checkpoint import LazyTensors
-    from llmquant.loading import checkpoint_files
+    from llmquant.storage.checkpoint import LazyTensors
+    from llmquant.inference.loading import checkpoint_files
 
     calib = torch.randint(0, 1000, (2, 32))
     runs = {}
@@ -125,7 +125,7 @@ def test_bfloat16_compute_rounds_from_float32_weights(vocab_folder, tmp_path):
 
 
 def test_activation_placement_follows_the_option():
-    from llmquant.planning import placement_for
+    from llmquant.quantization.planning import placement_for
 
     assert placement_for("cpu", "auto", "auto").activations == torch.device("cpu")
     assert placement_for("cpu", "auto", "always").activations == torch.device("cpu")
@@ -180,7 +180,7 @@ def test_capture_stops_at_the_first_block_input():
     from conftest import tiny_model
 
     from llmquant.arch import arch_for
-    from llmquant.pipeline import capture_block_inputs
+    from llmquant.quantization.pipeline import capture_block_inputs
 
     for kind in ("llama", "gemma3"):
         model = tiny_model(kind)
@@ -271,7 +271,7 @@ def _op_samples():
 
 
 def test_every_op_is_a_custom_op_that_passes_opcheck_and_compiles_whole():
-    from llmquant import ops
+    from llmquant.inference import ops
 
     samples = _op_samples()
     assert set(samples) == set(ops.CUSTOM_OPS)
@@ -382,7 +382,7 @@ def test_loading_onto_a_gpu_that_lacks_the_path_is_refused_before_any_tensor_is_
         config, capability, name, refusal, fake_gpu, monkeypatch, tmp_path):
     from conftest import tiny_model
 
-    from llmquant import loading
+    from llmquant.inference import loading
 
     folder = llmquant.quantize(tiny_model("llama"), config, progress=False).save(tmp_path / "ckpt")
     fake_gpu(capability, name)

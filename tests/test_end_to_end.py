@@ -7,7 +7,7 @@ import llmquant
 from llmquant import QuantConfig
 from llmquant.api import evaluate
 from llmquant.cli import main
-from llmquant.nn import AWQLinear, GPTQLinear, W8A8Linear
+from llmquant.inference.nn import AWQLinear, GPTQLinear, W8A8Linear
 
 pytestmark = pytest.mark.slow
 WINDOWS = 4

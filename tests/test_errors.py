@@ -43,7 +43,7 @@ def test_bad_settings(capsys, tmp_path, tiny_folder, args, message):
 def test_bits_no_loader_reads_are_refused_everywhere(capsys, tmp_path, monkeypatch):
     """5- to 7-bit weights: refused before any model loads by quantize, qat and sensitivity alike."""
     from llmquant import models
-    from llmquant.sensitivity import sensitivity_of
+    from llmquant.quantization.sensitivity import sensitivity_of
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
@@ -136,9 +136,9 @@ def test_overwrite_never_replaces_what_llmquant_did_not_write(capsys, tmp_path, 
 
 @pytest.mark.parametrize("kind", KINDS[:3])
 def test_overwrite_refusal_holds_in_every_writer(tmp_path, tiny_folder, kind):
-    from llmquant.checkpoint import write_folder_atomically
+    from llmquant.storage.checkpoint import write_folder_atomically
     from llmquant.errors import OutputExistsError
-    from llmquant.streaming import quantize_to_disk
+    from llmquant.quantization.streaming import quantize_to_disk
 
     out, state = _someone_elses(tmp_path, kind)
     before = state()
@@ -164,7 +164,7 @@ def test_overwrite_refusal_holds_in_every_writer(tmp_path, tiny_folder, kind):
 
 def test_progress_folder_must_be_our_own(tmp_path, tiny_folder):
     from llmquant.errors import OutputExistsError
-    from llmquant.streaming import quantize_to_disk
+    from llmquant.quantization.streaming import quantize_to_disk
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -196,7 +196,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("llmquant.checkpoint.write_safetensors", disk_full)
+    monkeypatch.setattr("llmquant.storage.checkpoint.write_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         qmodel.save(tmp_path / "ckpt")
     assert leftovers(tmp_path) == []

@@ -40,7 +40,7 @@ def checkpoint_with_source(tmp_path):
 
 
 def test_report_skips_the_source_plots_when_the_source_is_gone(checkpoint_with_source):
-    from llmquant.report import write_report
+    from llmquant.evaluation.report import write_report
 
     checkpoint, source = checkpoint_with_source
     assert "weight_histogram.png" in write_report(checkpoint).read_text()
@@ -51,7 +51,7 @@ def test_report_skips_the_source_plots_when_the_source_is_gone(checkpoint_with_s
 
 
 def test_report_plot_faults_propagate(checkpoint_with_source, monkeypatch):
-    from llmquant import report
+    from llmquant.evaluation import report
 
     def bug(*args, **kwargs):
         raise TypeError("a bug in the plotting")
@@ -226,7 +226,7 @@ def test_llmquant_imports_without_the_resource_module():
     """Windows has no `resource`: llmquant imports, and the peak RSS is reported as unknown."""
     code = ("import sys; sys.modules['resource'] = None\n"
             "import llmquant, llmquant.cli\n"
-            "from llmquant.report import describe_mib, peak_rss_mib\n"
+            "from llmquant.evaluation.report import describe_mib, peak_rss_mib\n"
             "print(peak_rss_mib(), describe_mib(peak_rss_mib()))\n")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'kernels'}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -235,7 +235,7 @@ def test_llmquant_imports_without_the_resource_module():
 
 
 def test_peak_rss_where_the_platform_reports_it():
-    from llmquant.report import describe_mib, peak_rss_mib
+    from llmquant.evaluation.report import describe_mib, peak_rss_mib
 
     peak = peak_rss_mib()
     assert peak is not None and 10 < peak < 1e6 and describe_mib(peak).endswith(" MiB")

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import llmquant  # noqa: E402
 from llmquant import QuantConfig  # noqa: E402
 from llmquant.errors import CheckpointError  # noqa: E402
-from llmquant.loading import load_quantized_linear  # noqa: E402
+from llmquant.inference.loading import load_quantized_linear  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
 

@@ -9,10 +9,11 @@ import torch
 from safetensors import safe_open
 
 import llmquant
-from llmquant import QuantConfig, fp8_ops, ops
+from llmquant import QuantConfig
+from llmquant.inference import fp8_ops, ops
 from llmquant.errors import ConfigError
 from llmquant.grid.fp8 import FP8_DTYPE, FP8_MAX, Fp8Grid, expand_blocks, quantize_rows_fp8
-from llmquant.nn import Fp8Linear
+from llmquant.inference.nn import Fp8Linear
 
 from conftest import tiny_model
 

@@ -4,14 +4,15 @@ import pytest
 import torch
 
 import llmquant
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.algorithms.gptq import gptq_quantize, inverse_hessian_factor
 from llmquant.arch import arch_for
 from llmquant.data import Calibration
 from llmquant.errors import LlmquantError
 from llmquant.grid import AffineGrid
-from llmquant.nn import GPTQLinear
-from llmquant.pipeline import capture_block_inputs, collect_input_statistics, run_block
+from llmquant.inference.nn import GPTQLinear
+from llmquant.quantization.pipeline import capture_block_inputs, collect_input_statistics, run_block
 
 from conftest import tiny_model
 

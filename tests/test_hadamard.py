@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from llmquant import ops
-from llmquant.hadamard import hadamard, hadamard_factors
+from llmquant.inference import ops
+from llmquant.rotation.hadamard import hadamard, hadamard_factors
 from llmquant_kernels import hadamard_transform as kernel
 
 pytestmark = pytest.mark.timeout(300)

@@ -116,7 +116,7 @@ def test_float32_activations_on_a_gpu_run_the_reference_not_an_unproven_kernel(m
     the torch reference, 16-bit to the kernel."""
     import llmquant_kernels
 
-    from llmquant import ops, triton_ops
+    from llmquant.inference import ops, triton_ops
 
     monkeypatch.setitem(ops._REFERENCES, "gptq_linear", lambda x, *args: "reference")
     monkeypatch.setattr(llmquant_kernels, "w4a16_matmul", lambda x, *args, **kwargs: "kernel")

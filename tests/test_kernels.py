@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.errors import ConfigError
 from llmquant.formats import FORMATS
 from llmquant.grid import AffineGrid

@@ -10,10 +10,11 @@ import torch
 from safetensors import safe_open
 
 import llmquant
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.arch import arch_for
-from llmquant.moe import ExpertList, unfuse_experts
-from llmquant.nn import GPTQLinear, W8A8Linear
+from llmquant.arch.moe import ExpertList, unfuse_experts
+from llmquant.inference.nn import GPTQLinear, W8A8Linear
 
 from conftest import MOE_KINDS, tiny_config, tiny_model
 from test_awq import fold_searched_or_random_scales

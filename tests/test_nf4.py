@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import llmquant
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.errors import ConfigError
 from llmquant.formats import FORMATS
 from llmquant.grid.codebook import (NF4_TABLE, CodebookGrid, NestedAbsmax, blockwise_quantize, dynamic_table,
@@ -183,7 +184,7 @@ def test_nf4_checkpoint_loads_in_llmquant_and_transformers_and_generates(smollm2
         expected = qmodel.model(ids).logits
         with ops.use_backend("reference"):
             assert torch.allclose(ours(ids).logits, expected, atol=1e-4)
-        # as loaded, the CPU runs a float16 copy of the dequantized weights (llmquant.cpu.dequantized)
+        # as loaded, the CPU runs a float16 copy of the dequantized weights (llmquant.inference.cpu.dequantized)
         fast = ours(ids).logits
         assert relative_error(fast, expected) < 5e-3
     q_proj = ours.model.layers[3].self_attn.q_proj

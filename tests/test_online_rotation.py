@@ -1,4 +1,4 @@
-"""R4, down_proj's input rotated online (llmquant/online_rotation.py): the rotated FP model computes the
+"""R4, down_proj's input rotated online (llmquant/rotation/online.py): the rotated FP model computes the
 same logits (Hadamard orders that are powers of two or not, and the random orthogonal fallback), SmolLM2's
 MLP too; the checkpoint records it as compressed-tensors' transform_config or llmquant's own key, loads
 back with the rotation attached, runs it on both backends and compiled whole; the streamed and in-memory
@@ -14,9 +14,9 @@ from conftest import tiny_config
 from llmquant import QuantConfig
 from llmquant.arch import arch_for
 from llmquant.errors import CheckpointError, ConfigError
-from llmquant.ops import use_backend
-from llmquant.online_rotation import OWN_KEY, OnlineRotation, attach_from_checkpoint, rotate_input
-from llmquant.rotation import rotate_model
+from llmquant.inference.ops import use_backend
+from llmquant.rotation.online import OWN_KEY, OnlineRotation, attach_from_checkpoint, rotate_input
+from llmquant.rotation.fused import rotate_model
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64]])
 R4 = ("down_proj",)
@@ -105,8 +105,8 @@ def test_the_checkpoint_records_r4_and_loads_back_with_it(tmp_path, intermediate
 
 
 def test_streamed_and_in_memory_r4_write_the_same_checkpoint(tmp_path, tiny_folder):
-    from llmquant.checkpoint import folder_tensors_sha256
-    from llmquant.streaming import quantize_to_disk
+    from llmquant.storage.checkpoint import folder_tensors_sha256
+    from llmquant.quantization.streaming import quantize_to_disk
 
     config = QuantConfig(method="gptq", bits=8, group_size=32, rotate="hadamard", rotate_online=R4)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -184,7 +184,7 @@ def test_a_checkpoint_holding_its_transforms_matrices_as_compressed_tensors_save
     (the +-1 matrix). llmquant builds the matrix from the transform's type and leaves those tensors out."""
     from safetensors.torch import load_file, save_file
 
-    from llmquant.hadamard import hadamard
+    from llmquant.rotation.hadamard import hadamard
 
     path = llmquant.quantize(_llama(), QuantConfig(method="w8a8", rotate="hadamard", rotate_online=R4),
                              progress=False).save(tmp_path / "r4")
@@ -220,7 +220,7 @@ def test_smoothing_leaves_out_the_pair_whose_linear_rotates_its_input():
     """SmoothQuant's up_proj -> down_proj scales would be folded before H and compensated after it: with
     R4 that pair is left out (the attention and norm pairs stay), and the smoothed model stays as close
     to FP as without R4 (with the pair it was 2.8x further off)."""
-    from llmquant.scaling import scaling_groups
+    from llmquant.quantization.scaling import scaling_groups
 
     model = _llama()
     arch = arch_for(model.config, model)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import tiny_model
-from llmquant import bitpack
+from llmquant.storage import bitpack
 from llmquant.errors import CheckpointError
 
 
@@ -59,7 +59,7 @@ def write_pack_quantized(folder, bits: int, group_size: int, symmetric: bool, se
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (4, 32, False), (3, 64, False), (8, 48, True)])
 def test_pack_quantized_checkpoints_load_with_their_dequantized_weights(tmp_path, bits, group_size, symmetric):
     import llmquant
-    from llmquant.nn import PackQuantizedLinear
+    from llmquant.inference.nn import PackQuantizedLinear
 
     folder = tmp_path / "packed"
     _, expected = write_pack_quantized(folder, bits, group_size, symmetric)

@@ -5,12 +5,13 @@ import torch
 from torch import nn
 
 import llmquant
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.arch import arch_for
 from llmquant.errors import DataError, OutputExistsError, UnsupportedArchitectureError
-from llmquant.nn import GPTQLinear
-from llmquant.pipeline import capture_block_inputs, run_block
-from llmquant.statistics import InputGram
+from llmquant.inference.nn import GPTQLinear
+from llmquant.quantization.pipeline import capture_block_inputs, run_block
+from llmquant.quantization.statistics import InputGram
 
 from conftest import tiny_model
 
@@ -108,7 +109,7 @@ def test_input_gram_output_error_matches_direct_computation():
 
 
 def test_layers_fed_the_same_tensor_share_their_statistics():
-    from llmquant.pipeline import collect_input_statistics
+    from llmquant.quantization.pipeline import collect_input_statistics
 
     model = tiny_model("llama")
     arch = arch_for(model.config)
@@ -161,7 +162,7 @@ def test_the_held_and_the_streamed_model_refuse_a_bad_request_alike_before_readi
 def test_a_method_that_needs_data_takes_the_default_calibration_once_in_the_request():
     from llmquant.data import Calibration
     from llmquant.errors import ConfigError
-    from llmquant.planning import check_request, plan_run
+    from llmquant.quantization.planning import check_request, plan_run
 
     config = QuantConfig(method="gptq", bits=4, group_size=32)
     assert check_request(config).calib == Calibration()

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import llmquant
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.errors import ConfigError
 from llmquant.grid import QuantizedWeight
-from llmquant.qat import FakeQuantLinear, QATSettings, fake_quantize_ste, prepare
-from llmquant.training import TrainingSettings, heldout_loss, train, training_windows
+from llmquant.training.qat import FakeQuantLinear, QATSettings, fake_quantize_ste, prepare
+from llmquant.training.loop import TrainingSettings, heldout_loss, train, training_windows
 
 TRAINING = TrainingSettings(steps=6, batch_size=2, seqlen=128, lr=1e-4, warmup_steps=1, eval_windows=4)
 
@@ -79,7 +80,7 @@ def test_exported_checkpoint_computes_what_the_fake_quantized_model_did(trained,
 @pytest.mark.parametrize("grid", ["per-token", "per-tensor"])
 def test_activation_fake_quantization_rounds_inputs_and_passes_gradients(grid):
     from llmquant.grid.activations import fake_quantize
-    from llmquant.qat import fake_quantize_input
+    from llmquant.training.qat import fake_quantize_input
 
     init = QuantizedWeight(codes=torch.zeros(3, 8, dtype=torch.uint8), scale=torch.full((3, 1), 0.1),
                            zero=torch.full((3, 1), 8, dtype=torch.int32), group_index=torch.zeros(8, dtype=torch.int32),
@@ -106,7 +107,7 @@ def test_settings_are_validated():
 
 def test_latent_weights_start_at_full_precision_inside_the_ptq_codes():
     from llmquant.grid import AffineGrid
-    from llmquant.qat import latent_start
+    from llmquant.training.qat import latent_start
 
     torch.manual_seed(4)
     full = torch.randn(6, 64)

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import llmquant
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.errors import ConfigError
 from llmquant.formats import FORMATS
 from llmquant.grid.codebook import CodebookGrid
-from llmquant.qlora import LoraSettings, TrainingSettings, attach_lora, finetune, load_adapter, merge_into_checkpoint
+from llmquant.training.qlora import LoraSettings, TrainingSettings, attach_lora, finetune, load_adapter, merge_into_checkpoint
 from test_cpu_fast import HALF_TOLERANCE, relative_error
 
 TRAINING = TrainingSettings(steps=8, batch_size=2, seqlen=64, lr=1e-3, warmup_steps=2, eval_windows=4)

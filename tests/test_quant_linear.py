@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmquant import QuantConfig, ops
+from llmquant import QuantConfig
+from llmquant.inference import ops
 from llmquant.formats import FORMATS
 from llmquant.grid import AffineGrid
 

@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 import llmquant
 from conftest import tiny_model
 from llmquant import QuantConfig
-from llmquant.checkpoint import folder_tensors_sha256
+from llmquant.storage.checkpoint import folder_tensors_sha256
 from llmquant.errors import CheckpointError, ConfigError, DataError, LlmquantError, OutputWriteError
-from llmquant.safetensors_file import SafetensorsFile
-from llmquant.streaming import PROGRESS_FILE, quantize_to_disk
+from llmquant.storage.safetensors_file import SafetensorsFile
+from llmquant.quantization.streaming import PROGRESS_FILE, quantize_to_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_streaming_writes_the_same_tensors_as_the_in_memory_pipeline(tmp_path, t
 
 
 def test_interrupted_run_resumes_after_its_last_finished_block_and_matches(tmp_path, tiny_folder, monkeypatch):
-    from llmquant import streaming
+    from llmquant.quantization import streaming
 
     config = QuantConfig(method="gptq", bits=4, group_size=32)
     reference, _ = quantize_to_disk(tiny_folder, config, calibration(), tmp_path / "reference", progress=False)
@@ -74,7 +74,7 @@ def test_interrupted_run_resumes_after_its_last_finished_block_and_matches(tmp_p
 
 
 def test_leftovers_of_a_different_run_are_not_resumed(tmp_path, tiny_folder, monkeypatch):
-    from llmquant import streaming
+    from llmquant.quantization import streaming
 
     original = streaming.StreamingStore.finish
 
@@ -111,7 +111,7 @@ def _edit_json(path: Path, key, value) -> None:
     (lambda folder, mp: mp.setattr(llmquant._version, "__version__", "0.0.3"), "llmquant"),
 ])
 def test_a_changed_source_or_version_is_not_resumed(tmp_path, tiny_folder, monkeypatch, capsys, change, named):
-    from llmquant import streaming
+    from llmquant.quantization import streaming
 
     config = QuantConfig(bits=4, group_size=32)
     original = streaming.StreamingStore.finish
@@ -216,7 +216,7 @@ def test_group_size_larger_than_in_features(tmp_path, tiny_folder):
 
 @pytest.mark.parametrize("failing_write", [1, 3])
 def test_a_full_disk_gives_a_clear_error_and_leaves_nothing(tmp_path, tiny_folder, monkeypatch, failing_write):
-    from llmquant import streaming
+    from llmquant.quantization import streaming
 
     writes = []
 
@@ -310,12 +310,12 @@ def test_fuzzed_files_raise_only_our_error(tmp_path, data):
 
 MEMORY_PROBE = """
 import json, resource, sys
-import llmquant, llmquant.streaming
+import llmquant, llmquant.quantization.streaming
 from llmquant import Calibration, QuantConfig
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 method, out = sys.argv[1], sys.argv[2]
 calib = Calibration("wiki", 4, 256) if method == "gptq" else None
-_, report = llmquant.streaming.quantize_to_disk("gemma3-270m", QuantConfig(method=method, bits=4, group_size=128),
+_, report = llmquant.quantization.streaming.quantize_to_disk("gemma3-270m", QuantConfig(method=method, bits=4, group_size=128),
                                                  calib, out, progress=False)
 print(json.dumps({"baseline": baseline, "peak": report["peak_rss_mib"]}))
 """
@@ -409,7 +409,7 @@ def _decoy_bin(folder: Path) -> None:
 
 def test_a_decoy_bin_beside_safetensors_is_never_unpickled(tmp_path, tiny_folder, no_unpickling):
     from llmquant.errors import ModelNotFoundError
-    from llmquant.loading import load
+    from llmquant.inference.loading import load
     from llmquant.models import load_fp_model
 
     # safetensors transformers would not pick (a one-shard name without an index), a .bin it would
@@ -431,7 +431,7 @@ def test_a_decoy_bin_beside_safetensors_is_never_unpickled(tmp_path, tiny_folder
 
 
 def test_an_adapter_stored_as_a_pickle_is_refused(tmp_path, tiny_folder, no_unpickling):
-    from llmquant.qlora import load_adapter
+    from llmquant.training.qlora import load_adapter
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

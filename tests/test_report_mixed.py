@@ -9,11 +9,12 @@ from safetensors.torch import load_file
 
 import llmquant
 from conftest import tiny_model
-from llmquant import Calibration, QuantConfig, ops
-from llmquant.allocation import allocate, packed_bits
+from llmquant import Calibration, QuantConfig
+from llmquant.inference import ops
+from llmquant.quantization.allocation import allocate, packed_bits
 from llmquant.errors import ConfigError
-from llmquant.sensitivity import SensitivityTable, measure_sensitivity
-from llmquant.streaming import quantize_to_disk
+from llmquant.quantization.sensitivity import SensitivityTable, measure_sensitivity
+from llmquant.quantization.streaming import quantize_to_disk
 
 
 def test_report_numbers_equal_those_measured_on_the_checkpoint_and_calibration(tmp_path, smollm2):
@@ -157,7 +158,7 @@ def test_gptq_sensitivity_rounds_each_group_with_hessians_from_the_statistics_wi
     from llmquant.algorithms import GPTQ, algorithm_for
     from llmquant.arch import arch_for
     from llmquant.grid import AffineGrid
-    from llmquant.statistics import InputGram
+    from llmquant.quantization.statistics import InputGram
 
     model = tiny_model("llama")
     arch = arch_for(model.config)
@@ -240,7 +241,7 @@ def test_mixed_precision_beats_uniform_at_the_same_bits_on_smollm2(tmp_path):
     from dataclasses import replace
 
     from llmquant.api import evaluate
-    from llmquant.sensitivity import sensitivity_of
+    from llmquant.quantization.sensitivity import sensitivity_of
 
     calib = Calibration("wiki", 8, 512)
     uniform_config = QuantConfig(method="gptq", bits=4, group_size=128, sym=False)

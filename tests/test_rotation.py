@@ -1,4 +1,4 @@
-"""Rotations fused into the weights (llmquant/rotation.py): Hadamard matrices of the orders models
+"""Rotations fused into the weights (llmquant/rotation/fused.py): Hadamard matrices of the orders models
 use, the rotated model computing the same function (tied or not, with biases, grouped-query
 attention), the streamed and in-memory paths writing the same checkpoint, and refusals."""
 import json
@@ -11,8 +11,8 @@ from conftest import tiny_config, tiny_model
 from llmquant import QuantConfig
 from llmquant.arch import arch_for
 from llmquant.errors import ConfigError, UnsupportedArchitectureError
-from llmquant.ops import use_backend
-from llmquant.rotation import hadamard, rotate_model, rotation_matrix
+from llmquant.inference.ops import use_backend
+from llmquant.rotation.fused import hadamard, rotate_model, rotation_matrix
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64]])
 
@@ -68,8 +68,8 @@ def test_the_rotated_model_computes_the_same_logits(kind, tied):
 
 
 def test_streamed_and_in_memory_rotation_write_the_same_checkpoint_that_loads_untied(tmp_path, tiny_folder):
-    from llmquant.checkpoint import folder_tensors_sha256
-    from llmquant.streaming import quantize_to_disk
+    from llmquant.storage.checkpoint import folder_tensors_sha256
+    from llmquant.quantization.streaming import quantize_to_disk
 
     config = QuantConfig(method="rtn", bits=8, group_size=32, rotate="hadamard", rotate_seed=3)
     streamed, report = quantize_to_disk(tiny_folder, config, None, tmp_path / "streamed", progress=False)

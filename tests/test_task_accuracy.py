@@ -14,8 +14,8 @@ import yaml
 import llmquant
 from conftest import tiny_model
 from llmquant import QuantConfig
-from llmquant.model_card import ASIDE_FILE, CARD_FILE, EVALS_FILE, MARKER, record_eval
-from llmquant.task_accuracy import WIKI_LAST_WORD, builtin_task_folder, last_word_passages
+from llmquant.storage.model_card import ASIDE_FILE, CARD_FILE, EVALS_FILE, MARKER, record_eval
+from llmquant.evaluation.task_accuracy import WIKI_LAST_WORD, builtin_task_folder, last_word_passages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,8 @@ def test_task_accuracy_runs_lm_eval_on_a_loaded_quantized_model(tmp_path, smollm
 
 
 def test_unknown_tasks_are_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    from llmquant import cli, loading
+    from llmquant import cli
+    from llmquant.inference import loading
 
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path))
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -78,7 +79,7 @@ def _front_matter(text: str) -> dict:
 
 @pytest.fixture
 def streamed(tmp_path, tiny_folder):
-    from llmquant.streaming import quantize_to_disk
+    from llmquant.quantization.streaming import quantize_to_disk
 
     out, _ = quantize_to_disk(tiny_folder, QuantConfig(method="gptq", bits=4, group_size=32, act_order=True),
                               torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0)),
@@ -115,7 +116,7 @@ def test_the_cards_transformers_snippet_runs_for_a_bitsandbytes_checkpoint(tmp_p
 
 
 def test_base_model_names_the_hub_original_of_a_builtin_model():
-    from llmquant.model_card import render
+    from llmquant.storage.model_card import render
 
     report = {"llmquant_config": QuantConfig(method="nf4", group_size=64).to_dict(), "source_model": "smollm2-135m",
               "llmquant_version": "x", "bits_per_weight": 4.5, "calibration": None}
@@ -130,7 +131,7 @@ def test_an_eval_of_the_checkpoint_is_recorded_in_its_card(streamed):
 
 
 def test_a_readme_the_user_wrote_is_never_overwritten(tmp_path, tiny_folder, streamed):
-    from llmquant.streaming import quantize_to_disk
+    from llmquant.quantization.streaming import quantize_to_disk
 
     (streamed / CARD_FILE).write_text("# My notes\n")
     record_eval(streamed, "perplexity", "wiki (test)", "8 x 512", "20.0", "cpu")

@@ -7,7 +7,7 @@ import torch
 
 from ..grid import AffineGrid, QuantizedWeight
 from ..grid.observers import OBSERVERS, observed_scale
-from ..statistics import InputGram
+from ..quantization.statistics import InputGram
 
 ACTIVATION_MODES = ("dynamic", "static")
 

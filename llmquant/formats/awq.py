@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import bitpack, ops
+from ..storage import bitpack
+from ..inference import ops
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError
 from ..grid import PER_CHANNEL
-from ..nn.awq_linear import AWQLinear
+from ..inference.nn.awq_linear import AWQLinear
 from .base import (FLOAT_DTYPES, CheckpointFormat, RoundedWeight, check_bias, check_dtype, check_finite,
                    read_group_size, read_int, read_str)
 

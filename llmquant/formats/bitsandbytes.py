@@ -26,7 +26,7 @@ import torch
 from .._version import __version__
 from ..errors import CheckpointError
 from ..grid.codebook import BLOCKSIZES, QUANT_TYPES, code_of_zero, dynamic_table
-from ..nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
+from ..inference.nn.bnb4bit_linear import BnB4bitLinear, quant_state_key
 from .base import CheckpointFormat, RoundedWeight, check_bias, check_dtype, check_finite, read_str
 
 if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import bitpack
+from ..storage import bitpack
 from .._version import __version__
 from ..errors import CheckpointError
 from ..grid import PER_CHANNEL
-from ..nn.pack_quantized_linear import PackQuantizedLinear
-from ..nn.w8a8_linear import W8A8Linear
+from ..inference.nn.pack_quantized_linear import PackQuantizedLinear
+from ..inference.nn.w8a8_linear import W8A8Linear
 from .base import (FLOAT_DTYPES, CheckpointFormat, RoundedWeight, check_bias, check_dtype, check_finite,
                    check_group_index, read_int, read_mapping, read_str)
 

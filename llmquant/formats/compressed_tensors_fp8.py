@@ -20,7 +20,7 @@ import torch
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError
 from ..grid.fp8 import FP8_DTYPE, Fp8Weight
-from ..nn.fp8_linear import Fp8Linear
+from ..inference.nn.fp8_linear import Fp8Linear
 from .base import FLOAT_DTYPES, CheckpointFormat, check_bias, check_dtype, check_finite, read_int, read_mapping
 
 if TYPE_CHECKING:  # configs arrive as arguments; config.py imports this registry

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import bitpack
+from ..storage import bitpack
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError
 from ..grid import PER_CHANNEL
-from ..nn.gptq_linear import GPTQLinear
+from ..inference.nn.gptq_linear import GPTQLinear
 from .base import (FLOAT_DTYPES, CheckpointFormat, RoundedWeight, check_bias, check_dtype, check_finite,
                    check_group_index, check_range, read_group_size, read_int, read_str)
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import data
 from ..arch import arch_for
-from ..checkpoint import check_output_file, write_file_atomically
+from ..storage.checkpoint import check_output_file, write_file_atomically
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..models import load_fp_model, resolve_model
 from .blocks32 import quantize_q4_0, quantize_q4_1, quantize_q5_0

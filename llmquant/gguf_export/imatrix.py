@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..statistics import run_with_input_hooks
+from ..quantization.statistics import run_with_input_hooks
 
 
 @torch.no_grad()

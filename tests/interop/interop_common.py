@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from llmquant import ops
+from llmquant.inference import ops
 from llmquant.api import evaluate
 from llmquant.data import tokenize_corpus
 

@@ -72,8 +72,8 @@ def test_llmquant_reads_llm_compressor_w4a16(reference, checkpoints, case):
     from compressed_tensors.quantization import QuantizationScheme
 
     import llmquant
-    from llmquant.loading import checkpoint_files, read_tensors
-    from llmquant.nn import PackQuantizedLinear
+    from llmquant.inference.loading import checkpoint_files, read_tensors
+    from llmquant.inference.nn import PackQuantizedLinear
 
     folder = llm_compressor_w4a16_checkpoint(checkpoints, case)
     ours = llmquant.load(folder)
@@ -146,7 +146,7 @@ def test_llmquant_reads_llm_compressor_smoothquant_w8a8(reference, checkpoints):
     import llmquant
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-    from llmquant.nn import W8A8Linear
+    from llmquant.inference.nn import W8A8Linear
 
     folder = checkpoints / "llm-compressor-w8a8"
     recipe = [SmoothQuantModifier(smoothing_strength=0.5),

@@ -20,7 +20,7 @@ from .interop_common import (logits_of, logits_of_ours, max_abs_difference, perp
                              perplexity_shift_under_nudge, record, relative, versions,
                              weights_only_difference, worst_layer_difference)
 from llmquant import Calibration, QuantConfig
-from llmquant.moe import ExpertList
+from llmquant.arch.moe import ExpertList
 
 from conftest import tiny_model
 

@@ -1,0 +1,220 @@
+"""What this CPU runs fast, asked of torch once: the CPU class llmquant plans its paths for.
+
+On x86 torch's int4 / int8 weight-packed matmuls are vectorized (AVX2 / AVX-512 tinygemm) only for
+bfloat16 activations; float32 and float16 inputs take a scalar loop that is slower than an fp32
+matmul. So the packed paths compute in bfloat16 there and in the activations' own dtype elsewhere
+(aarch64 builds vectorize float32 too). An int8 x int8 -> int32 matmul (`torch._int_mm`) is fast
+only where the CPU has an int8 dot-product instruction (VNNI, AMX); without one it is far slower
+than an fp32 matmul (and inexact: eval/CPU.md). Where the CPU multiplies bfloat16 natively (AVX-512
+BF16, AMX), a dense bf16 matmul (oneDNN) of many rows is faster than fp32 while the packed ops, which
+dequantize inside for every few rows, are no faster than fp32 there: from DENSE_FROM_ROWS rows on, the
+paths dequantize the weight into bfloat16 for the call instead (the packed op still won at 64 rows,
+the dense one at 512; prefill against fp32 per CPU class: eval/CPU.md). Without native bf16 (the AVX2
+class) the same calls run a dense fp32 matmul instead (capability.dense_fp32_for; the paths say how).
+
+The class follows the overrides torch and oneDNN follow, so that one machine can play a smaller
+class: torch.cpu's private probes (`_is_vnni_supported`, `_is_avx512_bf16_supported`,
+`_is_amx_tile_supported`) ask the CPU itself (CPUID) and ignore both, so they are only the upper
+bound here. `ATEN_CPU_CAPABILITY=avx2` (torch's kernels dispatched to AVX2:
+`torch.backends.cpu.get_cpu_capability()` says so) turns the int8 dot product and native bf16 off,
+as they are on an AVX2 CPU; `ONEDNN_MAX_CPU_ISA` (or `DNNL_MAX_CPU_ISA`) below AVX512_CORE_VNNI turns
+the int8 dot product off (oneDNN runs `_int_mm` and the dense int8 / bf16 GEMMs), below
+AVX512_CORE_BF16 native bf16 (AMX alone needs AVX512_CORE_AMX).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from ...errors import ConfigError
+
+_X86_VECTOR_CAPABILITIES = ("AVX2", "AVX512")
+DENSE_FROM_ROWS = 128
+# Without native bf16 (the AVX2 class) the packed ops in bf16 lose to an fp32 matmul from 32 rows on,
+# but not at 1-8 rows (eval/CPU.md, "Why 32 rows"): from here on such calls run a dense fp32 matmul of
+# the weight (DenseCopy below).
+DENSE_FP32_FROM_ROWS = 32
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# oneDNN's dnnl_cpu_isa names in increasing order (aliases share a rank); ALL is no cap.
+_ONEDNN_ISA_RANK = {name: rank for rank, names in enumerate((
+    ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI",), ("AVX2_VNNI_2",), ("AVX512_CORE",), ("AVX512_CORE_VNNI",),
+    ("AVX512_CORE_BF16",), ("AVX10_1_512", "AVX512_CORE_FP16"), ("AVX10_1_512_AMX", "AVX512_CORE_AMX"),
+    ("AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16"), ("AVX10_2_512",), ("AVX10_2_512_AMX_2",), ("ALL",),
+)) for name in names}
+
+
+def _cpu_flag(name: str) -> bool:
+    probe = getattr(torch.cpu, name, None)  # private probes; absent from some builds
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def _onednn_cap() -> tuple[str, str] | None:
+    """(variable, value upper-cased) of the oneDNN ISA cap in effect, or None."""
+    for variable in ONEDNN_ISA_VARIABLES:
+        value = os.environ.get(variable)
+        if value:
+            return variable, value.strip().upper()
+    return None
+
+
+def _onednn_allows(cap: tuple[str, str] | None, isa: str) -> bool:
+    if cap is None:
+        return True
+    rank = _ONEDNN_ISA_RANK.get(cap[1])
+    return rank is None or rank >= _ONEDNN_ISA_RANK[isa]  # a name oneDNN does not know caps nothing
+
+
+@dataclass(frozen=True)
+class CpuClass:
+    capability: str  # torch's dispatch ("AVX512", "AVX2", ...)
+    int8_dot_product: bool
+    fast_bf16_matmul: bool
+    cpu_flags: tuple[str, ...]  # what the CPU itself has (CPUID), whatever is overridden
+    reasons: tuple[str, ...] = field(default=())  # why a feature the CPU has is off
+
+    @property
+    def name(self) -> str:
+        if self.capability == "AVX2":
+            return "AVX2"
+        features = [f for f, on in (("int8 dot product", self.int8_dot_product), ("native bf16", self.fast_bf16_matmul))
+                    if on]
+        return f"{self.capability}" + (f" + {' + '.join(features)}" if features else "")
+
+    def describe(self) -> str:
+        missing = [f for f, on in (("no int8 dot product", self.int8_dot_product), ("no native bf16", self.fast_bf16_matmul))
+                   if not on]
+        text = f"{self.name} class"
+        if missing:
+            text += f" ({', '.join(missing)})"
+        text += f"; the CPU has {', '.join(self.cpu_flags) if self.cpu_flags else 'no VNNI / AVX512-BF16 / AMX'}"
+        if self.reasons:
+            text += f"; off because {'; '.join(self.reasons)}"
+        return text
+
+
+@lru_cache
+def cpu_class() -> CpuClass:
+    """The class this process plans for (computed once: the variables are read before torch runs)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    vnni, bf16, amx = (_cpu_flag(n) for n in ("_is_vnni_supported", "_is_avx512_bf16_supported",
+                                              "_is_amx_tile_supported"))
+    flags = tuple(n for n, on in (("VNNI", vnni), ("AVX512-BF16", bf16), ("AMX", amx)) if on)
+    cap = _onednn_cap()
+    reasons = []
+    int8_dot, fast_bf16 = vnni or amx, bf16 or amx
+    if capability in ("AVX2", "DEFAULT") and (int8_dot or fast_bf16):
+        forced = os.environ.get("ATEN_CPU_CAPABILITY")
+        reasons.append(f"torch dispatches {capability} kernels"
+                       + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else ""))
+        int8_dot = fast_bf16 = False
+    if int8_dot and not (_onednn_allows(cap, "AVX512_CORE_VNNI") if vnni else _onednn_allows(cap, "AVX512_CORE_AMX")):
+        reasons.append(f"{cap[0]}={cap[1]} is below {'AVX512_CORE_VNNI' if vnni else 'AVX512_CORE_AMX'}")
+        int8_dot = False
+    if fast_bf16 and not (_onednn_allows(cap, "AVX512_CORE_BF16") if bf16 else _onednn_allows(cap, "AVX512_CORE_AMX")):
+        reasons.append(f"{cap[0]}={cap[1]} is below {'AVX512_CORE_BF16' if bf16 else 'AVX512_CORE_AMX'}")
+        fast_bf16 = False
+    return CpuClass(capability, int8_dot, fast_bf16, flags, tuple(reasons))
+
+
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+def cpu_capability() -> str:
+    """torch's name for the vector extension its CPU kernels were dispatched to ("AVX512", "AVX2", ...)."""
+    return cpu_class().capability
+
+
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+def has_int8_dot_product() -> bool:
+    """Whether int8 GEMMs run on a dot-product instruction (AVX-512 VNNI / AMX), in the class planned for."""
+    return cpu_class().int8_dot_product
+
+
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+def has_fast_bf16_matmul() -> bool:
+    """Whether dense bfloat16 matmuls run natively (AVX-512 BF16 / AMX), in the class planned for."""
+    return cpu_class().fast_bf16_matmul
+
+
+def dense_bf16_for(rows: int) -> bool:
+    """Whether a call with this many rows runs faster as a dense bfloat16 matmul."""
+    return rows >= DENSE_FROM_ROWS and has_fast_bf16_matmul()
+
+
+def dense_fp32_for(rows: int) -> bool:
+    """Whether a call with this many rows runs faster as a dense fp32 matmul of the dequantized weight than
+    as the packed op (x86 CPUs without native bf16, where the packed ops compute in emulated bf16)."""
+    return rows >= DENSE_FP32_FROM_ROWS and not has_fast_bf16_matmul() and cpu_capability() in _X86_VECTOR_CAPABILITIES
+
+
+class DenseCopy:
+    """A kernel's dequantized weight for dense calls (fp32 on the AVX2 class, bf16 where the CPU multiplies
+    it natively): kept once selection grants it the memory (prepare_for_cpu, within the dequantized-cache
+    bound), else made for each call by `make`."""
+
+    def __init__(self, make, nbytes: int):
+        self.make, self.nbytes, self.kept = make, nbytes, None
+
+    def keep(self) -> None:
+        self.kept = self.make()
+
+    def weight(self) -> torch.Tensor:
+        kept = self.kept
+        return kept if kept is not None else self.make()
+
+
+HALF_GEMV_ENV = "LLMQUANT_CPU_HALF_GEMV"
+HALF_GEMV_CHOICES = ("auto", "on", "off")
+# float16 costs ~2^-11 of relative precision: taken only where it is clearly faster
+HALF_GEMV_MIN_GAIN = 1.1
+
+
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+def half_gemv_is_faster() -> bool:
+    """Whether a one-row float16 matrix-vector product (fp32 accumulation) of a float16 weight beats the
+    fp32 one here, at the current thread count: measured once per thread count, since no CPU flag
+    tells. It reads half the bytes, but converts every weight to fp32 on the way: a memory-bound CPU
+    gains up to 2x, one with bandwidth to spare per core gains nothing or loses (eval/CPU.md has both).
+    $LLMQUANT_CPU_HALF_GEMV=on / off overrides the measurement."""
+    choice = os.environ.get(HALF_GEMV_ENV, "auto")
+    if choice not in HALF_GEMV_CHOICES:
+        raise ConfigError(f"{HALF_GEMV_ENV} must be one of {', '.join(HALF_GEMV_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    return _measured_half_gemv_gain(torch.get_num_threads()) >= HALF_GEMV_MIN_GAIN
+
+
+@lru_cache
+def _measured_half_gemv_gain(threads: int) -> float:
+    """fp32 time over float16 time of a one-row product with a 2048 x 2048 weight (16 MiB in fp32, past
+    the caches a decode step's weights live outside of); best of interleaved rounds, a fraction of a
+    second once per thread count."""
+    with torch.inference_mode(False), torch.no_grad():
+        weight = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
+        row = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1))
+        operands = {torch.float32: (row, weight), torch.float16: (row.half(), weight.half())}
+        best = {dtype: float("inf") for dtype in operands}
+        for _ in range(5):
+            for dtype, (x, w) in operands.items():
+                torch.nn.functional.linear(x, w)  # first-call work, caches warmed alike
+                start = time.perf_counter()
+                for _ in range(8):
+                    torch.nn.functional.linear(x, w)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.float16]
+
+
+def packed_compute_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype torch's weight-packed CPU matmuls run fast with."""
+    if cpu_capability() in _X86_VECTOR_CAPABILITIES:
+        return torch.bfloat16
+    return activation_dtype
+
+
+def describe() -> str:
+    return cpu_class().describe()
