@@ -7,15 +7,21 @@ perplexity on the same wiki test windows (40 x 512). Needs the interop venv (llm
 compressed-tensors 0.20.1):
 
     LLMQUANT_VENV=/tmp/venv-interop bash scripts/setup_interop.sh
-    OMP_NUM_THREADS=1 PYTHONPATH=.:kernels /tmp/venv-interop/bin/python eval/rotation/compare_llmcompressor.py \
-        --scheme w4pc --json eval/rotation/llmcompressor-w4pc.json
-    OMP_NUM_THREADS=1 PYTHONPATH=.:kernels /tmp/venv-interop/bin/python eval/rotation/compare_llmcompressor.py \
-        --scheme w4g128 --json eval/rotation/llmcompressor-w4g128.json
+    export OMP_NUM_THREADS=1 PYTHONPATH=.:kernels
+    /tmp/venv-interop/bin/python eval/rotation/compare_llmcompressor.py --scheme w4pc --rows fp ours-rot llmc-spin \
+        --json eval/rotation/llmcompressor-w4pc.json
+    /tmp/venv-interop/bin/python eval/rotation/compare_llmcompressor.py --scheme w4pc --rows llmc ours \
+        --json eval/rotation/llmcompressor-w4pc-baselines.json
+
+(the commands behind eval/RESULTS.md, "Rotations before rounding", which lists the w4g128 / w4g64 ones;
+two at a time on a 2-core machine). Without --rows a command runs every row in turn.
 
 Schemes, as the rows of eval/RESULTS.md's rotation section: w4pc = 4-bit asymmetric per output channel,
 GPTQ with act-order and the clipping search (llm-compressor: actorder "static", observer
 "memoryless_mse" over the same 80 shrink factors 1.00..0.21 with the same |error|^2.4, early stop
-off); w4g128 = 4-bit asymmetric groups of 128, plain GPTQ (no act-order, min-max ranges). lm_head stays
+off); w4g<N> = 4-bit asymmetric groups of N, plain GPTQ (no act-order, min-max ranges). llm-compressor
+refuses groups that do not divide a layer's columns (SmolLM2's 576 and 128: ValueError, recorded in the
+JSON as the row's error); groups of 64 divide every width. lm_head stays
 in full precision on both sides. Rotations: llmquant's `--rotate hadamard` (seed 0) against
 SpinQuantModifier(rotations=["R1", "R2"]) with --spin-type (default random-hadamard: SmolLM2's hidden
 size 576 is no power of two, and compressed-tensors builds its deterministic "hadamard" only for
