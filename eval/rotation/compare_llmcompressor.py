@@ -54,8 +54,8 @@ from llmquant import Calibration, QuantConfig
 from llmquant.api import evaluate
 from llmquant.arch import arch_for
 from llmquant.models import builtin_model_path, load_fp_model
-from llmquant.perplexity import PerplexityResult
-from llmquant.planning import calibration_windows_for
+from llmquant.evaluation.perplexity import PerplexityResult
+from llmquant.quantization.planning import calibration_windows_for
 
 MODEL = "smollm2-135m"
 SUBSET = 8
