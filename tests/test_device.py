@@ -267,6 +267,8 @@ def _op_samples():
         "w8a8_linear": (x, codes, torch.rand(64, 1) / 100, None, bias),
         "codebook4_linear": (x, nf4["weight"], nf4["weight.absmax"], nf4["weight.quant_map"], nf4["weight.nested_absmax"],
                              nf4["weight.nested_quant_map"], quantized.nested.offset, 256, 64, [64, 96], None),
+        # 96 = 12 x 8: a small factor, then Sylvester's butterflies
+        "hadamard_transform": (x, torch.randn(12, 12), 0.125),
     }
 
 
