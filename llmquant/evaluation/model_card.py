@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .._version import __version__
-from ..evaluation.report import REPORT_FILE, recipe_rows
+from .report import REPORT_FILE, recipe_rows
 
 CARD_FILE = "README.md"
 ASIDE_FILE = "README.llmquant.md"  # where the card goes when the user has a README.md of their own
