@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .._version import __version__
+from ..storage.checkpoint import write_file_atomically
 from .report import REPORT_FILE, recipe_rows
 
 CARD_FILE = "README.md"
@@ -146,8 +147,6 @@ def write_model_card(folder: Path, report: dict | None = None, location: Path | 
 def record_eval(folder: Path, what: str, on: str, setting: str, result: str, device: str) -> None:
     """Add a measurement to a checkpoint llmquant wrote (a folder with quantize_report.json) and
     rewrite its card; any other folder is left as it is."""
-    from .checkpoint import write_file_atomically
-
     folder = Path(folder)
     if not (folder / REPORT_FILE).is_file() or not folder.is_dir():
         return
