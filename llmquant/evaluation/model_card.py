@@ -9,6 +9,7 @@ README.llmquant.md.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .._version import __version__
@@ -128,10 +129,6 @@ def write_model_card(folder: Path, report: dict | None = None, location: Path | 
     location: where the checkpoint will be read from (the snippets name it; default: `folder`);
     replacing: the folder this one is about to replace, whose README.md, if the user wrote it, is
     carried over (and the card written beside it as README.llmquant.md)."""
-    import shutil
-
-    from .checkpoint import write_file_atomically
-
     folder = Path(folder)
     report = report or json.loads((folder / REPORT_FILE).read_text())
     users = _users_readme(Path(replacing)) if replacing is not None and Path(replacing).is_dir() else None
