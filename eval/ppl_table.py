@@ -61,8 +61,8 @@ METHODS = {
     "fp8": {"method": "fp8"},
     "fp8-block": {"method": "fp8-block"},
 }
-# Each method with randomized Hadamard rotations fused in first (rotation.py): "<method>-rot", and with
-# down_proj's input rotated online as well (R4, online_rotation.py): "<method>-rot-r4".
+# Each method with randomized Hadamard rotations fused in first (llmquant/rotation/fused.py): "<method>-rot", and with
+# down_proj's input rotated online as well (R4, llmquant/rotation/online.py): "<method>-rot-r4".
 BASE_METHODS = list(METHODS.items())
 METHODS.update({f"{name}-rot": {**fields, "rotate": "hadamard"} for name, fields in BASE_METHODS})
 METHODS.update({f"{name}-rot-r4": {**fields, "rotate": "hadamard", "rotate_online": ("down_proj",)}

@@ -505,7 +505,7 @@ def cmd_eval(args) -> int:
 
 def _record_on_checkpoint(model: str, what: str, on: str, setting: str, value: str, result: dict) -> None:
     """A measurement of a checkpoint llmquant wrote goes into its model card (others are left alone)."""
-    from .storage.model_card import record_eval
+    from .evaluation.model_card import record_eval
 
     if Path(model).expanduser().is_dir():
         record_eval(Path(model).expanduser(), what, on, setting, value, f"{result['device']} {result['dtype']}")

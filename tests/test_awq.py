@@ -18,7 +18,7 @@ from llmquant.grid import AffineGrid
 from llmquant.inference.nn import AWQLinear
 from llmquant.quantization.pipeline import PipelineResult, capture_block_inputs, quantize_block, run_block, \
     scaling_groups_with_statistics
-from llmquant.quantization.statistics import InputGram
+from llmquant.algorithms.statistics import InputGram
 
 from conftest import tiny_config, tiny_model
 

@@ -220,7 +220,7 @@ def test_smoothing_leaves_out_the_pair_whose_linear_rotates_its_input():
     """SmoothQuant's up_proj -> down_proj scales would be folded before H and compensated after it: with
     R4 that pair is left out (the attention and norm pairs stay), and the smoothed model stays as close
     to FP as without R4 (with the pair it was 2.8x further off)."""
-    from llmquant.quantization.scaling import scaling_groups
+    from llmquant.algorithms.scaling import scaling_groups
 
     model = _llama()
     arch = arch_for(model.config, model)

@@ -11,7 +11,7 @@ from llmquant.arch import arch_for
 from llmquant.errors import DataError, OutputExistsError, UnsupportedArchitectureError
 from llmquant.inference.nn import GPTQLinear
 from llmquant.quantization.pipeline import capture_block_inputs, run_block
-from llmquant.quantization.statistics import InputGram
+from llmquant.algorithms.statistics import InputGram
 
 from conftest import tiny_model
 

@@ -158,7 +158,7 @@ def test_gptq_sensitivity_rounds_each_group_with_hessians_from_the_statistics_wi
     from llmquant.algorithms import GPTQ, algorithm_for
     from llmquant.arch import arch_for
     from llmquant.grid import AffineGrid
-    from llmquant.quantization.statistics import InputGram
+    from llmquant.algorithms.statistics import InputGram
 
     model = tiny_model("llama")
     arch = arch_for(model.config)

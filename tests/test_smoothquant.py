@@ -189,7 +189,7 @@ def test_folding_in_half_precision_is_the_float32_fold_cast_once(dtype):
     """Scales are folded in float32 and each result cast once to the model's dtype: a large scale is
     neither rounded to fp16 / bf16 first (which breaks the norm / linear balance, Gemma's (1 + w)
     norms included) nor overflows fp16."""
-    from llmquant.quantization.scaling import scaling_groups
+    from llmquant.algorithms.scaling import scaling_groups
 
     model = tiny_model("gemma3").to(dtype)
     reference = copy.deepcopy(model).float()
@@ -217,8 +217,8 @@ def test_searched_and_applied_scales_use_the_same_weights_when_a_linear_is_exclu
     """A linear kept in floating point (--exclude) is rescaled with its group but does not shape the
     scales: the alpha search and the applied scales both use the quantized linears' weights."""
     from llmquant.algorithms.smoothquant import ALPHA_GRID, smoothing_scales, w8a8_output_error
-    from llmquant.quantization.scaling import ScalingGroup
-    from llmquant.quantization.statistics import InputGram
+    from llmquant.algorithms.scaling import ScalingGroup
+    from llmquant.algorithms.statistics import InputGram
 
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(16)

@@ -14,7 +14,7 @@ import yaml
 import llmquant
 from conftest import tiny_model
 from llmquant import QuantConfig
-from llmquant.storage.model_card import ASIDE_FILE, CARD_FILE, EVALS_FILE, MARKER, record_eval
+from llmquant.evaluation.model_card import ASIDE_FILE, CARD_FILE, EVALS_FILE, MARKER, record_eval
 from llmquant.evaluation.task_accuracy import WIKI_LAST_WORD, builtin_task_folder, last_word_passages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_the_cards_transformers_snippet_runs_for_a_bitsandbytes_checkpoint(tmp_p
 
 
 def test_base_model_names_the_hub_original_of_a_builtin_model():
-    from llmquant.storage.model_card import render
+    from llmquant.evaluation.model_card import render
 
     report = {"llmquant_config": QuantConfig(method="nf4", group_size=64).to_dict(), "source_model": "smollm2-135m",
               "llmquant_version": "x", "bits_per_weight": 4.5, "calibration": None}

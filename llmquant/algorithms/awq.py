@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..grid import AffineGrid, QuantizedWeight
-from ..quantization.scaling import BlockTransform, ScalingGroup
-from ..quantization.statistics import InputGram
+from .scaling import BlockTransform, ScalingGroup
+from .statistics import InputGram
 
 
 def candidate_scales(mean_abs_input: torch.Tensor, ratio: float, mean_abs_weight: torch.Tensor | None) -> torch.Tensor:

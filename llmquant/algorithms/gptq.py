@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LlmquantError
 from ..grid import PER_CHANNEL, AffineGrid, QuantizedWeight
-from ..quantization.statistics import InputGram
+from .statistics import InputGram
 
 # Damping is multiplied by this factor after each failed factorization, up to MAX_DAMP
 # (expressed, like `damp`, as a fraction of the mean Hessian diagonal).

@@ -13,8 +13,8 @@ import torch
 
 from ..grid import PER_CHANNEL, AffineGrid, QuantizedWeight
 from ..grid.activations import fake_quantize
-from ..quantization.scaling import BlockTransform, ScalingGroup
-from ..quantization.statistics import InputGram
+from .scaling import BlockTransform, ScalingGroup
+from .statistics import InputGram
 from .w8a8 import W8A8
 
 AUTO = "auto"

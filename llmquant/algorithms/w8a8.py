@@ -7,7 +7,7 @@ import torch
 
 from ..grid import AffineGrid, QuantizedWeight
 from ..grid.observers import OBSERVERS, observed_scale
-from ..quantization.statistics import InputGram
+from .statistics import InputGram
 
 ACTIVATION_MODES = ("dynamic", "static")
 

@@ -30,7 +30,7 @@ from ..inference.loading import checkpoint_files, load, load_quantized_linear
 from ..models import load_fp_model, resolve_model
 from ..arch.moe import expert_coverage
 from ..inference.ops import use_backend
-from ..quantization.statistics import InputGram, run_with_input_hooks
+from ..algorithms.statistics import InputGram, run_with_input_hooks
 
 REPORT_FILE = REPORT_FILES["quantize"]
 SCALING_METHODS = ("awq", "awq+gptq", "smoothquant")

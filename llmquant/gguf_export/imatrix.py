@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..quantization.statistics import run_with_input_hooks
+from ..algorithms.statistics import run_with_input_hooks
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from ..storage.checkpoint import (checkpoint_tensors, tensors_sha256, without_ti
                          write_model_files, write_report_file)
 from ..config import QuantConfig
 from ..formats import FORMATS
-from ..storage.model_card import write_model_card
+from ..evaluation.model_card import write_model_card
 from ..arch.moe import set_calibrate_all_experts
 from ..rotation.online import with_online_rotation
 from .pipeline import BlockStore, PipelineResult, Placement

@@ -21,8 +21,8 @@ from ..arch.derived import check_steps_by_forward
 from ..device import move_tensors
 from ..errors import DataError
 from ..grid import AffineGrid, QuantizedWeight
-from .scaling import scaling_groups
-from .statistics import InputGram
+from ..algorithms.scaling import scaling_groups
+from ..algorithms.statistics import InputGram
 
 
 @dataclass

@@ -53,7 +53,7 @@ from ..device import dtype_name, reset_peak_memory
 from ..errors import (CheckpointError, ConfigError, DataError, LlmquantError, OutputExistsError, OutputWriteError,
                      UnsupportedArchitectureError)
 from ..inference.loading import checkpoint_files, load
-from ..storage.model_card import write_model_card
+from ..evaluation.model_card import write_model_card
 from ..models import cache_dir, resolve_model
 from ..rotation.online import with_online_rotation
 from .pipeline import BlockStore, LayerResult, PipelineResult, Placement

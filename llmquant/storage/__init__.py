@@ -1,3 +1,3 @@
 """Checkpoint folders on disk: written atomically (checkpoint), read strictly (safetensors_file), small
-integers packed into words (bitpack), the model card beside every checkpoint (model_card).
+integers packed into words (bitpack).
 """

@@ -18,9 +18,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .. import _version
 from ..errors import CheckpointError, OutputExistsError, OutputWriteError
-from ..inference.nn import QUANTIZED_LINEARS
 from .safetensors_file import SafetensorsFile
 
 DEFAULT_MAX_SHARD_SIZE = "4GB"
@@ -294,25 +292,6 @@ def checkpoint_tensors(state: dict[str, torch.Tensor], packed: dict[str, dict[st
             continue
         tensors[key] = (tensor.to(storage_dtype) if tensor.is_floating_point() else tensor).cpu()
     return tensors
-
-
-def save_loaded_model(model, tokenizer, path: str | os.PathLike, overwrite: bool = False,
-                      storage_dtype: torch.dtype = torch.float16, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write a loaded (quantized) model as a checkpoint folder: its quantized linears' tensors as they
-    are, every other floating-point tensor in `storage_dtype`; config (with its quantization_config),
-    generation config and tokenizer beside them."""
-    quantized = tuple(name + "." for name, module in model.named_modules() if isinstance(module, QUANTIZED_LINEARS))
-    tensors = {}
-    for key, tensor in without_tied_copies(model.state_dict()).items():
-        exact = key.startswith(quantized) and not key.endswith(".bias")
-        tensors[key] = tensor.to(storage_dtype) if tensor.is_floating_point() and not exact else tensor
-
-    def write(folder: Path) -> None:
-        write_model_files(folder, model, tensors, tokenizer, storage_dtype, max_shard_size)
-        write_report_file(folder, REPORT_FILES["save"], {"llmquant_version": _version.__version__,
-                                                         "saved_from": getattr(model.config, "_name_or_path", None)})
-
-    return write_folder_atomically(path, write, overwrite)
 
 
 def write_model_files(folder: Path, model, tensors: dict[str, torch.Tensor], tokenizer, storage_dtype: torch.dtype,

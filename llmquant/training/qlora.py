@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..storage.checkpoint import REPORT_FILES, save_loaded_model, write_folder_atomically, write_report_file
+from .. import _version
+from ..storage.checkpoint import (DEFAULT_MAX_SHARD_SIZE, REPORT_FILES, without_tied_copies, write_folder_atomically,
+                                  write_model_files, write_report_file)
 from ..config import QuantConfig
 from ..inference.cpu import disable_cpu_paths
 from ..errors import ConfigError, LlmquantError
@@ -25,7 +27,7 @@ from ..formats import FORMATS
 from ..grid.codebook import CodebookGrid
 from ..inference.loading import load
 from ..models import resolve_model
-from ..inference.nn import AWQLinear, BnB4bitLinear, GPTQLinear
+from ..inference.nn import QUANTIZED_LINEARS, AWQLinear, BnB4bitLinear, GPTQLinear
 from .loop import heldout_loss, run_report, train, training_windows, TrainingSettings
 
 # Quantized linears whose forward is differentiable in its input (W8A8 rounds activations: it is not).
@@ -219,3 +221,22 @@ def merge_into_checkpoint(peft_model, tokenizer, path: str | os.PathLike, overwr
         merged.load_state_dict(tensors, assign=True)
         model.set_submodule(name, merged)
     return save_loaded_model(model, tokenizer, path, overwrite, storage_dtype=getattr(torch, compute_dtype))
+
+
+def save_loaded_model(model, tokenizer, path: str | os.PathLike, overwrite: bool = False,
+                      storage_dtype: torch.dtype = torch.float16, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a loaded (quantized) model as a checkpoint folder: its quantized linears' tensors as they
+    are, every other floating-point tensor in `storage_dtype`; config (with its quantization_config),
+    generation config and tokenizer beside them."""
+    quantized = tuple(name + "." for name, module in model.named_modules() if isinstance(module, QUANTIZED_LINEARS))
+    tensors = {}
+    for key, tensor in without_tied_copies(model.state_dict()).items():
+        exact = key.startswith(quantized) and not key.endswith(".bias")
+        tensors[key] = tensor.to(storage_dtype) if tensor.is_floating_point() and not exact else tensor
+
+    def write(folder: Path) -> None:
+        write_model_files(folder, model, tensors, tokenizer, storage_dtype, max_shard_size)
+        write_report_file(folder, REPORT_FILES["save"], {"llmquant_version": _version.__version__,
+                                                         "saved_from": getattr(model.config, "_name_or_path", None)})
+
+    return write_folder_atomically(path, write, overwrite)

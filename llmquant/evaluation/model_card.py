@@ -9,10 +9,12 @@ README.llmquant.md.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .._version import __version__
-from ..evaluation.report import REPORT_FILE, recipe_rows
+from ..storage.checkpoint import write_file_atomically
+from .report import REPORT_FILE, recipe_rows
 
 CARD_FILE = "README.md"
 ASIDE_FILE = "README.llmquant.md"  # where the card goes when the user has a README.md of their own
@@ -127,10 +129,6 @@ def write_model_card(folder: Path, report: dict | None = None, location: Path | 
     location: where the checkpoint will be read from (the snippets name it; default: `folder`);
     replacing: the folder this one is about to replace, whose README.md, if the user wrote it, is
     carried over (and the card written beside it as README.llmquant.md)."""
-    import shutil
-
-    from .checkpoint import write_file_atomically
-
     folder = Path(folder)
     report = report or json.loads((folder / REPORT_FILE).read_text())
     users = _users_readme(Path(replacing)) if replacing is not None and Path(replacing).is_dir() else None
@@ -146,8 +144,6 @@ def write_model_card(folder: Path, report: dict | None = None, location: Path | 
 def record_eval(folder: Path, what: str, on: str, setting: str, result: str, device: str) -> None:
     """Add a measurement to a checkpoint llmquant wrote (a folder with quantize_report.json) and
     rewrite its card; any other folder is left as it is."""
-    from .checkpoint import write_file_atomically
-
     folder = Path(folder)
     if not (folder / REPORT_FILE).is_file() or not folder.is_dir():
         return
