@@ -22,8 +22,8 @@ from torch import nn
 
 from ..algorithms import CODEBOOK_METHODS, FP8_METHODS, algorithm_for
 from ..arch import ArchMap
+from ..arch.moe import unfuse_experts
 from ..config import PER_CHANNEL, QuantConfig
-from ..storage.checkpoint import check_output_path
 from ..data import Calibration, check_corpus
 from ..device import free_device_memory, resolve_compute_dtype, resolve_device
 from ..errors import ConfigError, LlmquantError, UnsupportedArchitectureError
@@ -31,10 +31,10 @@ from ..formats import FORMATS
 from ..grid import AffineGrid
 from ..grid.codebook import CodebookGrid
 from ..grid.fp8 import Fp8Grid
-from ..arch.moe import unfuse_experts
+from ..rotation.fused import Rotation, rotate_block, start_rotation
+from ..storage.checkpoint import check_output_path
 from .pipeline import BlockStore, PipelineResult, Placement, quantize_blocks
 from .progress_folder import check_streamed_output
-from ..rotation.fused import Rotation, rotate_block, start_rotation
 
 STORAGE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ACTIVATION_OFFLOAD = ("auto", "never", "always")
@@ -62,19 +62,16 @@ def check_request(config: QuantConfig, calib=None, *, out=None, overwrite: bool 
     is not llmquant's to replace (streamed: nor the progress folder beside it), an absent device, a dtype it cannot compute in, an unknown
     activation placement, a calibration corpus that cannot be read. A method that needs data and got
     none takes default_calib (by default Calibration(): the library's corpus and sizes)."""
-    if offload_activations not in ACTIVATION_OFFLOAD:
-        raise ConfigError(f"offload_activations must be one of {', '.join(ACTIVATION_OFFLOAD)}, got {offload_activations!r}")
+    placement = placement_for(device, compute_dtype, offload_activations)  # the device resolved once, here
     check_output = check_streamed_output if streamed else check_output_path
     target = check_output(out, overwrite) if out is not None else None
-    device = resolve_device(device)
-    compute_dtype = resolve_compute_dtype(compute_dtype, device)
     if calib is None and algorithm_for(config).needs_calibration:
         calib = default_calib or Calibration()
     if isinstance(calib, str):
         calib = Calibration(corpus=calib)
     if isinstance(calib, Calibration):
         check_corpus(calib.corpus, calib.split)
-    return RunRequest(device, compute_dtype, offload_activations, calib, target, overwrite)
+    return RunRequest(placement.device, placement.compute_dtype, offload_activations, calib, target, overwrite)
 
 
 @dataclass
@@ -84,8 +81,8 @@ class RunPlan:
     grids: dict[str, AffineGrid | CodebookGrid]
     calibration: torch.Tensor | None
     calibration_info: dict | None
-    placement: Placement
-    config: QuantConfig | None = None  # as its checkpoint is written (prepare_model)
+    config: QuantConfig  # as its checkpoint is written (prepare_model)
+    placement: Placement = Placement()
     rotation: Rotation | None = None  # applied outside the blocks already; to each block as it is read
 
     def grid_for(self, name: str, linear: nn.Linear):
@@ -177,7 +174,7 @@ def plan_quantization(model, arch: ArchMap, config: QuantConfig, request: RunReq
     plan = plan_run(model, arch, config, request.calib, tokenizer, check_values=weights_loaded)
     plan.placement = placement_for(request.device, request.compute_dtype, request.offload_activations, model.config,
                                    plan.calibration, largest_block_bytes(model, arch))
-    plan.config, plan.rotation = config, rotation
+    plan.rotation = rotation
     return plan
 
 
@@ -186,8 +183,7 @@ def largest_block_bytes(model, arch: ArchMap) -> int:
     return max(sum(p.numel() * 4 for p in block.parameters()) for block in arch.block_list(model))
 
 
-def plan_run(model, arch: ArchMap, config: QuantConfig, calib, tokenizer, check_values: bool = True,
-             placement: Placement | None = None) -> RunPlan:
+def plan_run(model, arch: ArchMap, config: QuantConfig, calib, tokenizer, check_values: bool = True) -> RunPlan:
     """What a quantization run needs, checked before any work. calib: as check_request left it."""
     layers = list(linears_to_quantize(model, arch, config))
     _check_layers(layers, config, check_values)
@@ -201,7 +197,7 @@ def plan_run(model, arch: ArchMap, config: QuantConfig, calib, tokenizer, check_
     if calib is None and algorithm.needs_calibration:
         raise ConfigError(f"{config.method} needs calibration data (check_request gives it the default corpus)")
     calibration, info = calibration_windows_for(calib, tokenizer, arch, model.get_input_embeddings().num_embeddings)
-    return RunPlan(fmt, algorithm, grids, calibration, info, placement or Placement())
+    return RunPlan(fmt, algorithm, grids, calibration, info, config)
 
 
 def linears_to_quantize(model: nn.Module, arch: ArchMap, config: QuantConfig):
