@@ -103,12 +103,12 @@ def weight_bytes(tensors: dict) -> int:
 
 
 def op_call(kind: str, x: torch.Tensor, t: dict, k: int, n: int):
-    from llmquant.inference import fp8_ops, ops
+    from llmquant.inference import ops
 
     if kind == "fp8":
-        return lambda: fp8_ops.fp8_linear(x, t["weight"], t["weight_scale"], None)
+        return lambda: ops.fp8_linear(x, t["weight"], t["weight_scale"], None)
     if kind == "fp8-block":
-        return lambda: fp8_ops.fp8_block_linear(x, t["weight"], t["weight_scale"], None, GROUP)
+        return lambda: ops.fp8_block_linear(x, t["weight"], t["weight_scale"], None, GROUP)
 
     if kind == "w4a16-gptq":
         return lambda: ops.gptq_linear(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 1)

@@ -138,7 +138,7 @@ def test_dense_fp32_calls_equal_the_reference(case, keep, avx2_dense):
 
     module = quantized_linear("gptq", random_quantized(*case))
     prepare_for_cpu(torch.nn.Sequential(module), max_cache_mib=64 if keep else 0)
-    kernel = module.__dict__["_llmquant_cpu_kernel"].kernel
+    kernel = module.prepared.kernel
     assert (kernel.dense_fp32.kept is not None) is keep
     x = torch.randn(2, 40, case[1])  # 80 rows
     assert relative_error(module(x), reference_output(module, x)) < FP32_TOLERANCE
@@ -153,7 +153,7 @@ def test_w8a8_without_int8_dot_product_keeps_reference_numerics(static, keep, mo
     monkeypatch.setenv(w8a8.VARIANT_ENV, "int8pack")
     module = w8a8_module(static)
     prepare_for_cpu(torch.nn.Sequential(module), max_cache_mib=64 if keep else 0)
-    kernel = module.__dict__["_llmquant_cpu_kernel"].kernel
+    kernel = module.prepared.kernel
     assert not kernel.use_int_mm and (kernel.dense_fp32.kept is not None) is keep
     for rows in (1, 64):  # decode (the kept fp32 codes, or int8pack in fp32), prefill (dense fp32)
         x = torch.randn(rows, 96) * 2
@@ -168,7 +168,7 @@ def test_dequantized_cache_keeps_an_fp32_copy_for_prefill_within_the_bound(avx2_
         module = quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False), bias=False)  # grouped 8-bit
         [layer] = prepare_for_cpu(torch.nn.Sequential(module), max_cache_mib=mib)
         assert layer.path == "dequantized"
-        kernel = module.__dict__["_llmquant_cpu_kernel"].kernel
+        kernel = module.prepared.kernel
         assert (kernel.dense_fp32.kept is not None) is kept
         assert layer.extra_bytes == 48 * 256 * (6 if kept else 2)
         x = torch.randn(2, 40, 256)

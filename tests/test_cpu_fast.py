@@ -121,7 +121,7 @@ def test_many_rows_run_a_dense_bf16_matmul_within_bf16_rounding(fmt_name, case, 
     module = quantized_linear(fmt_name, random_quantized(*case))
     x = torch.randn(2, 100, case[1])  # 200 rows
     assert relative_error(module(x), reference_output(module, x)) < BF16_TOLERANCE
-    kernel = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel
+    kernel = module.prepared.kernel
     if isinstance(kernel, int4pack.Int4PackKernel) and cpu_capability() == "AVX512":
         assert kernel.layout_block == 64  # the packed bytes were read back as the codes
 
@@ -136,7 +136,7 @@ def test_int4pack_keeps_its_bf16_weight_for_dense_calls_within_the_bound(keep, d
     monkeypatch.setattr(selection, "dense_fp32_for", lambda rows: False)
     module = quantized_linear("gptq", random_quantized(64, 256, 4, 64, False, False))
     [layer] = prepare_for_cpu(torch.nn.Sequential(module), max_cache_mib=64 if keep else 0)
-    kernel = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel
+    kernel = module.prepared.kernel
     assert (kernel.dense_bf16.kept is not None) is keep and kernel.dense_fp32.kept is None
     assert ("bf16 weight kept for dense calls" in layer.detail) is keep
     assert layer.extra_bytes == kernel.nbytes and (layer.extra_bytes > 64 * 256 * 2) is keep
@@ -179,7 +179,7 @@ def test_a_layer_never_prepared_gets_no_dequantized_cache():
     module = quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False))
     x = torch.randn(3, 256)
     assert torch.equal(module(x), reference_output(module, x))
-    assert module.__dict__[selection._KERNEL_ATTRIBUTE].path == "reference"
+    assert module.prepared.path == "reference"
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
@@ -195,7 +195,7 @@ def test_codebook_weights_run_the_dequantized_cache_in_float16(quant_type, doubl
     layers = prepare_for_cpu(nn.Sequential(module))
     assert [layer.path for layer in layers] == ["dequantized"]
     assert layers[0].extra_bytes == 96 * 160 * 2
-    kernel = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel
+    kernel = module.prepared.kernel
     assert torch.equal(kernel.weight.float(), module.dequantized_weight().half().float())  # rounded once
     for x in (torch.randn(1, 1, 160), torch.randn(2, 7, 160)):  # a decode step; a few rows
         assert relative_error(module(x), reference_output(module, x)) < HALF_TOLERANCE
@@ -212,7 +212,7 @@ def test_many_rows_on_the_dequantized_cache_run_bf16_where_the_cpu_multiplies_it
     module = quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False), bias=False)  # grouped 8-bit
     [layer] = prepare_for_cpu(nn.Sequential(module))
     assert layer.path == "dequantized"
-    weight = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel.weight
+    weight = module.prepared.kernel.weight
     x = torch.randn(2, 100, 256)  # 200 rows
     out = module(x)
     if dense:
@@ -285,7 +285,7 @@ def test_gradients_through_x_take_the_reference():
     module = quantized_linear("gptq", random_quantized(32, 128, 4, 32, True, False))
     x = torch.randn(2, 128, requires_grad=True)
     module(x).sum().backward()
-    assert x.grad is not None and selection._KERNEL_ATTRIBUTE not in module.__dict__
+    assert x.grad is not None and module.prepared is None
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmquant.inference.cpu import capability, prepare_for_cpu, prepare_output_head, selection
+from llmquant.inference.cpu import capability, prepare_for_cpu, prepare_output_head
 from llmquant.errors import ConfigError
 from test_cpu_stacked import nf4_linear
 
@@ -46,7 +46,7 @@ def test_nf4_decode_rows_take_float16_only_where_it_is_faster(monkeypatch, half)
     model = nn.Sequential(nf4_linear(64, 128, seed=0))
     prepare_for_cpu(model, dtype=torch.float32)
     module = model[0]
-    kernel = module.__dict__[selection._KERNEL_ATTRIBUTE].kernel
+    kernel = module.prepared.kernel
     assert (kernel.dense_fp32.kept is not None) == (half == "off" or not capability.has_fast_bf16_matmul())
     x = torch.randn(1, 128)
     expected = x @ module.dequantized_weight().t()

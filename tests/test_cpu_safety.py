@@ -15,7 +15,7 @@ import llmquant
 from conftest import tiny_model
 from llmquant import QuantConfig
 from llmquant.inference import ops
-from llmquant.inference.cpu import prepare_for_cpu, selection
+from llmquant.inference.cpu import prepare_for_cpu
 from llmquant.inference.cpu.head import HalfGemvHead
 from llmquant.inference.cpu.w8a8 import W8A8Kernel
 from llmquant.inference.nn import W8A8Linear
@@ -47,7 +47,7 @@ def generate(model, prompt):
 
 
 def converted(model):
-    return [name for name, m in model.named_modules() if selection._KERNEL_ATTRIBUTE in m.__dict__] + \
+    return [name for name, m in model.named_modules() if getattr(m, "prepared", None) is not None] + \
         [name for name, m in model.named_modules() if isinstance(m.__dict__.get("forward"), HalfGemvHead)]
 
 
@@ -188,10 +188,10 @@ def test_a_layer_moved_off_the_cpu_lets_go_of_its_conversion(gptq_folder):
 
     model = llmquant.load(gptq_folder, device="cpu")
     layer = model.model.layers[0].self_attn.o_proj
-    assert selection._KERNEL_ATTRIBUTE in layer.__dict__
+    assert layer.prepared is not None
     layer.to("meta")
-    assert selection.kernel_for(layer, torch.empty(1, 64, device="meta")) is None
-    assert selection._KERNEL_ATTRIBUTE not in layer.__dict__
+    assert layer(torch.empty(1, 64, device="meta")).shape == (1, 64)
+    assert layer.prepared is None
     model = tiny_llama()
     gemv = prepare_output_head(model)
     assert gemv.nbytes > 0
@@ -203,7 +203,7 @@ def test_a_layer_moved_off_the_cpu_lets_go_of_its_conversion(gptq_folder):
 def converted_bytes(model) -> int:
     total = 0
     for module in model.modules():
-        converted = module.__dict__.get(selection._KERNEL_ATTRIBUTE)
+        converted = getattr(module, "prepared", None)
         if converted is not None and converted.kernel is not None:
             total += converted.kernel.nbytes
         if isinstance(module.__dict__.get("forward"), HalfGemvHead):
@@ -264,7 +264,7 @@ def test_fp8_and_pack_quantized_layers_are_reported_as_the_op_they_run(tmp_path,
         with caplog.at_level(logging.INFO, logger="llmquant.inference.cpu"):
             model = llmquant.load(folder, device="cpu")
         assert "CPU paths: 14 reference; 0.0 MiB converted tensors" in caplog.text
-        assert converted_bytes(model) == 0 and not any(selection._KERNEL_ATTRIBUTE in m.__dict__
+        assert converted_bytes(model) == 0 and not any(getattr(m, "prepared", None) is not None
                                                        for m in model.modules())
         layers = prepare_for_cpu(model)
         assert all(layer.path == "reference" and "its own op" in layer.detail for layer in layers)

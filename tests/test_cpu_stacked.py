@@ -74,8 +74,7 @@ def tiny_quantized_llama(make_linear):
 
 
 def kernels(model):
-    return {name: m.__dict__[selection._KERNEL_ATTRIBUTE].kernel for name, m in model.named_modules()
-            if selection._KERNEL_ATTRIBUTE in m.__dict__}
+    return {name: m.prepared.kernel for name, m in model.named_modules() if getattr(m, "prepared", None) is not None}
 
 
 @pytest.mark.parametrize("kind", list(LINEAR_KINDS))

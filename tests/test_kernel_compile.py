@@ -116,9 +116,10 @@ def test_float32_activations_on_a_gpu_run_the_reference_not_an_unproven_kernel(m
     the torch reference, 16-bit to the kernel."""
     import llmquant_kernels
 
-    from llmquant.inference import ops, triton_ops
+    from llmquant.inference import ops
+    from llmquant.inference.ops import triton as triton_ops
 
-    monkeypatch.setitem(ops._REFERENCES, "gptq_linear", lambda x, *args: "reference")
+    monkeypatch.setitem(ops.OPS, "gptq_linear", ops.registry.Op("gptq_linear", lambda x, *args: "reference", None))
     monkeypatch.setattr(llmquant_kernels, "w4a16_matmul", lambda x, *args, **kwargs: "kernel")
     for dtype, expected in ((torch.float32, "reference"), (torch.float16, "kernel"), (torch.bfloat16, "kernel")):
         x = types.SimpleNamespace(is_cuda=True, dtype=dtype)

@@ -53,7 +53,7 @@ def test_w4a16_gptq_layout_matches_reference(bits, group_size, sym, act_order, m
     t = _gptq_tensors(n, k, bits, group_size, sym, act_order, seed=bits * 100 + m)
     x = torch.randn(m, k)
     bias = torch.randn(n)
-    expected = ops._gptq_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits, 1)
+    expected = ops.OPS["gptq_linear"].reference(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits, 1)
     got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits=bits, layout="gptq",
                        zero_offset=1)
     assert got.shape == expected.shape and got.dtype == x.dtype
@@ -64,7 +64,7 @@ def test_w4a16_gptq_fp16_activations_and_v2_zero_offset():
     t = _gptq_tensors(40, 200, 4, 64, False, False, seed=7)
     zeros_v2 = t["qzeros"]  # read as v2 (no +1): a different, equally valid weight
     x = torch.randn(5, 200).half()
-    expected = ops._gptq_linear_reference(x.float(), t["qweight"], zeros_v2, t["scales"], t["g_idx"], None, 4, 0)
+    expected = ops.OPS["gptq_linear"].reference(x.float(), t["qweight"], zeros_v2, t["scales"], t["g_idx"], None, 4, 0)
     got = w4a16_matmul(x, t["qweight"], zeros_v2, t["scales"], t["g_idx"], None, bits=4, layout="gptq",
                        zero_offset=0)
     assert got.dtype == torch.float16
@@ -89,7 +89,7 @@ def test_w4a16_gemv_matches_reference(bits, group_size, sym, act_order, m, n, k,
     t = _gptq_tensors(n, k, bits, group_size, sym, act_order, seed=bits * 10 + m)
     x = torch.randn(m, k)
     bias = torch.randn(n) if m % 2 else None
-    expected = ops._gptq_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits, 1)
+    expected = ops.OPS["gptq_linear"].reference(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits, 1)
     config = _config(gemv_block_m(m), block_n, block_k, 2, num_warps=1, num_stages=1)
     got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits=bits, layout="gptq",
                        zero_offset=1, config=config, path="gemv")
@@ -100,7 +100,7 @@ def test_w4a16_gemv_matches_reference(bits, group_size, sym, act_order, m, n, k,
 def test_w4a16_gemv_fp16_activations_and_v2_zeros():
     t = _gptq_tensors(40, 200, 4, 64, False, True, seed=5)
     x = torch.randn(3, 200).half()
-    expected = ops._gptq_linear_reference(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 0)
+    expected = ops.OPS["gptq_linear"].reference(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 0)
     got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, bits=4, layout="gptq",
                        zero_offset=0, path="gemv")
     assert got.dtype == torch.float16
@@ -138,7 +138,7 @@ def test_w4a16_awq_layout_matches_reference(group_size, sym, m, n, k):
     t = _awq_tensors(n, k, group_size, sym, seed=group_size + m)
     x = torch.randn(m, k)
     bias = torch.randn(n) if sym else None
-    expected = ops._awq_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], bias, group_size)
+    expected = ops.OPS["awq_linear"].reference(x, t["qweight"], t["qzeros"], t["scales"], bias, group_size)
     got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], None, bias, bits=4, layout="awq", zero_offset=0,
                        group_size=group_size)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
@@ -160,7 +160,7 @@ def test_w4a16_awq_gemv_matches_reference_and_the_tiled_kernel(group_size, sym, 
     group_size = k if group_size == -1 else group_size
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n) if m % 2 else None
-    expected = ops._awq_linear_reference(x.float(), t["qweight"], t["qzeros"], t["scales"], bias, group_size)
+    expected = ops.OPS["awq_linear"].reference(x.float(), t["qweight"], t["qzeros"], t["scales"], bias, group_size)
     config = _config(gemv_block_m(m), block_n, block_k, 2, num_warps=1, num_stages=1)
     layout_args = {"bits": 4, "layout": "awq", "zero_offset": 0, "group_size": group_size}
     got = w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], None, bias, **layout_args, config=config,
@@ -189,7 +189,7 @@ def test_w8a8_quantization_is_exact_and_matmul_matches_reference(static, m, n, k
         expected_codes, expected_scales = quantize_per_token(x)
         assert torch.equal(codes, expected_codes) and torch.equal(scales, expected_scales)
     bias = torch.randn(n)
-    expected = ops._w8a8_linear_reference(x, weight, weight_scale, input_scale, bias)
+    expected = ops.OPS["w8a8_linear"].reference(x, weight, weight_scale, input_scale, bias)
     got = int8_scaled_matmul(codes, scales, weight, weight_scale, bias, out_dtype=torch.float32)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-6), (got - expected).abs().max()
 
@@ -207,7 +207,7 @@ def test_codebook4_matches_reference(quant_type, double_quant, blocksize, m, n, 
     x = torch.randn(m, k)
     bias = torch.randn(n)
     args = (t["weight"], t["weight.absmax"], t["weight.quant_map"])
-    expected = ops._codebook4_linear_reference(x, *args, *(nested or (None, None, 0.0, 0)), blocksize, [n, k], bias)
+    expected = ops.OPS["codebook4_linear"].reference(x, *args, *(nested or (None, None, 0.0, 0)), blocksize, [n, k], bias)
     got = codebook4_matmul(x, *args, blocksize, (n, k), bias, nested)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 

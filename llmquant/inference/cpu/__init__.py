@@ -10,17 +10,17 @@ declaring what it accepts:
 - head.py: the unquantized output head at batch-1 decode through a float16 gemv;
 - dequantized.py: anything else through a dequantized weight (float16 under fp32), bounded in memory.
 
-selection.py chooses the path per layer; importing this package registers its chooser with the
-modules' forward (nn/_cpu_hook.py); capability.py
-says what this CPU runs fast.
+selection.py chooses the path per layer and builds the layer's prepared weight (nn/base.py);
+importing this package registers it as the CPU's implementation of the ops (ops.register_prepared);
+capability.py says what this CPU runs fast.
 """
 from .capability import describe as describe_cpu
 from .head import describe_head, prepare_output_head
 from .selection import (CACHE_MIB_ENV, PATHS, REFERENCE, LayerPath, choose_path, disable_cpu_paths, kernel_for,
                         path_table, prepare_for_cpu, summary)
-from ..nn._cpu_hook import register_cpu_kernels
+from ..ops import register_prepared
 
-register_cpu_kernels(kernel_for)
+register_prepared("cpu", kernel_for)
 
 __all__ = ["CACHE_MIB_ENV", "PATHS", "REFERENCE", "LayerPath", "choose_path", "describe_cpu", "describe_head",
            "disable_cpu_paths", "kernel_for", "path_table", "prepare_for_cpu", "prepare_output_head", "summary"]

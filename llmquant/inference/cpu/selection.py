@@ -1,17 +1,17 @@
-"""Which CPU path each quantized linear takes, the conversion into it, and the hook the modules call.
+"""Which CPU path each quantized linear takes, the conversion into it (the layer's prepared weight), and the
+CPU's implementation of the ops that runs it.
 
 Paths are tried in order of speed (int4pack, int8pack, w8a8, dequantized); the first that accepts a
 layer takes it. A layer no path takes, or whose dequantized cache would pass the memory bound, runs
 the reference op (dequantize on every call); the unquantized output head gets its own decode path
-(head.py). Only linears whose forward asks for a converted kernel (cpu_kernel_for) are converted:
-FP8 and pack-quantized linears run their own op and get nothing. Linears that read one input and
+(head.py). Only the linear types a path takes (TAKES_CPU_KERNELS) are converted: FP8 and
+pack-quantized linears run their own op and get nothing. Linears that read one input and
 take the same path are converted together and run as one stacked matmul (fused.py), when the
-model's architecture map says which they are. Converted tensors live in a plain attribute of the
-module, not in buffers: state_dict() and saving see only the checkpoint's tensors, and moving the
-module to another device or dtype does not carry CPU-only layouts along. Only layers on the CPU are
-converted; a conversion is dropped at the layer's first call off the CPU (moved to a GPU it keeps no
-CPU copies) and at a load_state_dict, and redone when its source tensors change (freshness.py) at
-the next CPU call. disable_cpu_paths takes a model off the paths for good (a base training adapters).
+model's architecture map says which they are. A conversion is the layer's prepared weight
+(`layer.prepared`, a PreparedWeight; nn/base.py): only layers on the CPU get one; it is dropped at the
+layer's first call off the CPU (moved to a GPU it keeps no CPU copies, ops.registry) and at a
+load_state_dict, and redone when its source tensors change (freshness.py) at the next CPU call.
+disable_cpu_paths takes a model off the paths for good (a base training adapters).
 """
 from __future__ import annotations
 
@@ -39,12 +39,7 @@ PATHS = (int4pack, int8pack, w8a8, dequantized)
 REFERENCE = "reference"
 CACHE_MIB_ENV = "LLMQUANT_CPU_CACHE_MIB"
 DEFAULT_MAX_CACHE_MIB = 4096.0
-_KERNEL_ATTRIBUTE = "_llmquant_cpu_kernel"
-_CACHE_ALLOWED_ATTRIBUTE = "_llmquant_cpu_cache_allowed"
-_DISABLED_ATTRIBUTE = "_llmquant_cpu_disabled"
-_LOAD_HOOK_ATTRIBUTE = "_llmquant_cpu_load_hook"
-# The quantized linears whose forward calls cpu_kernel_for; the others (FP8, pack-quantized) run their
-# own op whatever is converted for them, so converting them would only cost memory.
+# The quantized linears the CPU prepares weights for; the others (FP8, pack-quantized) run their own op.
 TAKES_CPU_KERNELS = (GPTQLinear, AWQLinear, W8A8Linear, BnB4bitLinear)
 OWN_OP = "its own op on every call (no CPU path takes this layer type)"
 DISABLED = "its own op on every call (CPU paths disabled: a base training adapters)"
@@ -63,11 +58,14 @@ class LayerPath:
 
 
 @dataclass
-class _Converted:
+class PreparedWeight:
+    """What a quantized linear holds as `layer.prepared` on the CPU: the kernel its calls run."""
+
     stamp: Stamp  # the module's buffers converted
     dtype: torch.dtype  # the activations' dtype converted for
     path: str
     kernel: object | None  # None: the reference op
+    device_type = "cpu"
 
     def current(self, module: nn.Module, dtype: torch.dtype) -> bool:
         return dtype == self.dtype and self.stamp.matches(_sources(module))
@@ -118,57 +116,41 @@ def _on_cpu(module: nn.Module) -> bool:
     return bool(sources) and all(b.device.type == "cpu" for b in sources)
 
 
-def _forget_after_load(module: nn.Module, incompatible_keys) -> None:
-    # A load_state_dict may write in place into tensors whose writes no stamp sees (inference
-    # tensors), or change plain attributes the conversion read (a 4-bit layer's block size).
-    module.__dict__.pop(_KERNEL_ATTRIBUTE, None)
-
-
-def _install(module: nn.Module, converted: _Converted) -> None:
-    if not module.__dict__.get(_LOAD_HOOK_ATTRIBUTE):
-        module.register_load_state_dict_post_hook(_forget_after_load)
-        module.__dict__[_LOAD_HOOK_ATTRIBUTE] = True
-    module.__dict__[_KERNEL_ATTRIBUTE] = converted  # one assignment: a concurrent call sees old or new
-
-
-def _convert(module: nn.Module, dtype: torch.dtype) -> _Converted:
-    path, _ = choose_path(module, module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE, False))
+def _convert(module: nn.Module, dtype: torch.dtype) -> PreparedWeight:
+    path, _ = choose_path(module, module.dequantized_copy_allowed)
     stamp = Stamp(_sources(module))
     with _building():
         kernel = path.build([module], dtype) if path is not None else None
-    converted = _Converted(stamp, dtype, path.NAME if path is not None else REFERENCE, kernel)
-    _install(module, converted)
-    return converted
+    prepared = PreparedWeight(stamp, dtype, path.NAME if path is not None else REFERENCE, kernel)
+    module.prepared = prepared  # one assignment: a concurrent call sees the old or the new
+    return prepared
 
 
 def kernel_for(module: nn.Module, x: torch.Tensor):
-    """The converted CPU kernel to run `module` on x, or None for the op the module calls otherwise:
-    off the CPU (where a conversion the module still holds is dropped), under a kernel backend other
-    than "auto" (use_backend / LLMQUANT_KERNELS), when autograd needs a gradient through x (the packed
-    ops have no backward), and for a model taken off the paths (disable_cpu_paths). A layer converted
+    """The CPU's implementation of a quantized linear's op (ops.register_prepared): the kernel of the
+    weight prepared for `module` (preparing it when it has none or its tensors changed) to run on the CPU
+    tensor x, or None for the op itself: under a kernel backend other than "auto" (use_backend /
+    LLMQUANT_KERNELS), when autograd needs a gradient through x (the packed ops have no backward), for a
+    layer type no path takes, and for a model taken off the paths (disable_cpu_paths). A layer prepared
     here without having been through prepare_for_cpu gets no dequantized weight (the memory bound is
     kept there): it runs the reference op if no packed path takes it."""
     if torch.compiler.is_compiling():
         return _kernel_for_compiled(module, x)
-    if x.device.type != "cpu":
-        if _KERNEL_ATTRIBUTE in module.__dict__:
-            module.__dict__.pop(_KERNEL_ATTRIBUTE, None)
-        return None
     if _runs_its_own_op(module, x):
         return None
-    converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
-    if converted is None or not converted.current(module, x.dtype):
+    prepared = module.prepared
+    if prepared is None or not prepared.current(module, x.dtype):
         if not _on_cpu(module):
             return None  # the module's own op reports the device mismatch
-        converted = _convert(module, x.dtype)
-    return converted.kernel
+        prepared = _convert(module, x.dtype)
+    return prepared.kernel
 
 
 def _runs_its_own_op(module: nn.Module, x: torch.Tensor) -> bool:
     """A CPU call that takes no converted kernel: autograd needs a gradient through x (the packed ops have
     no backward), a kernel backend other than "auto" is asked for, or the model is off the paths."""
-    return ((x.requires_grad and torch.is_grad_enabled()) or ops.requested_backend() != "auto"
-            or bool(module.__dict__.get(_DISABLED_ATTRIBUTE)))
+    return (not isinstance(module, TAKES_CPU_KERNELS) or (x.requires_grad and torch.is_grad_enabled())
+            or ops.requested_backend() != "auto" or not module.prepare_weights)
 
 
 def _kernel_for_compiled(module: nn.Module, x: torch.Tensor):
@@ -177,12 +159,12 @@ def _kernel_for_compiled(module: nn.Module, x: torch.Tensor):
     prepare_for_cpu (or an eager call) converted: compile a model after loading it. A load_state_dict
     drops the conversion (and the compiled graph's guard on it sends the next call back through
     Dynamo); a layer with nothing converted runs its own op."""
-    if x.device.type != "cpu" or _runs_its_own_op(module, x):
+    if _runs_its_own_op(module, x):
         return None
-    converted = module.__dict__.get(_KERNEL_ATTRIBUTE)
-    if converted is None or converted.dtype != x.dtype:
+    prepared = module.prepared
+    if prepared is None or prepared.dtype != x.dtype:
         return None
-    return converted.kernel
+    return prepared.kernel
 
 
 def disable_cpu_paths(model: nn.Module) -> None:
@@ -191,9 +173,9 @@ def disable_cpu_paths(model: nn.Module) -> None:
     trains adapters (QLoRA), whose memory is the packed size: a dequantized cache is 4x an NF4 weight,
     and the gradients the training needs run the reference op anyway."""
     for _, module in _quantized_linears(model):
-        module.__dict__[_DISABLED_ATTRIBUTE] = True
-        module.__dict__.pop(_KERNEL_ATTRIBUTE, None)
-        module.__dict__.pop(_CACHE_ALLOWED_ATTRIBUTE, None)
+        module.prepare_weights = False
+        module.prepared = None
+        module.dequantized_copy_allowed = False
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), HalfGemvHead):
             del module.forward
@@ -236,9 +218,9 @@ class _Plan:
 
 
 def _is_current(plan: _Plan) -> bool:
-    converted = plan.module.__dict__.get(_KERNEL_ATTRIBUTE)
-    return (converted is not None and converted.current(plan.module, plan.dtype)
-            and plan.module.__dict__.get(_CACHE_ALLOWED_ATTRIBUTE) == plan.cache_allowed)
+    prepared = plan.module.prepared
+    return (prepared is not None and prepared.current(plan.module, plan.dtype)
+            and plan.module.dequantized_copy_allowed == plan.cache_allowed)
 
 
 def _common_parent(model: nn.Module, names: list[str]) -> nn.Module:
@@ -262,7 +244,7 @@ def _convert_group(model: nn.Module, names: list[str], plans: dict[str, _Plan]) 
                                  for p in members):
         return False
     modules = [p.module for p in members]
-    kernels = [p.module.__dict__.get(_KERNEL_ATTRIBUTE) for p in members]
+    kernels = [p.module.prepared for p in members]
     if all(_is_current(p) for p in members) and all(isinstance(k.kernel, MemberKernel) for k in kernels) \
             and len({id(k.kernel.group) for k in kernels}) == 1:
         return True  # converted together before, sources unchanged
@@ -278,9 +260,9 @@ def _convert_group(model: nn.Module, names: list[str], plans: dict[str, _Plan]) 
     open_scopes_around(owner)
     short = [n.rsplit(".", 1)[-1] for n in names]
     for index, plan in enumerate(members):
-        plan.module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = True
+        plan.module.dequantized_copy_allowed = True
         member = MemberKernel(group, index, short)
-        _install(plan.module, _Converted(stamps[index], first.dtype, first.path.NAME, member))
+        plan.module.prepared = PreparedWeight(stamps[index], first.dtype, first.path.NAME, member)
     return True
 
 
@@ -300,8 +282,8 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
             sources = _sources(module)
             elsewhere[str(sources[0].device) if sources else "no tensors"] += 1
             continue
-        if module.__dict__.get(_DISABLED_ATTRIBUTE) or not isinstance(module, TAKES_CPU_KERNELS):
-            unconverted[name] = DISABLED if module.__dict__.get(_DISABLED_ATTRIBUTE) else OWN_OP
+        if not module.prepare_weights or not isinstance(module, TAKES_CPU_KERNELS):
+            unconverted[name] = DISABLED if not module.prepare_weights else OWN_OP
             continue
         activation_dtype = dtype or (module.bias.dtype if module.bias is not None else _model_dtype(model))
         path, _ = choose_path(module)
@@ -313,8 +295,8 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
                if _convert_group(model, names, plans) for name in names}
     for name, module in _quantized_linears(model):
         if name in plans and name not in stacked and (not _is_current(plans[name]) or isinstance(
-                module.__dict__[_KERNEL_ATTRIBUTE].kernel, MemberKernel)):
-            module.__dict__[_CACHE_ALLOWED_ATTRIBUTE] = plans[name].cache_allowed
+                module.prepared.kernel, MemberKernel)):
+            module.dequantized_copy_allowed = plans[name].cache_allowed
             _convert(module, plans[name].dtype)
     _keep_dense_copies(model, plans, budget)
     layers = []
@@ -325,10 +307,10 @@ def prepare_for_cpu(model: nn.Module, max_cache_mib: float | None = None,
         plan = plans.get(name)
         if plan is None:
             continue
-        converted = module.__dict__[_KERNEL_ATTRIBUTE]
+        prepared = module.prepared
         _, refusals = choose_path(module, plan.cache_allowed)
-        kernel = converted.kernel
-        layers.append(LayerPath(name, converted.path, _detail(kernel),
+        kernel = prepared.kernel
+        layers.append(LayerPath(name, prepared.path, _detail(kernel),
                                 kernel.nbytes if kernel is not None else 0, refusals, isinstance(kernel, MemberKernel)))
     for device, count in sorted(elsewhere.items()):
         logger.info("%d quantized linears on %s: their own ops there, nothing converted for the CPU", count, device)
@@ -362,8 +344,8 @@ def _keep_dense_copies(model: nn.Module, plans: dict[str, _Plan], budget: float)
     dense_class = dense_fp32_for(DENSE_FP32_FROM_ROWS)
     seen = set()
     for name, module in _quantized_linears(model):
-        converted = module.__dict__.get(_KERNEL_ATTRIBUTE) if name in plans else None
-        kernel = converted.kernel if converted is not None else None
+        prepared = module.prepared if name in plans else None
+        kernel = prepared.kernel if prepared is not None else None
         if isinstance(kernel, MemberKernel):
             kernel = kernel.group.kernel
         copy = _dense_copy_to_keep(kernel, dense_class)

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import ops
-from ._cpu_hook import cpu_kernel_for
+from .base import QuantizedLinear
 
 
-class AWQLinear(nn.Module):
+class AWQLinear(QuantizedLinear):
     """group_size: input columns per group (a per-channel checkpoint uses in_features)."""
+
+    op_name = "awq_linear"
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features)
         self.bits = 4
         self.group_size = group_size
         groups = in_features // group_size
@@ -30,11 +29,8 @@ class AWQLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return ops.dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = cpu_kernel_for(self, x)
-        if kernel is not None:
-            return kernel(x)
-        return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.group_size)
+    def op_arguments(self) -> tuple:
+        return self.qweight, self.qzeros, self.scales, self.bias, self.group_size
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "

@@ -11,10 +11,9 @@ import json
 import math
 
 import torch
-from torch import nn
 
 from .. import ops
-from ._cpu_hook import cpu_kernel_for
+from .base import QuantizedLinear
 from ...errors import CheckpointError
 from ...grid.codebook import BLOCKSIZES, dequantize_nested_absmax
 
@@ -30,12 +29,12 @@ def quant_state_key(quant_type: str) -> str:
     return f"quant_state.bitsandbytes__{quant_type}"
 
 
-class BnB4bitLinear(nn.Module):
+class BnB4bitLinear(QuantizedLinear):
+    op_name = "codebook4_linear"
+
     def __init__(self, in_features: int, out_features: int, quant_type: str, blocks: int, nested_blocks: int = 0,
                  bias: bool = False, dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features)
         self.quant_type = quant_type
         self.blocksize: int | None = None
         self.nested_offset: float | None = None
@@ -70,14 +69,11 @@ class BnB4bitLinear(nn.Module):
         return ops.dequantize_4bit(self.weight, self.block_absmax(), self.quant_map, self.blocksize,
                                    (self.out_features, self.in_features)).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = cpu_kernel_for(self, x)
-        if kernel is not None:
-            return kernel(x)
+    def op_arguments(self) -> tuple:
         nested = (self.nested_absmax, self.nested_quant_map, self.nested_offset, self.nested_blocksize) \
             if self.nested else None
-        return ops.codebook4_linear(x, self.weight, self.absmax, self.quant_map, nested, self.blocksize,
-                                    (self.out_features, self.in_features), self.bias)
+        return ops.codebook4_arguments(self.weight, self.absmax, self.quant_map, nested, self.blocksize,
+                                       (self.out_features, self.in_features), self.bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight

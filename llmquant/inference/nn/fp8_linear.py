@@ -3,24 +3,21 @@ the matmul is an op: W8A8-FP8 (activations rounded to e4m3 per token) or FP8 wei
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .. import fp8_ops
 from ...grid.fp8 import FP8_DTYPE, dequantize_fp8
+from .base import QuantizedLinear
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(QuantizedLinear):
     """block: 0 for one weight scale per output channel ([out, 1]), else the block edge (scales
     [ceil(out / block), ceil(in / block)]). dynamic_activations: round x to e4m3 per token (W8A8-FP8,
     per-channel scales only); otherwise x is used as it is (weight-only)."""
 
     def __init__(self, in_features: int, out_features: int, block: int = 0, dynamic_activations: bool = True,
                  bias: bool = False, dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
         if dynamic_activations == bool(block):
             raise ValueError("llmquant runs FP8 as W8A8 with per-channel weight scales or weight-only with block scales")
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features)
         self.block = block
         self.dynamic_activations = dynamic_activations
         scale_shape = (-(-out_features // block), -(-in_features // block)) if block else (out_features, 1)
@@ -34,10 +31,14 @@ class Fp8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.weight_scale, self.block, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def op_name(self) -> str:
+        return "fp8_linear" if self.dynamic_activations else "fp8_block_linear"
+
+    def op_arguments(self) -> tuple:
         if self.dynamic_activations:
-            return fp8_ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
-        return fp8_ops.fp8_block_linear(x, self.weight, self.weight_scale, self.bias, self.block)
+            return self.weight, self.weight_scale, self.bias
+        return self.weight, self.weight_scale, self.bias, self.block
 
     def extra_repr(self) -> str:
         scales = f"{self.block}x{self.block} blocks" if self.block else "per channel"

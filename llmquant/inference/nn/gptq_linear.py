@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import ops
-from ._cpu_hook import cpu_kernel_for
+from .base import QuantizedLinear
 
 
-class GPTQLinear(nn.Module):
+class GPTQLinear(QuantizedLinear):
+    op_name = "gptq_linear"
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, num_groups: int,
                  zero_offset: int = 1, bias: bool = False, dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features)
         self.bits = bits
         self.group_size = group_size
         self.zero_offset = zero_offset
@@ -30,12 +29,8 @@ class GPTQLinear(nn.Module):
         return ops.dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx,
                                    self.bits, self.zero_offset, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = cpu_kernel_for(self, x)
-        if kernel is not None:
-            return kernel(x)
-        return ops.gptq_linear(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
-                               self.bits, self.zero_offset)
+    def op_arguments(self) -> tuple:
+        return self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, self.bits, self.zero_offset
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -10,23 +10,23 @@ forward runs through ops.gptq_linear.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ...storage import bitpack
 from .. import ops
+from .base import QuantizedLinear
 
 
-class PackQuantizedLinear(nn.Module):
+class PackQuantizedLinear(QuantizedLinear):
     """group_size: input columns per group (in_features for one group per output channel);
     symmetric: no stored zero point (codes centred on 2^(bits-1)); g_idx: the checkpoint stores
     `weight_g_idx` (activation order with group scales)."""
 
+    op_name = "gptq_linear"
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
                  g_idx: bool = False, scale_dtype: torch.dtype = torch.float16, bias: bool = False,
                  dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features)
         self.bits = bits
         self.group_size = group_size
         groups = -(-in_features // group_size)
@@ -74,8 +74,8 @@ class PackQuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return ops.dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, 0, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gptq_linear(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, self.bits, 0)
+    def op_arguments(self) -> tuple:
+        return self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, self.bits, 0
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

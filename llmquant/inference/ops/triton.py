@@ -1,6 +1,6 @@
-"""The Triton implementations of llmquant's ops (see ops.py), calling llmquant_kernels, with the same
-arguments as the ops' reference implementations. They have no backward: ops.py sends calls that
-need a gradient to the reference.
+"""The Triton implementations of llmquant's ops (backend "triton"), calling llmquant_kernels, with the
+same arguments as the ops' reference implementations. They have no backward: registry.call sends
+calls that need a gradient to the reference.
 
 On a GPU the kernels take float16 or bfloat16 activations, the dtypes they are compiled for and
 proven to compile (llmquant_kernels.aot); float32 activations there (--compute-dtype float32) run
@@ -11,29 +11,34 @@ import functools
 
 import torch
 
+from .registry import OPS, TRITON, implements
+
 GPU_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _reference_for_float32_on_gpu(op):
-    @functools.wraps(op)
-    def run(x, *args):
-        if x.is_cuda and x.dtype not in GPU_ACTIVATION_DTYPES:
-            from .ops import _REFERENCES
+def triton_kernel(name: str):
+    """Register the decorated function as op `name`'s Triton implementation; float32 activations on a
+    GPU run the reference instead."""
+    def decorate(kernel):
+        @functools.wraps(kernel)
+        def run(x, *args):
+            if x.is_cuda and x.dtype not in GPU_ACTIVATION_DTYPES:
+                return OPS[name].reference(x, *args)
+            return kernel(x, *args)
 
-            return _REFERENCES[op.__name__](x, *args)
-        return op(x, *args)
+        return implements(name, TRITON)(run)
 
-    return run
+    return decorate
 
 
-@_reference_for_float32_on_gpu
+@triton_kernel("gptq_linear")
 def gptq_linear(x, qweight, qzeros, scales, g_idx, bias, bits, zero_offset):
     from llmquant_kernels import w4a16_matmul
 
     return w4a16_matmul(x, qweight, qzeros, scales, g_idx, bias, bits=bits, layout="gptq", zero_offset=zero_offset)
 
 
-@_reference_for_float32_on_gpu
+@triton_kernel("awq_linear")
 def awq_linear(x, qweight, qzeros, scales, bias, group_size):
     from llmquant_kernels import w4a16_matmul
 
@@ -41,7 +46,7 @@ def awq_linear(x, qweight, qzeros, scales, bias, group_size):
                         group_size=group_size)
 
 
-@_reference_for_float32_on_gpu
+@triton_kernel("w8a8_linear")
 def w8a8_linear(x, weight, weight_scale, input_scale, bias):
     from llmquant_kernels import int8_scaled_matmul, quantize_rows_int8
 
@@ -51,7 +56,7 @@ def w8a8_linear(x, weight, weight_scale, input_scale, bias):
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@_reference_for_float32_on_gpu
+@triton_kernel("codebook4_linear")
 def codebook4_linear(x, packed, absmax, table, nested_absmax, nested_table, nested_offset, nested_blocksize,
                      blocksize, shape, bias):
     from llmquant_kernels import codebook4_matmul
@@ -60,13 +65,12 @@ def codebook4_linear(x, packed, absmax, table, nested_absmax, nested_table, nest
     return codebook4_matmul(x, packed, absmax, table, blocksize, tuple(shape), bias, nested)
 
 
+@implements("fp8_linear", TRITON)
 def fp8_linear(x, weight, weight_scale, bias):
     """W8A8-FP8 on the device: x rounded to e4m3 per token (torch), then torch._scaled_mm with row-wise
     scales (cuBLASLt's FP8 GEMM on compute capability 8.9+; torch also runs it on CPUs). Its output is
     bfloat16 on CUDA, the one high-precision type every torch version takes with row-wise scales."""
-    import torch
-
-    from ..grid.fp8 import quantize_rows_fp8
+    from ...grid.fp8 import quantize_rows_fp8
 
     rows = x.reshape(-1, x.shape[-1])
     codes, x_scale = quantize_rows_fp8(rows)
@@ -78,14 +82,14 @@ def fp8_linear(x, weight, weight_scale, bias):
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@_reference_for_float32_on_gpu
+@triton_kernel("fp8_block_linear")
 def fp8_block_linear(x, weight, weight_scale, bias, block):
     from llmquant_kernels import fp8_block_matmul
 
     return fp8_block_matmul(x, weight, weight_scale, block, bias)
 
 
-@_reference_for_float32_on_gpu
+@triton_kernel("hadamard_transform")
 def hadamard_transform(x, small, scale):
     from llmquant_kernels import hadamard_transform as kernel
 
