@@ -65,7 +65,7 @@ def build(kind: str, in_features: int, out_features: int):
     return layer
 
 
-def measure(calls: int, rounds: int) -> list[dict]:
+def measure(calls: int, rounds: int, layers: list[str]) -> list[dict]:
     """In this process (the tree on sys.path): best microseconds per call of every layer x shape x rows."""
     import torch
 
@@ -75,7 +75,7 @@ def measure(calls: int, rounds: int) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     with torch.inference_mode():
-        for kind in LAYERS:
+        for kind in layers:
             for in_features, out_features in SHAPES:
                 layer = build(kind, in_features, out_features)
                 paths = prepare_for_cpu(torch.nn.Sequential(layer), dtype=torch.float32)  # as loading does
@@ -101,12 +101,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="calls per round at one row (fewer at more rows)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="processes per tree, interleaved; best taken")
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.calls, args.rounds)))
+        print(json.dumps(measure(args.calls, args.rounds, args.layers)))
         return
     trees = [str(Path(t).resolve()) for t in args.trees]
     best: dict[str, dict[tuple, float]] = {tree: {} for tree in trees}
@@ -115,7 +116,7 @@ def main() -> None:
         for tree in trees:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, str(Path(tree) / "kernels")]))
             out = subprocess.run([sys.executable, __file__, "--child", "--calls", str(args.calls), "--rounds",
-                                  str(args.rounds)], env=env, cwd=tree, capture_output=True, text=True, check=True)
+                                  str(args.rounds), "--layers", *args.layers], env=env, cwd=tree, capture_output=True, text=True, check=True)
             for row in json.loads(out.stdout.strip().splitlines()[-1]):
                 key = (row["layer"], row["in"], row["out"], row["rows"])
                 best[tree][key] = min(best[tree].get(key, float("inf")), row["us"])

@@ -177,3 +177,23 @@ def test_dequantized_cache_keeps_an_fp32_copy_for_prefill_within_the_bound(avx2_
         weight = module.dequantized_weight(torch.float32) if kept else kernel.weight.float()
         assert torch.equal(out, torch.nn.functional.linear(x, weight))
         assert relative_error(out, reference_output(module, x)) < HALF_TOLERANCE
+
+
+def test_activation_codes_as_float_are_the_int8_codes_exactly():
+    """The dense fp32 W8A8 path quantizes x straight to fp32 numbers: the same codes and scales as the
+    reference's int8 ones, rows of every magnitude, all-zero and one-sided rows included."""
+    from llmquant.grid.activations import (quantize_per_tensor, quantize_per_tensor_as_float, quantize_per_token,
+                                           quantize_per_token_as_float)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 96) * torch.logspace(-14, 6, 64)[:, None]
+    x[0] = 0
+    x[1] = 0
+    x[1, 5] = 1e-30
+    x[2] = -x[2].abs()
+    x[3] = x[3].abs()
+    codes, scale = quantize_per_token(x)
+    float_codes, float_scale = quantize_per_token_as_float(x)
+    assert torch.equal(float_scale, scale) and torch.equal(float_codes, codes.float())
+    for static in (torch.tensor([0.01]), torch.tensor([1e3])):  # saturating and not
+        assert torch.equal(quantize_per_tensor_as_float(x, static), quantize_per_tensor(x, static).float())
