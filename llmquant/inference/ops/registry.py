@@ -146,17 +146,14 @@ def call(name: str, x: torch.Tensor, *args) -> torch.Tensor:
 def call_layer(layer, x: torch.Tensor) -> torch.Tensor:
     """Quantized linear `layer` on x: its prepared weight where x's device registered one and it takes
     the call, else its op (`layer.op_name`) on its tensors (`layer.op_arguments()`)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        kernel = _prepared_kernel(layer, x)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        device_type = x.device.type
+        prepared = layer.prepared
+        if prepared is not None and prepared.device_type != device_type and not torch.compiler.is_compiling():
+            layer.prepared = None  # moved off the device it was prepared for: keep no copies made for that one
+        run_prepared = _PREPARED.get(device_type)
+        # run_prepared reads the requested backend (a bad LLMQUANT_KERNELS is refused there too)
+        kernel = run_prepared(layer, x) if run_prepared is not None else None
         if kernel is not None:
             return kernel(x)
     return call(layer.op_name, x, *layer.op_arguments())
-
-
-def _prepared_kernel(layer, x: torch.Tensor):
-    prepared = layer.prepared
-    if prepared is not None and prepared.device_type != x.device.type and not torch.compiler.is_compiling():
-        layer.prepared = None  # moved off the device it was prepared for: keep no copies made for that one
-    run_prepared = _PREPARED.get(x.device.type)
-    # run_prepared reads the requested backend (a bad LLMQUANT_KERNELS is refused there too)
-    return run_prepared(layer, x) if run_prepared is not None else None
