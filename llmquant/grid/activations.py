@@ -29,11 +29,11 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_per_token_as_float(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_per_token's codes as fp32 numbers, with its scales, for paths that multiply the codes in
-    fp32: the same values in fewer passes over x (no copy of |x|, no int8 round trip, and no clamp, a
-    no-op here: |x / scale| rounds to at most 127)."""
+    fp32: the same values in fewer passes over x (rounded in place, no int8 round trip, and no clamp, a
+    no-op here: |x / scale| rounds to at most 127). |x|'s amax, not aminmax: torch's aminmax over the
+    last dim is several times slower than abs then amax."""
     x = x.float()
-    low, high = torch.aminmax(x, dim=-1, keepdim=True)
-    scale = (torch.maximum(high, -low) / INT8_QMAX).clamp_(min=_MIN_SCALE)
+    scale = (x.abs().amax(dim=-1, keepdim=True) / INT8_QMAX).clamp_(min=_MIN_SCALE)
     return torch.div(x, scale).round_(), scale
 
 
