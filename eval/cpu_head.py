@@ -11,9 +11,9 @@ by the fp32 head and by the float16 gemv (HalfGemvHead, used directly, so the co
 CPU where prepare_output_head would not give it): max |Δ logit| (absolute, and relative to the step's
 largest |logit|), the perplexity of the next token under each, the share of steps whose top-1 token
 is the same. Speed: greedy decode of --new-tokens tokens after eval/bench_cpu.py's prompt, best of
---rounds rounds interleaved, for the fp32 model, and for each checkpoint with the head its
-prepare_output_head gives and with the head's own fp32 forward; × fp32 against the fp32 model's
-decode in the same run.
+--rounds rounds interleaved, for the fp32 model, and for each checkpoint with the head's own fp32
+forward and with the float16 gemv, whichever prepare_output_head chose on this CPU (that choice is
+recorded too); × fp32 against the fp32 model's decode in the same run.
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from llmquant.data import tokenize_corpus
-    from llmquant.inference.cpu import describe_cpu, describe_head, prepare_for_cpu, prepare_output_head
+    from llmquant.inference.cpu import describe_cpu, describe_head, prepare_for_cpu, prepare_output_head, summary
+    from llmquant.inference.cpu.head import HalfGemvHead
     from llmquant.inference.loading import load
     from llmquant.models import load_fp_model
 
@@ -106,29 +107,38 @@ def main() -> None:
               "new_tokens": args.new_tokens, "rounds": args.rounds, "checkpoints": {}}
     for name in args.checkpoints:
         model = load(BENCH_FOLDER / name).eval()
-        prepare_for_cpu(model)
+        paths = summary(prepare_for_cpu(model))
         gemv = prepare_output_head(model)
         print(f"{name}: head error over {args.steps} one-row steps", flush=True)
-        result["checkpoints"][name] = {"head": describe_head(gemv), "error": head_error(model, tokens, args.steps, args.run)}
+        result["checkpoints"][name] = {"cpu_paths": paths, "head": describe_head(gemv),
+                                       "head_float16_copy_mib": model.get_output_embeddings().weight.numel() * 2 / 2**20,
+                                       "error": head_error(model, tokens, args.steps, args.run)}
         models[name] = (model, gemv)
-    decode = {"fp32": [], **{f"{n}, {h}": [] for n in models for h in ("prepared head", "fp32 head")}}
+    # Both heads timed whatever prepare_output_head chose on this CPU (its choice is recorded above).
+    gemvs = {name: HalfGemvHead(model.get_output_embeddings()) for name, (model, _) in models.items()}
+    for name, (model, chosen) in models.items():
+        if chosen is not None:
+            del model.get_output_embeddings().forward
+        if gemvs[name].half_weight() is None:
+            del gemvs[name]
+    decode = {"fp32": [], **{f"{n}, {h}": [] for n in models for h in ("fp32 head", "float16 gemv head")
+                             if h == "fp32 head" or n in gemvs}}
     for model in [fp32] + [m for m, _ in models.values()]:
         decode_tokens_per_second(model, inputs, 4)  # warm-up, not counted
     for round_index in range(args.rounds):
         decode["fp32"].append(decode_tokens_per_second(fp32, inputs, args.new_tokens))
-        for name, (model, gemv) in models.items():
-            head = model.get_output_embeddings()
-            decode[f"{name}, prepared head"].append(decode_tokens_per_second(model, inputs, args.new_tokens))
-            if gemv is not None:
-                del head.forward  # its own fp32 forward for this measurement
+        for name, (model, _) in models.items():
             decode[f"{name}, fp32 head"].append(decode_tokens_per_second(model, inputs, args.new_tokens))
-            if gemv is not None:
-                head.forward = gemv
+            if name in gemvs:
+                head = model.get_output_embeddings()
+                head.forward = gemvs[name]
+                decode[f"{name}, float16 gemv head"].append(decode_tokens_per_second(model, inputs, args.new_tokens))
+                del head.forward
         print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in decode.items()), flush=True)
     best = {k: max(v) for k, v in decode.items()}
     result["decode_tokens_per_second"] = decode
     lines = [f"CPU: {result['cpu']}; {result['threads']} thread(s)", "",
-             "| checkpoint | head prepared | max abs Δ logit | max rel Δ | ppl fp32 head | ppl float16 head "
+             "| checkpoint | head prepare_output_head chose | max abs Δ logit | max rel Δ | ppl fp32 head | ppl float16 head "
              "| top-1 equal |", "|---|---|---|---|---|---|---|"]
     for name, entry in result["checkpoints"].items():
         e = entry["error"]
