@@ -76,6 +76,9 @@ def _add_quantize(p):
     gptq.add_argument("--act-order", action="store_true", help="columns by descending Hessian diagonal (desc_act)")
     gptq.add_argument("--static-groups", action="store_true", help="group scales fixed before the sweep")
     gptq.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
+    gptq.add_argument("--first-token-weight", type=float, default=1.0, metavar="W",
+                      help="count each calibration window's first token (the attention sink) W times in the "
+                      "Hessian (default 1: GPTQ as published)")
     gptq.add_argument("--gptq-block-size", type=int, default=128,
                       help="columns per lazy batch (default 128; not NF4's block size, which is --group-size)")
     gptq.add_argument("--block-size", action=_Renamed, new="--gptq-block-size (GPTQ's columns per lazy batch); "
@@ -371,6 +374,7 @@ def cmd_quantize(args) -> int:
                          format=args.format, dtype=args.dtype, modules_to_not_convert=tuple(args.exclude),
                          true_sequential=args.true_sequential, act_order=args.act_order,
                          static_groups=args.static_groups, damp=args.damp, gptq_block_size=args.gptq_block_size,
+                         first_token_weight=args.first_token_weight,
                          clip_search=args.clip_search, awq_grid=args.awq_grid, awq_duo_scaling=args.awq_duo,
                          awq_clip=args.awq_clip, alpha=_alpha(args.alpha), act_quant=args.act_quant,
                          observer=args.observer, percentile=args.percentile, double_quant=args.double_quant,

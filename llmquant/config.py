@@ -34,8 +34,9 @@ class QuantConfig:
     GPTQ only: act_order (desc_act: columns by descending Hessian diagonal), static_groups (group
         scales fixed from the unquantized weight before the sweep), damp (fraction of the mean
         Hessian diagonal added before inversion), gptq_block_size (columns per lazy batch: it only
-        orders the arithmetic, and is not NF4's block size, which is group_size); also
-        taken by awq+gptq.
+        orders the arithmetic, and is not NF4's block size, which is group_size), first_token_weight
+        (each calibration window's first token counts that many times in the Hessian: the attention
+        sink every later token reads; 1 = GPTQ as published); also taken by awq+gptq.
     AWQ only: awq_grid (points of the scaling-ratio grid, and the clip grid's step 1/awq_grid),
         awq_duo_scaling (s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a), awq_clip (search
         the clipping range per group after scaling).
@@ -76,6 +77,7 @@ class QuantConfig:
     static_groups: bool = False
     damp: float = 0.01
     gptq_block_size: int = 128
+    first_token_weight: float = 1.0
     awq_grid: int = 20
     awq_duo_scaling: bool = False
     awq_clip: bool = True
@@ -133,6 +135,11 @@ class QuantConfig:
             raise ConfigError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp <= 1):
             raise ConfigError(f"damp must be a fraction from 0 to 1 of the mean Hessian diagonal, got {self.damp!r}")
+        if isinstance(self.first_token_weight, bool) or not isinstance(self.first_token_weight, (int, float)) \
+                or not (0 < self.first_token_weight < float("inf")):
+            raise ConfigError(f"first_token_weight must be a positive number, got {self.first_token_weight!r}")
+        if self.first_token_weight != 1 and self.method not in GPTQ_ROUNDING:
+            raise ConfigError(f"first_token_weight applies to methods {', '.join(GPTQ_ROUNDING)}, not {self.method!r}")
         if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
             raise ConfigError(f"gptq_block_size must be a positive integer, got {self.gptq_block_size!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))

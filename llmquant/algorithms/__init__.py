@@ -17,7 +17,8 @@ from .w8a8 import W8A8
 
 
 def _gptq(config):
-    return GPTQ(config.gptq_block_size, config.damp, config.act_order, config.static_groups)
+    return GPTQ(config.gptq_block_size, config.damp, config.act_order, config.static_groups,
+                config.first_token_weight)
 
 
 def _awq(rounding):

@@ -116,6 +116,10 @@ class AWQ:
         self.clip = clip
         self.max_shrink = max_shrink
 
+    @property
+    def statistics_options(self) -> dict:
+        return getattr(self.rounding, "statistics_options", {})
+
     @torch.no_grad()
     def transform_block(self, groups: list[ScalingGroup], grid_for, no_clip: set[str]) -> BlockTransform:
         """Search every group's scales on the block's current weights, fold them all, then clip.

@@ -32,11 +32,16 @@ class GPTQ:
     needs_calibration = True
 
     def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                 static_groups: bool = False):
+                 static_groups: bool = False, first_token_weight: float = 1.0):
         self.block_size = block_size
         self.damp = damp
         self.act_order = act_order
         self.static_groups = static_groups
+        self.first_token_weight = first_token_weight
+
+    @property
+    def statistics_options(self) -> dict:
+        return {"first_token_weight": self.first_token_weight} if self.first_token_weight != 1 else {}
 
     def quantize(self, weight: torch.Tensor, grid: AffineGrid, statistics: InputGram | None,
                  layer_name: str = "layer") -> QuantizedWeight:

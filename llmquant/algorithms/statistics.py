@@ -20,16 +20,20 @@ class InputGram:
     of all |x| (static activation observers), `keep_rows` keeps the first that many input rows
     (searches that need real activations, e.g. SmoothQuant's alpha under activation rounding);
     gram=False skips G (its rows x in^2 multiply-adds) for users of the channel magnitudes only.
+    `first_token_weight` counts the first position of each calibration window (inputs [windows,
+    tokens, features]) that many times in G: that token is the attention sink every later token reads
+    through its value vector, so its error weighs on the whole window, far beyond its one row of G.
     """
 
     def __init__(self, in_features: int, device=None, histogram: bool = False, keep_rows: int = 0,
-                 gram: bool = True):
+                 gram: bool = True, first_token_weight: float = 1.0):
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if gram else None
         self.channel_abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.channel_abs_max = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.rows = 0
         self.histogram = AbsHistogram() if histogram else None
         self.keep_rows = keep_rows
+        self.first_token_weight = first_token_weight
         self._kept: list[torch.Tensor] = []
 
     def add_batch(self, inputs: torch.Tensor) -> None:
@@ -38,6 +42,9 @@ class InputGram:
             raise DataError("calibration activations contain NaN or Inf; refusing to quantize on them")
         if self.gram is not None:
             self.gram.addmm_(x.t(), x)
+            if self.first_token_weight != 1 and inputs.dim() == 3:
+                first = x.view(inputs.shape[0], inputs.shape[1], -1)[:, 0]
+                self.gram.addmm_(first.t(), first, alpha=self.first_token_weight - 1)
         magnitude = x.abs()
         self.channel_abs_sum += magnitude.sum(dim=0)
         torch.maximum(self.channel_abs_max, magnitude.amax(dim=0), out=self.channel_abs_max)
@@ -66,6 +73,7 @@ class InputGram:
         result.rows = self.rows
         result.histogram = None  # a histogram of |x| cannot be rescaled per channel
         result.keep_rows = self.keep_rows
+        result.first_token_weight = self.first_token_weight
         result._kept = [r / s for r in self._kept]
         return result
 

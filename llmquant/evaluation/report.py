@@ -269,7 +269,8 @@ def compare_layer_errors(ours: dict, theirs: dict, our_label: str, their_label: 
 _METHOD_SETTINGS = (
     ("act_order", "act-order (desc_act)", ("gptq", "awq+gptq")), ("static_groups", "static groups", ("gptq", "awq+gptq")),
     ("true_sequential", "true-sequential", ("gptq", "awq", "awq+gptq", "smoothquant")),
-    ("damp_percent", "damping", ("gptq", "awq+gptq")), ("alpha", "alpha", ("smoothquant",)),
+    ("damp_percent", "damping", ("gptq", "awq+gptq")), ("first_token_weight", "first-token weight", ("gptq", "awq+gptq")),
+    ("alpha", "alpha", ("smoothquant",)),
     ("act_quant", "activations", ("smoothquant", "w8a8")), ("observer", "observer", ("smoothquant", "w8a8")),
 )
 
