@@ -87,10 +87,11 @@ class Clock:
         self.wall, self.cpu = round(time.time() - self.wall, 1), round(time.process_time() - self.cpu, 1)
 
 
-def ours(bits, group_size, rotate, calibration, tokenizer, folder, windows) -> dict:
+def ours(bits, group_size, rotate, calibration, tokenizer, folder, windows, first_token_weight=1.0) -> dict:
     per_channel = group_size == -1
     config = QuantConfig(bits=bits, group_size=group_size, sym=False, method="gptq", act_order=per_channel,
-                         clip_search=per_channel, rotate="hadamard" if rotate else None, rotate_seed=0)
+                         clip_search=per_channel, rotate="hadamard" if rotate else None, rotate_seed=0,
+                         first_token_weight=first_token_weight)
     with Clock() as clock:
         checkpoint = llmquant.quantize(MODEL, config, calibration, out=folder, overwrite=True, progress=False)
     report = {k: v for k, v in checkpoint.report().items() if k != "layers"}
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--spin-type", default="random-hadamard", choices=["hadamard", "random-hadamard", "random-matrix"])
     parser.add_argument("--spin-block", type=int, default=None, help="SpinQuant transform_block_size (default: whole size)")
+    parser.add_argument("--first-token-weight", type=float, default=1.0,
+                        help="llmquant's rows: GPTQ's --first-token-weight (default 1, GPTQ as published)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     bits, group_size = parse_scheme(args.scheme)
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
     fp_model, tokenizer = load_fp_model(MODEL)
     calibration, _ = calibration_windows_for(Calibration("wiki", args.nsamples, args.calib_seqlen), tokenizer,
                                              arch_for(fp_model.config), fp_model.config.vocab_size)
-    meta = {"scheme": args.scheme, "model": str(folder), "calibration": {
+    meta = {"scheme": args.scheme, "first_token_weight": args.first_token_weight, "model": str(folder), "calibration": {
         "corpus": "wiki", "split": "train", "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": 0,
         "windows_sha256": hashlib.sha256(calibration.numpy().tobytes()).hexdigest()},
         "spin_type": args.spin_type, "spin_block": args.spin_block,
@@ -202,8 +205,10 @@ def main(argv=None) -> int:
         for name in args.rows:
             out = Path(tmp) / name
             if name in ("ours", "ours-rot"):
-                row = ours(bits, group_size, name == "ours-rot", calibration, tokenizer, out, args.windows)
-                label = "llmquant GPTQ" + (" + --rotate hadamard" if name == "ours-rot" else "")
+                row = ours(bits, group_size, name == "ours-rot", calibration, tokenizer, out, args.windows,
+                           args.first_token_weight)
+                label = "llmquant GPTQ" + (" + --rotate hadamard" if name == "ours-rot" else "") + \
+                    (f" + --first-token-weight {args.first_token_weight:g}" if args.first_token_weight != 1 else "")
             elif name in ("llmc", "llmc-spin"):
                 try:
                     row = llmc(bits, group_size, name == "llmc-spin", args.spin_type, args.spin_block, calibration,
