@@ -8,7 +8,7 @@ of the real checkpoint. Example (the command behind eval/RESULTS.md):
 
 Config names: w<bits>g<group size> or w<bits>pc (per output channel); symmetric and asymmetric
 grids are both run unless --sym or --asym is given. Methods: rtn, gptq, gptq-ao (GPTQ with
-act-order), -clip variants (clip_search), -rot variants of every method (Hadamard rotations fused
+act-order), -clip variants (clip_search), -sink variants of the GPTQ ones (--first-token-weight 10), -rot variants of every method (Hadamard rotations fused
 in first, --rotate hadamard) and -rot-r4 (with --rotate-online down_proj as well), awq, awq-duo (duo scaling), awq+gptq, awq+gptq-ao;
 w8a8-dynamic / w8a8-static (naive int8 weights and activations), sq<alpha>-dynamic and
 sq<alpha>-static-<observer> (SmoothQuant, alpha 0.5 / 0.8 / auto; observer minmax, percentile,
@@ -61,6 +61,11 @@ METHODS = {
     "fp8": {"method": "fp8"},
     "fp8-block": {"method": "fp8-block"},
 }
+# Each GPTQ-rounding method with each calibration window's first token (the attention sink) counted SINK_WEIGHT
+# times in the Hessian (--first-token-weight): "<method>-sink".
+SINK_WEIGHT = 10.0
+METHODS.update({f"{name}-sink": {**fields, "first_token_weight": SINK_WEIGHT} for name, fields in list(METHODS.items())
+                if fields["method"] in ("gptq", "awq+gptq")})
 # Each method with randomized Hadamard rotations fused in first (llmquant/rotation/fused.py): "<method>-rot", and with
 # down_proj's input rotated online as well (R4, llmquant/rotation/online.py): "<method>-rot-r4".
 BASE_METHODS = list(METHODS.items())
