@@ -180,8 +180,9 @@ def test_dequantized_cache_keeps_an_fp32_copy_for_prefill_within_the_bound(avx2_
 
 
 def test_activation_codes_as_float_are_the_int8_codes_exactly():
-    """The dense fp32 W8A8 path quantizes x straight to fp32 numbers: the same codes and scales as the
-    reference's int8 ones, rows of every magnitude, all-zero and one-sided rows included."""
+    """The activation codes, int8 and as fp32 numbers (the dense fp32 W8A8 path), equal the grid's
+    definition written out here, clamp included (which the per-token codes skip as a no-op): rows of
+    every magnitude, all-zero and one-sided rows, static scales that saturate and that do not."""
     from llmquant.grid.activations import (quantize_per_tensor, quantize_per_tensor_as_float, quantize_per_token,
                                            quantize_per_token_as_float)
 
@@ -192,8 +193,13 @@ def test_activation_codes_as_float_are_the_int8_codes_exactly():
     x[1, 5] = 1e-30
     x[2] = -x[2].abs()
     x[3] = x[3].abs()
-    codes, scale = quantize_per_token(x)
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
+    expected = torch.clamp(torch.round(x / scale), -128, 127)
+    codes, token_scale = quantize_per_token(x)
     float_codes, float_scale = quantize_per_token_as_float(x)
-    assert torch.equal(float_scale, scale) and torch.equal(float_codes, codes.float())
+    assert torch.equal(token_scale, scale) and torch.equal(float_scale, scale)
+    assert codes.dtype == torch.int8 and torch.equal(codes.float(), expected) and torch.equal(float_codes, expected)
     for static in (torch.tensor([0.01]), torch.tensor([1e3])):  # saturating and not
-        assert torch.equal(quantize_per_tensor_as_float(x, static), quantize_per_tensor(x, static).float())
+        expected = torch.clamp(torch.round(x / static), -128, 127)
+        assert torch.equal(quantize_per_tensor(x, static).float(), expected)
+        assert torch.equal(quantize_per_tensor_as_float(x, static), expected)

@@ -17,28 +17,26 @@ _MIN_SCALE = 1e-12
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes, fp32 scales [..., 1]) of x, one scale per row (last dim = features)."""
-    x = x.float()
-    scale = (x.abs().amax(dim=-1, keepdim=True) / INT8_QMAX).clamp(min=_MIN_SCALE)
-    return torch.clamp(torch.round(x / scale), -INT8_QMAX - 1, INT8_QMAX).to(torch.int8), scale
+    codes, scale = quantize_per_token_as_float(x)
+    return codes.to(torch.int8), scale
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 codes of x under one static scale."""
-    return torch.clamp(torch.round(x.float() / scale.float()), -INT8_QMAX - 1, INT8_QMAX).to(torch.int8)
+    return quantize_per_tensor_as_float(x, scale).to(torch.int8)
 
 
 def quantize_per_token_as_float(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_per_token's codes as fp32 numbers, with its scales, for paths that multiply the codes in
-    fp32: the same values in fewer passes over x (rounded in place, no int8 round trip, and no clamp, a
-    no-op here: |x / scale| rounds to at most 127). |x|'s amax, not aminmax: torch's aminmax over the
-    last dim is several times slower than abs then amax."""
+    """The per-token codes as fp32 numbers, with the fp32 scales [..., 1], for paths that multiply the
+    codes in fp32 (no int8 round trip). No clamp: |x / scale| rounds to at most 127 here. |x|'s amax,
+    not aminmax: torch's aminmax over the last dim is several times slower than abs then amax."""
     x = x.float()
     scale = (x.abs().amax(dim=-1, keepdim=True) / INT8_QMAX).clamp_(min=_MIN_SCALE)
     return torch.div(x, scale).round_(), scale
 
 
 def quantize_per_tensor_as_float(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """quantize_per_tensor's codes as fp32 numbers."""
+    """The codes under one static scale as fp32 numbers, saturated at -128 / 127."""
     return torch.div(x.float(), scale.float()).round_().clamp_(-INT8_QMAX - 1, INT8_QMAX)
 
 

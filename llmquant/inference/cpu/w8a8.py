@@ -33,8 +33,7 @@ import torch
 
 from .. import ops
 from ...errors import ConfigError
-from ...grid.activations import (quantize_per_tensor, quantize_per_tensor_as_float, quantize_per_token,
-                                 quantize_per_token_as_float)
+from ...grid.activations import quantize_per_tensor_as_float, quantize_per_token_as_float
 from ..nn import W8A8Linear
 from .capability import DENSE_FP32_FROM_ROWS, DenseCopy, has_int8_dot_product
 from .fused import stacked_bias
@@ -76,11 +75,8 @@ class W8A8Kernel:
         self.stacked = len(modules) > 1  # the stacked int8 weight is a copy; a single one is the module's own
         self.out_features = self.weight.shape[0]
         self.dense_fp32 = None if self.use_int_mm else DenseCopy(lambda: self.weight.float(), self.weight.numel() * 4)
-        if self.use_int_mm:
-            self.unit_scales = None
-        else:
-            self.compute_dtype = torch.float32
-            self.unit_scales = torch.ones(self.out_features, dtype=self.compute_dtype)
+        # int8pack in fp32, the dtype the codes come in (module docstring)
+        self.unit_scales = None if self.use_int_mm else torch.ones(self.out_features, dtype=torch.float32)
         activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
         self.detail = f"{activations} activations, " + ("int8 x int8 torch._int_mm" if self.use_int_mm else
                                                         "int8 codes through _weight_int8pack_mm at decode, "
@@ -96,33 +92,24 @@ class W8A8Kernel:
         return sum(t.numel() * t.element_size() for t in extra)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if not self.use_int_mm and (rows.shape[0] >= DENSE_FP32_FROM_ROWS or self.dense_fp32.kept is not None):
-            # the codes as fp32 numbers straight away: the int8 round trip and the other passes over x
-            # that quantize_per_token makes are each a visible share of a prefill-sized fp32 matmul
-            codes, x_scale = self._quantize_as_float(rows)
+        # the codes as fp32 numbers, the form two of the three products take them in (int8 only for int_mm)
+        codes, x_scale = self._quantize(x.reshape(-1, x.shape[-1]))
+        if self.use_int_mm:
+            # a forced int_mm (LLMQUANT_CPU_W8A8) on a class without an int8 dot product: ops.int8_matmul's
+            # exact sum, since oneDNN's int8 GEMM saturates there
+            codes = codes.to(torch.int8)
+            products = (torch._int_mm(codes, self.weight.t()) if has_int8_dot_product()
+                        else ops.int8_matmul(codes, self.weight))
+        elif codes.shape[0] >= DENSE_FP32_FROM_ROWS or self.dense_fp32.kept is not None:
             products = torch.nn.functional.linear(codes, self.dense_fp32.weight())
         else:
-            codes, x_scale = self._quantize(rows)
-            if self.use_int_mm:
-                # a forced int_mm (LLMQUANT_CPU_W8A8) on a class without an int8 dot product: ops.int8_matmul's
-                # exact sum, since oneDNN's int8 GEMM saturates there
-                products = (torch._int_mm(codes, self.weight.t()) if has_int8_dot_product()
-                            else ops.int8_matmul(codes, self.weight))
-            else:
-                products = torch.ops.aten._weight_int8pack_mm(codes.to(self.compute_dtype), self.weight,
-                                                              self.unit_scales)
+            products = torch.ops.aten._weight_int8pack_mm(codes, self.weight, self.unit_scales)
         out = products.to(torch.float32).mul_(x_scale).mul_(self.weight_scale)
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _quantize(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.input_scale is None:
-            return quantize_per_token(rows)
-        return quantize_per_tensor(rows, self.input_scale), self.input_scale.float().reshape(1, 1)
-
-    def _quantize_as_float(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_scale is None:
             return quantize_per_token_as_float(rows)
         return quantize_per_tensor_as_float(rows, self.input_scale), self.input_scale.float().reshape(1, 1)
