@@ -117,16 +117,17 @@ def test_avx2_class_prefill_takes_no_int8_gemm_and_no_packed_op():
 
 @pytest.fixture
 def avx2_dense(monkeypatch):
-    """Calls of 32 rows or more take the AVX2 class's dense fp32 matmul, whatever this CPU is."""
+    """The AVX2 class's row thresholds for its dense fp32 matmul, and no native bf16, whatever this CPU is."""
     from llmquant.inference.cpu import capability, dequantized, int4pack, int8pack, selection
 
-    def dense(rows):
-        return rows >= capability.DENSE_FP32_FROM_ROWS
+    def dense(rows, kept=False):
+        return rows >= (capability.DENSE_FP32_KEPT_FROM_ROWS if kept else capability.DENSE_FP32_FROM_ROWS)
 
     for module in (int4pack, int8pack, selection):
         monkeypatch.setattr(module, "dense_fp32_for", dense)
     for module in (int4pack, int8pack, dequantized):
-        monkeypatch.setattr(module, "dense_bf16_for", lambda rows: False)
+        monkeypatch.setattr(module, "dense_bf16_for", lambda rows, kept=False: False)
+    monkeypatch.setattr(selection, "has_fast_bf16_matmul", lambda: False)
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -8,7 +8,7 @@ from torch import nn
 from llmquant.inference import ops
 from llmquant.config import QuantConfig
 from llmquant.inference.cpu import choose_path, path_table, prepare_for_cpu, summary
-from llmquant.inference.cpu import dequantized, int4pack, int8pack, selection
+from llmquant.inference.cpu import capability, dequantized, int4pack, int8pack, selection
 from llmquant.inference.cpu.w8a8 import W8A8Kernel
 from llmquant.formats import FORMATS
 from llmquant.grid import QuantizedWeight
@@ -109,7 +109,7 @@ def test_int4pack_in_the_fast_dtype_is_within_bf16_rounding(case):
 def dense_from_128_rows(monkeypatch):
     """Calls of 128 rows or more take the dense bf16 matmul, whether or not this CPU multiplies bf16 natively."""
     for path in (int4pack, int8pack):
-        monkeypatch.setattr(path, "dense_bf16_for", lambda rows: rows >= 128)
+        monkeypatch.setattr(path, "dense_bf16_for", lambda rows, kept=False: rows >= 128)
 
 
 @pytest.mark.parametrize("fmt_name,case", [("gptq", (64, 256, 4, 64, False, True)), ("gptq", (64, 576, 4, 128, True, False)),
@@ -127,13 +127,31 @@ def test_many_rows_run_a_dense_bf16_matmul_within_bf16_rounding(fmt_name, case, 
 
 
 @pytest.mark.parametrize("keep", [False, True])
+def test_a_kept_dense_weight_takes_calls_of_fewer_rows(keep, monkeypatch):
+    """With native bf16, a packed 4-bit layer whose bf16 weight is kept runs calls of
+    capability.DENSE_KEPT_FROM_ROWS rows as a dense matmul (where it overtakes the packed op:
+    eval/cpu_crossover.py); one whose weight would be dequantized for the call keeps the packed op there."""
+    for module in (capability, selection):
+        monkeypatch.setattr(module, "has_fast_bf16_matmul", lambda: True)
+    monkeypatch.setattr(selection, "dense_fp32_for", lambda rows, kept=False: False)
+    module = quantized_linear("gptq", random_quantized(64, 256, 4, 64, False, False), bias=False)
+    prepare_for_cpu(torch.nn.Sequential(module), max_cache_mib=64 if keep else 0)
+    kernel = module.prepared.kernel
+    assert (kernel.dense_bf16.kept is not None) is keep
+    x = torch.randn(capability.DENSE_KEPT_FROM_ROWS, 256)
+    dense = F.linear(x.bfloat16(), kernel.dense_weight(torch.bfloat16)).float()
+    assert torch.equal(module(x), dense) is keep
+    assert relative_error(module(x), reference_output(module, x)) < BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("keep", [False, True])
 def test_int4pack_keeps_its_bf16_weight_for_dense_calls_within_the_bound(keep, dense_from_128_rows, monkeypatch):
     """Where the CPU multiplies bf16 natively, the dequantized bf16 weight of a packed 4-bit layer is kept
     (within the memory bound) instead of made for every prefill call; both give the same numbers."""
     from llmquant.inference.cpu import prepare_for_cpu
 
     monkeypatch.setattr(selection, "has_fast_bf16_matmul", lambda: True)
-    monkeypatch.setattr(selection, "dense_fp32_for", lambda rows: False)
+    monkeypatch.setattr(selection, "dense_fp32_for", lambda rows, kept=False: False)
     module = quantized_linear("gptq", random_quantized(64, 256, 4, 64, False, False))
     [layer] = prepare_for_cpu(torch.nn.Sequential(module), max_cache_mib=64 if keep else 0)
     kernel = module.prepared.kernel
@@ -182,8 +200,13 @@ def test_a_layer_never_prepared_gets_no_dequantized_cache():
     assert module.prepared.path == "reference"
 
 
+@pytest.mark.parametrize("fast_bf16", [False, True])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
-def test_codebook_weights_run_the_dequantized_cache_in_float16(quant_type, double_quant):
+def test_codebook_weights_run_the_dequantized_cache_in_float16(quant_type, double_quant, fast_bf16, monkeypatch):
+    """The float16 cache at one row; beside it, within the memory bound, its two bf16 parts where the CPU
+    multiplies bf16 natively, else the fp32 weight, which calls of a few rows read."""
+    for module in (capability, selection):
+        monkeypatch.setattr(module, "has_fast_bf16_matmul", lambda: fast_bf16)
     torch.manual_seed(1)
     weight = torch.randn(96, 160)
     config = QuantConfig(method=quant_type, double_quant=double_quant, dtype="float32")
@@ -194,13 +217,21 @@ def test_codebook_weights_run_the_dequantized_cache_in_float16(quant_type, doubl
     module.load_state_dict(tensors, assign=True)
     layers = prepare_for_cpu(nn.Sequential(module))
     assert [layer.path for layer in layers] == ["dequantized"]
-    assert layers[0].extra_bytes == 96 * 160 * 2
+    assert layers[0].extra_bytes == 96 * 160 * (2 + 4)  # the float16 cache and a 4-byte copy beside it
     kernel = module.prepared.kernel
     assert torch.equal(kernel.weight.float(), module.dequantized_weight().half().float())  # rounded once
-    for x in (torch.randn(1, 1, 160), torch.randn(2, 7, 160)):  # a decode step; a few rows
-        assert relative_error(module(x), reference_output(module, x)) < HALF_TOLERANCE
-    x = torch.randn(2, 7, 160)  # a few rows: the float16 weight upcast, the rest as the reference computes
-    assert torch.allclose(module(x), F.linear(x, kernel.weight.float()), rtol=1e-6, atol=1e-6)
+    for x in (torch.randn(1, 1, 160), torch.randn(2, 7, 160)):  # a decode step; a few rows (bf16 input there)
+        tolerance = BF16_TOLERANCE if fast_bf16 and x.shape[1] > 1 else HALF_TOLERANCE
+        assert relative_error(module(x), reference_output(module, x)) < tolerance
+    x = torch.randn(2, 7, 160)  # 14 rows: past capability.DENSE_KEPT_FROM_ROWS, not DENSE_FP32_KEPT_FROM_ROWS
+    if fast_bf16:
+        high, low = kernel.dense_bf16.kept
+        assert kernel.dense_fp32.kept is None
+        assert torch.equal(high.float() + low.float(), kernel.weight.float())
+        assert torch.equal(module(x), F.linear(x.bfloat16(), high).float() + F.linear(x.bfloat16(), low).float())
+    else:
+        assert kernel.dense_bf16.kept is None
+        assert torch.allclose(module(x), F.linear(x, kernel.dense_fp32.kept), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dense", [True, False])
@@ -208,7 +239,7 @@ def test_many_rows_on_the_dequantized_cache_run_bf16_where_the_cpu_multiplies_it
     """Prefill-sized calls: dense bf16 matmuls of the cached weight split in two bf16 parts where the CPU
     has native bf16 (the weight kept to float16's precision, only the input rounded to bf16), else the
     float16 weight upcast to the activations' dtype."""
-    monkeypatch.setattr(dequantized, "dense_bf16_for", lambda rows: dense and rows >= 128)
+    monkeypatch.setattr(dequantized, "dense_bf16_for", lambda rows, kept=False: dense and rows >= 128)
     module = quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False), bias=False)  # grouped 8-bit
     [layer] = prepare_for_cpu(nn.Sequential(module))
     assert layer.path == "dequantized"

@@ -58,8 +58,8 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
     fast = {"as loaded": perplexity(model)}
     with monkeypatch.context() as patch:
         for path in (int4pack, int8pack):
-            patch.setattr(path, "dense_bf16_for", lambda rows: False)
-            patch.setattr(path, "dense_fp32_for", lambda rows: False)  # the AVX2 class's prefill path
+            patch.setattr(path, "dense_bf16_for", lambda rows, kept=False: False)
+            patch.setattr(path, "dense_fp32_for", lambda rows, kept=False: False)  # the AVX2 class's prefill path
         patch.setattr(dequantized, "HALF_GEMV_MAX_ROWS", sys.maxsize)  # every call in the float16 cache
         fast["packed ops only"] = perplexity(model)
     if expected_path == "w8a8":

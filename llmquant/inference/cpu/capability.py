@@ -6,11 +6,13 @@ matmul. So the packed paths compute in bfloat16 there and in the activations' ow
 (aarch64 builds vectorize float32 too). An int8 x int8 -> int32 matmul (`torch._int_mm`) is fast
 only where the CPU has an int8 dot-product instruction (VNNI, AMX); without one it is far slower
 than an fp32 matmul (and inexact: eval/CPU.md). Where the CPU multiplies bfloat16 natively (AVX-512
-BF16, AMX), a dense bf16 matmul (oneDNN) of many rows is faster than fp32 while the packed ops, which
-dequantize inside for every few rows, are no faster than fp32 there: from DENSE_FROM_ROWS rows on, the
-paths dequantize the weight into bfloat16 for the call instead (the packed op still won at 64 rows,
-the dense one at 512; prefill against fp32 per CPU class: eval/CPU.md). Without native bf16 (the AVX2
-class) the same calls run a dense fp32 matmul instead (capability.dense_fp32_for; the paths say how).
+BF16, AMX), a dense bf16 matmul (oneDNN) of a few rows already beats the packed ops, which dequantize
+inside for every few rows: calls of DENSE_KEPT_FROM_ROWS rows or more run a dense bf16 matmul of a kept
+dequantized weight, and of DENSE_FROM_ROWS or more where the weight must be dequantized for the call
+(that costs about what a prefill's matmul does). Without native bf16 (the AVX2 class) the same calls run
+a dense fp32 matmul instead, from DENSE_FP32_KEPT_FROM_ROWS / DENSE_FP32_FROM_ROWS rows
+(capability.dense_fp32_for; the paths say how). Where each path overtakes the packed op, per CPU class:
+eval/cpu_crossover.py and eval/CPU.md, "Per call size".
 
 The class follows the overrides torch and oneDNN follow, so that one machine can play a smaller
 class: torch.cpu's private probes (`_is_vnni_supported`, `_is_avx512_bf16_supported`,
@@ -33,10 +35,13 @@ import torch
 from ...errors import ConfigError
 
 _X86_VECTOR_CAPABILITIES = ("AVX2", "AVX512")
+# Rows from which a call runs a dense matmul of the dequantized weight instead of the packed op: with
+# native bf16, of the kept bf16 weight / of one dequantized for the call; without it (the AVX2 class,
+# where the packed ops compute in emulated bf16), of the kept fp32 weight / of one made for the call.
+# The kept thresholds are where the dense call overtook the packed op in eval/cpu_crossover.py.
+DENSE_KEPT_FROM_ROWS = 8
 DENSE_FROM_ROWS = 128
-# Without native bf16 (the AVX2 class) the packed ops in bf16 lose to an fp32 matmul from 32 rows on,
-# but not at 1-8 rows (eval/CPU.md, "Why 32 rows"): from here on such calls run a dense fp32 matmul of
-# the weight (DenseCopy below).
+DENSE_FP32_KEPT_FROM_ROWS = 16
 DENSE_FP32_FROM_ROWS = 32
 ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 # oneDNN's dnnl_cpu_isa names in increasing order (aliases share a rank); ALL is no cap.
@@ -141,15 +146,18 @@ def has_fast_bf16_matmul() -> bool:
     return cpu_class().fast_bf16_matmul
 
 
-def dense_bf16_for(rows: int) -> bool:
-    """Whether a call with this many rows runs faster as a dense bfloat16 matmul."""
-    return rows >= DENSE_FROM_ROWS and has_fast_bf16_matmul()
+def dense_bf16_for(rows: int, kept: bool = False) -> bool:
+    """Whether a call with this many rows runs faster as a dense bfloat16 matmul (`kept`: of a weight
+    already dequantized, else of one dequantized for the call)."""
+    return rows >= (DENSE_KEPT_FROM_ROWS if kept else DENSE_FROM_ROWS) and has_fast_bf16_matmul()
 
 
-def dense_fp32_for(rows: int) -> bool:
-    """Whether a call with this many rows runs faster as a dense fp32 matmul of the dequantized weight than
-    as the packed op (x86 CPUs without native bf16, where the packed ops compute in emulated bf16)."""
-    return rows >= DENSE_FP32_FROM_ROWS and not has_fast_bf16_matmul() and cpu_capability() in _X86_VECTOR_CAPABILITIES
+def dense_fp32_for(rows: int, kept: bool = False) -> bool:
+    """Whether a call with this many rows runs faster as a dense fp32 matmul of the dequantized weight (`kept`:
+    already dequantized, else for the call) than as the packed op (x86 CPUs without native bf16, where the
+    packed ops compute in emulated bf16)."""
+    return (rows >= (DENSE_FP32_KEPT_FROM_ROWS if kept else DENSE_FP32_FROM_ROWS) and not has_fast_bf16_matmul()
+            and cpu_capability() in _X86_VECTOR_CAPABILITIES)
 
 
 class DenseCopy:

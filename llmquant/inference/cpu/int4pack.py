@@ -20,9 +20,9 @@ dequantized-cache bound), else made per call: dequantizing a 1B model's weights 
 call cost more than the matmuls (eval/CPU.md). Without native bf16 (the AVX2 class) calls of
 DENSE_FP32_FROM_ROWS rows or more (capability.dense_fp32_for) run a dense fp32 matmul of the weight
 dequantized in fp32 from the same bytes (the reference's numerics, to fp32 rounding): the packed op
-computes in emulated bf16 there and is slower than fp32 at prefill (eval/CPU.md, "Why 32 rows"). The
-fp32 weight is kept
-when prepare_for_cpu grants the memory (the dequantized-cache bound), else made per call.
+computes in emulated bf16 there and is slower than fp32 from a few rows on (eval/CPU.md, "Per call
+size"). The fp32 weight is kept when prepare_for_cpu grants the memory (the dequantized-cache bound),
+else made per call; a kept weight takes calls of fewer rows (capability's thresholds).
 """
 from __future__ import annotations
 
@@ -138,9 +138,9 @@ class Int4PackKernel:
         rows = x.reshape(-1, x.shape[-1])
         if self.column_order is not None:
             rows = rows.index_select(1, self.column_order)
-        if self.dense_fp32 is not None and dense_fp32_for(rows.shape[0]):
+        if self.dense_fp32 is not None and dense_fp32_for(rows.shape[0], self.dense_fp32.kept is not None):
             out = F.linear(rows.float(), self.dense_fp32.weight()).to(x.dtype)
-        elif self.dense_bf16 is not None and dense_bf16_for(rows.shape[0]):
+        elif self.dense_bf16 is not None and dense_bf16_for(rows.shape[0], self.dense_bf16.kept is not None):
             out = F.linear(rows.to(torch.bfloat16), self.dense_bf16.weight()).to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.compute_dtype).contiguous(), self.packed,

@@ -67,7 +67,7 @@ class Int8PackKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if dense_fp32_for(rows.shape[0]):
+        if dense_fp32_for(rows.shape[0], self.dense_fp32.kept is not None):
             products = F.linear(rows.float(), self.dense_fp32.weight())
         elif dense_bf16_for(rows.shape[0]):
             products = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16))
