@@ -203,8 +203,8 @@ def test_a_layer_never_prepared_gets_no_dequantized_cache():
 @pytest.mark.parametrize("fast_bf16", [False, True])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
 def test_codebook_weights_run_the_dequantized_cache_in_float16(quant_type, double_quant, fast_bf16, monkeypatch):
-    """The float16 cache at one row; beside it, within the memory bound, its two bf16 parts where the CPU
-    multiplies bf16 natively, else the fp32 weight, which calls of a few rows read."""
+    """The float16 cache at one row where its gemv is the faster (the tests' setting); calls of a few rows
+    on the float16 cache upcast, or on the AVX2 class on the fp32 weight kept within the memory bound."""
     for module in (capability, selection):
         monkeypatch.setattr(module, "has_fast_bf16_matmul", lambda: fast_bf16)
     torch.manual_seed(1)
@@ -217,21 +217,15 @@ def test_codebook_weights_run_the_dequantized_cache_in_float16(quant_type, doubl
     module.load_state_dict(tensors, assign=True)
     layers = prepare_for_cpu(nn.Sequential(module))
     assert [layer.path for layer in layers] == ["dequantized"]
-    assert layers[0].extra_bytes == 96 * 160 * (2 + 4)  # the float16 cache and a 4-byte copy beside it
+    # the float16 cache, and on the AVX2 class an fp32 copy beside it
+    assert layers[0].extra_bytes == 96 * 160 * (2 if fast_bf16 else 2 + 4)
     kernel = module.prepared.kernel
     assert torch.equal(kernel.weight.float(), module.dequantized_weight().half().float())  # rounded once
-    for x in (torch.randn(1, 1, 160), torch.randn(2, 7, 160)):  # a decode step; a few rows (bf16 input there)
-        tolerance = BF16_TOLERANCE if fast_bf16 and x.shape[1] > 1 else HALF_TOLERANCE
-        assert relative_error(module(x), reference_output(module, x)) < tolerance
-    x = torch.randn(2, 7, 160)  # 14 rows: past capability.DENSE_KEPT_FROM_ROWS, not DENSE_FP32_KEPT_FROM_ROWS
-    if fast_bf16:
-        high, low = kernel.dense_bf16.kept
-        assert kernel.dense_fp32.kept is None
-        assert torch.equal(high.float() + low.float(), kernel.weight.float())
-        assert torch.equal(module(x), F.linear(x.bfloat16(), high).float() + F.linear(x.bfloat16(), low).float())
-    else:
-        assert kernel.dense_bf16.kept is None
-        assert torch.allclose(module(x), F.linear(x, kernel.dense_fp32.kept), rtol=1e-6, atol=1e-6)
+    for x in (torch.randn(1, 1, 160), torch.randn(2, 7, 160)):  # a decode step; a few rows
+        assert relative_error(module(x), reference_output(module, x)) < HALF_TOLERANCE
+    x = torch.randn(2, 7, 160)  # a few rows: the float16 weight upcast, or the kept fp32 one
+    expected = F.linear(x, kernel.weight.float() if fast_bf16 else kernel.dense_fp32.kept)
+    assert torch.allclose(module(x), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dense", [True, False])
@@ -256,6 +250,25 @@ def test_many_rows_on_the_dequantized_cache_run_bf16_where_the_cpu_multiplies_it
     else:
         assert torch.equal(out, F.linear(x, weight.float()))
         assert relative_error(out, reference_output(module, x)) < HALF_TOLERANCE
+
+
+def test_a_kept_fp32_copy_takes_the_calls_below_the_bf16_split(monkeypatch):
+    """With native bf16 and the fp32 copy kept (the float16 gemv not the faster), calls of fewer than
+    dequantized.SPLIT_FROM_ROWS rows run on the fp32 copy; from there the float16 cache split into bf16
+    parts for the call."""
+    monkeypatch.setenv("LLMQUANT_CPU_HALF_GEMV", "off")
+    for module in (capability, selection):
+        monkeypatch.setattr(module, "has_fast_bf16_matmul", lambda: True)
+    monkeypatch.setattr(selection, "dense_fp32_for", lambda rows, kept=False: False)
+    module = quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False), bias=False)  # grouped 8-bit
+    [layer] = prepare_for_cpu(nn.Sequential(module))
+    kernel = module.prepared.kernel
+    assert layer.path == "dequantized" and kernel.dense_fp32.kept is not None
+    x = torch.randn(dequantized.SPLIT_FROM_ROWS - 1, 256)
+    assert torch.equal(module(x), F.linear(x, kernel.dense_fp32.kept))
+    x = torch.randn(dequantized.SPLIT_FROM_ROWS, 256)
+    high, low = dequantized.bf16_parts(kernel.weight)
+    assert torch.equal(module(x), F.linear(x.bfloat16(), high).float() + F.linear(x.bfloat16(), low).float())
 
 
 def w8a8_module(static):

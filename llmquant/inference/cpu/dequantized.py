@@ -9,9 +9,8 @@ copy (still 4x a 4-bit weight), and at one row (batch-1 decode) torch's float16 
 weight and the one-row input to float16 costs ~2^-11 relative; the float16 range (65504) is the one
 GPU inference runs these models in. Calls of many rows (prefill) on a CPU that multiplies bfloat16
 natively (capability.dense_bf16_for, as the packed paths decide) run two dense bfloat16 matmuls, of
-the cached weight split into a bf16 part and the bf16 rest (together exactly the float16 cache; kept
-within the memory bound, as an fp32 copy would be on the AVX2 class, else split for the call), so that
-only the input rounds to bf16 (prefill against fp32: eval/CPU.md; tests/test_cpu_fast_perplexity.py
+the cached weight split for the call into a bf16 part and the bf16 rest (together exactly the float16
+cache), so that only the input rounds to bf16 (prefill against fp32: eval/CPU.md; tests/test_cpu_fast_perplexity.py
 holds the perplexity within 0.1% of the reference op, which one bf16 copy of the weight missed). Other calls of more rows upcast
 the weight for the call and run the activations' dtype, since torch's float16 matmul of many rows is
 slower than fp32 on CPUs without native float16. The total such memory is bounded
@@ -20,7 +19,8 @@ Whether the float16 gemv is the faster at one row depends on the CPU's memory ba
 not on a flag: capability.half_gemv_is_faster measures it once. Where it is not, and on the AVX2 class
 (no native bf16), where upcasting the float16 cache for each call of many rows made prefill slower
 than the fp32 model's, prepare_for_cpu keeps an fp32 copy while the same bound allows (selection._keep_dense_copies)
-and the calls the float16 cache does not win run on it.
+and the calls the float16 cache does not win run on it (where it is kept, calls of fewer than
+SPLIT_FROM_ROWS rows run on it on the native class too).
 """
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ from .fused import stacked_bias
 NAME = "dequantized"
 ACCEPTS = "any quantized linear with dequantized_weight(); costs out * in * 2 bytes of memory (float16)"
 HALF_GEMV_MAX_ROWS = 1  # calls of up to this many rows run in the cached float16 itself
+# Where an fp32 copy is kept, calls of fewer rows run on it rather than on the float16 cache split into
+# bf16 parts for the call: the split's passes over the weight cost more than two bf16 matmuls save below
+# about this many rows (eval/cpu_crossover.py, NF4 rows).
+SPLIT_FROM_ROWS = 512
 
 
 def refusal(module) -> str | None:
@@ -64,16 +68,12 @@ class DequantizedKernel:
         self.dense_fp32 = DenseCopy(lambda: torch.cat([m.dequantized_weight(torch.float32) for m in modules]),
                                     self.weight.numel() * 4) \
             if self.weight.dtype != torch.float32 and activation_dtype == torch.float32 else None
-        # the float16 cache as two bf16 parts for dense bf16 calls (kept within the bound, else split per call)
-        self.dense_bf16 = DenseCopy(lambda: bf16_parts(self.weight), self.weight.numel() * 4) \
-            if self.weight.dtype == torch.float16 else None
         self.detail = f"{str(dtype).removeprefix('torch.')} weight cached"
 
     @property
     def nbytes(self) -> int:
-        kept = [copy.kept for copy in (self.dense_fp32, self.dense_bf16) if copy is not None and copy.kept is not None]
-        tensors = [self.weight] + [t for copy in kept for t in (copy if isinstance(copy, tuple) else (copy,))]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        kept = self.dense_fp32.kept if self.dense_fp32 is not None else None
+        return sum(t.numel() * t.element_size() for t in (self.weight, kept) if t is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
@@ -82,8 +82,10 @@ class DequantizedKernel:
         kept = self.dense_fp32.kept if self.dense_fp32 is not None else None
         if rows.shape[0] <= HALF_GEMV_MAX_ROWS and (kept is None or self.half_gemv):
             out = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
-        elif self.dense_bf16 is not None and dense_bf16_for(rows.shape[0], self.dense_bf16.kept is not None):
-            high, low = self.dense_bf16.weight()
+        elif kept is not None and rows.shape[0] < SPLIT_FROM_ROWS:
+            out = F.linear(rows, kept)
+        elif dense_bf16_for(rows.shape[0]):
+            high, low = bf16_parts(self.weight)
             row16 = rows.to(torch.bfloat16)
             out = F.linear(row16, high).float().add_(F.linear(row16, low).float()).to(x.dtype)
         elif kept is not None and x.dtype == torch.float32:
@@ -101,9 +103,8 @@ def bf16_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A float16 weight as two bf16 tensors whose sum is exactly it (8 + 8 significant bits hold float16's
     11): the weight's rounding, the same on every token, is what moves perplexity (a single bf16 copy took
     SmolLM2 NF4 0.18% off the reference); the input's rounds per token and averages out."""
-    with torch.inference_mode(False), torch.no_grad():  # kept copies outlive an inference_mode call
-        high = weight.to(torch.bfloat16)
-        return high, (weight.float() - high.float()).to(torch.bfloat16)
+    high = weight.to(torch.bfloat16)
+    return high, (weight.float() - high.float()).to(torch.bfloat16)
 
 
 build = DequantizedKernel

@@ -361,8 +361,7 @@ def _keep_dense_copies(model: nn.Module, plans: dict[str, _Plan], budget: float)
 
 def _dense_copy_to_keep(kernel, dense_class: bool):
     """The copy a kernel's dense calls read: bf16 where the CPU multiplies it natively (int4pack, whose
-    dequantization per call outweighs a prefill's matmul, and the dequantized cache's two bf16 parts),
-    else fp32 on a class whose prefill-sized calls run dense fp32 (capability.dense_fp32_for), for W8A8
+    dequantization per call outweighs a prefill's matmul), else fp32 on a class whose prefill-sized calls run dense fp32 (capability.dense_fp32_for), for W8A8
     without an int8 dot product on any class, and for dequantized weights where the float16 gemv is not
     the faster; None for the others."""
     bf16 = getattr(kernel, "dense_bf16", None)
