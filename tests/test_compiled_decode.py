@@ -14,6 +14,7 @@ import torch
 import llmquant
 from conftest import tiny_config
 from llmquant.config import QuantConfig
+from llmquant.inference.cpu import capability
 from llmquant.inference.generation import compiled_decode_options, timed_generate
 from test_cpu_fast import tiny_checkpoint  # noqa: F401 (a fixture)
 from test_pack_quantized import write_pack_quantized
@@ -33,8 +34,8 @@ FORMATS = {
 INDUCTOR_FORMATS = ("gptq w4 g32", "gptq w8 per channel", "w8a8 dynamic", "nf4 double quant", "fp8",
                     "pack-quantized w4 asym")
 CALIB = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-# Row counts: a decode step, a short prompt, and one past capability.DENSE_FP32_FROM_ROWS (the dense
-# paths of the AVX2 class)
+# Row counts: a decode step, a short prompt (from capability.DENSE_KEPT_FROM_ROWS: the native class's dense
+# bf16 path), and one past capability.DENSE_FP32_FROM_ROWS (the dense paths of the AVX2 class)
 LENGTHS = (1, 8, 40)
 
 
@@ -120,7 +121,9 @@ def test_stacked_linears_become_one_matmul_in_the_compiled_graph(checkpoints):
 
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=keep))(_ids(8))
+        # fewer rows than any class's dense threshold for a kept weight: every call takes the packed op
+        rows = min(capability.DENSE_KEPT_FROM_ROWS, capability.DENSE_FP32_KEPT_FROM_ROWS) - 1
+        torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=keep))(_ids(rows))
 
     def matmuls(graph):
         return sum(node.target is torch.ops.aten._weight_int4pack_mm_for_cpu.default for node in graph.nodes)
