@@ -64,6 +64,7 @@ def measure(rounds: int) -> dict:
     def set_thresholds(values: dict) -> None:
         for name, value in values.items():
             setattr(capability, name, value)
+
     with torch.inference_mode():
         for kind in LAYERS:
             for in_features, out_features in SHAPES:

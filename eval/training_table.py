@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_cpu import cpu_name  # eval/ is this script's folder, first on sys.path
 
 QAT_TRAINING = "--steps 60 --batch-size 2 --seqlen 256 --lr 1e-4"
 QLORA_SMOLLM2_TRAINING = "--lora-r 16 --steps 200 --batch-size 2 --seqlen 256"
@@ -101,13 +102,6 @@ def run(name: str, work_root: Path, threads: int) -> dict:
                                           "heldout_loss_before", "heldout_loss_after", "seconds", "train_losses")
                                          if key in training}
     return result
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ ACCEPTS = "any quantized linear with dequantized_weight(); costs out * in * 2 by
 HALF_GEMV_MAX_ROWS = 1  # calls of up to this many rows run in the cached float16 itself
 # Where an fp32 copy is kept, calls of fewer rows run on it rather than on the float16 cache split into
 # bf16 parts for the call: the split's passes over the weight cost more than two bf16 matmuls save below
-# about this many rows (eval/cpu_crossover.py, NF4 rows).
+# about this many rows (0.4-0.7x fp32 at 128-256 rows in an ad hoc run of eval/cpu_crossover.py's NF4
+# rows; eval/CPU.md, "Per call size").
 SPLIT_FROM_ROWS = 512
 
 
@@ -80,17 +81,18 @@ class DequantizedKernel:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         kept = self.dense_fp32.kept if self.dense_fp32 is not None else None
+        # kept where the float16 gemv is not the faster (measured) or the class has no native bf16
+        # for many rows (the AVX2 class)
+        on_kept = kept is not None and x.dtype == torch.float32
         if rows.shape[0] <= HALF_GEMV_MAX_ROWS and (kept is None or self.half_gemv):
             out = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
-        elif kept is not None and rows.shape[0] < SPLIT_FROM_ROWS:
+        elif on_kept and rows.shape[0] < SPLIT_FROM_ROWS:
             out = F.linear(rows, kept)
         elif dense_bf16_for(rows.shape[0]):
             high, low = bf16_parts(self.weight)
             row16 = rows.to(torch.bfloat16)
             out = F.linear(row16, high).float().add_(F.linear(row16, low).float()).to(x.dtype)
-        elif kept is not None and x.dtype == torch.float32:
-            # kept where the float16 gemv is not the faster (measured) or the class has no native bf16
-            # for many rows (the AVX2 class): those calls on the fp32 copy
+        elif on_kept:
             out = F.linear(rows, kept)
         else:
             out = F.linear(rows, self.weight.to(x.dtype))

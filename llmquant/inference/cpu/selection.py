@@ -361,17 +361,15 @@ def _keep_dense_copies(model: nn.Module, plans: dict[str, _Plan], budget: float)
 
 def _dense_copy_to_keep(kernel, dense_class: bool):
     """The copy a kernel's dense calls read: bf16 where the CPU multiplies it natively (int4pack, whose
-    dequantization per call outweighs a prefill's matmul), else fp32 on a class whose prefill-sized calls run dense fp32 (capability.dense_fp32_for), for W8A8
-    without an int8 dot product on any class, and for dequantized weights where the float16 gemv is not
-    the faster; None for the others."""
-    bf16 = getattr(kernel, "dense_bf16", None)
-    if bf16 is not None and has_fast_bf16_matmul():
-        return bf16
+    dequantization per call outweighs a prefill's matmul), fp32 on a class whose prefill-sized calls run
+    dense fp32 (capability.dense_fp32_for), for W8A8 without an int8 dot product on any class, and for
+    dequantized weights where the float16 gemv is not the faster; None for the others."""
     fp32 = getattr(kernel, "dense_fp32", None)
     if fp32 is not None and (dense_class or isinstance(kernel, w8a8.W8A8Kernel) or (
             isinstance(kernel, dequantized.DequantizedKernel) and not kernel.half_gemv)):
         return fp32
-    return None
+    bf16 = getattr(kernel, "dense_bf16", None)
+    return bf16 if bf16 is not None and has_fast_bf16_matmul() else None
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
