@@ -11,8 +11,8 @@ shape: hidden 2048, 16 layers, MLP 8192, vocab 128256, 32 heads / 8 kv heads, ti
 in bf16 as Llama-3.2-1B is, SmolLM2's tokenizer; made once into --work, then quantized by RTN like the
 others; its prefill and decode lengths are smaller (a 128-token window, 16 new tokens), so a run
 fits on 2 cores; speed does not depend on the values of the weights). --class avx2 re-executes this
-script with ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (torch, oneDNN and llmquant's CPU class
-then plan for an AVX2 CPU: no int8 dot product, no native bf16); --class native without them. The
+script with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (torch,
+oneDNN, FBGEMM and llmquant's CPU class then plan for an AVX2 CPU: no int8 dot product, no native bf16); --class native without them. The
 llama.cpp rows of the AVX2 class come from the AVX2-class build (scripts/setup_llama_cpp.sh --class avx2:
 no AVX-512, VNNI or AMX); a build with more than AVX2 is refused there (it would not be the same class
 as the torch rows), and the table's header names the build's ISA. With --md, the table goes into its
@@ -58,6 +58,7 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir())
 import torch
 
 from llmquant.inference.cpu import describe_cpu, prepare_for_cpu, summary
+from llmquant.inference.cpu.capability import AVX2_CLASS_VARIABLES
 from llmquant.data import tokenize_corpus
 from llmquant.inference.generation import timed_generate
 from llmquant.gguf_export.llama_cpp_runner import (beyond_avx2, build_folder_for, describe_build,
@@ -67,7 +68,7 @@ from llmquant.inference.loading import load
 from llmquant.models import builtin_model_path, cache_dir, load_fp_model
 
 PROMPT = "The history of the printing press begins"
-CLASS_VARIABLES = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "native": {}}
+CLASS_VARIABLES = {"avx2": AVX2_CLASS_VARIABLES, "native": {}}
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--class", dest="cpu_class", choices=sorted(CLASS_VARIABLES), default=None,
                         help="avx2: force the AVX2 class (re-executes with ATEN_CPU_CAPABILITY=avx2, "
-                             "ONEDNN_MAX_CPU_ISA=AVX2); native: the CPU's own (default: as the environment says)")
+                             "ONEDNN_MAX_CPU_ISA=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2); native: the CPU's own "
+                             "(default: as the environment says)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave the bf16 model out (memory)")
     parser.add_argument("--compile", action="store_true",
                         help="add a compiled-decode row for each model (llmquant generate --compile)")
@@ -445,7 +447,8 @@ def main() -> None:
             "load_before": load_before, "load_after": loadavg(), "repeats": args.repeats,
             "prompt_tokens": prompt_ids.shape[1], "model": spec.title, "prefill_tokens": spec.prefill_tokens,
             "new_tokens": spec.new_tokens,
-            "cpu_class_title": ("AVX2 class (forced: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)"
+            "cpu_class_title": ("AVX2 class (forced: " + ", ".join(f"{k}={v}" for k, v in AVX2_CLASS_VARIABLES.items())
+                                + ")"
                                 if current_class() == "avx2" else "native class"),
             "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python eval/bench_cpu.py "
                        + shlex.join(sys.argv[1:])}

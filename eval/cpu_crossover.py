@@ -4,13 +4,16 @@ DENSE_KEPT_FROM_ROWS with native bf16), and two facts eval/CPU.md states about t
 
     OMP_NUM_THREADS=2 python eval/cpu_crossover.py --json eval/cpu-crossover.json
 
-Each class runs in a process of its own (the AVX2 class forced with ATEN_CPU_CAPABILITY=avx2 and
-ONEDNN_MAX_CPU_ISA=AVX2). In it, SmolLM2-135M-shaped GPTQ w4 g128 and AWQ w4 g64 layers (random weights,
-packed by llmquant's formats, prepared by prepare_for_cpu as a loaded model's layers are) are called with
+Each class runs in a process of its own (the AVX2 class forced with capability.AVX2_CLASS_VARIABLES). In it,
+SmolLM2-135M-shaped GPTQ w4 g128 and AWQ w4 g64 layers (random weights, packed by llmquant's formats,
+prepared by prepare_for_cpu as a loaded model's layers are) are called with
 the thresholds moved so that every call takes the packed op, then so that every call takes the dense
 path, beside nn.Linear in fp32, at 1 to 512 rows; best of --rounds interleaved rounds. W8A8 dynamic and
 NF4 (double quant) layers are timed on the path chosen for them, so that the table shows every format's
-call against fp32 at every call size (issue 33's floor, per layer). Also, per class:
+call against fp32 at every call size (issue 33's floor, per layer); --layers picks some. One layer called
+again and again keeps its weight in the CPU's cache, which favours the fp32 matmul (SmolLM2's 3.5 MiB fp32
+weights fit there; a model's forward reads each weight from memory once): --cycle N calls N copies in
+turn, as a forward does. Also, per class:
 - the packed int4 op at one row with fp32 and float16 activations against bf16 (why the packed paths
   compute in bf16 on x86);
 - torch._int_mm on random int8 codes (64 x 576 x 576) against the exact integer product (inexact where
@@ -19,6 +22,7 @@ call against fp32 at every call size (issue 33's floor, per layer). Also, per cl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -27,8 +31,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llmquant.inference.cpu.capability import AVX2_CLASS_VARIABLES  # noqa: E402
 
-CLASSES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+CLASSES = {"native": {}, "avx2": AVX2_CLASS_VARIABLES}
 SHAPES = ((576, 1536), (1536, 576))
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LAYERS = ("GPTQ w4 g128", "AWQ w4 g64", "W8A8 dynamic", "NF4 double quant")
@@ -48,7 +53,7 @@ def best_seconds(call, rounds: int, calls: int) -> float:
     return best
 
 
-def measure(rounds: int) -> dict:
+def measure(rounds: int, layers=LAYERS, cycle: int = 1) -> dict:
     """In this process (its CPU class): the timings and the two op facts."""
     import torch
 
@@ -66,22 +71,26 @@ def measure(rounds: int) -> dict:
             setattr(capability, name, value)
 
     with torch.inference_mode():
-        for kind in LAYERS:
+        for kind in layers:
             for in_features, out_features in SHAPES:
-                layer = build(kind, in_features, out_features)
-                paths = prepare_for_cpu(torch.nn.Sequential(layer), dtype=torch.float32)
-                reference = torch.nn.Linear(in_features, out_features, bias=False)  # its speed, not its values
+                copies = [build(kind, in_features, out_features) for _ in range(cycle)]
+                paths = prepare_for_cpu(torch.nn.Sequential(*copies), dtype=torch.float32)
+                # their speed, not their values
+                references = [torch.nn.Linear(in_features, out_features, bias=False) for _ in range(cycle)]
+                next_layer, next_reference = itertools.cycle(copies).__next__, itertools.cycle(references).__next__
                 for m in ROWS:
                     x = torch.randn(1, m, in_features)
                     calls = max(2000 // m, 8)
                     timing = {}
                     for _ in range(rounds):  # interleaved: every variant once per round
-                        timing["fp32"] = min(timing.get("fp32", 1e9), best_seconds(lambda: reference(x), 1, calls))
+                        timing["fp32"] = min(timing.get("fp32", 1e9),
+                                             best_seconds(lambda: next_reference()(x), 1, calls))
                         for name, thresholds in (forced.items() if kind in THRESHOLD_LAYERS else ()):
                             set_thresholds(thresholds)
-                            timing[name] = min(timing.get(name, 1e9), best_seconds(lambda: layer(x), 1, calls))
+                            timing[name] = min(timing.get(name, 1e9), best_seconds(lambda: next_layer()(x), 1, calls))
                         set_thresholds(defaults)
-                        timing["chosen"] = min(timing.get("chosen", 1e9), best_seconds(lambda: layer(x), 1, calls))
+                        timing["chosen"] = min(timing.get("chosen", 1e9),
+                                               best_seconds(lambda: next_layer()(x), 1, calls))
                     rows_out.append({"layer": kind, "in": in_features, "out": out_features, "rows": m,
                                      **{f"{k}_us": v * 1e6 for k, v in timing.items()}, "path": paths[0].detail})
         layer = build("GPTQ w4 g128", *SHAPES[0])
@@ -100,7 +109,7 @@ def measure(rounds: int) -> dict:
         exact = a.double() @ b.double()
         int_mm = torch._int_mm(a, b).double()
         int_mm_error = float((int_mm - exact).norm() / exact.norm())
-    return {"cpu_class": capability.describe(), "thresholds": defaults,
+    return {"cpu_class": capability.describe(), "thresholds": defaults, "cycle": cycle,
             "threads": torch.get_num_threads(), "rows": rows_out, "packed_int4_one_row_us": packed_dtype,
             "int_mm_relative_error": int_mm_error}
 
@@ -118,7 +127,7 @@ def table(results: dict) -> str:
     lines = []
     for name, result in results.items():
         lines.append(f"\n{name}: {result['cpu_class']}; thresholds {result['thresholds']}; "
-                     f"{result['threads']} threads")
+                     f"{result['threads']} threads; {result.get('cycle', 1)} copies of each layer called in turn")
         lines.append("| layer | in -> out | rows | fp32 (us) | packed op (us) | dense (us) | chosen (us) | "
                      "fp32 / packed | fp32 / dense | fp32 / chosen |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -150,18 +159,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", nargs="+", default=list(CLASSES), choices=list(CLASSES))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS),
+                        help="the layers to time (default: all)")
+    parser.add_argument("--cycle", type=int, default=1,
+                        help="call this many copies of each layer in turn (different weights), so that each call "
+                             "reads its weight from memory as a model's forward does, not from the cache")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.rounds)))
+        print(json.dumps(measure(args.rounds, args.layers, args.cycle)))
         return
     root = Path(__file__).resolve().parent.parent
     results = {}
     for name in args.classes:
         env = dict(os.environ, **CLASSES[name],
                    PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels"), os.environ.get("PYTHONPATH", "")]))
-        done = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds)], env=env,
+        done = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds),
+                               "--layers", *args.layers, "--cycle", str(args.cycle)], env=env,
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"the {name} class run failed:\n{done.stderr[-3000:]}")

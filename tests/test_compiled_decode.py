@@ -171,7 +171,7 @@ def _compile_under_avx2_class(folders, backend: str, tmp_path, tolerance: float)
         f"        torch.testing.assert_close(got, eager, rtol={tolerance}, atol={tolerance})\n"
         "print('ok')\n")
     # inductor's cache keys miss a forced capability (eval/bench_cpu.py): a cache of this class's own
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, **capability.AVX2_CLASS_VARIABLES, "OMP_NUM_THREADS": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-avx2")}
     result = subprocess.run([sys.executable, str(script), json.dumps([str(f) for f in folders])], env=env,
                             capture_output=True, text=True, timeout=1200)
@@ -179,7 +179,7 @@ def _compile_under_avx2_class(folders, backend: str, tmp_path, tolerance: float)
 
 
 def test_compiled_paths_of_the_avx2_class(checkpoints, tmp_path):
-    """The dense fp32 paths (40 rows) and W8A8 without an int8 dot product (its compiled one-row sum)
+    """The dense fp32 paths (40 rows) and W8A8 without an int8 dot product (FBGEMM, a custom op in the graph)
     trace whole too."""
     names = ("gptq w4 g32", "gptq w8 per channel", "w8a8 static", "nf4 double quant")
     _compile_under_avx2_class([checkpoints[n] for n in names], "eager", tmp_path, 1e-5)

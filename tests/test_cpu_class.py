@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmquant.inference.cpu.capability import AVX2_CLASS_VARIABLES
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, torch
 from llmquant.inference.cpu import capability, w8a8
 c = capability.cpu_class()
 print(json.dumps({"capability": c.capability, "int8": c.int8_dot_product, "bf16": c.fast_bf16_matmul,
-                  "describe": c.describe(), "int_mm": w8a8.use_int_mm_here(),
+                  "describe": c.describe(), "w8a8": w8a8.variant_here(),
                   "dense_bf16_512": capability.dense_bf16_for(512), "dense_fp32_512": capability.dense_fp32_for(512),
                   "raw": [torch.cpu._is_vnni_supported(), torch.cpu._is_avx512_bf16_supported(),
                           torch.cpu._is_amx_tile_supported()]}))
@@ -26,7 +28,8 @@ print(json.dumps({"capability": c.capability, "int8": c.int8_dot_product, "bf16"
 
 def probe(**variables) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "LLMQUANT_CPU_W8A8")}
+           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "LLMQUANT_CPU_W8A8",
+                        "FBGEMM_ENABLE_INSTRUCTIONS")}
     env.update(variables)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
@@ -41,7 +44,7 @@ def test_avx2_forced_class_has_no_int8_dot_product_and_no_native_bf16():
     got = probe(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     assert got["capability"] == "AVX2"
     assert not got["int8"] and not got["bf16"]
-    assert not got["int_mm"]  # W8A8 takes no int8 GEMM
+    assert got["w8a8"] == "fbgemm"  # W8A8 takes no oneDNN int8 GEMM (it saturates), but FBGEMM's on 7-bit rows
     assert not got["dense_bf16_512"] and got["dense_fp32_512"]  # prefill-sized calls: dense fp32
     assert got["describe"].startswith("AVX2 class (no int8 dot product, no native bf16)")
     if any(got["raw"]):
@@ -51,7 +54,7 @@ def test_avx2_forced_class_has_no_int8_dot_product_and_no_native_bf16():
 @x86
 def test_onednn_cap_alone_turns_off_what_onednn_runs():
     got = probe(ONEDNN_MAX_CPU_ISA="AVX2")
-    assert not got["int8"] and not got["bf16"] and not got["int_mm"]
+    assert not got["int8"] and not got["bf16"] and got["w8a8"] == "fbgemm"
     if any(got["raw"]):
         assert "ONEDNN_MAX_CPU_ISA=AVX2 is below" in got["describe"]
 
@@ -60,7 +63,7 @@ def test_onednn_cap_alone_turns_off_what_onednn_runs():
 def test_native_class_is_what_the_cpu_has():
     got = probe()
     vnni, bf16, amx = got["raw"]
-    assert got["int8"] == (vnni or amx) and got["int_mm"] == got["int8"]
+    assert got["int8"] == (vnni or amx) and (got["w8a8"] == "int_mm") == got["int8"]
     assert got["bf16"] == (bf16 or amx) and got["dense_bf16_512"] == got["bf16"]
     assert got["dense_fp32_512"] == (not got["bf16"])
 
@@ -90,7 +93,7 @@ model = torch.nn.ModuleDict(layers)
 prepare_for_cpu(model)
 ops = {}
 for name, layer in layers.items():
-    for rows in (1, 64):
+    for rows in (1, 64, 256):
         with torch.autograd.profiler.profile() as prof:
             layer(torch.randn(rows, layer.in_features))
         ops[f"{name}@{rows}"] = sorted({e.key for e in prof.key_averages()})
@@ -103,7 +106,7 @@ PACKED_OPS = ("aten::_int_mm", "aten::_weight_int8pack_mm", "aten::_weight_int4p
 @x86
 def test_avx2_class_prefill_takes_no_int8_gemm_and_no_packed_op():
     env = {k: v for k, v in os.environ.items() if k not in ("LLMQUANT_CPU_W8A8", "DNNL_MAX_CPU_ISA")}
-    env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+    env.update(AVX2_CLASS_VARIABLES,
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), str(ROOT / "tests")]))
     done = subprocess.run([sys.executable, "-c", FORCED_AVX2_RUN], env=env, capture_output=True, text=True,
                           check=True)
@@ -113,6 +116,9 @@ def test_avx2_class_prefill_takes_no_int8_gemm_and_no_packed_op():
         assert "aten::_int_mm" not in ops[f"{name}@1"]
     assert "aten::_weight_int4pack_mm_for_cpu" in ops["gptq4@1"]  # decode keeps the packed op
     assert "aten::_weight_int8pack_mm" in ops["gptq8@1"]
+    for rows in (1, 64):
+        assert "quantized::linear_dynamic" in ops[f"w8a8@{rows}"]  # FBGEMM's exact int8 GEMM
+    assert "quantized::linear_dynamic" not in ops["w8a8@256"]  # from FBGEMM_BELOW_ROWS: the dense fp32 codes
 
 
 @pytest.fixture
@@ -146,19 +152,29 @@ def test_dense_fp32_calls_equal_the_reference(case, keep, avx2_dense):
 
 
 @pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("variant", ["fbgemm", "int8pack"])
 @pytest.mark.parametrize("keep", [False, True])
-def test_w8a8_without_int8_dot_product_keeps_reference_numerics(static, keep, monkeypatch):
-    from llmquant.inference.cpu import prepare_for_cpu, w8a8
+def test_w8a8_without_int8_dot_product_keeps_reference_numerics(static, variant, keep, monkeypatch):
+    from llmquant.inference.cpu import fbgemm_int8, prepare_for_cpu, w8a8
     from test_cpu_fast import FP32_TOLERANCE, reference_output, relative_error, w8a8_module
 
-    monkeypatch.setenv(w8a8.VARIANT_ENV, "int8pack")
+    if variant == "fbgemm" and not fbgemm_int8.available():
+        pytest.skip("this torch build has no FBGEMM")
+    monkeypatch.setenv(w8a8.VARIANT_ENV, variant)
     module = w8a8_module(static)
     prepare_for_cpu(torch.nn.Sequential(module), max_cache_mib=64 if keep else 0)
     kernel = module.prepared.kernel
-    assert not kernel.use_int_mm and (kernel.dense_fp32.kept is not None) is keep
-    for rows in (1, 64):  # decode (the kept fp32 codes, or int8pack in fp32), prefill (dense fp32)
+    assert kernel.variant == variant
+    assert (kernel.dense_fp32.kept is not None) is keep
+    for rows in (1, 64, w8a8.FBGEMM_BELOW_ROWS):  # decode, a short prompt, prefill (fbgemm: the dense fp32 codes)
         x = torch.randn(rows, 96) * 2
-        assert relative_error(module(x), reference_output(module, x)) < FP32_TOLERANCE
+        if static:
+            x[0, :3] = torch.tensor([-9.0, 9.0, 0.0])  # codes saturated at -128 / 127, and a zero
+        expected = reference_output(module, x)
+        if variant == "fbgemm" and rows < w8a8.FBGEMM_BELOW_ROWS:
+            assert torch.equal(module(x), expected)  # the reference's exact integer sums, scaled in its order
+        else:
+            assert relative_error(module(x), expected) < FP32_TOLERANCE
 
 
 def test_dequantized_cache_keeps_an_fp32_copy_for_prefill_within_the_bound(avx2_dense):

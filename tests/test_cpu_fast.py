@@ -8,7 +8,7 @@ from torch import nn
 from llmquant.inference import ops
 from llmquant.config import QuantConfig
 from llmquant.inference.cpu import choose_path, path_table, prepare_for_cpu, summary
-from llmquant.inference.cpu import capability, dequantized, int4pack, int8pack, selection
+from llmquant.inference.cpu import capability, dequantized, fbgemm_int8, int4pack, int8pack, selection
 from llmquant.inference.cpu.w8a8 import W8A8Kernel
 from llmquant.formats import FORMATS
 from llmquant.grid import QuantizedWeight
@@ -288,8 +288,10 @@ def test_w8a8_int_mm_keeps_reference_numerics_and_int8pack_is_within_bf16(static
     assert choose_path(module)[0].NAME == "w8a8"
     x = torch.randn(3, 5, 96) * 2
     expected = reference_output(module, x)
-    assert torch.equal(W8A8Kernel([module], torch.float32, use_int_mm=True)(x), expected)
-    assert relative_error(W8A8Kernel([module], torch.float32, use_int_mm=False)(x), expected) < BF16_TOLERANCE
+    assert torch.equal(W8A8Kernel([module], torch.float32, variant="int_mm")(x), expected)
+    if fbgemm_int8.available():
+        assert torch.equal(W8A8Kernel([module], torch.float32, variant="fbgemm")(x), expected)
+    assert relative_error(W8A8Kernel([module], torch.float32, variant="int8pack")(x), expected) < FP32_TOLERANCE
     assert relative_error(module(x), expected) < BF16_TOLERANCE  # the one this CPU chose
 
 
@@ -298,9 +300,9 @@ def test_w8a8_variant_can_be_chosen_and_a_bad_one_is_refused(monkeypatch):
     from llmquant.errors import ConfigError
 
     module = w8a8_module(False)
-    for variant, use_int_mm in (("int_mm", True), ("int8pack", False)):
+    for variant in ("int_mm", "fbgemm", "int8pack") if fbgemm_int8.available() else ("int_mm", "int8pack"):
         monkeypatch.setenv(w8a8.VARIANT_ENV, variant)
-        assert W8A8Kernel([module], torch.float32).use_int_mm is use_int_mm
+        assert W8A8Kernel([module], torch.float32).variant == variant
     monkeypatch.setenv(w8a8.VARIANT_ENV, "vnni")
     with pytest.raises(ConfigError, match="LLMQUANT_CPU_W8A8 must be one of"):
         module(torch.randn(2, 96))

@@ -1,8 +1,8 @@
 """Real checkpoints of SmolLM2: perplexity through the CPU fast paths equals the reference path's,
 both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops or the
 float16 dequantized cache alone (as decode runs them), and for W8A8 in both of its variants; q/k/v and
-gate/up run stacked. Run with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for the AVX2 class's
-paths (prefill-sized calls on a dense fp32 matmul; W8A8 without an int8 dot product).
+gate/up run stacked. Run with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+for the AVX2 class's paths (prefill-sized calls on a dense fp32 matmul; W8A8 without an int8 dot product).
 
 The packed int4 op on x86 computes in bfloat16 (activations and group scales; an fp32 or fp16 call
 is 35-53x slower at one row), and its per-layer error equals the dense bf16 path's (both ~0.3% relative on
@@ -19,7 +19,7 @@ import llmquant
 from llmquant import Calibration, QuantConfig
 from llmquant.inference import ops
 from llmquant.api import evaluate
-from llmquant.inference.cpu import dequantized, int4pack, int8pack, prepare_for_cpu, w8a8
+from llmquant.inference.cpu import dequantized, fbgemm_int8, int4pack, int8pack, prepare_for_cpu, w8a8
 
 pytestmark = pytest.mark.slow
 WINDOWS = 3
@@ -63,7 +63,7 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
         patch.setattr(dequantized, "HALF_GEMV_MAX_ROWS", sys.maxsize)  # every call in the float16 cache
         fast["packed ops only"] = perplexity(model)
     if expected_path == "w8a8":
-        for variant in ("int_mm", "int8pack"):
+        for variant in ("int_mm", "fbgemm", "int8pack") if fbgemm_int8.available() else ("int_mm", "int8pack"):
             with monkeypatch.context() as patch:
                 patch.setenv(w8a8.VARIANT_ENV, variant)
                 fast[variant] = perplexity(llmquant.load(folder))

@@ -15,7 +15,7 @@ import llmquant
 from conftest import tiny_model
 from llmquant import QuantConfig
 from llmquant.inference import ops
-from llmquant.inference.cpu import prepare_for_cpu
+from llmquant.inference.cpu import fbgemm_int8, prepare_for_cpu
 from llmquant.inference.cpu.head import HalfGemvHead
 from llmquant.inference.cpu.w8a8 import W8A8Kernel
 from llmquant.inference.nn import W8A8Linear
@@ -275,7 +275,7 @@ def test_fp8_and_pack_quantized_layers_are_reported_as_the_op_they_run(tmp_path,
 
 # --- numerics: W8A8's int8pack variant ------------------------------------------------------------
 
-def test_w8a8_int8pack_variant_does_not_overflow_under_float16_activations():
+def test_w8a8_variants_do_not_overflow_under_float16_activations():
     in_features = 4096  # 16129 * 4096: far past float16's 65504
     module = W8A8Linear(in_features, 32, static=False, dtype=torch.float16)
     module.weight.fill_(127)
@@ -284,10 +284,11 @@ def test_w8a8_int8pack_variant_does_not_overflow_under_float16_activations():
     x = (torch.rand(3, in_features) + 1).half()  # positive: every product adds up
     expected = reference_output(module, x)
     assert torch.isfinite(expected).all() and expected.abs().max() > 1
-    got = W8A8Kernel([module], torch.float16, use_int_mm=False)(x)
-    assert got.dtype == torch.float16 and torch.isfinite(got).all()
-    assert relative_error(got.float(), expected.float()) < 1e-3
-    assert torch.equal(W8A8Kernel([module], torch.float16, use_int_mm=True)(x), expected)
+    for variant in ("int8pack", "fbgemm") if fbgemm_int8.available() else ("int8pack",):
+        got = W8A8Kernel([module], torch.float16, variant=variant)(x)
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        assert relative_error(got.float(), expected.float()) < 1e-3, variant
+    assert torch.equal(W8A8Kernel([module], torch.float16, variant="int_mm")(x), expected)
 
 
 def test_torch_compile_runs_the_fast_paths_to_the_same_logits(gptq_model):
