@@ -167,3 +167,15 @@ def test_a_command_gets_its_own_options_when_the_parser_is_built_for_it(capsys):
     with pytest.raises(SystemExit):
         build_parser("quantize").parse_args(["quantize", "--method", "no-such-method", "--out", "x"])
     assert "invalid choice: 'no-such-method'" in capsys.readouterr().err
+
+
+def test_the_api_and_the_cpu_paths_import_without_the_compiler():
+    """torch._dynamo costs ~1.5 s and ~150 MiB to import: only compiling imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport llmquant.api, llmquant.inference.cpu, llmquant.inference.cpu.fbgemm_int8\n"
+            "print('dynamo imported' if 'torch._dynamo' in sys.modules else 'dynamo not imported')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("dynamo not imported")

@@ -152,6 +152,13 @@ def test_compiled_decode_gives_the_eager_tokens_and_transformers_compiles_on_the
     assert torch.equal(compiled, eager)
 
 
+def test_the_cpu_class_is_marked_constant_as_torch_marks_it():
+    """capability sets torch.compiler.assume_constant_result's mark itself (so that importing it does not import
+    torch._dynamo): the mark must stay the one torch sets, or dynamo would trace into the CPU probes."""
+    assert vars(capability.assume_constant_result(lambda: 0)) == vars(torch.compiler.assume_constant_result(lambda: 0))
+    assert capability.has_int8_dot_product._dynamo_marked_constant
+
+
 def _compile_under_avx2_class(folders, backend: str, tmp_path, tolerance: float) -> None:
     """torch.compile of each checkpoint under the forced AVX2 class (a fresh process: torch reads the class
     at import), logits against eager at 1 and 40 tokens."""

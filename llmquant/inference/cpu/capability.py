@@ -56,6 +56,15 @@ _ONEDNN_ISA_RANK = {name: rank for rank, names in enumerate((
 )) for name in names}
 
 
+def assume_constant_result(fn):
+    """torch.compiler.assume_constant_result, which torch.compile honours by reading the mark it sets (torch's
+    _dynamo/decorators.py), set here without importing torch._dynamo, which that function does: 1.5 s and
+    ~150 MiB at `import llmquant.api` for every command, compiling or not. tests/test_compiled_decode.py
+    checks that the mark is still the one torch sets, and compiles these calls in whole graphs."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _cpu_flag(name: str) -> bool:
     probe = getattr(torch.cpu, name, None)  # private probes; absent from some builds
     try:
@@ -132,19 +141,19 @@ def cpu_class() -> CpuClass:
     return CpuClass(capability, int8_dot, fast_bf16, flags, tuple(reasons))
 
 
-@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+@assume_constant_result  # fixed for the process: torch.compile reads it at trace time
 def cpu_capability() -> str:
     """torch's name for the vector extension its CPU kernels were dispatched to ("AVX512", "AVX2", ...)."""
     return cpu_class().capability
 
 
-@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+@assume_constant_result  # fixed for the process: torch.compile reads it at trace time
 def has_int8_dot_product() -> bool:
     """Whether int8 GEMMs run on a dot-product instruction (AVX-512 VNNI / AMX), in the class planned for."""
     return cpu_class().int8_dot_product
 
 
-@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+@assume_constant_result  # fixed for the process: torch.compile reads it at trace time
 def has_fast_bf16_matmul() -> bool:
     """Whether dense bfloat16 matmuls run natively (AVX-512 BF16 / AMX), in the class planned for."""
     return cpu_class().fast_bf16_matmul
@@ -186,7 +195,7 @@ HALF_GEMV_CHOICES = ("auto", "on", "off")
 HALF_GEMV_MIN_GAIN = 1.1
 
 
-@torch.compiler.assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+@assume_constant_result  # fixed for the process: torch.compile reads it at trace time
 def half_gemv_is_faster() -> bool:
     """Whether a one-row float16 matrix-vector product (fp32 accumulation) of a float16 weight beats the
     fp32 one here, at the current thread count: measured once per thread count, since no CPU flag
