@@ -3,7 +3,7 @@ path, which names, folders and hub ids take) vs whole (a model loaded whole and 
 with llmquant.quantize(model object) + save), each in its own subprocess. The command behind
 eval/RELIABILITY.md:
 
-    python eval/reliability_memory.py --json eval/runs/reliability-memory.json
+    python eval/reliability_memory.py --json eval/results/reliability-memory.json
 """
 from __future__ import annotations
 
