@@ -50,7 +50,9 @@ def fold_searched_or_random_scales(model, samples, random_scales: bool):
     return folded
 
 
-@pytest.mark.parametrize("random_scales", [False, True])
+# The searched scales run AWQ's search over all 30 blocks (~1-2 min): in the slow suite; random ones check the
+# same folding in the fast one.
+@pytest.mark.parametrize("random_scales", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_folding_scales_keeps_smollm2_logits(smollm2, random_scales):
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
