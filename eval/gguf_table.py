@@ -2,8 +2,8 @@
 table: type, importance matrix or not, perplexity, file size, bits per weight (all tensors).
 The command behind eval/RESULTS.md's GGUF section:
 
-    python eval/gguf_table.py --model smollm2-135m --windows 40 --json eval/runs/smollm2-gguf.json
-    python eval/gguf_table.py --model gemma3-270m --windows 8 --json eval/runs/gemma3-gguf.json
+    python eval/gguf_table.py --model smollm2-135m --windows 40 --json eval/results/smollm2-gguf.json
+    python eval/gguf_table.py --model gemma3-270m --windows 8 --json eval/results/gemma3-gguf.json
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """Uniform vs sensitivity-driven mixed precision (GPTQ, asymmetric) at a bits-per-weight budget:
-perplexity of the saved checkpoints loaded back, and their size. The command behind
-eval/RESULTS.md's mixed-precision section:
+perplexity of the saved checkpoints loaded back, and their size. The commands behind eval/RESULTS.md's
+mixed-precision section are written there, e.g. for SmolLM2:
 
-    llmquant sensitivity smollm2-135m --calib wiki --nsamples 2 --seqlen 256 --out eval/runs/smollm2-sensitivity.json
-    python eval/mixed_table.py --model smollm2-135m --sensitivity eval/runs/smollm2-sensitivity.json \\
-        --uniform w3g64 w4g128 --windows 40 --json eval/runs/smollm2-mixed.json
+    llmquant sensitivity smollm2-135m --method gptq --bits 3 4 8 --group-sizes 64 128 \\
+        --out eval/results/smollm2-sensitivity-gptq.json
+    python eval/mixed_table.py --model smollm2-135m --sensitivity eval/results/smollm2-sensitivity-gptq.json \\
+        --uniform w3g64 w4g128 --targets 3.5 4.25 --windows 16 --nsamples 8 --json eval/results/smollm2-mixed.json
 
 Each mixed run's target is the uniform run's own bits per weight (same budget), plus --targets.
 """

@@ -4,7 +4,7 @@ Each config is quantized, saved, loaded back from disk and evaluated, so the num
 of the real checkpoint. Example (the command behind eval/RESULTS.md):
 
     python eval/ppl_table.py --model smollm2-135m --methods rtn --configs w4g32 w4g64 w4g128 w4pc w3g64 \
-        --windows 40 --json eval/runs/smollm2-rtn.json
+        --windows 40 --json eval/results/smollm2-rtn.json
 
 Config names: w<bits>g<group size> or w<bits>pc (per output channel); symmetric and asymmetric
 grids are both run unless --sym or --asym is given. Methods: rtn, gptq, gptq-ao (GPTQ with
