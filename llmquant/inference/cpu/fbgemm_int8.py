@@ -9,8 +9,8 @@ c in [-128, 127] becomes two 7-bit rows, c = 2a + b with a = floor(c / 2) in [-6
 
 from one FBGEMM call on the stacked rows, which reads the int8 weight once (a quarter of an fp32 weight's
 bytes: decode is bound by them). The call is `quantized::linear_dynamic`, which quantizes its fp32 input
-to 7 bits with one scale and zero point for the tensor, from its minimum and maximum: a sentinel row
-holding -64 and 63 makes them exactly 1 and 64, so every value passes through unchanged (FBGEMM removes
+to 7 bits with one scale and zero point for the tensor, from its minimum and maximum: two sentinel rows
+holding -64 and 63 make them exactly 1 and 64, so every value passes through unchanged (FBGEMM removes
 the zero point in exact integer arithmetic), and the exact int32 sums come back as fp32 numbers (exact
 below 2^24, as the dense fp32 matmul of the codes is). The weight is packed once, with unit per-channel
 scales.
@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import torch
 
-HIGH_MIN, HIGH_MAX = -64, 63  # floor(c / 2) of the int8 codes c: a 7-bit range, as the sentinel row spans it
+HIGH_MIN, HIGH_MAX = -64, 63  # floor(c / 2) of the int8 codes c: a 7-bit range, as the sentinel rows span it
 _PACKED: dict[int, object] = {}
 _handles = itertools.count()
 
@@ -76,9 +76,9 @@ class FbgemmInt8Products:
             finally:
                 torch.backends.quantized.engine = engine
         self.out_features = out_features
-        self.sentinel = torch.zeros(1, in_features)
-        self.sentinel[0, :2] = torch.tensor([HIGH_MIN, HIGH_MAX])
-        self.nbytes = weight.numel() + 4 * out_features + 4 * in_features  # packed codes, column sums, sentinel
+        self.sentinel = torch.zeros(2, in_features)  # two rows: any in_features
+        self.sentinel[:, 0] = torch.tensor([HIGH_MIN, HIGH_MAX])
+        self.nbytes = weight.numel() + 4 * out_features + 8 * in_features  # packed codes, column sums, sentinel
         self.handle = next(_handles)
         _PACKED[self.handle] = self.packed
         weakref.finalize(self, _PACKED.pop, self.handle, None)
