@@ -388,3 +388,14 @@ def test_generate_streams_takes_threads_and_prints_speeds(tiny_checkpoint, capsy
     assert captured.out.startswith("The capital of France is")
     assert "prefill" in captured.err and "decode" in captured.err and "tok/s (1 thread)" in captured.err
     assert main(["generate", str(tiny_checkpoint), "--prompt", "x", "--threads", "0"]) == 2
+
+
+@pytest.mark.skipif(not fbgemm_int8.available(), reason="this torch build has no FBGEMM")
+@pytest.mark.parametrize("rows,in_features,out_features", [(1, 1, 3), (3, 96, 48), (130, 257, 17)])
+def test_fbgemm_products_are_the_exact_integer_products(rows, in_features, out_features):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    codes = torch.randint(-128, 128, (rows, in_features), generator=generator).float()
+    codes[0, 0], codes[-1, -1] = -128, 127  # both ends of the int8 range, which 8-bit pairs would saturate on
+    exact = codes.double() @ weight.double().t()
+    assert torch.equal(fbgemm_int8.FbgemmInt8Products(weight)(codes).double(), exact)
