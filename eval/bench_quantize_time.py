@@ -9,7 +9,7 @@ The commands behind eval/QUANTIZE_TIME.md (the W8A8 table; the rotation table wi
 --methods "gptq w4g128 rotated"):
 
     OMP_NUM_THREADS=2 python eval/bench_quantize_time.py --model smollm2-135m --nsamples 8 --seqlen 512 \\
-        --windows 4 --baseline-runs 1 --md eval/QUANTIZE_TIME.md --json eval/runs/quantize-time.json
+        --windows 4 --baseline-runs 1 --md eval/QUANTIZE_TIME.md --json eval/results/quantize-time.json
 """
 from __future__ import annotations
 
