@@ -28,8 +28,7 @@ print(json.dumps({"capability": c.capability, "int8": c.int8_dot_product, "bf16"
 
 def probe(**variables) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "LLMQUANT_CPU_W8A8",
-                        "FBGEMM_ENABLE_INSTRUCTIONS")}
+           if k not in (*AVX2_CLASS_VARIABLES, "DNNL_MAX_CPU_ISA", "LLMQUANT_CPU_W8A8")}
     env.update(variables)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)

@@ -19,7 +19,7 @@ import llmquant
 from llmquant import Calibration, QuantConfig
 from llmquant.inference import ops
 from llmquant.api import evaluate
-from llmquant.inference.cpu import dequantized, fbgemm_int8, int4pack, int8pack, prepare_for_cpu, w8a8
+from llmquant.inference.cpu import dequantized, int4pack, int8pack, prepare_for_cpu, w8a8
 
 pytestmark = pytest.mark.slow
 WINDOWS = 3
@@ -63,7 +63,7 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
         patch.setattr(dequantized, "HALF_GEMV_MAX_ROWS", sys.maxsize)  # every call in the float16 cache
         fast["packed ops only"] = perplexity(model)
     if expected_path == "w8a8":
-        for variant in ("int_mm", "fbgemm", "int8pack") if fbgemm_int8.available() else ("int_mm", "int8pack"):
+        for variant in w8a8.runnable_variants():
             with monkeypatch.context() as patch:
                 patch.setenv(w8a8.VARIANT_ENV, variant)
                 fast[variant] = perplexity(llmquant.load(folder))

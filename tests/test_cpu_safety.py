@@ -15,7 +15,7 @@ import llmquant
 from conftest import tiny_model
 from llmquant import QuantConfig
 from llmquant.inference import ops
-from llmquant.inference.cpu import fbgemm_int8, prepare_for_cpu
+from llmquant.inference.cpu import prepare_for_cpu, w8a8
 from llmquant.inference.cpu.head import HalfGemvHead
 from llmquant.inference.cpu.w8a8 import W8A8Kernel
 from llmquant.inference.nn import W8A8Linear
@@ -284,7 +284,7 @@ def test_w8a8_variants_do_not_overflow_under_float16_activations():
     x = (torch.rand(3, in_features) + 1).half()  # positive: every product adds up
     expected = reference_output(module, x)
     assert torch.isfinite(expected).all() and expected.abs().max() > 1
-    for variant in ("int8pack", "fbgemm") if fbgemm_int8.available() else ("int8pack",):
+    for variant in (v for v in w8a8.runnable_variants() if v != "int_mm"):
         got = W8A8Kernel([module], torch.float16, variant=variant)(x)
         assert got.dtype == torch.float16 and torch.isfinite(got).all()
         assert relative_error(got.float(), expected.float()) < 1e-3, variant

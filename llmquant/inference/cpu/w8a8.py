@@ -48,6 +48,11 @@ ACCEPTS = "W8A8 (compressed-tensors int8) linears, dynamic per-token or static p
 FBGEMM_BELOW_ROWS = 128
 
 
+def runnable_variants() -> tuple[str, ...]:
+    """The variants this torch build can run (all but "auto"; "fbgemm" only where FBGEMM is there)."""
+    return tuple(v for v in VARIANTS[1:] if v != "fbgemm" or fbgemm_int8.available())
+
+
 def variant_here() -> str:
     """The variant this process runs (module docstring): $LLMQUANT_CPU_W8A8, else the CPU's best."""
     variant = os.environ.get(VARIANT_ENV, "auto")
