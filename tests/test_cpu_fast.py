@@ -308,6 +308,27 @@ def test_w8a8_variant_can_be_chosen_and_a_bad_one_is_refused(monkeypatch):
         module(torch.randn(2, 96))
 
 
+def test_w8a8_without_fbgemm_falls_back_and_refuses_it_by_name(monkeypatch):
+    """A torch build without FBGEMM (or without quantized tensors): the CPU class without an int8 dot
+    product takes the dense fp32 codes, and asking for fbgemm is refused, naming the variable."""
+    from llmquant.inference.cpu import w8a8
+    from llmquant.errors import ConfigError
+
+    def quantized_tensors_removed(*args, **kwargs):
+        raise RuntimeError("quantized tensors are gone from this build")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "_make_per_channel_quantized_tensor", quantized_tensors_removed)
+        assert fbgemm_int8.available.__wrapped__() is False  # the probe itself, past its cache
+    monkeypatch.setattr(fbgemm_int8, "available", lambda: False)
+    monkeypatch.setattr(w8a8, "has_int8_dot_product", lambda: False)
+    assert w8a8.runnable_variants() == ("int_mm", "int8pack")
+    assert w8a8.variant_here() == "int8pack"
+    monkeypatch.setenv(w8a8.VARIANT_ENV, "fbgemm")
+    with pytest.raises(ConfigError, match="LLMQUANT_CPU_W8A8=fbgemm, but this torch build has no FBGEMM"):
+        w8a8.variant_here()
+
+
 def test_selection_report_state_dict_and_reconversion():
     qw = random_quantized(64, 256, 4, 64, False, act_order=True)
     fast, grouped8 = quantized_linear("gptq", qw), quantized_linear("gptq", random_quantized(48, 256, 8, 128, False, False))
