@@ -5,6 +5,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # Whether the float16 gemv is taken is measured per CPU (llmquant.inference.cpu.capability.half_gemv_is_faster):
 # pinned here so that every machine runs the same paths; tests/test_cpu_half_gemv.py covers the choice.
 os.environ.setdefault("LLMQUANT_CPU_HALF_GEMV", "on")
+# So is whether FBGEMM's float16 GEMM takes every call (capability.half_gemm_is_faster): off, so that the
+# other paths stay covered everywhere; tests/test_cpu_fbgemm_half.py runs it.
+os.environ.setdefault("LLMQUANT_CPU_HALF_GEMM", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

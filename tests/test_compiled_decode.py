@@ -95,7 +95,8 @@ def test_every_format_compiles_whole_and_gives_the_eager_logits(checkpoints, nam
 
 
 def test_the_head_gemv_and_the_cpu_paths_are_what_the_graph_runs(checkpoints):
-    """Not the reference ops: the traced graph calls the packed CPU op and the head's float16 gemv."""
+    """Not the reference ops: the traced graph calls the packed CPU op and the head's float16 product (FBGEMM's,
+    a custom op, or torch's float16 gemv where torch has no FBGEMM)."""
     model = llmquant.load(checkpoints["gptq w4 g32"], device="cpu").eval()
     counter = GraphCounter()
     torch._dynamo.reset()
@@ -103,7 +104,8 @@ def test_the_head_gemv_and_the_cpu_paths_are_what_the_graph_runs(checkpoints):
         torch.compile(model, fullgraph=True, backend=counter)(_ids(1))
     code = counter.graphs[0].code
     assert "_weight_int4pack_mm_for_cpu" in code and "llmquant.gptq_linear" not in code
-    assert "torch.float16" in code  # the head's row and weight in float16
+    head = "llmquant.fbgemm_half_products" if capability.fbgemm_half.available() else "torch.float16"
+    assert head in code
 
 
 def test_stacked_linears_become_one_matmul_in_the_compiled_graph(checkpoints):
@@ -159,7 +161,7 @@ def test_the_cpu_class_is_marked_constant_as_torch_marks_it():
     assert capability.has_int8_dot_product._dynamo_marked_constant
 
 
-def _compile_under_avx2_class(folders, backend: str, tmp_path, tolerance: float) -> None:
+def _compile_under_avx2_class(folders, backend: str, tmp_path, tolerance: float, **variables) -> None:
     """torch.compile of each checkpoint under the forced AVX2 class (a fresh process: torch reads the class
     at import), logits against eager at 1 and 40 tokens."""
     script = tmp_path / "check.py"
@@ -180,7 +182,7 @@ def _compile_under_avx2_class(folders, backend: str, tmp_path, tolerance: float)
         "print('ok')\n")
     # inductor's cache keys miss a forced capability (eval/bench_cpu.py): a cache of this class's own
     env = {**os.environ, **capability.AVX2_CLASS_VARIABLES, "OMP_NUM_THREADS": "1",
-           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-avx2")}
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-avx2"), **variables}
     result = subprocess.run([sys.executable, str(script), json.dumps([str(f) for f in folders])], env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
@@ -191,6 +193,16 @@ def test_compiled_paths_of_the_avx2_class(checkpoints, tmp_path):
     trace whole too."""
     names = ("gptq w4 g32", "gptq w8 per channel", "w8a8 static", "nf4 double quant")
     _compile_under_avx2_class([checkpoints[n] for n in names], "eager", tmp_path, 1e-5)
+
+
+@pytest.mark.skipif(not capability.fbgemm_half.available(), reason="this torch build has no FBGEMM")
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_float16_paths_of_the_avx2_class(checkpoints, tmp_path, backend):
+    """Where FBGEMM's float16 GEMM takes every call (a custom op in the graph, as the head's one-row product),
+    every format traces whole on it."""
+    names = ("gptq w4 g32", "gptq w8 per channel", "w8a8 dynamic", "nf4 double quant")
+    _compile_under_avx2_class([checkpoints[n] for n in names], backend, tmp_path, 1e-5 if backend == "eager" else 1e-4,
+                              **{capability.HALF_GEMV_ENV: "on", capability.HALF_GEMM_ENV: "on"})
 
 
 @pytest.mark.slow

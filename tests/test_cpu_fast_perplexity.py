@@ -1,7 +1,7 @@
 """Real checkpoints of SmolLM2: perplexity through the CPU fast paths equals the reference path's,
 both with many-row calls on the dense bf16 matmul (as prefill runs them) and on the packed ops or the
 float16 dequantized cache alone (as decode runs them), and for W8A8 in both of its variants; q/k/v and
-gate/up run stacked. Run with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+gate/up run stacked, and with FBGEMM's float16 GEMM taking every call where it does. Run with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 for the AVX2 class's paths (prefill-sized calls on a dense fp32 matmul; W8A8 without an int8 dot product).
 
 The packed int4 op on x86 computes in bfloat16 (activations and group scales; an fp32 or fp16 call
@@ -19,7 +19,7 @@ import llmquant
 from llmquant import Calibration, QuantConfig
 from llmquant.inference import ops
 from llmquant.api import evaluate
-from llmquant.inference.cpu import dequantized, int4pack, int8pack, prepare_for_cpu, w8a8
+from llmquant.inference.cpu import capability, dequantized, fbgemm_half, int4pack, int8pack, prepare_for_cpu, w8a8
 
 pytestmark = pytest.mark.slow
 WINDOWS = 3
@@ -67,6 +67,11 @@ def test_fast_path_perplexity_equals_the_reference_paths(config, expected_path, 
             with monkeypatch.context() as patch:
                 patch.setenv(w8a8.VARIANT_ENV, variant)
                 fast[variant] = perplexity(llmquant.load(folder))
+    if fbgemm_half.available():  # FBGEMM's float16 GEMM at every call size (on the AVX2 class: every path)
+        with monkeypatch.context() as patch:
+            patch.setenv(capability.HALF_GEMV_ENV, "on")
+            patch.setenv(capability.HALF_GEMM_ENV, "on")
+            fast["float16 weights (FBGEMM)"] = perplexity(llmquant.load(folder))
     packed_in_bf16 = expected_path == "int4pack" and int4pack.packed_compute_dtype(torch.float32) == torch.bfloat16
     print(f"perplexity {config.method}: reference {reference:.4f}; "
           + ", ".join(f"{name} {value:.4f} ({value / reference - 1:+.3%})" for name, value in fast.items()))

@@ -10,17 +10,22 @@ from llmquant.errors import ConfigError
 from test_cpu_stacked import nf4_linear
 
 
-def test_the_choice_is_measured_once_per_thread_count_and_can_be_overridden(monkeypatch):
-    monkeypatch.setenv(capability.HALF_GEMV_ENV, "auto")
-    gain = capability._measured_half_gemv_gain(torch.get_num_threads())
-    assert gain > 0 and capability._measured_half_gemv_gain(torch.get_num_threads()) == gain  # cached
-    assert capability.half_gemv_is_faster() == (gain >= capability.HALF_GEMV_MIN_GAIN)
-    for value, expected in (("on", True), ("off", False)):
-        monkeypatch.setenv(capability.HALF_GEMV_ENV, value)
-        assert capability.half_gemv_is_faster() is expected
-    monkeypatch.setenv(capability.HALF_GEMV_ENV, "fast")
-    with pytest.raises(ConfigError, match="LLMQUANT_CPU_HALF_GEMV"):
-        capability.half_gemv_is_faster()
+@pytest.mark.parametrize("variable, choice", [(capability.HALF_GEMV_ENV, capability.half_gemv_is_faster),
+                                              (capability.HALF_GEMM_ENV, capability.half_gemm_is_faster)])
+def test_the_choice_is_measured_once_per_thread_count_and_can_be_overridden(monkeypatch, variable, choice):
+    monkeypatch.setenv(variable, "auto")
+    gains = capability.half_gains(torch.get_num_threads())
+    assert gains[0] > 0 and capability.half_gains(torch.get_num_threads()) == gains  # cached
+    gain = gains[0] if variable == capability.HALF_GEMV_ENV else gains[1]
+    has_gemm = variable == capability.HALF_GEMV_ENV or capability.fbgemm_half.available()
+    assert choice() == (has_gemm and gain >= capability.HALF_GEMV_MIN_GAIN)
+    for value, expected in (("on", has_gemm), ("off", False)):
+        monkeypatch.setenv(variable, value)
+        assert choice() is expected
+    monkeypatch.setenv(variable, "fast")
+    if has_gemm:
+        with pytest.raises(ConfigError, match=variable):
+            choice()
 
 
 def _row_products(module, x):

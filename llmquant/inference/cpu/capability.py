@@ -34,6 +34,7 @@ from functools import lru_cache
 import torch
 
 from ...errors import ConfigError
+from . import fbgemm_half
 
 _X86_VECTOR_CAPABILITIES = ("AVX2", "AVX512")
 # Rows from which a call runs a dense matmul of the dequantized weight instead of the packed op: with
@@ -189,45 +190,109 @@ class DenseCopy:
         return kept if kept is not None else self.make()
 
 
+def kept(copy: DenseCopy | None):
+    """What an optional copy keeps, or None (none, or not kept)."""
+    return None if copy is None else copy.kept
+
+
+def half_copy(make_fp32, elements: int) -> DenseCopy | None:
+    """A kernel's weight in float16 for FBGEMM's float16 GEMM (fbgemm_half.py), from `make_fp32` (the weight in
+    fp32), as a DenseCopy of `elements` * 2 bytes that selection keeps where it takes every call
+    (half_takes_every_call) and the memory bound allows; never made per call. None where torch has no
+    FBGEMM."""
+    if not fbgemm_half.available():
+        return None
+    return DenseCopy(lambda: fbgemm_half.FbgemmHalfProducts(make_fp32()), elements * 2)
+
+
 HALF_GEMV_ENV = "LLMQUANT_CPU_HALF_GEMV"
-HALF_GEMV_CHOICES = ("auto", "on", "off")
-# float16 costs ~2^-11 of relative precision: taken only where it is clearly faster
+HALF_GEMM_ENV = "LLMQUANT_CPU_HALF_GEMM"
+HALF_CHOICES = ("auto", "on", "off")
+# float16 weights cost ~2^-11 of relative precision: taken only where clearly faster
 HALF_GEMV_MIN_GAIN = 1.1
+HALF_GEMM_ROWS = 64  # the many-row call measured: past decode, a short prompt's size
+
+
+def half_products(weight: torch.Tensor):
+    """rows -> rows @ weight^T with the weight in float16: FBGEMM's float16 GEMM where torch has it (fp32
+    rows and sums, any number of rows: fbgemm_half.py), else torch's float16 matmul, which also rounds
+    the rows and the output to float16 and is fast only at one row (float16 gemv, fp32 accumulation)."""
+    if fbgemm_half.available():
+        return fbgemm_half.FbgemmHalfProducts(weight)
+    half = weight.to(torch.float16)
+    return lambda rows: torch.nn.functional.linear(rows.to(torch.float16), half).float()
+
+
+def _choice(variable: str) -> str:
+    choice = os.environ.get(variable, "auto")
+    if choice not in HALF_CHOICES:
+        raise ConfigError(f"{variable} must be one of {', '.join(HALF_CHOICES)}, got {choice!r}")
+    return choice
 
 
 @assume_constant_result  # fixed for the process: torch.compile reads it at trace time
 def half_gemv_is_faster() -> bool:
-    """Whether a one-row float16 matrix-vector product (fp32 accumulation) of a float16 weight beats the
-    fp32 one here, at the current thread count: measured once per thread count, since no CPU flag
-    tells. It reads half the bytes, but converts every weight to fp32 on the way: a memory-bound CPU
-    gains up to 2x, one with bandwidth to spare per core gains nothing or loses (eval/CPU.md has both).
-    $LLMQUANT_CPU_HALF_GEMV=on / off overrides the measurement."""
-    choice = os.environ.get(HALF_GEMV_ENV, "auto")
-    if choice not in HALF_GEMV_CHOICES:
-        raise ConfigError(f"{HALF_GEMV_ENV} must be one of {', '.join(HALF_GEMV_CHOICES)}, got {choice!r}")
+    """Whether a one-row product with a float16 weight (half_products) beats the fp32 one here, at the
+    current thread count: measured once per thread count, since no CPU flag tells. It reads half the
+    bytes, but converts every weight to fp32 on the way: a memory-bound CPU gains up to 2x or more, one
+    with bandwidth to spare per core may gain nothing (eval/CPU.md has both). $LLMQUANT_CPU_HALF_GEMV=on /
+    off overrides the measurement."""
+    choice = _choice(HALF_GEMV_ENV)
     if choice != "auto":
         return choice == "on"
-    return _measured_half_gemv_gain(torch.get_num_threads()) >= HALF_GEMV_MIN_GAIN
+    return half_gains(torch.get_num_threads())[0] >= HALF_GEMV_MIN_GAIN
+
+
+@assume_constant_result  # fixed for the process: torch.compile reads it at trace time
+def half_gemm_is_faster() -> bool:
+    """Whether calls of many rows with a float16 weight beat fp32 ones here: only through FBGEMM (torch's
+    float16 matmul of many rows is slow on CPUs without native float16), measured once per thread count at
+    HALF_GEMM_ROWS rows. $LLMQUANT_CPU_HALF_GEMM=on / off overrides the measurement."""
+    if not fbgemm_half.available():
+        return False
+    choice = _choice(HALF_GEMM_ENV)
+    if choice != "auto":
+        return choice == "on"
+    return half_gains(torch.get_num_threads())[1] >= HALF_GEMV_MIN_GAIN
+
+
+def half_for(rows: int) -> bool:
+    """Whether a call of `rows` rows runs faster with a float16 weight (half_products) than in fp32."""
+    return half_gemv_is_faster() if rows == 1 else half_gemm_is_faster()
+
+
+def half_takes_every_call() -> bool:
+    """Whether a kept float16 copy (half_copy) beats fp32 at every call size here, so that it replaces a
+    kernel's fp32 copy and its packed op wherever a kernel has one."""
+    return half_gemv_is_faster() and half_gemm_is_faster()
 
 
 @lru_cache
-def _measured_half_gemv_gain(threads: int) -> float:
-    """fp32 time over float16 time of a one-row product with a 2048 x 2048 weight (16 MiB in fp32, past
-    the caches a decode step's weights live outside of); best of interleaved rounds, a fraction of a
-    second once per thread count."""
+def half_gains(threads: int) -> tuple[float, float]:
+    """fp32 time over float16 time (half_products) of a product with a 2048 x 2048 weight (16 MiB in fp32,
+    past the caches a decode step's weights live outside of), at one row and at HALF_GEMM_ROWS rows (0.0
+    where torch has no fast float16 GEMM); best of interleaved rounds, a fraction of a second once per
+    thread count."""
     with torch.inference_mode(False), torch.no_grad():
         weight = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
-        row = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1))
-        operands = {torch.float32: (row, weight), torch.float16: (row.half(), weight.half())}
-        best = {dtype: float("inf") for dtype in operands}
-        for _ in range(5):
-            for dtype, (x, w) in operands.items():
-                torch.nn.functional.linear(x, w)  # first-call work, caches warmed alike
-                start = time.perf_counter()
-                for _ in range(8):
-                    torch.nn.functional.linear(x, w)
-                best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] / best[torch.float16]
+        half = half_products(weight)
+        gains = []
+        for rows, calls in ((1, 8), (HALF_GEMM_ROWS, 2)):
+            if rows > 1 and not fbgemm_half.available():
+                gains.append(0.0)
+                continue
+            x = torch.randn(rows, 2048, generator=torch.Generator().manual_seed(1))
+            best = {"fp32": float("inf"), "half": float("inf")}
+            products = {"fp32": lambda: torch.nn.functional.linear(x, weight), "half": lambda: half(x)}
+            for _ in range(5):
+                for kind, product in products.items():
+                    product()  # first-call work, caches warmed alike
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        product()
+                    best[kind] = min(best[kind], time.perf_counter() - start)
+            gains.append(best["fp32"] / best["half"])
+    return gains[0], gains[1]
 
 
 def packed_compute_dtype(activation_dtype: torch.dtype) -> torch.dtype:

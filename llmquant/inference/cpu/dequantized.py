@@ -20,14 +20,18 @@ not on a flag: capability.half_gemv_is_faster measures it once. Where it is not,
 (no native bf16), where upcasting the float16 cache for each call of many rows made prefill slower
 than the fp32 model's, prepare_for_cpu keeps an fp32 copy while the same bound allows (selection._keep_dense_copies)
 and the calls the float16 cache does not win run on it (where it is kept, calls of fewer than
-SPLIT_FROM_ROWS rows run on it on the native class too).
+SPLIT_FROM_ROWS rows run on it on the native class too). Where torch has FBGEMM and its float16 GEMM beats
+fp32 at one row and at many (capability.half_takes_every_call, measured), the float16 cache is also kept
+packed by FBGEMM (fbgemm_half.py) and takes every call of fp32 rows instead: the same float16 weight,
+with the rows and the sums in fp32 (exactly the reference's products with the cached weight, to fp32
+rounding), and no fp32 copy.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .capability import DenseCopy, dense_bf16_for, half_gemv_is_faster
+from .capability import DenseCopy, dense_bf16_for, half_copy, half_for, half_gemv_is_faster, kept
 from .fused import stacked_bias
 
 NAME = "dequantized"
@@ -69,31 +73,37 @@ class DequantizedKernel:
         self.dense_fp32 = DenseCopy(lambda: torch.cat([m.dequantized_weight(torch.float32) for m in modules]),
                                     self.weight.numel() * 4) \
             if self.weight.dtype != torch.float32 and activation_dtype == torch.float32 else None
+        # the float16 cache packed by FBGEMM: fp32 rows and sums, kept where it beats fp32 at every call size
+        self.dense_half = half_copy(lambda: self.weight, self.weight.numel()) if self.dense_fp32 is not None else None
         self.detail = f"{str(dtype).removeprefix('torch.')} weight cached"
 
     @property
     def nbytes(self) -> int:
-        kept = self.dense_fp32.kept if self.dense_fp32 is not None else None
-        return sum(t.numel() * t.element_size() for t in (self.weight, kept) if t is not None)
+        half = kept(self.dense_half)
+        return (sum(t.numel() * t.element_size() for t in (self.weight, kept(self.dense_fp32)) if t is not None)
+                + (half.nbytes if half is not None else 0))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
-        kept = self.dense_fp32.kept if self.dense_fp32 is not None else None
+        half = kept(self.dense_half)
+        fp32 = kept(self.dense_fp32)
         # kept where the float16 gemv is not the faster (measured) or the class has no native bf16
         # for many rows (the AVX2 class)
-        on_kept = kept is not None and x.dtype == torch.float32
-        if rows.shape[0] <= HALF_GEMV_MAX_ROWS and (kept is None or self.half_gemv):
+        on_kept = fp32 is not None and x.dtype == torch.float32
+        if half is not None and x.dtype == torch.float32 and half_for(rows.shape[0]):
+            out = half(rows)
+        elif rows.shape[0] <= HALF_GEMV_MAX_ROWS and (fp32 is None or self.half_gemv):
             out = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
         elif on_kept and rows.shape[0] < SPLIT_FROM_ROWS:
-            out = F.linear(rows, kept)
+            out = F.linear(rows, fp32)
         elif dense_bf16_for(rows.shape[0]):
             high, low = bf16_parts(self.weight)
             row16 = rows.to(torch.bfloat16)
             out = F.linear(row16, high).float().add_(F.linear(row16, low).float()).to(x.dtype)
         elif on_kept:
-            out = F.linear(rows, kept)
+            out = F.linear(rows, fp32)
         else:
             out = F.linear(rows, self.weight.to(x.dtype))
         if self.bias is not None:

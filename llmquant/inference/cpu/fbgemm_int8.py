@@ -17,22 +17,20 @@ scales.
 
 FBGEMM chooses its kernels from the CPU's own flags, capped by FBGEMM_ENABLE_INSTRUCTIONS (AVX2, AVX512,
 ...), not by ATEN_CPU_CAPABILITY: playing the AVX2 class on a larger CPU needs both (capability.py).
-torch.compile cannot trace the packed weight (a TorchScript object), so a compiled graph calls it through a
-custom op that takes a handle to it. PyTorch deprecates quantized tensors, which the packing goes through:
+torch.compile cannot trace the packed weight, so a compiled graph calls it through a custom op that takes a
+handle to it (fbgemm_packed.py). PyTorch deprecates quantized tensors, which the packing goes through:
 where they, or FBGEMM (non-x86 builds), are missing, `available()` is False and W8A8 takes another path.
 """
 from __future__ import annotations
 
-import itertools
 import warnings
-import weakref
 from functools import lru_cache
 
 import torch
 
+from .fbgemm_packed import packed_weight, register
+
 HIGH_MIN, HIGH_MAX = -64, 63  # floor(c / 2) of the int8 codes c: a 7-bit range, as the sentinel rows span it
-_PACKED: dict[int, object] = {}
-_handles = itertools.count()
 
 
 @lru_cache
@@ -50,7 +48,7 @@ def available() -> bool:
 
 @torch.library.custom_op("llmquant::fbgemm_int8_products", mutates_args=())
 def _compiled_products(rows: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(rows, _PACKED[handle], True)
+    return torch.ops.quantized.linear_dynamic(rows, packed_weight(handle), True)
 
 
 @_compiled_products.register_fake
@@ -79,9 +77,7 @@ class FbgemmInt8Products:
         self.sentinel = torch.zeros(2, in_features)  # two rows: any in_features
         self.sentinel[:, 0] = torch.tensor([HIGH_MIN, HIGH_MAX])
         self.nbytes = weight.numel() + 4 * out_features + 8 * in_features  # packed codes, column sums, sentinel
-        self.handle = next(_handles)
-        _PACKED[self.handle] = self.packed
-        weakref.finalize(self, _PACKED.pop, self.handle, None)
+        self.handle = register(self, self.packed)
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         rows = codes.shape[0]

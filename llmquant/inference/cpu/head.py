@@ -4,22 +4,22 @@ At one row the head is a matrix-vector product over the whole vocabulary, and wi
 4-bit it is the largest read of a decode step: SmolLM2's fp32 head (49152 x 576, 108 MiB) is about twice
 the bytes of its 4-bit block linears (its share of a measured decode step: eval/CPU.md). Where every
 weight of the head is exactly a float16 number (a checkpoint stored in float16, as llmquant and the GPTQ
-/ AWQ tools write them, or bfloat16 within float16's range), torch's float16 gemv (fp32 accumulation)
-computes the product from half the bytes and rounds only the input row and the logits to float16 (~2^-11
-relative). The float16 copy (vocab x hidden x 2 bytes) is made once beside the weight and again if the
+/ AWQ tools write them, or bfloat16 within float16's range), a float16 copy computes the product from
+half the bytes with the same weights (capability.half_products): through FBGEMM the row and the sums stay
+fp32, through torch's float16 gemv (builds without FBGEMM) the row and the logits round to float16 (~2^-11
+relative). The copy (vocab x hidden x 2 bytes) is made once beside the weight and again if the
 weight changes (freshness.py says when), and let go at the first call off the CPU; calls of more rows,
 in another dtype, off the CPU, with gradients, under a kernel backend other than "auto", or where the
-float16 gemv is not the faster (capability.half_gemv_is_faster: measured, it depends on the CPU's
+float16 product is not the faster (capability.half_gemv_is_faster: measured, it depends on the CPU's
 bandwidth per core) run the module's own forward.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .capability import half_gemv_is_faster
+from .capability import half_gemv_is_faster, half_products
 from .freshness import Stamp
 
 
@@ -28,29 +28,29 @@ class HalfGemvHead:
 
     def __init__(self, linear: nn.Linear):
         self.linear = linear
-        self._copy: tuple[Stamp, torch.Tensor | None] | None = None  # one attribute: threads see old or new
+        self._copy: tuple[Stamp, object | None] | None = None  # one attribute: threads see old or new
 
     @property
     def nbytes(self) -> int:
-        half = None if self._copy is None else self._copy[1]
-        return 0 if half is None else half.numel() * half.element_size()
+        return 0 if self._copy is None or self._copy[1] is None else self.linear.weight.numel() * 2
 
-    def half_weight(self) -> torch.Tensor | None:
-        """The weight in float16, or None if it is not exactly float16 numbers (or not on the CPU)."""
+    def half_weight(self):
+        """The product with the weight in float16 (capability.half_products), or None if the weight is not
+        exactly float16 numbers (or not on the CPU)."""
         weight = self.linear.weight
         copy = self._copy
         if copy is None or not copy[0].matches([weight]):
             stamp = Stamp([weight])
-            half = None
+            products = None
             if weight.device.type == "cpu":
                 with torch.inference_mode(False), torch.no_grad():  # a copy made under inference_mode outlives it
                     half = weight.detach().to(torch.float16)
-                    if not torch.equal(half.to(weight.dtype), weight.detach()):
-                        half = None
-            copy = self._copy = (stamp, half)
+                    if torch.equal(half.to(weight.dtype), weight.detach()):
+                        products = half_products(half)
+            copy = self._copy = (stamp, products)
         return copy[1]
 
-    def _traced_half_weight(self) -> torch.Tensor | None:
+    def _traced_half_weight(self):
         # torch.compile cannot trace the freshness check (weak references, data pointers): a traced
         # model uses the copy made when the head was prepared (prepare_for_cpu, or an eager call).
         copy = self._copy
@@ -67,7 +67,7 @@ class HalfGemvHead:
         half = (self._traced_half_weight() if torch.compiler.is_compiling() else self.half_weight()) if applies else None
         if half is None:
             return type(linear).forward(linear, x)
-        out = F.linear(x.reshape(1, -1).to(torch.float16), half).to(x.dtype)
+        out = half(x.reshape(1, -1)).to(x.dtype)
         if linear.bias is not None:
             out = out.add_(linear.bias)
         return out.view(*x.shape[:-1], linear.out_features)
@@ -98,4 +98,4 @@ def describe_head(gemv: HalfGemvHead | None) -> str:
         if not half_gemv_is_faster():
             return "its own forward (a float16 gemv is not the faster on this CPU)"
         return "its own forward (no plain linear head of float16 numbers)"
-    return f"float16 gemv at one row ({gemv.nbytes / 2**20:.1f} MiB float16 copy)"
+    return f"float16 weight at one row ({gemv.nbytes / 2**20:.1f} MiB float16 copy)"

@@ -22,7 +22,12 @@ DENSE_FP32_FROM_ROWS rows or more (capability.dense_fp32_for) run a dense fp32 m
 dequantized in fp32 from the same bytes (the reference's numerics, to fp32 rounding): the packed op
 computes in emulated bf16 there and is slower than fp32 from a few rows on (eval/CPU.md, "Per call
 size"). The fp32 weight is kept when prepare_for_cpu grants the memory (the dequantized-cache bound),
-else made per call; a kept weight takes calls of fewer rows (capability's thresholds).
+else made per call; a kept weight takes calls of fewer rows (capability's thresholds). Where torch has
+FBGEMM and its float16 GEMM beats fp32 at one row and at many (capability.half_takes_every_call, measured),
+both give way to the weight rounded to float16 once (one rounding of the fp32 dequantization, ~2^-11
+relative: finer than the packed op's bf16) and kept packed by FBGEMM (fbgemm_half.py) for every call:
+half the memory of the fp32 copy, and faster at every size where measured (eval/CPU.md, "float16 weights
+through FBGEMM").
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import affine_weight, stacked, stacking_refusal
-from .capability import DenseCopy, dense_bf16_for, dense_fp32_for, packed_compute_dtype
+from .capability import DenseCopy, dense_bf16_for, dense_fp32_for, half_copy, half_for, kept, has_fast_bf16_matmul, packed_compute_dtype
 from .fused import stacked_bias
 
 NAME = "int4pack"
@@ -109,6 +114,10 @@ class Int4PackKernel:
         self.dense_fp32, self.dense_bf16 = ((DenseCopy(lambda: self.dense_weight(torch.float32), size * 4),
                                              DenseCopy(lambda: self.dense_weight(torch.bfloat16), size * 2))
                                             if self.layout_block is not None else (None, None))
+        # without native bf16 the packed op runs in emulated bf16: a float16 copy through FBGEMM, where it
+        # takes every call, replaces it and the fp32 copy (module docstring)
+        self.dense_half = (half_copy(lambda: self.dense_weight(torch.float32), size)
+                           if self.layout_block is not None and not has_fast_bf16_matmul() else None)
         self.detail = (f"runs of {run}" + (", act-order columns permuted" if order is not None else "")
                        + f", {str(self.compute_dtype).removeprefix('torch.')} activations")
 
@@ -122,7 +131,8 @@ class Int4PackKernel:
         for copy in (self.dense_fp32, self.dense_bf16):
             if copy is not None and copy.kept is not None:
                 extra.append(copy.kept)
-        return sum(t.numel() * t.element_size() for t in extra)
+        half = kept(self.dense_half)
+        return sum(t.numel() * t.element_size() for t in extra) + (half.nbytes if half is not None else 0)
 
     def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight (columns in the kernel's order) in `dtype`, dequantized from the packed bytes."""
@@ -138,7 +148,10 @@ class Int4PackKernel:
         rows = x.reshape(-1, x.shape[-1])
         if self.column_order is not None:
             rows = rows.index_select(1, self.column_order)
-        if self.dense_fp32 is not None and dense_fp32_for(rows.shape[0], self.dense_fp32.kept is not None):
+        half = kept(self.dense_half)
+        if half is not None and half_for(rows.shape[0]):
+            out = half(rows.float()).to(x.dtype)
+        elif self.dense_fp32 is not None and dense_fp32_for(rows.shape[0], self.dense_fp32.kept is not None):
             out = F.linear(rows.float(), self.dense_fp32.weight()).to(x.dtype)
         elif self.dense_bf16 is not None and dense_bf16_for(rows.shape[0], self.dense_bf16.kept is not None):
             out = F.linear(rows.to(torch.bfloat16), self.dense_bf16.weight()).to(x.dtype)

@@ -10,7 +10,9 @@ codes (exact in bf16) where the CPU has a fast one, the scales applied after. Th
 would be in the activations' dtype (bf16 on x86), off by up to 2^-9 for a whole output channel, so it
 gets ones and the fp32 scales multiply its output. Without native bf16 (the AVX2 class) calls of many
 rows (capability.dense_fp32_for) run a dense fp32 matmul of the int8 codes (exact in fp32) instead, the
-codes in fp32 kept when prepare_for_cpu grants the memory, else converted per call.
+codes in fp32 kept when prepare_for_cpu grants the memory, else converted per call; where FBGEMM's float16
+GEMM beats fp32 at every call size (capability.half_takes_every_call), the codes in float16 (exact) packed
+by FBGEMM take every call instead (fbgemm_half.py), with the same numerics as the fp32 codes.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import affine_weight, stacked, stacking_refusal
-from .capability import DenseCopy, dense_bf16_for, dense_fp32_for, packed_compute_dtype
+from .capability import DenseCopy, dense_bf16_for, dense_fp32_for, half_copy, half_for, kept, has_fast_bf16_matmul, packed_compute_dtype
 from .fused import stacked_bias
 
 NAME = "int8pack"
@@ -55,6 +57,7 @@ class Int8PackKernel:
         self.bias = stacked_bias(modules, activation_dtype)
         self.out_features = weight.out_features
         self.dense_fp32 = DenseCopy(lambda: self.weight.float(), self.weight.numel() * 4)
+        self.dense_half = None if has_fast_bf16_matmul() else half_copy(lambda: self.weight.float(), self.weight.numel())
         self.detail = (("asymmetric (row-sum correction), " if self.row_sum_scale is not None else "")
                        + f"{str(self.compute_dtype).removeprefix('torch.')} activations")
 
@@ -63,11 +66,15 @@ class Int8PackKernel:
         extra = [self.weight, self.unit_scales, self.float_scales] + ([self.row_sum_scale] if self.row_sum_scale is not None else [])
         if self.dense_fp32.kept is not None:
             extra.append(self.dense_fp32.kept)
-        return sum(t.numel() * t.element_size() for t in extra)
+        half = kept(self.dense_half)
+        return sum(t.numel() * t.element_size() for t in extra) + (half.nbytes if half is not None else 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if dense_fp32_for(rows.shape[0], self.dense_fp32.kept is not None):
+        half = kept(self.dense_half)
+        if half is not None and half_for(rows.shape[0]):
+            products = half(rows.float())
+        elif dense_fp32_for(rows.shape[0], self.dense_fp32.kept is not None):
             products = F.linear(rows.float(), self.dense_fp32.weight())
         elif dense_bf16_for(rows.shape[0]):
             products = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16))

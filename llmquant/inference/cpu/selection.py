@@ -29,7 +29,7 @@ from ...arch import arch_for
 from ...errors import ConfigError, UnsupportedArchitectureError
 from ..nn import QUANTIZED_LINEARS, AWQLinear, BnB4bitLinear, GPTQLinear, W8A8Linear
 from . import dequantized, int4pack, int8pack, w8a8
-from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for, has_fast_bf16_matmul
+from .capability import DENSE_FP32_FROM_ROWS, dense_fp32_for, half_takes_every_call, has_fast_bf16_matmul
 from .capability import describe as describe_cpu_class
 from .freshness import Stamp
 from .fused import MemberKernel, SharedInputGroup, open_scopes_around
@@ -333,7 +333,8 @@ def _detail(kernel) -> str:
     copy = _dense_copy_to_keep(inner, dense_fp32_for(DENSE_FP32_FROM_ROWS))
     if copy is None:
         return kernel.detail
-    dtype = "bf16" if copy is getattr(inner, "dense_bf16", None) else "fp32"
+    dtype = ("bf16" if copy is getattr(inner, "dense_bf16", None) else
+             "float16 (FBGEMM)" if copy is getattr(inner, "dense_half", None) else "fp32")
     return kernel.detail + (f"; {dtype} weight kept for dense calls" if copy.kept is not None
                             else f"; {dtype} weight made per dense call (memory bound reached)")
 
@@ -360,10 +361,14 @@ def _keep_dense_copies(model: nn.Module, plans: dict[str, _Plan], budget: float)
 
 
 def _dense_copy_to_keep(kernel, dense_class: bool):
-    """The copy a kernel's dense calls read: bf16 where the CPU multiplies it natively (int4pack, whose
-    dequantization per call outweighs a prefill's matmul), fp32 on a class whose prefill-sized calls run
-    dense fp32 (capability.dense_fp32_for), for W8A8 without an int8 dot product on any class, and for
-    dequantized weights where the float16 gemv is not the faster; None for the others."""
+    """The copy a kernel's dense calls read: float16 through FBGEMM where the kernel has one and it beats fp32
+    at every call size (capability.half_takes_every_call), else bf16 where the CPU multiplies it natively
+    (int4pack, whose dequantization per call outweighs a prefill's matmul), fp32 on a class whose
+    prefill-sized calls run dense fp32 (capability.dense_fp32_for), for W8A8 without an int8 dot product on
+    any class, and for dequantized weights where the float16 gemv is not the faster; None for the others."""
+    half = getattr(kernel, "dense_half", None)
+    if half is not None and half_takes_every_call():
+        return half
     fp32 = getattr(kernel, "dense_fp32", None)
     if fp32 is not None and (dense_class or isinstance(kernel, w8a8.W8A8Kernel) or (
             isinstance(kernel, dequantized.DequantizedKernel) and not kernel.half_gemv)):

@@ -8,8 +8,10 @@ does, then multiplied with the int8 weight in one of three ways, chosen by what 
 - "fbgemm" elsewhere, where torch has FBGEMM (x86 builds): for calls of fewer than FBGEMM_BELOW_ROWS rows
   (decode, short prompts), the same exact integer sums from FBGEMM's int8 GEMM on the codes split into 7-bit
   rows, which cannot saturate (fbgemm_int8.py), the scales applied after. It reads the int8 weight, a
-  quarter of the bytes of the fp32 codes; it runs twice the rows, so larger calls take the dense fp32
-  matmul of the next variant.
+  quarter of the bytes of the fp32 codes; it runs twice the rows, so larger calls take the codes in
+  float16 (exact) through FBGEMM's float16 GEMM where it beats fp32 at every call size
+  (capability.half_takes_every_call, fbgemm_half.py: the same sums, faster than fp32 where measured), else
+  the dense fp32 matmul of the next variant.
 - "int8pack" where neither is (aarch64 builds): the codes and the int8 weight codes multiplied as fp32
   numbers (each product and each sum exact up to 2^24, K ~ 1000, and within 2^-24 after), the scales
   applied after: through `_weight_int8pack_mm` in float32 (vectorized there) below DENSE_FP32_FROM_ROWS rows,
@@ -36,7 +38,7 @@ from ...errors import ConfigError
 from ...grid.activations import quantize_per_tensor_as_float, quantize_per_token_as_float
 from ..nn import W8A8Linear
 from . import fbgemm_int8
-from .capability import DENSE_FP32_FROM_ROWS, DenseCopy, has_int8_dot_product
+from .capability import DENSE_FP32_FROM_ROWS, DenseCopy, half_copy, half_for, has_int8_dot_product, kept
 from .fused import stacked_bias
 
 NAME = "w8a8"
@@ -94,12 +96,14 @@ class W8A8Kernel:
         int8pack = self.variant == "int8pack"
         self.dense_fp32 = (None if self.variant == "int_mm" else
                            DenseCopy(lambda: self.weight.float(), self.weight.numel() * 4))
+        # the codes in float16 (exact) through FBGEMM's float16 GEMM, for the calls past the int8 GEMM's rows
+        self.dense_half = half_copy(lambda: self.weight.float(), self.weight.numel()) if self.fbgemm is not None else None
         self.unit_scales = torch.ones(self.out_features, dtype=torch.float32) if int8pack else None
         activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
         self.detail = f"{activations} activations, " + {
             "int_mm": "int8 x int8 torch._int_mm",
             "fbgemm": f"int8 x int8 FBGEMM on 7-bit split rows below {FBGEMM_BELOW_ROWS} rows, "
-                      "a dense fp32 matmul of the codes from there",
+                      "the codes in float16 or fp32 from there",
             "int8pack": "int8 codes through _weight_int8pack_mm at decode, a dense fp32 matmul of the codes at prefill",
         }[self.variant]
 
@@ -110,7 +114,8 @@ class W8A8Kernel:
             extra.append(self.weight)
         if self.dense_fp32 is not None and self.dense_fp32.kept is not None:
             extra.append(self.dense_fp32.kept)
-        return sum(t.numel() * t.element_size() for t in extra) + (self.fbgemm.nbytes if self.fbgemm else 0)
+        packed = [p for p in (self.fbgemm, kept(self.dense_half)) if p is not None]
+        return sum(t.numel() * t.element_size() for t in extra) + sum(p.nbytes for p in packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # the codes as fp32 numbers, the form two of the three variants take them in (int8 only for int_mm)
@@ -123,6 +128,8 @@ class W8A8Kernel:
                         else ops.int8_matmul(codes, self.weight))
         elif self.fbgemm is not None and codes.shape[0] < FBGEMM_BELOW_ROWS:
             products = self.fbgemm(codes)
+        elif kept(self.dense_half) is not None and half_for(codes.shape[0]):
+            products = self.dense_half.kept(codes)
         elif self.fbgemm is not None or codes.shape[0] >= DENSE_FP32_FROM_ROWS or self.dense_fp32.kept is not None:
             products = torch.nn.functional.linear(codes, self.dense_fp32.weight())
         else:
