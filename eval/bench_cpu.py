@@ -11,8 +11,8 @@ shape: hidden 2048, 16 layers, MLP 8192, vocab 128256, 32 heads / 8 kv heads, ti
 in bf16 as Llama-3.2-1B is, SmolLM2's tokenizer; made once into --work, then quantized by RTN like the
 others; its prefill and decode lengths are smaller (a 128-token window, 16 new tokens), so a run
 fits on 2 cores; speed does not depend on the values of the weights). --class avx2 re-executes this
-script with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (torch,
-oneDNN, FBGEMM and llmquant's CPU class then plan for an AVX2 CPU: no int8 dot product, no native bf16); --class native without them. The
+script with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2 and
+MKL_ENABLE_INSTRUCTIONS=AVX2 (torch, oneDNN, FBGEMM, MKL and llmquant's CPU class then plan for an AVX2 CPU: no int8 dot product, no native bf16); --class native without them. The
 llama.cpp rows of the AVX2 class come from the AVX2-class build (scripts/setup_llama_cpp.sh --class avx2:
 no AVX-512, VNNI or AMX); a build with more than AVX2 is refused there (it would not be the same class
 as the torch rows), and the table's header names the build's ISA. With --md, the table goes into its
@@ -359,8 +359,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--class", dest="cpu_class", choices=sorted(CLASS_VARIABLES), default=None,
-                        help="avx2: force the AVX2 class (re-executes with ATEN_CPU_CAPABILITY=avx2, "
-                             "ONEDNN_MAX_CPU_ISA=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2); native: the CPU's own "
+                        help="avx2: force the AVX2 class (re-executes with capability.AVX2_CLASS_VARIABLES: "
+                             "torch, oneDNN, FBGEMM and MKL capped at AVX2); native: the CPU's own "
                              "(default: as the environment says)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave the bf16 model out (memory)")
     parser.add_argument("--compile", action="store_true",

@@ -8,9 +8,12 @@ Each class runs in a process of its own (the AVX2 class forced with capability.A
 SmolLM2-135M-shaped GPTQ w4 g128 and AWQ w4 g64 layers (random weights, packed by llmquant's formats,
 prepared by prepare_for_cpu as a loaded model's layers are) are called with
 the thresholds moved so that every call takes the packed op, then so that every call takes the dense
-path, beside nn.Linear in fp32, at 1 to 512 rows; best of --rounds interleaved rounds. W8A8 dynamic and
-NF4 (double quant) layers are timed on the path chosen for them, so that the table shows every format's
-call against fp32 at every call size (issue 33's floor, per layer); --layers picks some. One layer called
+path (both without FBGEMM's float16 GEMM), then as chosen, beside nn.Linear in fp32, at 1 to 512 rows; best
+of --rounds interleaved rounds. W8A8 dynamic on FBGEMM (the class without an int8 dot product) is timed the
+same way, its int8 GEMM on split rows as the "packed" column and its codes in float16 as the "dense" one
+(w8a8.FBGEMM_BELOW_ROWS moved). NF4 (double quant) layers are timed on the path chosen for them, so that the
+table shows every format's call against fp32 at every call size (issue 33's floor, per layer); --layers
+picks some. One layer called
 again and again keeps its weight in the CPU's cache, which favours the fp32 matmul (SmolLM2's 3.5 MiB fp32
 weights fit there; a model's forward reads each weight from memory once): --cycle N calls N copies in
 turn, as a forward does. Also, per class:
@@ -38,7 +41,7 @@ SHAPES = ((576, 1536), (1536, 576))
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LAYERS = ("GPTQ w4 g128", "AWQ w4 g64", "W8A8 dynamic", "NF4 double quant")
 # The layers whose path depends on the row thresholds: the others are timed as chosen only.
-THRESHOLD_LAYERS = ("GPTQ w4 g128", "AWQ w4 g64")
+THRESHOLD_LAYERS = ("GPTQ w4 g128", "AWQ w4 g64", "W8A8 dynamic")
 NEVER = 10**9
 
 
@@ -58,17 +61,31 @@ def measure(rounds: int, layers=LAYERS, cycle: int = 1) -> dict:
     import torch
 
     from bench_layer_call import build
-    from llmquant.inference.cpu import capability, prepare_for_cpu
+    from llmquant.inference.cpu import capability, prepare_for_cpu, w8a8
 
     torch.manual_seed(0)
     rows_out = []
     names = ("DENSE_FP32_FROM_ROWS", "DENSE_FP32_KEPT_FROM_ROWS", "DENSE_FROM_ROWS", "DENSE_KEPT_FROM_ROWS")
-    defaults = {name: getattr(capability, name) for name in names}
-    forced = {"packed": dict.fromkeys(names, NEVER), "dense": dict.fromkeys(names, 1)}
+    defaults = {(capability, name): getattr(capability, name) for name in names}
+    defaults[w8a8, "FBGEMM_BELOW_ROWS"] = w8a8.FBGEMM_BELOW_ROWS
+    half_off = {capability.HALF_GEMV_ENV: "off", capability.HALF_GEMM_ENV: "off"}
+    forced = {"packed": ({(capability, name): NEVER for name in names}, half_off),
+              "dense": ({(capability, name): 1 for name in names}, half_off)}
+    if w8a8.variant_here() == "fbgemm":
+        forced_w8a8 = {"packed": ({(w8a8, "FBGEMM_BELOW_ROWS"): NEVER}, {}),
+                       "dense": ({(w8a8, "FBGEMM_BELOW_ROWS"): 0}, {})}
+    else:
+        forced_w8a8 = {}
+    saved_env = {name: os.environ.get(name) for name in half_off}
 
-    def set_thresholds(values: dict) -> None:
-        for name, value in values.items():
-            setattr(capability, name, value)
+    def set_thresholds(values: dict, variables: dict) -> None:
+        for (module, name), value in values.items():
+            setattr(module, name, value)
+        for name, value in {**saved_env, **variables}.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     with torch.inference_mode():
         for kind in layers:
@@ -85,10 +102,11 @@ def measure(rounds: int, layers=LAYERS, cycle: int = 1) -> dict:
                     for _ in range(rounds):  # interleaved: every variant once per round
                         timing["fp32"] = min(timing.get("fp32", 1e9),
                                              best_seconds(lambda: next_reference()(x), 1, calls))
-                        for name, thresholds in (forced.items() if kind in THRESHOLD_LAYERS else ()):
-                            set_thresholds(thresholds)
+                        settings = forced_w8a8 if kind == "W8A8 dynamic" else forced if kind in THRESHOLD_LAYERS else {}
+                        for name, (thresholds, variables) in settings.items():
+                            set_thresholds(thresholds, variables)
                             timing[name] = min(timing.get(name, 1e9), best_seconds(lambda: next_layer()(x), 1, calls))
-                        set_thresholds(defaults)
+                        set_thresholds(defaults, {})
                         timing["chosen"] = min(timing.get("chosen", 1e9),
                                                best_seconds(lambda: next_layer()(x), 1, calls))
                     rows_out.append({"layer": kind, "in": in_features, "out": out_features, "rows": m,
@@ -109,7 +127,10 @@ def measure(rounds: int, layers=LAYERS, cycle: int = 1) -> dict:
         exact = a.double() @ b.double()
         int_mm = torch._int_mm(a, b).double()
         int_mm_error = float((int_mm - exact).norm() / exact.norm())
-    return {"cpu_class": capability.describe(), "thresholds": defaults, "cycle": cycle,
+    return {"cpu_class": capability.describe(), "cycle": cycle,
+            "thresholds": {name: value for (_, name), value in defaults.items()},
+            "float16_gains": capability.half_gains(torch.get_num_threads()),
+            "float16_every_call": capability.half_takes_every_call(),
             "threads": torch.get_num_threads(), "rows": rows_out, "packed_int4_one_row_us": packed_dtype,
             "int_mm_relative_error": int_mm_error}
 
@@ -127,7 +148,9 @@ def table(results: dict) -> str:
     lines = []
     for name, result in results.items():
         lines.append(f"\n{name}: {result['cpu_class']}; thresholds {result['thresholds']}; "
-                     f"{result['threads']} threads; {result.get('cycle', 1)} copies of each layer called in turn")
+                     f"{result['threads']} threads; {result.get('cycle', 1)} copies of each layer called in turn; "
+                     f"FBGEMM's float16 GEMM against fp32 (one row, many) {result.get('float16_gains')}, "
+                     f"taking every call: {result.get('float16_every_call')}")
         lines.append("| layer | in -> out | rows | fp32 (us) | packed op (us) | dense (us) | chosen (us) | "
                      "fp32 / packed | fp32 / dense | fp32 / chosen |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -144,7 +167,7 @@ def table(results: dict) -> str:
         lines.append(f"- slowest chosen path against fp32: {slowest['layer']} {slowest['in']} -> {slowest['out']} at "
                      f"{slowest['rows']} rows, {slowest['fp32_us'] / slowest['chosen_us']:.2f}x")
         for key, group in groups.items():
-            if key[0] not in THRESHOLD_LAYERS:
+            if key[0] not in THRESHOLD_LAYERS or "dense_us" not in group[0]:
                 continue
             lines.append(f"- {key[0]} {key[1]} -> {key[2]}: dense at least as fast as packed from "
                          f"{crossover(group)} rows on")

@@ -22,7 +22,8 @@ bound here. `ATEN_CPU_CAPABILITY=avx2` (torch's kernels dispatched to AVX2:
 as they are on an AVX2 CPU; `ONEDNN_MAX_CPU_ISA` (or `DNNL_MAX_CPU_ISA`) below AVX512_CORE_VNNI turns
 the int8 dot product off (oneDNN runs `_int_mm` and the dense int8 / bf16 GEMMs), below
 AVX512_CORE_BF16 native bf16 (AMX alone needs AVX512_CORE_AMX). FBGEMM (W8A8's int8 GEMM without an int8 dot
-product, fbgemm_int8.py) follows only FBGEMM_ENABLE_INSTRUCTIONS: AVX2_CLASS_VARIABLES caps all three.
+product, fbgemm_int8.py; float16 weights, fbgemm_half.py) follows only FBGEMM_ENABLE_INSTRUCTIONS, and MKL (torch's
+fp32 matmuls) only MKL_ENABLE_INSTRUCTIONS: AVX2_CLASS_VARIABLES caps all four.
 """
 from __future__ import annotations
 
@@ -46,9 +47,11 @@ DENSE_FROM_ROWS = 128
 DENSE_FP32_KEPT_FROM_ROWS = 16
 DENSE_FP32_FROM_ROWS = 32
 ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-# What makes a larger x86 CPU play the AVX2 class: torch's, oneDNN's and FBGEMM's kernels (W8A8's int8 GEMM
-# there, fbgemm_int8.py) each follow their own cap; the class planned for reads the first two.
-AVX2_CLASS_VARIABLES = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+# What makes a larger x86 CPU play the AVX2 class: torch's, oneDNN's, FBGEMM's (fbgemm_int8.py, fbgemm_half.py)
+# and MKL's kernels (the fp32 matmuls, the baseline included) each follow their own cap; the class planned for
+# reads the first two.
+AVX2_CLASS_VARIABLES = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+                        "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # oneDNN's dnnl_cpu_isa names in increasing order (aliases share a rank); ALL is no cap.
 _ONEDNN_ISA_RANK = {name: rank for rank, names in enumerate((
     ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI",), ("AVX2_VNNI_2",), ("AVX512_CORE",), ("AVX512_CORE_VNNI",),
