@@ -11,7 +11,7 @@ the thresholds moved so that every call takes the packed op, then so that every 
 path (both without FBGEMM's float16 GEMM), then as chosen, beside nn.Linear in fp32, at 1 to 512 rows; best
 of --rounds interleaved rounds. W8A8 dynamic on FBGEMM (the class without an int8 dot product) is timed the
 same way, its int8 GEMM on split rows as the "packed" column and its codes in float16 as the "dense" one
-(w8a8.FBGEMM_BELOW_ROWS moved). NF4 (double quant) layers are timed on the path chosen for them, so that the
+(w8a8's FBGEMM thresholds moved). NF4 (double quant) layers are timed on the path chosen for them, so that the
 table shows every format's call against fp32 at every call size (issue 33's floor, per layer); --layers
 picks some. One layer called
 again and again keeps its weight in the CPU's cache, which favours the fp32 matmul (SmolLM2's 3.5 MiB fp32
@@ -67,13 +67,14 @@ def measure(rounds: int, layers=LAYERS, cycle: int = 1) -> dict:
     rows_out = []
     names = ("DENSE_FP32_FROM_ROWS", "DENSE_FP32_KEPT_FROM_ROWS", "DENSE_FROM_ROWS", "DENSE_KEPT_FROM_ROWS")
     defaults = {(capability, name): getattr(capability, name) for name in names}
-    defaults[w8a8, "FBGEMM_BELOW_ROWS"] = w8a8.FBGEMM_BELOW_ROWS
+    w8a8_names = ("FBGEMM_BELOW_ROWS", "FBGEMM_BESIDE_HALF_BELOW_ROWS")
+    defaults.update({(w8a8, name): getattr(w8a8, name) for name in w8a8_names})
     half_off = {capability.HALF_GEMV_ENV: "off", capability.HALF_GEMM_ENV: "off"}
     forced = {"packed": ({(capability, name): NEVER for name in names}, half_off),
               "dense": ({(capability, name): 1 for name in names}, half_off)}
     if w8a8.variant_here() == "fbgemm":
-        forced_w8a8 = {"packed": ({(w8a8, "FBGEMM_BELOW_ROWS"): NEVER}, {}),
-                       "dense": ({(w8a8, "FBGEMM_BELOW_ROWS"): 0}, {})}
+        forced_w8a8 = {"packed": ({(w8a8, name): NEVER for name in w8a8_names}, {}),
+                       "dense": ({(w8a8, name): 0 for name in w8a8_names}, {})}
     else:
         forced_w8a8 = {}
     saved_env = {name: os.environ.get(name) for name in half_off}

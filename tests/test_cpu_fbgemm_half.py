@@ -97,8 +97,9 @@ def test_the_avx2_class_runs_every_call_of_the_affine_paths_on_it(half_everywher
             calls = result["ops"][f"{name}@{rows}"]
             assert "quantized::linear_dynamic_fp16" in calls and "aten::_weight_int4pack_mm_for_cpu" not in calls \
                 and "aten::_weight_int8pack_mm" not in calls and "aten::mm" not in calls, (name, rows, calls)
-    assert "quantized::linear_dynamic_fp16" in result["ops"]["w8a8@256"]  # the codes in float16, exact
-    assert "quantized::linear_dynamic" in result["ops"]["w8a8@1"]  # below 128 rows FBGEMM's int8 GEMM
+    for rows in (64, 256):  # from w8a8.FBGEMM_BESIDE_HALF_BELOW_ROWS the codes in float16, exact
+        assert "quantized::linear_dynamic_fp16" in result["ops"][f"w8a8@{rows}"]
+    assert "quantized::linear_dynamic" in result["ops"]["w8a8@1"]  # below it FBGEMM's int8 GEMM
     errors = result["errors"]
-    assert errors["gptq8@64"] < 1e-5 and errors["w8a8@256"] < 1e-5  # integer codes: float16 holds them exactly
+    assert errors["gptq8@64"] < 1e-5 and errors["w8a8@64"] < 1e-5 and errors["w8a8@256"] < 1e-5  # integer codes: float16 holds them exactly
     assert max(errors[f"gptq4@{rows}"] for rows in (1, 64, 256)) < HALF_TOLERANCE  # the weight's float16 rounding

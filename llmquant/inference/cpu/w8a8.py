@@ -6,6 +6,7 @@ does, then multiplied with the int8 weight in one of three ways, chosen by what 
   codes, exact int32 accumulation, the scales applied after, as the reference computes; the weight
   is read through a transposed view (the reference copies a transposed weight on every call).
 - "fbgemm" elsewhere, where torch has FBGEMM (x86 builds): for calls of fewer than FBGEMM_BELOW_ROWS rows
+  (FBGEMM_BESIDE_HALF_BELOW_ROWS where the float16 codes below are kept)
   (decode, short prompts), the same exact integer sums from FBGEMM's int8 GEMM on the codes split into 7-bit
   rows, which cannot saturate (fbgemm_int8.py), the scales applied after. It reads the int8 weight, a
   quarter of the bytes of the fp32 codes; it runs twice the rows, so larger calls take the codes in
@@ -48,6 +49,9 @@ ACCEPTS = "W8A8 (compressed-tensors int8) linears, dynamic per-token or static p
 # From here the dense fp32 matmul of the codes beat FBGEMM's split rows (twice the rows) on the forced AVX2
 # class: FBGEMM 0.7-1.0x fp32 at 128-512 rows, the dense codes 0.9-1.4x (eval/CPU.md, "W8A8 on FBGEMM").
 FBGEMM_BELOW_ROWS = 128
+# ... and from here the codes in float16 through FBGEMM, where kept: 1.3-2.7x fp32 at 4-64 rows, where the
+# split rows ran 0.9-2.4x (eval/CPU.md, "float16 weights through FBGEMM")
+FBGEMM_BESIDE_HALF_BELOW_ROWS = 4
 
 
 def runnable_variants() -> tuple[str, ...]:
@@ -102,8 +106,9 @@ class W8A8Kernel:
         activations = "static per-tensor" if self.input_scale is not None else "dynamic per-token"
         self.detail = f"{activations} activations, " + {
             "int_mm": "int8 x int8 torch._int_mm",
-            "fbgemm": f"int8 x int8 FBGEMM on 7-bit split rows below {FBGEMM_BELOW_ROWS} rows, "
-                      "the codes in float16 or fp32 from there",
+            "fbgemm": f"int8 x int8 FBGEMM on 7-bit split rows below {FBGEMM_BESIDE_HALF_BELOW_ROWS} rows and "
+                      f"the codes in float16 from there where kept, else below {FBGEMM_BELOW_ROWS} rows and the codes "
+                      "in fp32 from there",
             "int8pack": "int8 codes through _weight_int8pack_mm at decode, a dense fp32 matmul of the codes at prefill",
         }[self.variant]
 
@@ -126,7 +131,8 @@ class W8A8Kernel:
             codes = codes.to(torch.int8)
             products = (torch._int_mm(codes, self.weight.t()) if has_int8_dot_product()
                         else ops.int8_matmul(codes, self.weight))
-        elif self.fbgemm is not None and codes.shape[0] < FBGEMM_BELOW_ROWS:
+        elif self.fbgemm is not None and codes.shape[0] < (
+                FBGEMM_BELOW_ROWS if kept(self.dense_half) is None else FBGEMM_BESIDE_HALF_BELOW_ROWS):
             products = self.fbgemm(codes)
         elif kept(self.dense_half) is not None and half_for(codes.shape[0]):
             products = self.dense_half.kept(codes)
